@@ -1,0 +1,548 @@
+"""Experiment configuration: typed, frozen dataclasses loaded from one YAML file.
+
+A YAML file holds only what differs from the defaults below. Keys are checked where they are set: an unknown key is
+refused with the list of valid ones, and every value is checked for type and range. Every error is one line that
+names the file, the key, what was expected and how to fix it (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad experiment config; the message is one line: where, what was expected, and the fix."""
+
+
+class _FieldError(ValueError):
+    """Raised inside __post_init__ checks; the loader prefixes the key path."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise _FieldError(key, message)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """One model size: a GPT architecture plus its parallel layout and per-cell resources."""
+
+    num_layers: int
+    """Transformer layers."""
+    hidden_size: int
+    """Model width."""
+    num_attention_heads: int
+    """Attention heads; must be divisible by tensor_parallel."""
+    ffn_hidden_size: int = 0
+    """MLP width; 0 means 4 x hidden_size."""
+    seq_length: int = 64
+    """Training and evaluation sequence length in tokens."""
+    tensor_parallel: int = 1
+    """Tensor-parallel degree (megatron-core TP)."""
+    pipeline_parallel: int = 1
+    """Pipeline-parallel degree; only 1 is supported by the training loop today."""
+    data_parallel: int = 1
+    """Data-parallel replicas; the world size of a cell is TP x PP x DP."""
+    device: Literal["cpu", "gpu"] = "cpu"
+    """Where the cell trains: 'cpu' (gloo, fp32, local layers) or 'gpu' (NCCL, bf16, Transformer Engine if installed)."""
+    timeout_min: int = 60
+    """Slurm time limit of one cell of this size, in minutes (the cell checkpoints and requeues when it runs out)."""
+
+    def __post_init__(self) -> None:
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+            _check(getattr(self, key) >= 1, key, f"expected a positive integer, got {getattr(self, key)}")
+        _check(self.ffn_hidden_size >= 0, "ffn_hidden_size", "expected 0 (= 4 x hidden) or a positive integer")
+        for key in ("tensor_parallel", "pipeline_parallel", "data_parallel"):
+            _check(getattr(self, key) >= 1, key, f"expected an integer >= 1, got {getattr(self, key)}")
+        _check(
+            self.hidden_size % self.num_attention_heads == 0,
+            "num_attention_heads",
+            f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}",
+        )
+        _check(
+            self.num_attention_heads % self.tensor_parallel == 0,
+            "tensor_parallel",
+            f"tensor_parallel {self.tensor_parallel} does not divide num_attention_heads {self.num_attention_heads}; "
+            "fix: choose a TP degree that divides the head count",
+        )
+        _check(self.pipeline_parallel == 1, "pipeline_parallel", "only pipeline_parallel: 1 is supported; fix: set 1")
+        _check(self.timeout_min >= 1, "timeout_min", f"expected minutes >= 1, got {self.timeout_min}")
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.data_parallel
+
+    def param_counts(self, vocab_size: int) -> dict[str, int]:
+        """Parameter counts of megatron-core's GPTModel with this shape (tied output layer, learned positions).
+
+        The scaling law uses the non-embedding count, as Kaplan et al. and the knowledge-capacity literature do.
+        """
+        h, f, layers = self.hidden_size, self.ffn, self.num_layers
+        per_layer = (h * 3 * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h) + 4 * h
+        non_embedding = layers * per_layer + 2 * h  # final layer norm
+        embedding = vocab_size * h + self.seq_length * h
+        return {"total": non_embedding + embedding, "non_embedding": non_embedding, "embedding": embedding}
+
+
+def _preset(layers: int, hidden: int, heads: int, seq: int, **kw: Any) -> ModelPreset:
+    return ModelPreset(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, seq_length=seq, **kw)
+
+
+BUILTIN_PRESETS: dict[str, ModelPreset] = {
+    # Tiny CPU sizes for laptops, CI and the demo (word-level synthetic facts fit in 32-token sequences).
+    "cpu-xxs": _preset(2, 16, 2, 32),
+    "cpu-xs": _preset(2, 24, 2, 32),
+    "cpu-s": _preset(2, 32, 4, 32),
+    "cpu-m": _preset(2, 48, 4, 32),
+    "cpu-l": _preset(2, 64, 4, 32),
+    "cpu-xl": _preset(2, 96, 4, 32),
+    # The paper-scale ladder (Lv et al. train 137M..3B; 7B is held out to validate the prediction).
+    "137M": _preset(12, 768, 12, 2048, device="gpu", timeout_min=720),
+    "350M": _preset(24, 1024, 16, 2048, device="gpu", timeout_min=1440),
+    "760M": _preset(24, 1536, 16, 2048, device="gpu", tensor_parallel=2, timeout_min=1440),
+    "1.3B": _preset(24, 2048, 16, 2048, device="gpu", tensor_parallel=2, timeout_min=2880),
+    "3B": _preset(32, 2560, 32, 2048, device="gpu", tensor_parallel=4, timeout_min=2880),
+    "7B": _preset(32, 4096, 32, 2048, device="gpu", tensor_parallel=8, timeout_min=2880),
+}
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """The experiment grid: every combination is one cell."""
+
+    sizes: list[str] = field(default_factory=lambda: ["cpu-s", "cpu-l"])
+    """Model presets by name (built in, or defined under `models:`)."""
+    ratios: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    """Infusion ratios r in (0, 1): the share of training samples drawn from the knowledge stream."""
+    token_budgets: list[int] = field(default_factory=lambda: [200_000])
+    """Training tokens per cell."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Training seeds (model init and data order)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.sizes) > 0, "sizes", "expected at least one model size; fix: list preset names")
+        _check(len(self.ratios) > 0, "ratios", "expected at least one infusion ratio; fix: e.g. [0.1, 0.5, 0.9]")
+        for i, r in enumerate(self.ratios):
+            _check(0.0 < r < 1.0, f"ratios[{i}]", f"expected a ratio strictly between 0 and 1, got {r}; "
+                   "fix: write fractions, e.g. 0.1 for 10%")
+        _check(len(set(self.ratios)) == len(self.ratios), "ratios", "duplicate ratios; fix: list each ratio once")
+        _check(len(self.token_budgets) > 0, "token_budgets", "expected at least one token budget")
+        for i, t in enumerate(self.token_budgets):
+            _check(t >= 1, f"token_budgets[{i}]", f"expected a positive number of tokens, got {t}")
+        _check(len(self.seeds) > 0, "seeds", "expected at least one seed; fix: seeds: [0]")
+        _check(len(set(self.sizes)) == len(self.sizes), "sizes", "duplicate sizes; fix: list each size once")
+
+
+@dataclass(frozen=True)
+class KnowledgeBaseSpec:
+    """Size of a seeded synthetic knowledge base of fictional entities."""
+
+    entities: int = 100
+    """Fictional subjects."""
+    relations: int = 3
+    """Relations per subject (each subject has one object per relation)."""
+    values_per_relation: int = 60
+    """Possible objects per relation (a fact then carries log2 of this many bits)."""
+
+    def __post_init__(self) -> None:
+        _check(self.entities >= 1, "entities", f"expected >= 1 entity, got {self.entities}")
+        _check(self.relations >= 1, "relations", f"expected >= 1 relation, got {self.relations}")
+        _check(self.values_per_relation >= 2, "values_per_relation",
+               f"expected >= 2 values per relation, got {self.values_per_relation}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the general and knowledge streams come from and how knowledge is infused."""
+
+    source: Literal["synthetic", "triplets"] = "synthetic"
+    """'synthetic': seeded fictional knowledge bases; 'triplets': real (subject, relation, object) files."""
+    seed: int = 1234
+    """Seed of the knowledge bases, templates and probe distractors (shared by every cell of a run)."""
+    general: KnowledgeBaseSpec = field(default_factory=KnowledgeBaseSpec)
+    """General (previously acquired) knowledge: lives only in the general stream; its forgetting is the collapse."""
+    knowledge: KnowledgeBaseSpec = field(default_factory=lambda: KnowledgeBaseSpec(150, 2, 60))
+    """Domain knowledge infused through the knowledge stream."""
+    knowledge_triplets: Optional[str] = None
+    """source=triplets: JSONL or TSV file of infused facts (subject, relation, object)."""
+    general_triplets: Optional[str] = None
+    """source=triplets: JSONL or TSV file of general facts (optional when general_prefix is given)."""
+    templates_file: Optional[str] = None
+    """source=triplets: YAML file of relation -> {train: [...], heldout: [...]} templates with {subject}/{object}."""
+    train_templates: int = 3
+    """Synthetic: training templates per relation."""
+    heldout_templates: int = 1
+    """Synthetic: probe-only templates per relation (never trained on)."""
+    distractors: int = 3
+    """k: wrong objects (same relation) competing with the right one in each probe."""
+    policy: Literal["fixed_facts", "fixed_exposures"] = "fixed_facts"
+    """fixed_facts: one knowledge base, exposures grow with r; fixed_exposures: facts grow with r at set exposures."""
+    exposures_per_fact: int = 100
+    """fixed_exposures: training exposures of each infused fact."""
+    tokenizer: Optional[str] = None
+    """Path to a tokenizer.json; if unset a BPE tokenizer is trained on the run's own corpus."""
+    vocab_size: int = 512
+    """Vocabulary size of the trained BPE tokenizer."""
+    general_prefix: Optional[str] = None
+    """Existing Megatron indexed-dataset prefix used as the general stream (cluster runs on a real corpus)."""
+    general_probes: Optional[str] = None
+    """Probe file (JSONL facts) of general knowledge known to be in general_prefix's corpus."""
+
+    def __post_init__(self) -> None:
+        _check(self.train_templates >= 1, "train_templates", "expected >= 1 training template per relation")
+        _check(self.heldout_templates >= 0, "heldout_templates", "expected >= 0 held-out templates")
+        _check(self.distractors >= 1, "distractors", f"expected k >= 1 distractors, got {self.distractors}")
+        _check(self.exposures_per_fact >= 1, "exposures_per_fact", "expected >= 1 exposure per fact")
+        _check(self.vocab_size >= 64, "vocab_size", f"expected a vocabulary of >= 64 tokens, got {self.vocab_size}")
+        if self.source == "triplets":
+            _check(self.knowledge_triplets is not None, "knowledge_triplets",
+                   "source: triplets needs knowledge_triplets; fix: give the path of a JSONL or TSV triplet file")
+            _check(self.templates_file is not None, "templates_file",
+                   "source: triplets needs templates_file; fix: give the path of a YAML templates file")
+            _check(self.general_triplets is not None or self.general_prefix is not None, "general_triplets",
+                   "source: triplets needs general_triplets or general_prefix for the general stream")
+        _check(self.general_prefix is None or self.general_probes is not None, "general_probes",
+               "general_prefix needs general_probes (facts known to be in that corpus) to measure retention")
+        for key in ("knowledge_triplets", "general_triplets", "templates_file", "tokenizer", "general_probes"):
+            value = getattr(self, key)
+            _check(value is None or Path(value).expanduser().exists(), key,
+                   f"file not found: {value}; fix: correct the path (relative paths are relative to the config file)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, shared by every cell (the grid varies size, ratio, tokens and seed only)."""
+
+    micro_batch_size: int = 16
+    """Sequences per forward pass per data-parallel rank."""
+    global_batch_size: int = 32
+    """Sequences per optimiser step; a multiple of micro_batch_size x data_parallel."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak (cosine decay)."""
+    warmup_frac: float = 0.02
+    """Share of the steps spent warming up linearly."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    clip_grad: float = 1.0
+    """Gradient-norm clipping threshold (0 disables)."""
+    init_std: float = 0.02
+    """Weight initialisation std (small embeddings matter: unit variance leaves tiny models stuck at chance)."""
+    eval_interval: int = 100
+    """Optimiser steps between retention evaluations (the last step is always evaluated)."""
+    log_interval: int = 20
+    """Optimiser steps between loss / tokens-per-second log lines."""
+    checkpoint_interval: int = 0
+    """Optimiser steps between checkpoints; 0 means at every evaluation."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: fp32 on CPU, bf16 on GPU."""
+
+    def __post_init__(self) -> None:
+        for key in ("micro_batch_size", "global_batch_size", "eval_interval", "log_interval"):
+            _check(getattr(self, key) >= 1, key, f"expected a positive integer, got {getattr(self, key)}")
+        _check(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size",
+               f"{self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+        _check(0 < self.lr < 1, "lr", f"expected a learning rate in (0, 1), got {self.lr}")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"expected a value in [0, 1], got {self.min_lr_ratio}")
+        _check(0 <= self.warmup_frac < 1, "warmup_frac", f"expected a value in [0, 1), got {self.warmup_frac}")
+        _check(self.weight_decay >= 0, "weight_decay", "expected a non-negative weight decay")
+        _check(self.clip_grad >= 0, "clip_grad", "expected a non-negative clipping threshold (0 disables)")
+        _check(self.init_std > 0, "init_std", "expected a positive std")
+        _check(self.checkpoint_interval >= 0, "checkpoint_interval", "expected >= 0 (0 = at every evaluation)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Retention probing."""
+
+    batch_size: int = 512
+    """Candidate sequences scored per forward pass."""
+    exact_match: bool = True
+    """Also record greedy exact match (a stricter second metric)."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "batch_size", "expected a positive batch size")
+
+
+_SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Where cells run: submitit's local executor (default), a Slurm cluster, or in-process (debug)."""
+
+    cluster: Literal["local", "slurm", "debug"] = "local"
+    """local: subprocesses on this machine; slurm: job arrays; debug: in this process, one after another."""
+    partition: Optional[str] = None
+    """Slurm partition."""
+    account: Optional[str] = None
+    """Slurm account."""
+    qos: Optional[str] = None
+    """Slurm quality of service."""
+    constraint: Optional[str] = None
+    """Slurm node constraint (e.g. h100)."""
+    gpus_per_node: int = 8
+    """GPUs per node of the cluster; a GPU cell of world size W takes ceil(W / gpus_per_node) nodes."""
+    cpus_per_task: int = 1
+    """CPUs per task (per rank)."""
+    mem_gb: Optional[int] = None
+    """Memory per node in GB (unset: the cluster's default)."""
+    time: Optional[str] = None
+    """Override every preset's time limit, in Slurm format (MM, HH:MM:SS or D-HH:MM:SS)."""
+    array_parallelism: int = 2
+    """Tasks of one array running at once (local: processes at once)."""
+    max_array_size: Optional[int] = None
+    """Split arrays above this many tasks (unset: read MaxArraySize from the cluster)."""
+    sbatch_extra: dict[str, str] = field(default_factory=dict)
+    """Extra sbatch options passed through as is, e.g. {mail-type: END}."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before each task (module load, source venv)."""
+
+    def __post_init__(self) -> None:
+        _check(self.gpus_per_node >= 0, "gpus_per_node", "expected >= 0 GPUs per node")
+        _check(self.cpus_per_task >= 1, "cpus_per_task", "expected >= 1 CPU per task")
+        _check(self.array_parallelism >= 1, "array_parallelism", "expected >= 1 task at once")
+        _check(self.max_array_size is None or self.max_array_size >= 1, "max_array_size", "expected >= 1")
+        _check(self.time is None or bool(_SLURM_TIME.match(self.time)), "time",
+               f"'{self.time}' is not a Slurm time; fix: use MM, HH:MM:SS or D-HH:MM:SS, e.g. 12:00:00")
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Collapse detection and the scaling-law fit."""
+
+    metric: str = "general_acc"
+    """Retention metric whose collapse defines r* (see kislurm.evaluate for the names)."""
+    unit: Literal["odds", "tokens", "exposures"] = "odds"
+    """Unbounded unit the law is fitted in: infusion odds r/(1-r), knowledge tokens r*D, or exposures per fact."""
+    bootstrap: int = 200
+    """Bootstrap resamples (facts and seeds) for the r* and exponent intervals."""
+    confidence: float = 0.9
+    """Coverage of the reported intervals."""
+    seed: int = 0
+    """Seed of the bootstrap resampling."""
+    target_sizes: dict[str, float] = field(default_factory=dict)
+    """Named non-embedding parameter counts to predict r* for, e.g. {7B: 6.5e9}."""
+
+    def __post_init__(self) -> None:
+        _check(self.bootstrap >= 0, "bootstrap", "expected >= 0 resamples")
+        _check(0.5 <= self.confidence < 1, "confidence", f"expected a coverage in [0.5, 1), got {self.confidence}")
+        for name, n in self.target_sizes.items():
+            _check(n > 0, f"target_sizes.{name}", f"expected a positive parameter count, got {n}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: a grid of cells sharing data, training, execution and analysis settings."""
+
+    name: str = "experiment"
+    """Run name; the run folder is output_root/name."""
+    output_root: str = "runs"
+    """Folder holding run folders (relative paths are relative to the config file)."""
+    grid: GridConfig = field(default_factory=GridConfig)
+    models: dict[str, ModelPreset] = field(default_factory=dict)
+    """Extra or overriding model presets, by name."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name)), "name",
+               f"'{self.name}' is not a usable folder name; fix: use letters, digits, '.', '_' and '-'")
+        presets = self.presets
+        for i, size in enumerate(self.grid.sizes):
+            _check(size in presets, f"grid.sizes[{i}]",
+                   f"unknown model preset '{size}'; fix: use one of {sorted(presets)} or define it under models:")
+        for i, size in enumerate(self.grid.sizes):
+            p = presets[size]
+            _check(self.train.global_batch_size % (self.train.micro_batch_size * p.data_parallel) == 0,
+                   "train.global_batch_size",
+                   f"{self.train.global_batch_size} is not a multiple of micro_batch_size x data_parallel of "
+                   f"'{size}' ({self.train.micro_batch_size} x {p.data_parallel})")
+
+    @property
+    def presets(self) -> dict[str, ModelPreset]:
+        return {**BUILTIN_PRESETS, **self.models}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return {list: "a list", dict: "a mapping"}[origin]
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Convert one YAML value to the annotated type, or raise _FieldError naming what was expected."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise _FieldError(key, f"expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise _FieldError(key, f"expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _FieldError(key, f"expected a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _FieldError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+            value = int(value)  # YAML reads 1e9 as a float
+        if isinstance(value, str):
+            value = _parse_count(value, key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _FieldError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads 3e-3 as a string
+            except ValueError:
+                raise _FieldError(key, f"expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _FieldError(key, f"expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise _FieldError(key, f"expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp}")  # a bug in this module, not in the user's file
+
+
+_SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+def _parse_count(text: str, key: str) -> int:
+    """Accept counts written like 2M, 100B or 1e9 for token budgets."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMbBgGtT]?)\s*", text)
+    try:
+        assert m is not None
+        return int(round(float(m.group(1)) * _SUFFIX.get(m.group(2).lower(), 1)))
+    except (AssertionError, ValueError):
+        raise _FieldError(key, f"expected an integer (e.g. 2000000, 2M or 100B), got {text!r}") from None
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys and checking each value."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise _FieldError(where, f"expected a mapping of {cls.__name__} settings, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{where}." if where else ""
+    for key in data:
+        if key not in names:
+            close = [n for n in names if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise _FieldError(f"{prefix}{key}", f"unknown key{hint}; valid keys here: {', '.join(names)}")
+    kwargs = {k: _convert(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except _FieldError as e:
+        raise _FieldError(f"{prefix}{e.key}", str(e)) from None
+    except TypeError as e:  # a required field is missing
+        missing = re.findall(r"'(\w+)'", str(e))
+        raise _FieldError(f"{prefix}{missing[0] if missing else '?'}", f"required key is missing ({e})") from None
+
+
+def _resolve_paths(data: dict, base: Path) -> dict:
+    """Make file paths in the data section relative to the config file, so a run works from any directory."""
+    section = data.get("data")
+    if isinstance(section, dict):
+        for key in ("knowledge_triplets", "general_triplets", "templates_file", "tokenizer", "general_probes"):
+            if isinstance(section.get(key), str):
+                section[key] = str((base / Path(section[key]).expanduser()).resolve())
+    if isinstance(data.get("output_root"), str):
+        data["output_root"] = str((base / Path(data["output_root"]).expanduser()).resolve())
+    return data
+
+
+def config_from_dict(data: Any, source: str = "<config>", base: Path | None = None) -> ExperimentConfig:
+    """Build and validate an ExperimentConfig from a plain mapping (as read from YAML)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}; "
+                          "fix: start the file with keys such as name:, grid:, data:")
+    data = _resolve_paths(json.loads(json.dumps(data)), base or Path.cwd())
+    try:
+        return _build(ExperimentConfig, data, "")
+    except _FieldError as e:
+        raise ConfigError(f"{source}: {e.key}: {e}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file (safe loader), apply dotted-key overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; fix: check the path (try configs/demo.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}; fix: check indentation and quoting") from None
+    for dotted, value in (overrides or {}).items():
+        data = data or {}
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return config_from_dict(data, str(path), path.parent.resolve())
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Plain-data form of a config (for JSON records and hashing)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,98 @@
+"""Every path pattern of a run folder, in one place (as submitit's JobPaths does for its logs).
+
+    RUN/run.json                  the plan: config, cells, kislurm version (rewritten atomically at each submit)
+    RUN/config.yaml               the experiment file as submitted
+    RUN/data/                     prepared data shared by the run's cells (knowledge bases, tokenizer, indexed datasets)
+    RUN/cells/NAME/cell.json      one cell's effective config and id
+    RUN/cells/NAME/STATUS         one word (PENDING, RUNNING, DONE, FAILED) plus a heartbeat line
+    RUN/cells/NAME/retention.h5   the retention store (kislurm.store)
+    RUN/cells/NAME/checkpoints/   megatron dist_checkpointing checkpoints
+    RUN/cells/NAME/log.txt        the cell's training log
+    RUN/submitit/                 submitit's job files and stdout/stderr (%A_%a per array task)
+    RUN/reports/                  aggregation outputs (tables, plots, summary)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def cells(self) -> Path:
+        return self.root / "cells"
+
+    @property
+    def submitit(self) -> Path:
+        return self.root / "submitit"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    def cell(self, name: str) -> "CellPaths":
+        return CellPaths(self.cells / name)
+
+
+@dataclass(frozen=True)
+class CellPaths:
+    root: Path
+
+    @property
+    def spec(self) -> Path:
+        return self.root / "cell.json"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "STATUS"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "retention.h5"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.txt"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

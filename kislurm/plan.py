@@ -1,0 +1,98 @@
+"""Plan: the grid becomes a list of cells, each with an id hashed from its effective config and a resolved folder.
+
+Pure: nothing here touches the disk or the scheduler. Identity is the config (as in Marin's executor): two cells
+with the same effective settings have the same id, so a resubmission recognises finished work, and a changed
+config yields a new id instead of silently mixing results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import DataConfig, EvalConfig, ExperimentConfig, ModelPreset, TrainConfig, config_to_dict
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: a model size trained at one infusion ratio, token budget and seed."""
+
+    size: str
+    ratio: float
+    tokens: int
+    seed: int
+    model: ModelPreset
+    data: DataConfig
+    train: TrainConfig
+    eval: EvalConfig
+
+    def effective(self) -> dict[str, Any]:
+        """Every setting that changes what the cell computes (not where or how it is scheduled)."""
+        model = config_to_dict(self.model)
+        for key in ("timeout_min", "tensor_parallel", "pipeline_parallel", "data_parallel"):
+            model.pop(key)  # layout and scheduling change neither the maths nor the identity
+        data = config_to_dict(self.data)
+        return {
+            "size": self.size, "ratio": self.ratio, "tokens": self.tokens, "seed": self.seed,
+            "model": model, "data": data, "train": config_to_dict(self.train),
+        }
+
+    @property
+    def cell_id(self) -> str:
+        blob = json.dumps(self.effective(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    @property
+    def name(self) -> str:
+        """Readable folder name: size, ratio, tokens, seed, then the id that guarantees uniqueness."""
+        return f"{self.size}_r{self.ratio:g}_t{_short_count(self.tokens)}_s{self.seed}_{self.cell_id}"
+
+    @property
+    def n_samples(self) -> int:
+        """Training sequences: the token budget rounded up to whole global batches."""
+        return self.steps * self.train.global_batch_size
+
+    @property
+    def steps(self) -> int:
+        per_step = self.train.global_batch_size * self.model.seq_length
+        return max(1, math.ceil(self.tokens / per_step))
+
+    @property
+    def eval_steps(self) -> list[int]:
+        """Steps after which retention is evaluated: every eval_interval, and always the last step."""
+        steps = list(range(self.train.eval_interval, self.steps, self.train.eval_interval))
+        return steps + [self.steps]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cell_id": self.cell_id, "name": self.name, "steps": self.steps, "n_samples": self.n_samples,
+                **self.effective(), "layout": {"tensor_parallel": self.model.tensor_parallel,
+                                               "pipeline_parallel": self.model.pipeline_parallel,
+                                               "data_parallel": self.model.data_parallel,
+                                               "device": self.model.device}}
+
+
+def _short_count(n: int) -> str:
+    for suffix, unit in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= unit and n % (unit // 1000 if unit > 1000 else 1) == 0:
+            return f"{n / unit:g}{suffix}"
+    return str(n)
+
+
+def expand(cfg: ExperimentConfig) -> list[Cell]:
+    """The grid's cells, in a stable order: size, then token budget, ratio and seed."""
+    presets = cfg.presets
+    g = cfg.grid
+    return [
+        Cell(size=size, ratio=ratio, tokens=tokens, seed=seed, model=presets[size], data=cfg.data,
+             train=cfg.train, eval=cfg.eval)
+        for size, tokens, ratio, seed in itertools.product(g.sizes, g.token_budgets, sorted(g.ratios), g.seeds)
+    ]
+
+
+def run_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.output_root) / cfg.name
