@@ -8,6 +8,7 @@ names the file, the key, what was expected and how to fix it (`ConfigError`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -362,7 +363,7 @@ class ExperimentConfig:
     name: str = "experiment"
     """Run name; the run folder is output_root/name."""
     output_root: str = "runs"
-    """Folder holding run folders (relative paths are relative to the config file)."""
+    """Folder holding run folders (a relative path is relative to the working directory kislurm runs in)."""
     grid: GridConfig = field(default_factory=GridConfig)
     models: dict[str, ModelPreset] = field(default_factory=dict)
     """Extra or overriding model presets, by name."""
@@ -482,7 +483,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     prefix = f"{where}." if where else ""
     for key in data:
         if key not in names:
-            close = [n for n in names if n.startswith(str(key)[:3])]
+            close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise _FieldError(f"{prefix}{key}", f"unknown key{hint}; valid keys here: {', '.join(names)}")
     kwargs = {k: _convert(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
@@ -502,8 +503,7 @@ def _resolve_paths(data: dict, base: Path) -> dict:
         for key in ("knowledge_triplets", "general_triplets", "templates_file", "tokenizer", "general_probes"):
             if isinstance(section.get(key), str):
                 section[key] = str((base / Path(section[key]).expanduser()).resolve())
-    if isinstance(data.get("output_root"), str):
-        data["output_root"] = str((base / Path(data["output_root"]).expanduser()).resolve())
+    data["output_root"] = str(Path(data.get("output_root", "runs")).expanduser().resolve())  # relative to cwd
     return data
 
 

@@ -1,0 +1,279 @@
+"""Submit: the plan's cells become submitit jobs, one job array per resource shape.
+
+Cells with the same nodes / tasks / GPUs / time share an array, throttled by `array_parallelism` and split into
+chunks of at most the cluster's MaxArraySize. Resubmitting a run submits only cells that are missing, failed or
+cancelled (identity is the cell id); a cell whose coordinates (size, ratio, tokens, seed) already exist under a
+different config is refused unless forced. Nothing is submitted before every check has passed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import submitit
+import yaml
+from submitit.slurm.slurm import _make_sbatch_string
+
+from .config import ExecutorConfig, ExperimentConfig, ModelPreset, config_to_dict
+from .paths import RunPaths, atomic_write_json, atomic_write_text
+from .plan import Cell, expand, run_dir
+from .status import RESUBMIT, Submission, record_submissions, run_status
+
+
+class SubmitError(RuntimeError):
+    """A run that cannot be submitted; the message is one line with the fix."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one cell asks of the scheduler; cells with equal Resources share a job array."""
+
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+    cpus_per_task: int
+    timeout_min: int
+
+
+def resources_for(preset: ModelPreset, ex: ExecutorConfig) -> Resources:
+    """TP x PP x DP ranks, one task per rank; GPU cells fill nodes of `gpus_per_node` GPUs."""
+    world = preset.world_size
+    timeout = _slurm_minutes(ex.time) if ex.time else preset.timeout_min
+    if preset.device == "gpu":
+        per_node = max(1, min(world, ex.gpus_per_node or world))
+        if world % per_node:
+            raise SubmitError(f"a world size of {world} ranks does not fill nodes of {per_node} GPUs; fix: make "
+                              "TP x PP x DP a multiple of executor.gpus_per_node or smaller than it")
+        return Resources(world // per_node, per_node, per_node, ex.cpus_per_task, timeout)
+    return Resources(1, world, 0, ex.cpus_per_task, timeout)
+
+
+def _slurm_minutes(text: str) -> int:
+    """Minutes in a Slurm time string (MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]])."""
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        h, m, s = (parts + [0, 0])[:3]
+        return int(days) * 1440 + h * 60 + m + math.ceil(s / 60)
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return parts[0] + math.ceil(parts[1] / 60)
+    return parts[0] * 60 + parts[1] + math.ceil(parts[2] / 60)
+
+
+def sbatch_parameters(res: Resources, ex: ExecutorConfig, name: str) -> dict[str, Any]:
+    """Keyword arguments of submitit's own sbatch renderer (the single source of truth for valid options)."""
+    params: dict[str, Any] = {
+        "job_name": name, "time": res.timeout_min, "nodes": res.nodes, "ntasks_per_node": res.tasks_per_node,
+        "cpus_per_task": res.cpus_per_task, "array_parallelism": ex.array_parallelism, "signal_delay_s": 90,
+    }
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(ex, key):
+            params[key] = getattr(ex, key)
+    if ex.mem_gb:
+        params["mem"] = f"{ex.mem_gb}GB"
+    if ex.setup:
+        params["setup"] = list(ex.setup)
+    if ex.sbatch_extra:
+        params["additional_parameters"] = {k.replace("-", "_"): v for k, v in ex.sbatch_extra.items()}
+    return params
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checks against the cluster (before anything is submitted)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _scontrol_config() -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    return {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in out.splitlines()) if v}
+
+
+def max_array_size(ex: ExecutorConfig) -> int:
+    """The largest array we may submit: the config's value, else the cluster's MaxArraySize, else 1000."""
+    if ex.max_array_size:
+        return ex.max_array_size
+    if ex.cluster == "slurm" and shutil.which("scontrol"):
+        try:
+            return int(_scontrol_config().get("MaxArraySize", "1001"))
+        except (ValueError, subprocess.SubprocessError, OSError):
+            pass
+    return 1000
+
+
+def check_cluster(ex: ExecutorConfig) -> None:
+    """Fail early with one line when the config asks for Slurm and the machine cannot serve it."""
+    if ex.cluster != "slurm":
+        return
+    if shutil.which("sbatch") is None:
+        raise SubmitError("executor.cluster is slurm but sbatch was not found on this machine; fix: submit from a "
+                          "Slurm login node, or set executor.cluster: local")
+    if ex.partition:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30).stdout
+        partitions = sorted({p.strip().rstrip("*") for p in out.split()})
+        if ex.partition not in partitions:
+            raise SubmitError(f"unknown partition '{ex.partition}'; fix: set executor.partition to one of "
+                              f"{partitions}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run folder
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def write_plan(cfg: ExperimentConfig, cells: list[Cell], force: bool = False) -> RunPaths:
+    """Create or update the run folder; refuse a changed config for existing coordinates unless forced."""
+    run = RunPaths(run_dir(cfg))
+    existing = _existing_cells(run)
+    for cell in cells:
+        key = _coords(cell)
+        old = existing.get(key)
+        if old and old != cell.cell_id and not force:
+            raise SubmitError(f"cell {key} already exists in {run.root} with a different config (id {old}, now "
+                              f"{cell.cell_id}); fix: use a new experiment name, or --force to add the new cell")
+    run.cells.mkdir(parents=True, exist_ok=True)
+    # The effective config, every default and path resolved: the run folder alone can re-create each cell.
+    atomic_write_text(run.config, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    for cell in cells:
+        cp = run.cell(cell.name)
+        if not cp.spec.exists():
+            atomic_write_json(cp.spec, cell.to_json())
+    atomic_write_json(run.plan, {"name": cfg.name, "cells": [c.name for c in cells], "written": time.time()})
+    return run
+
+
+def _coords(cell: Cell) -> str:
+    return f"{cell.size} r={cell.ratio:g} tokens={cell.tokens} seed={cell.seed}"
+
+
+def _existing_cells(run: RunPaths) -> dict[str, str]:
+    import json
+
+    found: dict[str, str] = {}
+    if run.cells.is_dir():
+        for spec in run.cells.glob("*/cell.json"):
+            try:
+                d = json.loads(spec.read_text())
+                found[f"{d['size']} r={d['ratio']:g} tokens={d['tokens']} seed={d['seed']}"] = d["cell_id"]
+            except (OSError, ValueError, KeyError):
+                continue
+    return found
+
+
+def cells_to_run(run: RunPaths, cells: list[Cell]) -> list[tuple[Cell, str]]:
+    """Each cell with its current state (the scheduler is queried once for all)."""
+    rows = {r["cell"]: r["state"] for r in run_status(run, [c.name for c in cells])}
+    return [(c, rows[c.name]) for c in cells]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Submission
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def group_by_resources(cells: Iterable[Cell], ex: ExecutorConfig) -> dict[Resources, list[Cell]]:
+    groups: dict[Resources, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(resources_for(cell.model, ex), []).append(cell)
+    return groups
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def dry_run(cfg: ExperimentConfig, cells: list[Cell]) -> str:
+    """The sbatch scripts that `submit` would send, one per array (rendered by submitit itself)."""
+    run = RunPaths(run_dir(cfg))
+    size = max_array_size(cfg.executor)
+    command = " ".join([sys.executable, "-u -m submitit.core._submit", str(run.submitit / "%j")])
+    texts = []
+    for res, group in group_by_resources(cells, cfg.executor).items():
+        for chunk in chunks(group, size):
+            params = sbatch_parameters(res, cfg.executor, f"kislurm-{cfg.name}")
+            script = _make_sbatch_string(command=command, folder=run.submitit / "%j", map_count=len(chunk),
+                                         **params)
+            names = ", ".join(c.name for c in chunk[:4]) + (" ..." if len(chunk) > 4 else "")
+            texts.append(f"# array of {len(chunk)} cells ({names})\n{script}")
+    return "\n".join(texts)
+
+
+def make_executor(cfg: ExperimentConfig, run: RunPaths, res: Resources) -> submitit.AutoExecutor:
+    ex = cfg.executor
+    executor = submitit.AutoExecutor(folder=run.submitit / "%j", cluster=ex.cluster)
+    if ex.cluster == "slurm":
+        params = sbatch_parameters(res, ex, f"kislurm-{cfg.name}")
+        executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
+    else:
+        executor.update_parameters(timeout_min=res.timeout_min, tasks_per_node=res.tasks_per_node,
+                                   nodes=res.nodes, name=f"kislurm-{cfg.name}")
+        executor.update_parameters(local_setup=list(ex.setup)) if ex.setup and ex.cluster == "local" else None
+    return executor
+
+
+def submit_cells(cfg: ExperimentConfig, run: RunPaths, cells: list[Cell], job_fn: Callable[..., Any],
+                 progress: Optional[Callable[[int], Any]] = None) -> list:
+    """Submit cells as job arrays; returns submitit jobs. Local jobs are throttled to array_parallelism (and this
+    call returns when they have all finished, calling `progress(1)` as each one does)."""
+    ex = cfg.executor
+    jobs: list = []
+    subs: list[Submission] = []
+    limit = max_array_size(ex)
+    for res, group in group_by_resources(cells, ex).items():
+        executor = make_executor(cfg, run, res)
+        if ex.cluster == "slurm":
+            for chunk in chunks(group, limit):
+                with executor.batch():
+                    batch = [executor.submit(job_fn, str(run.root), cell) for cell in chunk]
+                jobs += batch
+                subs += [Submission(c.name, j.job_id, ex.cluster, time.time()) for c, j in zip(chunk, batch)]
+        else:
+            jobs += _submit_throttled(executor, run, group, job_fn, ex, subs, progress)
+    record_submissions(run, subs)
+    return jobs
+
+
+def _submit_throttled(executor, run: RunPaths, cells: list[Cell], job_fn, ex: ExecutorConfig,
+                      subs: list[Submission], progress: Optional[Callable[[int], Any]]) -> list:
+    """submitit's local executor starts every job at once; keep at most array_parallelism cells running."""
+    if ex.cluster == "debug":
+        jobs = [executor.submit(job_fn, str(run.root), cell) for cell in cells]
+        subs += [Submission(c.name, j.job_id, ex.cluster, time.time()) for c, j in zip(cells, jobs)]
+        return jobs
+    from collections import deque
+
+    pending, running, jobs = deque(cells), [], []
+    while pending or running:
+        finished = [j for j in running if j.done()]
+        running = [j for j in running if j not in finished]
+        if progress and finished:
+            progress(len(finished))
+        while pending and len(running) < ex.array_parallelism:
+            cell = pending.popleft()
+            job = executor.submit(job_fn, str(run.root), cell)
+            record_submissions(run, [Submission(cell.name, job.job_id, ex.cluster, time.time())])
+            running.append(job)
+            jobs.append(job)
+        time.sleep(0.5)
+    return jobs
+
+
+def describe(cells: list[Cell], ex: ExecutorConfig) -> list[dict[str, Any]]:
+    """Rows of the plan table: one per cell with its resources."""
+    rows = []
+    for cell in cells:
+        res = resources_for(cell.model, ex)
+        rows.append({"cell": cell.name, "size": cell.size, "ratio": cell.ratio, "tokens": cell.tokens,
+                     "seed": cell.seed, "steps": cell.steps, **asdict(res)})
+    return rows
