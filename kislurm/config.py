@@ -227,10 +227,8 @@ class DataConfig:
                    "source: triplets needs general_triplets or general_prefix for the general stream")
         _check(self.general_prefix is None or self.general_probes is not None, "general_probes",
                "general_prefix needs general_probes (facts known to be in that corpus) to measure retention")
-        for key in ("knowledge_triplets", "general_triplets", "templates_file", "tokenizer", "general_probes"):
-            value = getattr(self, key)
-            _check(value is None or Path(value).expanduser().exists(), key,
-                   f"file not found: {value}; fix: correct the path (relative paths are relative to the config file)")
+        # Files are checked by the data stage when it needs them (before anything is submitted), not here:
+        # a cluster config must still plan and dry-run on a laptop that lacks the cluster's data.
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,8 @@ BAD = [
     ("batch sizes do not divide", "train: {micro_batch_size: 24, global_batch_size: 32}\n",
      "train.global_batch_size: 32 is not a multiple of micro_batch_size 24"),
     ("boolean for a number", "train: {lr: true}\n", "train.lr: expected a finite number, got True"),
-    ("missing data file", "data: {source: triplets, knowledge_triplets: nope.jsonl, templates_file: t.yaml, "
-     "general_triplets: g.jsonl}\n", "data.knowledge_triplets: file not found:"),
+    ("triplets without templates", "data: {source: triplets, knowledge_triplets: k.jsonl, general_triplets: g.jsonl}\n",
+     "data.templates_file: source: triplets needs templates_file; fix: give the path of a YAML templates file"),
     ("bad run name", "name: my run/1\n",
      "name: 'my run/1' is not a usable folder name; fix: use letters, digits, '.', '_' and '-'"),
     ("duplicate ratios", "grid: {ratios: [0.1, 0.1]}\n", "grid.ratios: duplicate ratios; fix: list each ratio once"),

@@ -1,0 +1,293 @@
+"""Aggregate: every retention store of one or more runs becomes measurements, collapse points, a law and reports.
+
+Reading is the expensive part at scale (thousands of cells, nightly), so each file is summarised once and the
+summary cached by (path, size, mtime): a re-run reads only new or grown files. Unreadable files (truncated,
+garbage, foreign, mid-write by an old writer) are listed with the reason and excluded, never fatal. Outputs are
+written atomically by kislurm.report, so a reader never sees a half-written report.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .config import AnalysisConfig, ConfigError, load_config
+from .paths import RunPaths, atomic_write_text
+from .store import StoreError, read_cell
+
+CACHE_NAME = ".aggregate-cache.pkl"
+CACHE_VERSION = 1
+_METRIC = re.compile(r"^(general|infused)_(seen_|heldout_)?acc(_cc)?$")
+
+
+class AggregateError(RuntimeError):
+    """Nothing could be aggregated (e.g. no run folder); one line with the fix."""
+
+
+@dataclass
+class CellSummary:
+    """What aggregation needs of one store: small enough to cache thousands of them."""
+
+    path: str
+    name: str
+    size: str
+    params: float
+    ratio: float
+    tokens: float
+    seed: int
+    complete: bool
+    n_choices: int
+    exposures_per_fact: Optional[float]
+    n_infused_facts: Optional[int]
+    values_per_relation: Optional[int]
+    step: np.ndarray
+    metrics: dict[str, np.ndarray]
+    final_correct: Optional[np.ndarray]  # (P,) bool at the last evaluation
+    probe_fact_index: Optional[np.ndarray]
+    probe_heldout: Optional[np.ndarray]
+    fact_group: Optional[np.ndarray]
+
+
+def summarise(path: str) -> CellSummary | str:
+    """Read one store into a CellSummary, or return the one-line reason it is unusable."""
+    try:
+        rec = read_cell(Path(path), matrix=True)
+    except StoreError as e:
+        return str(e)
+    meta = rec.meta
+    stats = meta.get("data_stats") or {}
+    data_cfg = (meta.get("config") or {}).get("data") or {}
+    final = rec.probe_correct[-1].astype(bool) if rec.probe_correct is not None and len(rec.step) else None
+    return CellSummary(
+        path=path, name=meta.get("name", Path(path).parent.name), size=str(meta.get("size")),
+        params=float(meta.get("params_non_embedding", np.nan)), ratio=float(meta.get("ratio", np.nan)),
+        tokens=float(meta.get("tokens", np.nan)), seed=int(meta.get("seed", 0)), complete=rec.complete,
+        n_choices=int(meta.get("n_choices", 0)),
+        exposures_per_fact=_num(stats.get("exposures_per_fact_mean", stats.get("infused_exposures_mean"))),
+        n_infused_facts=_num(stats.get("n_infused_facts"), int),
+        values_per_relation=_num((data_cfg.get("knowledge") or {}).get("values_per_relation"), int),
+        step=np.asarray(rec.step), metrics={k: np.asarray(v) for k, v in rec.metrics.items()},
+        final_correct=final, probe_fact_index=np.asarray(rec.probe_fact_index),
+        probe_heldout=np.asarray(rec.probe_heldout), fact_group=np.asarray(rec.fact_group))
+
+
+def _num(value: Any, kind: type = float) -> Any:
+    try:
+        return None if value is None else kind(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scanning with an incremental cache
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def find_stores(runs: list[Path]) -> list[Path]:
+    stores: list[Path] = []
+    for run in runs:
+        if not run.is_dir():
+            raise AggregateError(f"{run}: no such run folder; fix: pass folders created by `kislurm submit` "
+                                 "(output_root/name)")
+        stores += sorted(run.glob("cells/*/retention.h5")) if (run / "cells").is_dir() else sorted(
+            run.glob("**/retention.h5"))
+    return stores
+
+
+def _load_cache(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            cache = pickle.load(f)
+        return cache["entries"] if cache.get("version") == CACHE_VERSION else {}
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, AttributeError, TypeError):
+        return {}  # a missing or damaged cache only costs a cold read
+
+
+def _save_cache(path: Path, entries: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump({"version": CACHE_VERSION, "entries": entries}, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+
+
+def load_summaries(stores: list[Path], cache_path: Optional[Path], workers: int = 0) -> tuple[
+        list[CellSummary], list[tuple[str, str]], int]:
+    """Summaries of readable stores, (path, reason) of unreadable ones, and how many files were actually read."""
+    cache = _load_cache(cache_path) if cache_path else {}
+    fresh: dict = {}
+    todo: list[str] = []
+    keys: dict[str, tuple[int, int]] = {}
+    for p in stores:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        key = (st.st_size, st.st_mtime_ns)
+        keys[str(p)] = key
+        hit = cache.get(str(p))
+        if hit is not None and hit[0] == key:
+            fresh[str(p)] = hit
+        else:
+            todo.append(str(p))
+    workers = workers or min(os.cpu_count() or 1, 4)
+    if len(todo) >= 64 and workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(summarise, todo, chunksize=max(1, len(todo) // (workers * 8))))
+    else:
+        results = [summarise(p) for p in todo]
+    for p, r in zip(todo, results):
+        fresh[p] = (keys[p], r)
+    if cache_path:
+        _save_cache(cache_path, fresh)
+    good = [v for _, v in fresh.values() if isinstance(v, CellSummary)]
+    bad = [(p, v) for p, (_, v) in fresh.items() if isinstance(v, str)]
+    return sorted(good, key=lambda s: (s.params, s.tokens, s.ratio, s.seed)), sorted(bad), len(todo)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Summaries -> measurements
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def fact_scores(s: CellSummary, metric: str) -> Optional[np.ndarray]:
+    """Per-fact accuracy behind an accuracy metric at the last evaluation (for bootstrapping over facts)."""
+    m = _METRIC.match(metric)
+    if not m or s.final_correct is None or s.probe_fact_index is None or s.fact_group is None:
+        return None
+    group = 0 if m.group(1) == "general" else 1
+    probes = s.fact_group[s.probe_fact_index] == group
+    if m.group(2) == "seen_":
+        probes &= ~s.probe_heldout
+    elif m.group(2) == "heldout_":
+        probes &= s.probe_heldout
+    facts = s.probe_fact_index[probes]
+    hits = np.bincount(facts, weights=s.final_correct[probes], minlength=len(s.fact_group))
+    counts = np.bincount(facts, minlength=len(s.fact_group))
+    keep = counts > 0
+    scores = hits[keep] / counts[keep]
+    if m.group(3):  # chance-corrected: the same linear map per fact
+        chance = 1.0 / s.n_choices
+        scores = (scores - chance) / (1 - chance)
+    return scores
+
+
+def measurements(summaries: list[CellSummary], metric: str) -> tuple[list, list[tuple[str, str]]]:
+    """Measurements of finished cells, and (cell, reason) for those left out."""
+    from .collapse import Measurement
+
+    out, excluded = [], []
+    for s in summaries:
+        if not s.complete:
+            excluded.append((s.name, "not finished (still running, or killed before completion)"))
+            continue
+        if metric not in s.metrics or not len(s.metrics[metric]):
+            excluded.append((s.name, f"no '{metric}' recorded; fix: choose analysis.metric among "
+                                     f"{sorted(s.metrics)}"))
+            continue
+        out.append(Measurement(size=s.size, params=s.params, ratio=s.ratio, tokens=s.tokens, seed=s.seed,
+                               retention=float(s.metrics[metric][-1]), fact_correct=fact_scores(s, metric),
+                               n_choices=s.n_choices, exposures_per_fact=s.exposures_per_fact))
+    return out, excluded
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The whole stage
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AggregateResult:
+    out: Path
+    collapses: list
+    law: Any
+    table_markdown: str
+    law_text: str
+    excluded: list[tuple[str, str]] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    n_read: int = 0
+
+
+def _analysis_config(runs: list[Path], config: Optional[Path]) -> AnalysisConfig:
+    if config is not None:
+        return load_config(config).analysis
+    for run in runs:
+        path = RunPaths(run).config
+        if path.exists():
+            try:
+                return load_config(path).analysis
+            except ConfigError:
+                continue
+    return AnalysisConfig()
+
+
+def analyse(ms: list, cfg: AnalysisConfig, out: Path, summary: dict, curves: list) -> AggregateResult:
+    """Collapse per (size, token budget), the law across sizes, and the reports: shared by runs and CSVs."""
+    from .collapse import detect_collapse
+    from .law import fit_law
+    from .report import write_reports
+
+    rng = np.random.default_rng(cfg.seed)
+    groups: dict[tuple[str, float], list] = {}
+    for m in ms:
+        groups.setdefault((m.size, m.tokens), []).append(m)
+    collapses = [detect_collapse(g, n_boot=cfg.bootstrap, confidence=cfg.confidence, rng=rng)
+                 for _, g in sorted(groups.items(), key=lambda kv: (kv[1][0].params, kv[0][1]))]
+    law = fit_law(collapses, unit=cfg.unit, n_boot=cfg.bootstrap, confidence=cfg.confidence, rng=rng,
+                  targets=cfg.target_sizes)
+    files = write_reports(out, collapses, law, summary, curves)
+    table = _read_text(out / "collapse_points.md")
+    text = _read_text(out / "law.txt") or str(getattr(law, "reason", "") or law)
+    return AggregateResult(out=out, collapses=collapses, law=law, table_markdown=table, law_text=text)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optional[Path] = None,
+                   echo: Callable[[str], Any] = print) -> AggregateResult:
+    """Aggregate one or more run folders into RUN/reports (or `out`)."""
+    runs = [Path(r) for r in runs]
+    stores = find_stores(runs)
+    out = out or runs[0] / "reports"
+    cfg = _analysis_config(runs, config)
+    summaries, unreadable, n_read = load_summaries(stores, out / CACHE_NAME)
+    for path, reason in unreadable:
+        echo(f"kislurm: skipping unreadable store: {reason}")
+    ms, excluded = measurements(summaries, cfg.metric)
+    summary = {"runs": [str(r) for r in runs], "stores": len(stores), "read": n_read, "used": len(ms),
+               "excluded": excluded, "unreadable": unreadable, "metric": cfg.metric, "unit": cfg.unit}
+    curves = [{"name": s.name, "size": s.size, "ratio": s.ratio, "seed": s.seed, "step": s.step,
+               "retention": s.metrics.get(cfg.metric)} for s in summaries]
+    if not stores:
+        echo(f"kislurm: no retention stores under {', '.join(map(str, runs))} (nothing has run yet?)")
+    result = analyse(ms, cfg, out, summary, curves)
+    result.excluded, result.unreadable, result.n_read = excluded, unreadable, n_read
+    return result
+
+
+def fit_measurements_csv(csv: Path, out: Path, unit: str = "odds", targets: Optional[dict[str, float]] = None,
+                         bootstrap: int = 200) -> AggregateResult:
+    """`kislurm fit`: the same analysis on a plain table of results produced elsewhere."""
+    from .collapse import measurements_from_csv
+
+    ms = measurements_from_csv(csv)
+    cfg = AnalysisConfig(unit=unit, target_sizes=targets or {}, bootstrap=bootstrap)  # type: ignore[arg-type]
+    summary = {"source": str(csv), "used": len(ms), "excluded": [], "unreadable": [], "metric": "retention",
+               "unit": unit}
+    return analyse(ms, cfg, out, summary, [])
+
+
+__all__ = ["AggregateError", "CellSummary", "aggregate_runs", "fit_measurements_csv", "load_summaries",
+           "measurements", "summarise", "find_stores", "atomic_write_text"]

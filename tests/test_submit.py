@@ -1,0 +1,76 @@
+"""Submission planning: resources per cell, arrays per shape and size, dry-run scripts, refusals."""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from kislurm.config import config_from_dict, load_config
+from kislurm.plan import expand
+from kislurm.submit import SubmitError, check_cluster, dry_run, resources_for, write_plan
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = Path(__file__).parent / "data" / "paper_dryrun.sbatch"
+
+
+def normalise(text: str) -> str:
+    """Machine-specific parts (run folder, python) replaced so the reference holds anywhere."""
+    text = re.sub(r"\S*/runs/paper", "RUN", text)
+    return re.sub(r"\S*/python3?(\.\d+)? -u", "PYTHON -u", text)
+
+
+def test_paper_dry_run_matches_reference(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / "configs" / "paper.yaml")
+    text = normalise(dry_run(cfg, expand(cfg)))
+    if os.environ.get("KISLURM_UPDATE_REFERENCES"):
+        REFERENCE.write_text(text)
+    assert text == REFERENCE.read_text(), (
+        "the rendered sbatch scripts changed; if intended, rerun with KISLURM_UPDATE_REFERENCES=1 and review the diff")
+
+
+def test_resources_from_parallel_layout():
+    presets = load_config(REPO / "configs" / "paper.yaml").presets
+    ex = config_from_dict({"executor": {"gpus_per_node": 8}}).executor
+    r = resources_for(presets["760M"], ex)  # TP 2 x DP 8 = 16 GPUs = 2 nodes of 8
+    assert (r.nodes, r.tasks_per_node, r.gpus_per_node) == (2, 8, 8)
+    cpu = config_from_dict({"models": {"t": {"num_layers": 1, "hidden_size": 8, "num_attention_heads": 2,
+                                             "tensor_parallel": 2}}, "grid": {"sizes": ["t"]}})
+    r = resources_for(cpu.presets["t"], cpu.executor)
+    assert (r.nodes, r.tasks_per_node, r.gpus_per_node) == (1, 2, 0)
+
+
+def test_time_override_in_slurm_format():
+    cfg = config_from_dict({"executor": {"time": "1-02:30:00"}})
+    assert resources_for(cfg.presets["cpu-s"], cfg.executor).timeout_min == 26 * 60 + 30
+
+
+def test_arrays_split_at_max_array_size(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict({"grid": {"sizes": ["cpu-s"], "ratios": [i / 11 for i in range(1, 11)]},
+                            "executor": {"cluster": "slurm", "max_array_size": 3}})
+    text = dry_run(cfg, expand(cfg))
+    assert re.findall(r"#SBATCH --array=(\S+)", text) == ["0-2%2", "0-2%2", "0-2%2", "0-0%1"]
+
+
+def test_slurm_requested_without_slurm(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    cfg = config_from_dict({"executor": {"cluster": "slurm"}})
+    with pytest.raises(SubmitError, match="sbatch was not found on this machine; fix: submit from a Slurm login "
+                                          "node, or set executor.cluster: local"):
+        check_cluster(cfg.executor)
+
+
+def test_changed_config_for_existing_cell_is_refused(tmp_path):
+    base = {"output_root": str(tmp_path), "grid": {"sizes": ["cpu-s"], "ratios": [0.5]}}
+    cfg = config_from_dict(base)
+    run = write_plan(cfg, expand(cfg))
+    assert (run.root / "config.yaml").exists() and len(list(run.cells.glob("*/cell.json"))) == 1
+    changed = config_from_dict({**base, "train": {"lr": 1e-3}})
+    with pytest.raises(SubmitError, match="already exists .* with a different config .*fix: use a new experiment "
+                                          "name, or --force"):
+        write_plan(changed, expand(changed))
+    write_plan(changed, expand(changed), force=True)
+    assert len(list(run.cells.glob("*/cell.json"))) == 2
+    write_plan(cfg, expand(cfg))  # the same config again is fine
