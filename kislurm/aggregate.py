@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .config import AnalysisConfig, ConfigError, load_config
-from .paths import RunPaths, atomic_write_text
+from .paths import RunPaths
 from .store import StoreError, read_cell
 
 CACHE_NAME = ".aggregate-cache.pkl"
@@ -256,13 +256,13 @@ def _read_text(path: Path) -> str:
 
 
 def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optional[Path] = None,
-                   echo: Callable[[str], Any] = print) -> AggregateResult:
-    """Aggregate one or more run folders into RUN/reports (or `out`)."""
+                   echo: Callable[[str], Any] = print, cache: Optional[Path] = None) -> AggregateResult:
+    """Aggregate one or more run folders into RUN/reports (or `out`); `cache` defaults to out/CACHE_NAME."""
     runs = [Path(r) for r in runs]
     stores = find_stores(runs)
     out = out or runs[0] / "reports"
     cfg = _analysis_config(runs, config)
-    summaries, unreadable, n_read = load_summaries(stores, out / CACHE_NAME)
+    summaries, unreadable, n_read = load_summaries(stores, cache or out / CACHE_NAME)
     for path, reason in unreadable:
         echo(f"kislurm: skipping unreadable store: {reason}")
     ms, excluded = measurements(summaries, cfg.metric)
@@ -290,4 +290,4 @@ def fit_measurements_csv(csv: Path, out: Path, unit: str = "odds", targets: Opti
 
 
 __all__ = ["AggregateError", "CellSummary", "aggregate_runs", "fit_measurements_csv", "load_summaries",
-           "measurements", "summarise", "find_stores", "atomic_write_text"]
+           "measurements", "summarise", "find_stores"]

@@ -8,6 +8,7 @@ different config is refused unless forced. Nothing is submitted before every che
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -138,9 +139,10 @@ def write_plan(cfg: ExperimentConfig, cells: list[Cell], force: bool = False) ->
     existing = _existing_cells(run)
     for cell in cells:
         key = _coords(cell)
-        old = existing.get(key)
-        if old and old != cell.cell_id and not force:
-            raise SubmitError(f"cell {key} already exists in {run.root} with a different config (id {old}, now "
+        old = existing.get(key, set())
+        if old and cell.cell_id not in old and not force:
+            raise SubmitError(f"cell {key} already exists in {run.root} with a different config (id "
+                              f"{', '.join(sorted(old))}, now "
                               f"{cell.cell_id}); fix: use a new experiment name, or --force to add the new cell")
     run.cells.mkdir(parents=True, exist_ok=True)
     # The effective config, every default and path resolved: the run folder alone can re-create each cell.
@@ -157,15 +159,15 @@ def _coords(cell: Cell) -> str:
     return f"{cell.size} r={cell.ratio:g} tokens={cell.tokens} seed={cell.seed}"
 
 
-def _existing_cells(run: RunPaths) -> dict[str, str]:
-    import json
-
-    found: dict[str, str] = {}
+def _existing_cells(run: RunPaths) -> dict[str, set[str]]:
+    """Coordinates -> ids of the cells already planned in this run folder."""
+    found: dict[str, set[str]] = {}
     if run.cells.is_dir():
         for spec in run.cells.glob("*/cell.json"):
             try:
                 d = json.loads(spec.read_text())
-                found[f"{d['size']} r={d['ratio']:g} tokens={d['tokens']} seed={d['seed']}"] = d["cell_id"]
+                key = f"{d['size']} r={d['ratio']:g} tokens={d['tokens']} seed={d['seed']}"
+                found.setdefault(key, set()).add(d["cell_id"])
             except (OSError, ValueError, KeyError):
                 continue
     return found
