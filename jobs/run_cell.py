@@ -23,11 +23,16 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import warnings
+
 import submitit
 
 from kislurm.paths import CellPaths, RunPaths
 from kislurm.plan import Cell
 from kislurm.status import write_status
+
+# megatron-core warns at import that Apex / Transformer Engine are absent: expected on CPU, noise in every cell log.
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")
 
 
 def _log_to(path: Path, rank: int):
@@ -75,7 +80,7 @@ def run_cell(run: RunPaths, cell: Cell) -> dict[str, Any]:
         prepared = data.prepare(cell.data, run.data, cell.model.seq_length)
         dataset, data_stats = data.cell_dataset(prepared, cell)
         trainer = Trainer(cell, dataset, paths.checkpoints, prepared.tokenizer.vocab_size, dist, log=log)
-        probes = prepared.probes
+        probes = data.cell_probes(prepared, cell)  # under fixed_exposures: the facts this cell infuses
         if dist.is_main:
             counts = cell.model.param_counts(prepared.tokenizer.vocab_size)
             meta = {"cell_id": cell.cell_id, "name": cell.name, "size": cell.size, "ratio": cell.ratio,

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import warnings
+
 import click
 
 from . import __version__
@@ -22,6 +24,8 @@ from .plan import Cell, expand, run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")  # expected on CPU: noise
 
 # Known failure types: shown as one line, exit 2.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
@@ -133,7 +137,8 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
     from . import data
 
     for seq in sorted({c.model.seq_length for c in todo}):
-        data.prepare(cfg.data, run.data, seq)  # shared by every cell; cells then only read it
+        prepared = data.prepare(cfg.data, run.data, seq)  # shared by every cell; cells then only read it
+        data.prepare_cells(prepared, [c for c in todo if c.model.seq_length == seq])  # fail here, not in a job
     job = load_cell_job()
     if cfg.executor.cluster == "local":
         bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not wait)
