@@ -1,0 +1,605 @@
+"""Prepared data: knowledge bases, tokenizer, probes and megatron-core indexed datasets, mixed per cell.
+
+`prepare` builds what every cell of a run shares, once, under RUN/data: the bases, the tokenizer, the probes and the
+general stream. `cell_dataset` builds (or reuses) the cell's knowledge stream and mixes the two streams at the
+cell's ratio with megatron-core's BlendedMegatronDatasetBuilder over GPTDataset.
+
+Exactness (measured with megatron-core 0.16.1): whole fact sentences, each followed by EOD, are packed greedily
+into documents of exactly seq_length tokens and padded with a distinct pad id (loss_mask 0 there). With
+add_extra_token_to_sequence=False one sample is one document, so no fact is ever cut. The knowledge stream of a
+cell holds exactly its K = round(r * n_samples) samples (one epoch, mid_level_dataset_surplus=0 and blend weights
+chosen so megatron draws exactly K), so realised exposures equal the planned ones; they are nevertheless counted
+from megatron's own indices and recorded.
+
+Loss mask: eod_mask_loss=True. Without it megatron-core 0.16 caches the loss mask of the first sample it serves
+after zeroing that sample's padding in place, so every later sample loses the loss at those positions
+(Megatron-LM issue 1711, fix pending in PR 6981); with it masks are recomputed per sample. The only loss it drops is
+the target right after an EOD: the first token of the next (randomly ordered) fact sentence.
+
+Policies. fixed_facts: one knowledge base; K documents are filled with passes over all facts (a fresh seeded order
+each pass, templates rotating), so exposures per fact differ by at most one. fixed_exposures: the infused facts are
+the longest prefix of the base (in base order) whose facts all fit K documents at exactly exposures_per_fact each.
+Probes: `prepared.probes` covers every general fact then every knowledge fact, ids "base:index:relation". A cell's
+probes (`cell_probes`) are all general facts plus its infused facts; under fixed_exposures that is a prefix of the
+knowledge facts, so the general block is identical in every cell and infused ids agree wherever they overlap.
+
+Concurrency: builds take an exclusive fcntl lock on DATA/.lock, write into a hidden temporary folder and publish it
+with one rename; a published folder is complete. Megatron's index caches (DATA/prep-*/cache) are written under the
+same lock and listed in a manifest once complete, so a crash never leaves a half-written cache that looks valid.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from .config import DataConfig, config_to_dict
+from .knowledge import (DataError, KnowledgeBase, ProbeSet, RelationTemplates, Templates, build_probes,
+                        check_distractors, check_templates, load_base, load_probes, read_templates, read_triplets,
+                        save_base, save_probes, subset_probes, synthetic_bases)
+from .tokenizer import (Tokenizer, corpus_texts, encode_facts, load_tokenizer, ragged_rows, train_bpe,
+                        training_sentences)
+
+FORMAT_VERSION = 1
+TOKENIZER_SENTENCES = 100_000   # the BPE is trained on at most this many corpus sentences (a seeded sample)
+_CHUNK_DOCS = 1 << 17
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Everything shared by a run's cells (built once; loading it is cheap)."""
+
+    root: Path
+    tokenizer: Tokenizer
+    probes: ProbeSet
+    general: KnowledgeBase
+    knowledge: KnowledgeBase
+    data: DataConfig
+    seq_length: int
+    general_prefix: str        # megatron prefix of the general stream (ours, or the user's corpus)
+    general_is_facts: bool     # the general stream is built from the general base (exposures countable)
+    manifest: dict
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Locking and atomic folders
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(data_dir: Path) -> Iterator[None]:
+    """Exclusive lock on data_dir/.lock (one builder at a time across processes); stale temp folders are removed."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / ".lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            for stale in data_dir.glob("**/.tmp-*"):  # holders of the lock always clean up: these are from crashes
+                shutil.rmtree(stale, ignore_errors=True)
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _publish(final: Path, data_dir: Path) -> Iterator[Path]:
+    """A temporary folder renamed to `final` on success and removed on error (call under the lock).
+
+    Each publication appends a line to data_dir/builds.log: the record that shows a build was reused, not redone.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.rename(tmp, final)
+        with open(data_dir / "builds.log", "a") as log:
+            log.write(f"{final.relative_to(data_dir)} pid={os.getpid()}\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(data: DataConfig) -> str:
+    """Hash of everything that changes the prepared data: the data config and the contents of its input files."""
+    inputs: dict[str, Any] = {}
+    for key in ("knowledge_triplets", "general_triplets", "templates_file", "tokenizer", "general_probes"):
+        path = getattr(data, key)
+        if path is not None:
+            if not Path(path).is_file():
+                raise DataError(f"data.{key}: file not found: {path}; fix: correct the path or unset it")
+            inputs[key] = _sha256_file(path)
+    if data.general_prefix is not None:
+        _check_prefix(data.general_prefix)
+        st = os.stat(data.general_prefix + ".idx")
+        inputs["general_prefix"] = [st.st_size, st.st_mtime_ns]
+    blob = json.dumps({"format": FORMAT_VERSION, "data": config_to_dict(data), "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _check_prefix(prefix: str) -> None:
+    for ext in (".bin", ".idx"):
+        if not os.path.isfile(prefix + ext):
+            raise DataError(f"data.general_prefix: {prefix}{ext} not found; fix: give the prefix of an existing "
+                            "megatron indexed dataset (the path without .bin/.idx)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# prepare
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def prepare(data: DataConfig, data_dir: Path, seq_length: int) -> PreparedData:
+    """Build (or reuse) everything a run's cells share: idempotent, process-safe, atomic.
+
+    Layout: DATA/prep-<fingerprint>/{manifest.json, tokenizer.json, *.json, probes.npz, *_sentences.npz,
+    general-L<seq>/stream.{bin,idx,npz}, knowledge-L<seq>/<policy>-K<k>/..., cache/}.
+    """
+    data_dir = Path(data_dir)
+    if seq_length < 2:
+        raise DataError(f"seq_length {seq_length}: expected >= 2; fix: use the model's seq_length")
+    if data.general_prefix is not None and data.tokenizer is None:
+        raise DataError("data.general_prefix needs data.tokenizer: the tokenizer.json that tokenized that corpus; "
+                        "fix: set data.tokenizer")
+    root = data_dir / f"prep-{fingerprint(data)}"
+    gen_dir = root / f"general-L{seq_length}"
+    need_general = data.general_prefix is None
+    if not (root / "manifest.json").is_file() or (need_general and not gen_dir.is_dir()):
+        with _locked(data_dir):
+            if not (root / "manifest.json").is_file():
+                with _publish(root, data_dir) as tmp:
+                    _build_base(data, tmp)
+            if need_general and not gen_dir.is_dir():
+                with _publish(gen_dir, data_dir) as tmp:
+                    _build_general_stream(root, tmp, seq_length)
+    return _load(root, data, seq_length)
+
+
+def _bases(data: DataConfig) -> tuple[KnowledgeBase, KnowledgeBase, Templates]:
+    """General and knowledge bases plus templates for every relation, from the config's sources."""
+    templates: Templates = {}
+    if data.source == "synthetic":
+        gen, kb, templates = synthetic_bases(data, general=data.general_prefix is None)
+    else:
+        gen, kb = None, read_triplets(data.knowledge_triplets, "knowledge")
+    if data.templates_file is not None:
+        templates = {**templates, **read_templates(data.templates_file)}
+    if data.general_prefix is not None:
+        gen = read_triplets(data.general_probes, "general")
+    elif gen is None:
+        gen = read_triplets(data.general_triplets, "general")
+    where = data.templates_file or "synthetic templates"
+    for base in (gen, kb):
+        check_templates(base, templates, str(where))
+        check_distractors(base, data.distractors, f"{base.name} facts")
+    return gen, kb, templates
+
+
+def _build_base(data: DataConfig, out: Path) -> None:
+    gen, kb, templates = _bases(data)
+    tok = load_tokenizer(data.tokenizer) if data.tokenizer else train_bpe(
+        corpus_texts([gen, kb], templates, max_sentences=TOKENIZER_SENTENCES, seed=data.seed), data.vocab_size)
+    enc_g, enc_k = encode_facts(tok, gen, templates), encode_facts(tok, kb, templates)
+    probes = build_probes([(gen, enc_g, 0), (kb, enc_k, 1)], data.distractors, data.seed)
+    tok.save(out / "tokenizer.json")
+    save_base(gen, out / "general.json")
+    save_base(kb, out / "knowledge.json")
+    (out / "templates.json").write_text(json.dumps({r: dataclasses.asdict(t) for r, t in templates.items()}))
+    save_probes(probes, out / "probes.npz")
+    for name, base, enc in (("general", gen, enc_g), ("knowledge", kb, enc_k)):
+        flat, off, fact, first = training_sentences(base, enc, tok)
+        np.savez(out / f"{name}_sentences.npz", flat=flat, off=off, fact=fact, first=first)
+    manifest = {"format": FORMAT_VERSION, "data": config_to_dict(data), "vocab_size": tok.vocab_size,
+                "tokenizer": tok.source, "general_facts": len(gen.facts), "knowledge_facts": len(kb.facts),
+                "probes": len(probes.prompt), "n_choices": probes.n_choices}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _load(root: Path, data: DataConfig, seq_length: int) -> PreparedData:
+    tok = load_tokenizer(root / "tokenizer.json")
+    manifest = json.loads((root / "manifest.json").read_text())
+    if data.general_prefix is not None:
+        _check_prefix(data.general_prefix)
+        general_prefix, is_facts = data.general_prefix, False
+    else:
+        general_prefix, is_facts = str(root / f"general-L{seq_length}" / "stream"), True
+    return PreparedData(root, tok, load_probes(root / "probes.npz"), load_base(root / "general.json"),
+                        load_base(root / "knowledge.json"), data, seq_length, general_prefix, is_facts, manifest)
+
+
+def load_templates(prepared: PreparedData) -> Templates:
+    raw = json.loads((prepared.root / "templates.json").read_text())
+    return {r: RelationTemplates(t["train"], t["heldout"]) for r, t in raw.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Streams: packing whole sentences into documents of exactly seq_length tokens
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Sentences:
+    flat: np.ndarray     # int32 tokens of every training sentence (EOD included)
+    off: np.ndarray      # (S+1,)
+    fact: np.ndarray     # (S,) fact of each sentence
+    first: np.ndarray    # (F+1,) first sentence of each fact; its training templates follow
+
+    @classmethod
+    def load(cls, path: Path) -> "_Sentences":
+        z = np.load(path)
+        return cls(z["flat"], z["off"], z["fact"], z["first"])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.off)
+
+    @property
+    def n_train(self) -> np.ndarray:
+        return np.diff(self.first)
+
+
+def _passes(s: _Sentences, facts: int, passes: int, seed: int, tag: int) -> np.ndarray:
+    """Sentence ids of `passes` passes over facts [0, facts): a fresh seeded order each pass; at pass p fact f
+    uses its training template (p + f) mod T_f, so its exposures cycle through its templates evenly."""
+    rng = np.random.default_rng([seed, tag, facts])
+    order = rng.permuted(np.tile(np.arange(facts, dtype=np.int64), (passes, 1)), axis=1)
+    n_train = s.n_train[order]
+    ids = s.first[order] + (np.arange(passes)[:, None] + order) % n_train
+    return ids.ravel()
+
+
+def _pack(lengths: np.ndarray, seq_length: int, max_docs: Optional[int] = None) -> np.ndarray:
+    """Greedy packing: document boundaries (positions into the sentence sequence) of whole sentences <= seq_length."""
+    cum = [0, *np.cumsum(lengths).tolist()]
+    n, a, bounds = len(lengths), 0, [0]
+    while a < n and (max_docs is None or len(bounds) <= max_docs):
+        b = bisect.bisect_right(cum, cum[a] + seq_length, lo=a) - 1
+        if b == a:
+            raise DataError(f"a fact sentence has {int(lengths[a])} tokens (EOD included), more than seq_length "
+                            f"{seq_length}; fix: use a longer seq_length, shorter names/templates or a bigger vocab")
+        bounds.append(b)
+        a = b
+    return np.asarray(bounds, dtype=np.int64)
+
+
+def _split_to(bounds: np.ndarray, docs: int) -> np.ndarray:
+    """Split the documents holding the most sentences until there are exactly `docs` of them."""
+    import heapq
+    heap = [(-(int(e) - int(b)), int(b), int(e)) for b, e in zip(bounds[:-1], bounds[1:])]
+    heapq.heapify(heap)
+    while len(heap) < docs:
+        size, b, e = heapq.heappop(heap)
+        if -size < 2:
+            raise DataError(f"only {bounds[-1]} knowledge sentences for {docs} samples; fix: lower the ratio or "
+                            "token budget, or raise data.exposures_per_fact")
+        m = b + (e - b) // 2
+        heapq.heappush(heap, (-(m - b), b, m))
+        heapq.heappush(heap, (-(e - m), m, e))
+    return np.array([0, *sorted(e for _, _, e in heap)], dtype=np.int64)
+
+
+def _write_stream(out: Path, s: _Sentences, ids: np.ndarray, bounds: np.ndarray, seq_length: int,
+                  tok: Tokenizer, info: dict) -> None:
+    """stream.bin/.idx (megatron IndexedDatasetBuilder; one sequence per packed document, added in chunks: GPTDataset
+    samples sequences, not the .idx's document groups), stream.npz (the fact of each packed sentence, document
+    boundaries, non-pad tokens per document) and info.json."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(out / "stream")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=tok.dtype)
+    doc_tokens = np.zeros(len(bounds) - 1, dtype=np.int32)
+    for c0 in range(0, len(bounds) - 1, _CHUNK_DOCS):
+        cb = bounds[c0: c0 + _CHUNK_DOCS + 1]
+        flat, off = ragged_rows([(s.flat, s.off, ids[cb[0]: cb[-1]])])
+        starts = off[cb - cb[0]]
+        per_doc = np.diff(starts)
+        doc_tokens[c0: c0 + len(per_doc)] = per_doc
+        rows = np.repeat(np.arange(len(per_doc)), per_doc)
+        block = np.full((len(per_doc), seq_length), tok.pad, dtype=tok.dtype)
+        block[rows, np.arange(len(flat)) - starts[:-1][rows]] = flat
+        builder.add_document(block.ravel(), [seq_length] * len(per_doc))
+    builder.finalize(prefix + ".idx")
+    np.savez(out / "stream.npz", fact=s.fact[ids[: bounds[-1]]], bounds=bounds, doc_tokens=doc_tokens)
+    (out / "info.json").write_text(json.dumps({**info, "docs": len(bounds) - 1, "sentences": int(bounds[-1]),
+                                               "tokens": int(doc_tokens.sum()), "seq_length": seq_length}))
+
+
+def _build_general_stream(root: Path, out: Path, seq_length: int) -> None:
+    """One pass unit: every (general fact, training template) once; megatron repeats it for as many epochs as a
+    cell needs (the last epoch partially, so general exposures spread by one pass; they are counted per cell)."""
+    s = _Sentences.load(root / "general_sentences.npz")
+    data_seed = json.loads((root / "manifest.json").read_text())["data"]["seed"]
+    n_facts, t_max = len(s.first) - 1, int(s.n_train.max())
+    ids = _passes(s, n_facts, t_max, data_seed, 1).reshape(t_max, n_facts)
+    fact = np.searchsorted(s.first, ids, side="right") - 1
+    ids = ids[np.arange(t_max)[:, None] < s.n_train[fact]]   # pass p holds facts with more than p templates
+    bounds = _pack(s.lengths[ids], seq_length)
+    _write_stream(out, s, ids, bounds, seq_length, load_tokenizer(root / "tokenizer.json"), {"kind": "general"})
+
+
+def knowledge_samples(n_samples: int, ratio: float) -> int:
+    """K: the cell's knowledge samples, round(r * n) kept within [1, n-1]."""
+    if not 0.0 < ratio < 1.0:
+        raise DataError(f"ratio {ratio}: expected a value strictly between 0 and 1; fix: e.g. 0.1 for 10%")
+    if n_samples < 2:
+        raise DataError(f"n_samples {n_samples}: a mix needs >= 2 samples; fix: raise the token budget")
+    return min(max(int(round(ratio * n_samples)), 1), n_samples - 1)
+
+
+def _plan_fixed_facts(s: _Sentences, k_docs: int, seq_length: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    n_facts = len(s.first) - 1
+    per_doc = seq_length // max(int(s.lengths.min()), 1)
+    passes = math.ceil(k_docs * per_doc / n_facts) + 1
+    ids = _passes(s, n_facts, passes, seed, 2)
+    bounds = _pack(s.lengths[ids], seq_length, max_docs=k_docs)
+    return ids, bounds, n_facts
+
+
+def _plan_fixed_exposures(s: _Sentences, k_docs: int, seq_length: int, seed: int, exposures: int,
+                          ratio: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """The most facts (a prefix of the base) that fit k_docs documents at exactly `exposures` each."""
+    n_facts = len(s.first) - 1
+
+    def attempt(facts: int) -> tuple[bool, np.ndarray, np.ndarray]:
+        ids = _passes(s, facts, exposures, seed, 3)
+        bounds = _pack(s.lengths[ids], seq_length, max_docs=k_docs)
+        return bool(bounds[-1] == len(ids)), ids, bounds
+
+    cost = np.zeros(n_facts + 1)   # tokens of each fact's exposures (independent of the pass order)
+    np.cumsum(_exposure_tokens(s, exposures), out=cost[1:])
+    hi = min(n_facts, int(np.searchsorted(cost, k_docs * seq_length, side="right")) - 1)  # more cannot fit
+    # A closed greedy document holds at least L - maxlen + 1 tokens: this many facts surely fit (checked anyway).
+    sure = (k_docs - 1) * (seq_length - int(s.lengths.max()) + 1)
+    lo = min(hi, max(0, int(np.searchsorted(cost, sure, side="right")) - 1))
+    if lo > 0 and not attempt(lo)[0]:
+        lo = 0
+    while hi > lo:                               # largest feasible prefix (feasibility is checked by packing)
+        mid = (lo + hi + 1) // 2
+        if attempt(mid)[0]:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        need = math.ceil(cost[1] / seq_length)
+        raise DataError(f"ratio {ratio}: {k_docs} knowledge samples cannot hold one fact at exposures_per_fact="
+                        f"{exposures} (needs about {need}); fix: raise the ratio or token budget, or lower "
+                        "data.exposures_per_fact")
+    ok, ids, bounds = attempt(lo)
+    slack = k_docs - (len(bounds) - 1)
+    one_fact = math.ceil((cost[-1] / n_facts) / max(seq_length - int(s.lengths.max()) + 1, 1)) + 1
+    if lo == n_facts and slack > one_fact:
+        need = int(n_facts * k_docs / max(len(bounds) - 1, 1))
+        raise DataError(f"ratio {ratio}: the knowledge base has {n_facts} facts but {k_docs} samples at "
+                        f"exposures_per_fact={exposures} need about {need}; fix: raise data.knowledge.entities "
+                        "(or add triplets), raise exposures_per_fact, or lower the ratio")
+    return ids, _split_to(bounds, k_docs), lo
+
+
+def _exposure_tokens(s: _Sentences, exposures: int) -> np.ndarray:
+    """Tokens of `exposures` sentences of each fact, templates cycling as in _passes (fact f, pass p: (p+f) mod T)."""
+    n_facts = len(s.first) - 1
+    f = np.arange(n_facts)
+    t, lens = s.n_train, s.lengths
+    full = np.add.reduceat(lens, s.first[:-1]) if n_facts else np.zeros(0)
+    total = (exposures // t) * full
+    rest = exposures % t
+    for p in range(int(rest.max(initial=0))):
+        m = p < rest
+        total[m] += lens[s.first[:-1][m] + (p + f[m]) % t[m]]
+    return total.astype(np.float64)
+
+
+def knowledge_stream(prepared: PreparedData, cell) -> dict:
+    """Build (or reuse) the cell's knowledge stream: exactly K documents. Returns its info (incl. 'prefix')."""
+    data, L = prepared.data, prepared.seq_length
+    k_docs = knowledge_samples(cell.n_samples, cell.ratio)
+    name = f"{data.policy}-K{k_docs}" + (f"-E{data.exposures_per_fact}" if data.policy == "fixed_exposures" else "")
+    out = prepared.root / f"knowledge-L{L}" / name
+    if not out.is_dir():
+        with _locked(prepared.root.parent):
+            if not out.is_dir():
+                s = _Sentences.load(prepared.root / "knowledge_sentences.npz")
+                if data.policy == "fixed_facts":
+                    ids, bounds, facts = _plan_fixed_facts(s, k_docs, L, data.seed)
+                else:
+                    ids, bounds, facts = _plan_fixed_exposures(s, k_docs, L, data.seed, data.exposures_per_fact,
+                                                               cell.ratio)
+                with _publish(out, prepared.root.parent) as tmp:
+                    _write_stream(tmp, s, ids, bounds, L, prepared.tokenizer,
+                                  {"kind": "knowledge", "policy": data.policy, "k_docs": k_docs, "facts": facts})
+    return {**json.loads((out / "info.json").read_text()), "prefix": str(out / "stream")}
+
+
+def prepare_cells(prepared: PreparedData, cells: list) -> None:
+    """Build every cell's knowledge stream now (e.g. at submission), so an impossible ratio fails before any job."""
+    for cell in cells:
+        if cell.model.seq_length == prepared.seq_length:
+            knowledge_stream(prepared, cell)
+
+
+def cell_probes(prepared: PreparedData, cell) -> ProbeSet:
+    """The cell's probes: every general fact, then its infused facts (all of them under fixed_facts; under
+    fixed_exposures the prefix it infuses). Fact ids are those of prepared.probes."""
+    if prepared.data.policy == "fixed_facts":
+        return prepared.probes
+    facts = knowledge_stream(prepared, cell)["facts"]
+    group = prepared.probes.fact_group
+    keep = (group == 0) | (np.cumsum(group == 1) <= facts)
+    return subset_probes(prepared.probes, keep)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The cell's blend (megatron-core)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def blend_weights(n: int, k: int) -> list[float]:
+    """Weights for which megatron's blend draws exactly k knowledge samples in its first n (and no more after).
+
+    Megatron sizes each stream ceil(n * w_i) after normalising, and float rounding can push a size one over; the
+    knowledge weight is nudged down until megatron's own arithmetic (normalize, ceil, build_blending_indices) gives
+    a knowledge stream of exactly k samples, all of them inside the first n (the general side may get one spare).
+    """
+    from megatron.core.datasets import helpers
+    from megatron.core.datasets.utils import normalize
+
+    for j in range(64):
+        weights = [float(n - k), k * (1.0 - j * 1e-15 * n)]
+        w = normalize(weights)
+        sizes = [math.ceil(n * x) for x in w]
+        if sizes[1] != k:
+            continue
+        size = sum(sizes)
+        index, sample = np.zeros(size, dtype=np.int16), np.zeros(size, dtype=np.int64)
+        helpers.build_blending_indices(index, sample, normalize(w), 2, size, False)
+        if int(index[:n].sum()) == k == int(index.sum()):
+            return weights
+    raise DataError(f"no blend weights give exactly {k} of {n} knowledge samples; "
+                    "fix: change the token budget slightly")
+
+
+@contextlib.contextmanager
+def _megatron_builder_context(prepared: PreparedData) -> Iterator[None]:
+    """What megatron's builder needs with a cache path: a process group (a one-process gloo group, only if the caller
+    has none, destroyed afterwards) and, on rank 0, the data lock with incomplete cache files cleared first."""
+    import torch.distributed as dist
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        if dist.get_rank() != 0:
+            yield
+            return
+        with _locked(prepared.root.parent):
+            cache, listing = prepared.cache, prepared.cache / "complete.json"
+            cache.mkdir(exist_ok=True)
+            done = set(json.loads(listing.read_text())) if listing.is_file() else set()
+            for f in cache.iterdir():
+                if f.name not in done and f.name != listing.name:
+                    f.unlink()     # left by a crashed build: megatron would take it for a complete cache
+            yield
+            names = sorted(f.name for f in cache.iterdir() if f.name != listing.name)
+            tmp = cache / f".complete.{uuid.uuid4().hex[:8]}"
+            tmp.write_text(json.dumps(names))
+            os.replace(tmp, listing)
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def cell_dataset(prepared: PreparedData, cell) -> tuple[Any, dict]:
+    """The cell's blended GPT dataset (exactly cell.n_samples samples; sample i is trained at step i // gbs) and its
+    realised statistics, counted from megatron's own indices.
+
+    All ranks of a cell's process group call this together (megatron builds on rank 0 first).
+    """
+    import torch.distributed as dist
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    if cell.model.seq_length != prepared.seq_length:
+        raise DataError(f"cell {cell.name}: seq_length {cell.model.seq_length} but the data was prepared for "
+                        f"{prepared.seq_length}; fix: call prepare() with the cell's seq_length")
+    n = cell.n_samples
+    k = knowledge_samples(n, cell.ratio)
+    kinfo = knowledge_stream(prepared, cell)
+    weights = blend_weights(n, k)
+    config = GPTDatasetConfig(
+        random_seed=int(cell.seed), sequence_length=prepared.seq_length,
+        blend=([prepared.general_prefix, kinfo["prefix"]], weights), split="1,0,0",
+        path_to_cache=str(prepared.cache), tokenizer=prepared.tokenizer, reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=True, create_attention_mask=False,
+        add_extra_token_to_sequence=False, mid_level_dataset_surplus=0.0)
+    if dist.is_initialized():
+        dist.barrier()   # every rank is past its own locking before rank 0 holds the lock inside the build
+    with _megatron_builder_context(prepared):
+        dataset = BlendedMegatronDatasetBuilder(GPTDataset, [n, 0, 0], lambda: True, config).build()[0]
+    return dataset, blend_stats(prepared, dataset, n, cell.ratio, kinfo, weights)
+
+
+def _stream_usage(gpt, n_docs: Optional[int], seq_length: int, used: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Times each document of a GPTDataset is drawn by the samples `used`, and whether each is exactly one document."""
+    idx = np.asarray(gpt.shuffle_index)[used].astype(np.int64)
+    sample_index = np.asarray(gpt.sample_index)
+    end = sample_index[idx + 1]
+    start = sample_index[idx]
+    whole = bool(np.all(end[:, 1] == seq_length) and np.all((end[:, 0] - start[:, 0] == 1) | (idx == 0)))
+    docs = np.asarray(gpt.document_index)[end[:, 0]]
+    return np.bincount(docs, minlength=n_docs or 0), whole
+
+
+def _exposures(stream_dir: Path, doc_counts: np.ndarray, n_facts: int) -> tuple[np.ndarray, int]:
+    """Exposures of every fact and non-pad tokens, given how often each packed document is trained on."""
+    z = np.load(stream_dir / "stream.npz")
+    per_sentence = np.repeat(doc_counts[: len(z["bounds"]) - 1], np.diff(z["bounds"]))
+    exposures = np.bincount(z["fact"], weights=per_sentence, minlength=n_facts).astype(np.int64)
+    return exposures, int(np.dot(doc_counts[: len(z["doc_tokens"])], z["doc_tokens"]))
+
+
+def _summary(x: np.ndarray, prefix: str) -> dict:
+    if len(x) == 0:
+        return {f"{prefix}_min": 0, f"{prefix}_mean": 0.0, f"{prefix}_max": 0}
+    return {f"{prefix}_min": int(x.min()), f"{prefix}_mean": float(x.mean()), f"{prefix}_max": int(x.max())}
+
+
+def blend_stats(prepared: PreparedData, dataset, n: int, ratio: float, kinfo: dict, weights: list[float]) -> dict:
+    """Realised data statistics of the first n samples (the trained ones), JSON-able."""
+    L = prepared.seq_length
+    which = np.asarray(dataset.dataset_index[:n])
+    within = np.asarray(dataset.dataset_sample_index[:n])
+    k_used = within[which == 1]
+    k_counts, k_whole = _stream_usage(dataset.datasets[1], kinfo["docs"], L, k_used)
+    exposures, k_tokens = _exposures(Path(kinfo["prefix"]).parent, k_counts, len(prepared.knowledge.facts))
+    infused = exposures[: kinfo["facts"]]
+    stats: dict[str, Any] = {
+        "policy": prepared.data.policy, "ratio": ratio, "n_samples": n, "blend_size": len(dataset),
+        "seq_length": L, "knowledge_samples": int(len(k_used)), "general_samples": int(n - len(k_used)),
+        "knowledge_share_positions": len(k_used) / n, "blend_weights": weights,
+        "infused_facts": int(kinfo["facts"]), "infused_facts_exposed": int((infused > 0).sum()),
+        **_summary(infused, "exposures_per_fact"),
+        "exposures_per_fact_target": (prepared.data.exposures_per_fact
+                                      if prepared.data.policy == "fixed_exposures" else None),
+        "knowledge_stream": str(Path(kinfo["prefix"]).relative_to(prepared.root)),
+        "knowledge_docs": int(kinfo["docs"]), "knowledge_tokens": k_tokens,
+    }
+    g_used = within[which == 0]
+    if prepared.general_is_facts:
+        gdir = Path(prepared.general_prefix).parent
+        g_docs = json.loads((gdir / "info.json").read_text())["docs"]
+        g_counts, g_whole = _stream_usage(dataset.datasets[0], g_docs, L, g_used)
+        g_exp, g_tokens = _exposures(gdir, g_counts, len(prepared.general.facts))
+        stats.update(_summary(g_exp, "general_exposures_per_fact"),
+                     general_facts_exposed=int((g_exp > 0).sum()), general_tokens_assumed_unpadded=False)
+    else:
+        g_whole, g_tokens = True, int(len(g_used) * L)   # a user's corpus: packed without padding
+        stats.update(general_exposures_per_fact_min=None, general_exposures_per_fact_mean=None,
+                     general_exposures_per_fact_max=None, general_facts_exposed=None,
+                     general_tokens_assumed_unpadded=True)
+    total = k_tokens + g_tokens
+    stats.update(general_tokens=g_tokens, knowledge_share_tokens=k_tokens / total if total else 0.0,
+                 pad_fraction=1.0 - total / (n * L), samples_are_whole_documents=bool(k_whole and g_whole))
+    return stats
