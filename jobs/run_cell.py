@@ -82,7 +82,7 @@ def run_cell(run: RunPaths, cell: Cell) -> dict[str, Any]:
         trainer = Trainer(cell, dataset, paths.checkpoints, prepared.tokenizer.vocab_size, dist, log=log)
         probes = data.cell_probes(prepared, cell)  # under fixed_exposures: the facts this cell infuses
         if dist.is_main:
-            counts = cell.model.param_counts(prepared.tokenizer.vocab_size)
+            counts = trainer.params  # counted on the real model (padded vocabulary), from any TP rank
             meta = {"cell_id": cell.cell_id, "name": cell.name, "size": cell.size, "ratio": cell.ratio,
                     "tokens": cell.tokens, "seed": cell.seed, "config": cell.to_json(),
                     "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],

@@ -1,0 +1,150 @@
+"""Build a megatron-core GPTModel from a ModelPreset; count its parameters.
+
+The builder contains no parallelism and no CPU workarounds (torchtitan's rule): it reads the tensor-parallel
+degree from megatron's own parallel state, which the caller has initialised (kislurm.distributed), and it picks
+the layer implementation by what is installed: Transformer Engine's fused layers on a GPU when TE is importable,
+megatron's pure-PyTorch "local" layers otherwise (the only ones that run on CPU).
+
+CPU presets initialise weights from the torch default generator (`use_cpu_initialization`): a model is then the
+same function of its seed at every TP degree, which is what makes TP=1 and TP=2 losses comparable. GPU presets
+initialise on the device from megatron's per-rank RNG streams (a full CPU master copy of each 7B weight per rank
+would not fit), so there the init depends on the TP degree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from .config import ModelPreset
+
+VOCAB_MULTIPLE = 128
+"""Embedding rows are padded to a multiple of this (as Megatron-LM does): independent of TP, so every TP degree
+of a size builds the same model, and any TP up to 128 divides the vocabulary."""
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    """Rows of the embedding for a tokenizer of `vocab_size` ids (pass this to ModelPreset.param_counts)."""
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def resolve_precision(preset: ModelPreset, precision: str) -> str:
+    """'auto' means fp32 on CPU and bf16 on GPU."""
+    if precision == "auto":
+        return "bf16" if preset.device == "gpu" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision '{precision}'; fix: use auto, fp32 or bf16")
+    return precision
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a TE build that does not match the CUDA/torch installed
+        return False
+    return True
+
+
+class SDPAttention(DotProductAttention):
+    """megatron's local core attention computed by torch's fused scaled_dot_product_attention.
+
+    Same maths as DotProductAttention (scale, causal or given mask, dropout from the TP-rank RNG stream) without
+    materialising the scores through baddbmm / masked_fill / softmax: about 10% of a small model's CPU step.
+    """
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        assert packed_seq_params is None and attention_bias is None, "SDPAttention supports plain attention only"
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if groups > 1:
+            key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
+        sq, b = query.shape[0], query.shape[1]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [s, b, n, d] -> [b, n, s, d]
+        mask_type = attn_mask_type or self.attn_mask_type
+        keep = None if attention_mask is None else ~attention_mask  # megatron: True = masked out
+        causal = keep is None and mask_type == AttnMaskType.causal and sq == k.shape[2] and sq > 1
+        p = self.attention_dropout.p if self.training else 0.0
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p, is_causal=causal,
+                                                 scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+
+def layer_spec(preset: ModelPreset) -> ModuleSpec:
+    """Transformer Engine layers on a GPU when installed; otherwise megatron's pure-PyTorch "local" layers with
+    torch's fused attention (SDPAttention) as the core attention."""
+    if preset.device == "gpu" and torch.cuda.is_available() and have_transformer_engine():
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec()
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def transformer_config(preset: ModelPreset, init_std: float, precision: str) -> TransformerConfig:
+    """megatron's TransformerConfig for a preset; TP/PP sizes come from the initialised parallel state."""
+    bf16 = resolve_precision(preset, precision) == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=preset.num_layers,
+        hidden_size=preset.hidden_size,
+        num_attention_heads=preset.num_attention_heads,
+        ffn_hidden_size=preset.ffn,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=init_std,
+        use_cpu_initialization=preset.device == "cpu",
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+    )
+
+
+def build_model(preset: ModelPreset, vocab_size: int, init_std: float, precision: str) -> GPTModel:
+    """A GPT with learned positions and a tied output layer, initialised from the current torch seed.
+
+    Needs megatron's parallel state initialised (kislurm.distributed.setup). The vocabulary is padded to a
+    multiple of VOCAB_MULTIPLE. On a GPU the model is moved to the current CUDA device. Under TP the model returns
+    vocab-sharded logits unless called with `runtime_gather_output=True`.
+    """
+    config = transformer_config(preset, init_std, precision)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(preset),
+        vocab_size=padded_vocab_size(vocab_size),
+        max_sequence_length=preset.seq_length,
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=True,
+        position_embedding_type="learned_absolute",
+    )
+    if preset.device == "gpu" and torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Total, embedding and non-embedding parameter counts of the whole model, computed on any one TP rank.
+
+    TP-sharded tensors (megatron marks them `tensor_model_parallel`) count once per TP rank; replicated ones
+    (layer norms, row-parallel biases) once. Embedding = word + position embeddings (the output layer is tied).
+    """
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    total = embedding = 0
+    for name, p in model.named_parameters():
+        n = p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+        total += n
+        if "embedding" in name:
+            embedding += n
+    return {"total": total, "non_embedding": total - embedding, "embedding": embedding}

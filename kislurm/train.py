@@ -1,0 +1,320 @@
+"""Train one cell: a megatron-core GPT on a deterministic sample order, resumable exactly from its checkpoints.
+
+Step s trains on dataset samples [s*gbs, (s+1)*gbs): data-parallel rank r takes the r-th contiguous slice and cuts
+it into micro-batches. The data position is therefore the step, and a resumed cell sees exactly the samples an
+uninterrupted one would. The loss is the masked mean over every loss token of the global batch (each micro-batch's
+summed loss is divided by the global count of loss tokens, and the DP ranks' gradients are summed), so TP and DP
+layouts give the same losses as one process.
+
+Optimiser: AdamW with linear warmup then cosine decay to min_lr_ratio x lr, and gradient-norm clipping.
+  CPU: fp32, torch.optim.AdamW over megatron DDP's main_grad buffers (megatron's optimizers need CUDA).
+  GPU: bf16 parameters, megatron's distributed optimizer (fp32 main weights, sharded over DP) via
+       get_megatron_optimizer. Written for clusters; it cannot run on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    optim_state_to_sharding_state,
+)
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+
+from . import checkpoint
+from .config import TrainConfig
+from .distributed import DistContext, TrainError, seed_all
+from .model import build_model, count_parameters, padded_vocab_size, resolve_precision
+from .plan import Cell
+
+__all__ = ["Trainer", "TrainError", "lr_at", "sample_ids", "CpuAdamW", "PEAK_BF16_FLOPS"]
+
+ADAM_BETAS = (0.9, 0.95)
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+"""Dense bf16 peak FLOP/s per GPU by device-name substring, for MFU."""
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimiser step `step` (0-based): linear warmup, then cosine decay to min_lr_ratio x lr."""
+    warmup = int(round(cfg.warmup_frac * total))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def sample_ids(step: int, global_batch: int, micro_batch: int, dp: int, dp_rank: int) -> list[list[int]]:
+    """Dataset indices of DP rank `dp_rank`'s micro-batches at `step`: its contiguous slice of the step's samples
+    [step*global_batch, (step+1)*global_batch), cut into micro-batches."""
+    per_rank = global_batch // dp
+    first = step * global_batch + dp_rank * per_rank
+    return [list(range(i, min(i + micro_batch, first + per_rank))) for i in range(first, first + per_rank, micro_batch)]
+
+
+def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    """Biases and norm weights are not decayed (as megatron's optimizer does)."""
+    return p.dim() < 2 or name.endswith(".bias")
+
+
+class CpuAdamW:
+    """torch.optim.AdamW over megatron DDP's main_grad buffers, with megatron's optimizer interface.
+
+    It mirrors megatron's FP32Optimizer (which cannot be built without CUDA): grads come from `main_grad`,
+    the norm is computed once over TP shards, and the state is checkpointed sharded like the parameters.
+    """
+
+    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], cfg: TrainConfig):
+        decay = [p for n, p in named_params if not _no_decay(n, p)]
+        plain = [p for n, p in named_params if _no_decay(n, p)]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=ADAM_BETAS, eps=1e-8, foreach=True)
+        self.clip_grad = cfg.clip_grad
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None  # else autograd would accumulate straight into the main_grad buffer it aliases
+
+    @torch.no_grad()
+    def step(self) -> tuple[bool, float, None]:
+        params = self.parameters()
+        for p in params:
+            if hasattr(p, "main_grad"):
+                p.grad = p.main_grad
+        norm = _grad_norm(params)
+        if self.clip_grad > 0 and norm > self.clip_grad:
+            scale = self.clip_grad / (norm + 1e-6)
+            torch._foreach_mul_([p.grad for p in params], scale)
+        self.optimizer.step()
+        return True, norm, None
+
+    def _init_state(self) -> None:
+        """Give every parameter AdamW state so a checkpoint has tensors to load into."""
+        for p in self.parameters():
+            if not self.optimizer.state[p]:
+                self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                           "exp_avg_sq": torch.zeros_like(p)}
+
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+        if is_loading:
+            self._init_state()
+        state = self.optimizer.state_dict()
+        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.parameters())
+        steps = {float(s["step"]) for s in state["state"].values() if "step" in s}
+        optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
+        if steps:
+            state["state"]["common_step"] = steps.pop()  # one step shared by every parameter
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        step = state["state"].pop("common_step", None)
+        if step is not None:
+            for s in state["state"].values():
+                s["step"] = torch.tensor(float(step))
+        self.optimizer.load_state_dict(state)
+
+
+def _grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
+    """Global L2 norm of the gradients: TP shards summed over the TP group, replicated tensors counted once."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    local = [p.grad for p in params if getattr(p, "tensor_model_parallel", False) or tp_rank == 0]
+    sq = torch.stack(torch._foreach_norm(local)).pow(2).sum() if local else torch.zeros(())
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
+    return float(sq.sqrt())
+
+
+def _megatron_gpu_optimizer(ddp: DistributedDataParallel, cfg: TrainConfig) -> Any:
+    """megatron's distributed optimizer (bf16 params, fp32 main weights sharded over DP). GPU only."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    opt_cfg = OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio,
+                              weight_decay=cfg.weight_decay, adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1],
+                              adam_eps=1e-8, bf16=True, params_dtype=torch.bfloat16, clip_grad=cfg.clip_grad,
+                              use_distributed_optimizer=True)
+    return get_megatron_optimizer(opt_cfg, [ddp])
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class Trainer:
+    """Trains `cell` on `dataset` (megatron GPTDataset items), resuming from the latest checkpoint in `ckpt_dir`."""
+
+    def __init__(self, cell: Cell, dataset: Any, ckpt_dir: Path, vocab_size: int, dist: DistContext,
+                 log: Callable[[str], None] = print):
+        self.cell, self.dataset, self.ckpt_dir, self.dist = cell, dataset, Path(ckpt_dir), dist
+        self._log = log if dist.is_main else (lambda _msg: None)
+        self.precision = resolve_precision(cell.model, cell.train.precision)
+        self._check_inputs(vocab_size)
+        found = checkpoint.check_cell(self.ckpt_dir, cell.cell_id)  # fail fast, before building anything
+
+        seed_all(cell.seed)
+        self.model: GPTModel = build_model(cell.model, vocab_size, cell.train.init_std, self.precision)
+        gpu = dist.device.type == "cuda"
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                use_distributed_optimizer=gpu)
+        # megatron DDP (contiguous grad buffers, DP all-reduce) where there is more than one replica or on GPU
+        # (the distributed optimizer needs it); a lone CPU replica keeps plain .grad (about 4% faster).
+        self.ddp = DistributedDataParallel(self.model.config, ddp_cfg, self.model) if gpu or dist.dp > 1 else None
+        self.optimizer = _megatron_gpu_optimizer(self.ddp, cell.train) if gpu else \
+            CpuAdamW(list(self.model.named_parameters()), cell.train)
+        self.params = count_parameters(self.model)
+        self.vocab_size = padded_vocab_size(vocab_size)
+        self.step = 0
+        self.losses: list[float] = []  # losses[i]: global loss of the step taking self.step from i to i+1
+        self._pending: list[tuple[float, float]] = []  # (loss, seconds) since the last log line
+        self._peak = _peak_flops(dist.device)
+        if found is not None:
+            self._resume(found)
+
+    # -- checks ----------------------------------------------------------------------------------------------------
+
+    def _check_inputs(self, vocab_size: int) -> None:
+        m, t, d = self.cell.model, self.cell.train, self.dist
+        if (m.device == "gpu") != (d.device.type == "cuda"):
+            raise TrainError(f"cell {self.cell.name} is a device: {m.device} preset but this process runs on "
+                             f"{d.device.type}; fix: set the preset's device to match the machine")
+        if m.num_attention_heads % d.tp:
+            raise TrainError(f"tensor_parallel {d.tp} does not divide num_attention_heads {m.num_attention_heads}; "
+                             "fix: choose a TP degree that divides the head count")
+        if t.global_batch_size % (t.micro_batch_size * d.dp):
+            raise TrainError(f"global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size x "
+                             f"data_parallel ({t.micro_batch_size} x {d.dp}); fix: change the batch sizes")
+        if self.precision == "bf16" and d.device.type != "cuda":
+            raise TrainError("precision bf16 needs a GPU; fix: set train.precision to auto or fp32 for CPU cells")
+        if len(self.dataset) < self.cell.n_samples:
+            raise TrainError(f"dataset has {len(self.dataset)} samples but cell {self.cell.name} trains on "
+                             f"{self.cell.n_samples}; fix: build the dataset with cell.n_samples samples")
+        if vocab_size < 2:
+            raise TrainError(f"vocab_size {vocab_size} is too small; fix: pass the tokenizer's vocab_size")
+
+    # -- public API ------------------------------------------------------------------------------------------------
+
+    @property
+    def total_steps(self) -> int:
+        return self.cell.steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cell.train.global_batch_size * self.cell.model.seq_length
+
+    def train_steps(self, n: int) -> dict[str, float]:
+        """Run up to n steps (never past total_steps); returns mean loss, tokens/s (and MFU on GPU) over them."""
+        n = max(0, min(n, self.total_steps - self.step))
+        losses: list[float] = []
+        start = time.perf_counter()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            loss = self._train_step()
+            losses.append(loss)
+            self._pending.append((loss, time.perf_counter() - t0))
+            if self.step % self.cell.train.log_interval == 0 or self.step == self.total_steps:
+                self._log_line()
+        seconds = time.perf_counter() - start
+        out = {"steps": float(n), "step": float(self.step), "loss": sum(losses) / n if n else float("nan"),
+               "tokens_per_s": n * self.tokens_per_step / seconds if n and seconds > 0 else float("nan"),
+               "lr": lr_at(max(0, self.step - 1), self.total_steps, self.cell.train)}
+        if self._peak is not None and n:
+            out["mfu"] = self._mfu(out["tokens_per_s"])
+        return out
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the current step (collective); a no-op if the latest checkpoint already is this step."""
+        latest = checkpoint.find_latest(self.ckpt_dir)
+        if latest is not None and latest.step == self.step:
+            return latest.path
+        state = {"step": self.step, "lr": lr_at(max(0, self.step - 1), self.total_steps, self.cell.train),
+                 "losses": self.losses, "tokens": self.step * self.tokens_per_step}
+        return checkpoint.save(self.ckpt_dir, self.step, self.model, self.optimizer, self.cell.cell_id, state)
+
+    # -- internals -------------------------------------------------------------------------------------------------
+
+    def _resume(self, found: checkpoint.CheckpointInfo) -> None:
+        state = checkpoint.load(found, self.model, self.optimizer)
+        self.step = int(state["step"])
+        self.losses = [float(x) for x in state.get("losses", [])][: self.step]
+        self._log(f"resumed {self.cell.name} from {found.path} at step {self.step}/{self.total_steps}")
+
+    def _sample_ids(self, step: int) -> list[list[int]]:
+        t = self.cell.train
+        return sample_ids(step, t.global_batch_size, t.micro_batch_size, self.dist.dp, self.dist.dp_rank)
+
+    def _batch(self, ids: list[int]) -> dict[str, torch.Tensor]:
+        items = [self.dataset[i] for i in ids]
+        dev = self.dist.device
+        batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]).to(dev)
+                 for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        if "attention_mask" in items[0] and items[0]["attention_mask"] is not None:
+            batch["attention_mask"] = torch.stack([torch.as_tensor(it["attention_mask"]) for it in items]).to(dev)
+        return batch
+
+    def _dp_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dist.dp > 1:
+            dist.all_reduce(x, group=parallel_state.get_data_parallel_group())
+        return x
+
+    def _train_step(self) -> float:
+        lr = lr_at(self.step, self.total_steps, self.cell.train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.ddp is not None:
+            self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.model.train()
+        batches = [self._batch(ids) for ids in self._sample_ids(self.step)]
+        n_tokens = self._dp_sum(sum(b["loss_mask"].float().sum() for b in batches).reshape(1))
+        n_tokens = n_tokens.clamp(min=1.0)
+        loss_sum = torch.zeros(1, device=self.dist.device)
+        for b in batches:
+            per_token = (self.ddp or self.model)(b["tokens"], b["position_ids"], b.get("attention_mask"), labels=b["labels"])
+            summed = (per_token.float() * b["loss_mask"].float()).sum()
+            (summed * self.dist.dp / n_tokens).backward()  # DDP averages over DP ranks; we want the sum
+            loss_sum += summed.detach()
+        if self.ddp is not None:
+            self.ddp.finish_grad_sync()
+        ok, _norm, _ = self.optimizer.step()
+        if not ok:
+            self._log(f"step {self.step + 1}: optimizer skipped the update (non-finite gradients)")
+        loss = float(self._dp_sum(loss_sum) / n_tokens)
+        self.step += 1
+        self.losses.append(loss)
+        return loss
+
+    def _mfu(self, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation: 6 x (non-embedding + output-layer) params + attention, per token."""
+        m = self.cell.model
+        flops_per_token = 6 * (self.params["non_embedding"] + self.vocab_size * m.hidden_size) \
+            + 12 * m.num_layers * m.hidden_size * m.seq_length
+        return tokens_per_s * flops_per_token / (self._peak * self.dist.world_size)
+
+    def _log_line(self) -> None:
+        if not self._pending:
+            return
+        losses, secs = zip(*self._pending)
+        tps = len(losses) * self.tokens_per_step / max(sum(secs), 1e-9)
+        line = (f"step {self.step}/{self.total_steps} loss {sum(losses) / len(losses):.4f} "
+                f"lr {lr_at(self.step - 1, self.total_steps, self.cell.train):.2e} tokens/s {tps:,.0f}")
+        if self._peak is not None:
+            line += f" mfu {self._mfu(tps):.1%}"
+        self._log(line)
+        self._pending = []

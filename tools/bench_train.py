@@ -1,0 +1,181 @@
+"""Training throughput: kislurm's megatron-core trainer vs a plain-PyTorch GPT of identical shape, same run.
+
+Reports wall-clock tokens/s and tokens per CPU-second (one thread, so CPU time is what the step costs, insensitive
+to other processes on a shared machine).
+
+The baseline is a nanoGPT-style model (learned positions, pre-LN blocks with biases, GELU MLP, tied output layer)
+with the same layers, width, heads, MLP width, sequence length and padded vocabulary, trained with the same AdamW,
+batch sizes, masked-mean loss and gradient clipping, on the same samples. Rounds alternate between the two so
+machine load hits both alike; the medians are compared.
+
+    python tools/bench_train.py                       # cpu-xl shape
+    python tools/bench_train.py --layers 6 --hidden 320 --heads 5 --seq 128   # the 11M shape of megatron-cpu.md
+
+Target: ratio (kislurm / plain) >= 0.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kislurm import distributed
+from kislurm.config import DataConfig, EvalConfig, ModelPreset, TrainConfig
+from kislurm.model import padded_vocab_size
+from kislurm.plan import Cell
+from kislurm.train import Trainer, lr_at
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Pre-generated random samples in megatron GPTDataset's item format (indexing costs nothing)."""
+
+    def __init__(self, n: int, seq: int, vocab: int):
+        g = torch.Generator().manual_seed(0)
+        self.data = torch.randint(0, vocab, (n, seq + 1), generator=g)
+        self.pos = torch.arange(seq)
+        self.mask = torch.ones(seq)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.data[i]
+        return {"tokens": row[:-1], "labels": row[1:], "loss_mask": self.mask, "position_ids": self.pos}
+
+
+# -- the plain-PyTorch baseline (nanoGPT-like) --------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, h: int, heads: int, ffn: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(h), nn.LayerNorm(h)
+        self.qkv, self.proj = nn.Linear(h, 3 * h), nn.Linear(h, h)
+        self.fc1, self.fc2 = nn.Linear(h, ffn), nn.Linear(ffn, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(h, dim=2)
+        q, k, v = (t.view(b, s, self.heads, h // self.heads).transpose(1, 2) for t in (q, k, v))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, s, h))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class PlainGPT(nn.Module):
+    def __init__(self, p: ModelPreset, vocab: int):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, p.hidden_size), nn.Embedding(p.seq_length, p.hidden_size)
+        self.blocks = nn.ModuleList(Block(p.hidden_size, p.num_attention_heads, p.ffn) for _ in range(p.num_layers))
+        self.ln_f = nn.LayerNorm(p.hidden_size)
+        for w in self.parameters():
+            if w.dim() >= 2:
+                nn.init.normal_(w, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = self.wte(tokens) + self.wpe(pos)
+        for blk in self.blocks:
+            x = blk(x)
+        logits = self.ln_f(x) @ self.wte.weight.t()
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+
+
+class PlainTrainer:
+    def __init__(self, cell: Cell, dataset: RandomTokens, vocab: int):
+        self.cell, self.dataset, self.step = cell, dataset, 0
+        self.model = PlainGPT(cell.model, vocab)
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
+        plain = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cell.train.weight_decay},
+                                      {"params": plain, "weight_decay": 0.0}], lr=cell.train.lr,
+                                     betas=(0.9, 0.95), eps=1e-8, foreach=True)
+
+    def train_steps(self, n: int) -> float:
+        t = self.cell.train
+        start = time.perf_counter()
+        for _ in range(n):
+            for g in self.opt.param_groups:
+                g["lr"] = lr_at(self.step, self.cell.steps, t)
+            self.opt.zero_grad(set_to_none=True)
+            first = self.step * t.global_batch_size
+            mbs = [list(range(i, i + t.micro_batch_size))
+                   for i in range(first, first + t.global_batch_size, t.micro_batch_size)]
+            batches = [{k: torch.stack([self.dataset[i][k] for i in ids]) for k in ("tokens", "labels", "loss_mask",
+                                                                                    "position_ids")} for ids in mbs]
+            n_tok = sum(b["loss_mask"].sum() for b in batches)
+            for b in batches:
+                per_token = self.model(b["tokens"], b["position_ids"], b["labels"])
+                ((per_token * b["loss_mask"]).sum() / n_tok).backward()
+            if t.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
+            self.opt.step()
+            self.step += 1
+        return n * t.global_batch_size * self.cell.model.seq_length / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=96)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--mbs", type=int, default=16)
+    ap.add_argument("--gbs", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=10, help="steps per round")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    preset = ModelPreset(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+                         seq_length=args.seq)
+    total = args.steps * (args.rounds + 1)
+    cell = Cell(size="bench", ratio=0.5, tokens=total * args.gbs * args.seq, seed=0, model=preset, data=DataConfig(),
+                train=TrainConfig(micro_batch_size=args.mbs, global_batch_size=args.gbs), eval=EvalConfig())
+    data = RandomTokens(cell.n_samples, args.seq, args.vocab)
+    ctx = distributed.init_model_parallel(tp=1)
+    try:
+        with tempfile.TemporaryDirectory() as ckpt:
+            ours = Trainer(cell, data, Path(ckpt), args.vocab, ctx, log=lambda _m: None)
+            plain = PlainTrainer(cell, data, padded_vocab_size(args.vocab))
+            n_plain = sum(p.numel() for p in plain.model.parameters())
+            assert n_plain == ours.params["total"], (n_plain, ours.params)
+            ours.train_steps(args.steps // 2)  # warm-up
+            plain.train_steps(args.steps // 2)
+            k, p, kc, pc = [], [], [], []
+            tokens = args.steps * args.gbs * args.seq
+            for _ in range(args.rounds):
+                c0 = time.process_time()
+                k.append(ours.train_steps(args.steps)["tokens_per_s"])
+                c1 = time.process_time()
+                p.append(plain.train_steps(args.steps))
+                c2 = time.process_time()
+                kc.append(tokens / (c1 - c0))
+                pc.append(tokens / (c2 - c1))
+    finally:
+        distributed.teardown(ctx)
+    km, pm = statistics.median(k), statistics.median(p)
+    cpu_ratio = statistics.median(a / b for a, b in zip(kc, pc))
+    print(f"shape: layers={args.layers} hidden={args.hidden} heads={args.heads} seq={args.seq} "
+          f"vocab={padded_vocab_size(args.vocab)} params={n_plain:,} mbs={args.mbs} gbs={args.gbs} "
+          f"threads={args.threads}")
+    print(f"kislurm (megatron-core) tokens/s: median {km:,.0f}  rounds {[round(x) for x in k]}")
+    print(f"plain PyTorch GPT      tokens/s: median {pm:,.0f}  rounds {[round(x) for x in p]}")
+    print(f"ratio kislurm/plain: wall {km / pm:.2f}, CPU time {cpu_ratio:.2f} (median of paired rounds; "
+          f"CPU time is the figure to trust on a shared machine; target >= 0.8)")
+    if not math.isfinite(km / pm):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
