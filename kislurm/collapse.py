@@ -1,0 +1,546 @@
+"""Collapse detection: the infusion ratio r* at which general-knowledge retention collapses, per (size, tokens).
+
+Definitions (each recorded in every output through `CollapseOptions` and `CollapseResult`):
+
+- Retention y at ratio r is summarised by a four-parameter logistic in x = log r,
+      y(x) = plateau - drop * sigmoid(steepness * (x - log r*)),      floor = plateau - drop,
+  whose midpoint is the collapse point r*: retention is halfway between plateau and floor there.
+- Several seeds at one ratio are averaged (equal weight) before fitting; the bootstrap resamples them.
+- Bracketed: at least `min_side_points` (2) grid ratios below r* keep retention >= floor + (1/2 + margin) * drop,
+  and as many above r* have retention <= floor + (1/2 - margin) * drop (margin 0.25: >= 75% and <= 25% of the
+  way from floor to plateau). Two, not one: a single point on a side can always be absorbed by the fitted
+  asymptote (a collapse below the grid then looks like a plateau resting on the first point).
+- Flags, first that applies: 'too-few-points' (< min_points distinct ratios), 'absent' (largest decline between
+  any two grid points, or the fitted drop, < min_drop), 'non-monotone' (a higher ratio beats a lower one by more
+  than max(min_rise, rise_z * standard error of the difference)), 'unbracketed-low' / 'unbracketed-high' (no clear
+  point on that side of r*), else 'ok'. Only 'ok' enters the law.
+- Interval: percentile bootstrap of r*. With per-fact scores, facts are resampled (one resample shared by every
+  cell of the size, since they are the same facts); with several seeds, seeds are resampled within each ratio;
+  without per-fact scores, a parametric bootstrap: binomial with n_facts, else residuals of the logistic fit.
+- Cross-checks: a segmented regression (plateau, linear ramp in log r, floor; its r* is the ramp's midpoint, the
+  analogue of the logistic midpoint) and the largest single drop between neighbouring grid points (the baseline).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.special import expit
+
+FLAGS = ("ok", "unbracketed-low", "unbracketed-high", "absent", "non-monotone", "too-few-points")
+
+
+class MeasurementError(ValueError):
+    """A bad measurements table; the message is one line: file, line/column, problem, fix."""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One finished cell, as the aggregator or a user's CSV gives it."""
+
+    size: str
+    params: float
+    ratio: float
+    tokens: float          # training tokens D (nan when unknown)
+    seed: int
+    retention: float       # the metric at the cell's last evaluation
+    fact_correct: np.ndarray | None = field(default=None, compare=False)
+    """(F,) per-fact score behind `retention`, same scale, same fact order in every cell of a size."""
+    n_choices: int | None = None
+    exposures_per_fact: float | None = None   # for unit="exposures"
+    n_facts: int | None = None                # probe facts behind `retention` (binomial bootstrap without fact_correct)
+    knowledge_bits: float | None = None       # bits infused: n_infused_facts * log2(values per relation)
+
+
+@dataclass(frozen=True)
+class CollapseOptions:
+    """Thresholds of collapse detection (retention units)."""
+
+    min_points: int = 4          # distinct ratios needed for a four-parameter fit
+    min_drop: float = 0.1        # smaller total decline = no collapse ('absent')
+    bracket_margin: float = 0.25  # how clearly grid points must sit on each side of r* (fraction of the drop)
+    min_rise: float = 0.1        # a rise with r larger than this (and than rise_z SEs) is 'non-monotone'
+    rise_z: float = 3.0
+    min_side_points: int = 2     # clear grid points needed on each side of r* (one can be absorbed by the fit)
+
+
+@dataclass(frozen=True)
+class Logistic:
+    """y(r) = plateau - (plateau - floor) * sigmoid(steepness * (log r - midpoint)); midpoint = log r*."""
+
+    plateau: float
+    floor: float
+    midpoint: float
+    steepness: float
+
+    def __call__(self, r: np.ndarray) -> np.ndarray:
+        h = expit(self.steepness * (np.log(np.asarray(r, float)) - self.midpoint))
+        return self.plateau - (self.plateau - self.floor) * h
+
+
+@dataclass(frozen=True)
+class CollapseResult:
+    """The collapse point of one (size, token budget), with its interval, flag and cross-checks."""
+
+    size: str
+    params: float
+    tokens: float
+    r_star: float                    # nan when not estimated ('too-few-points', 'absent')
+    lo: float                        # bootstrap interval (nan without bootstrap)
+    hi: float
+    bracketed: bool
+    flag: str
+    reason: str                      # one line: why this flag
+    logistic: Logistic | None
+    r_star_segmented: float | None
+    r_star_largest_drop: float | None
+    n_cells: int
+    ratios: np.ndarray = field(compare=False)          # (K,) distinct ratios, ascending
+    retention: np.ndarray = field(compare=False)       # (K,) mean retention per ratio (what was fitted)
+    retention_se: np.ndarray = field(compare=False)    # (K,) bootstrap SE per ratio (0 without bootstrap)
+    n_seeds: np.ndarray = field(compare=False)         # (K,) cells per ratio
+    boot: np.ndarray = field(compare=False)            # (B,) bootstrap r* samples
+    boot_method: str = "none"
+    confidence: float = 0.9
+    exposures: np.ndarray | None = field(default=None, compare=False)       # (K,) exposures per fact
+    knowledge_bits: np.ndarray | None = field(default=None, compare=False)  # (K,) bits infused
+    n_choices: int | None = None
+    options: CollapseOptions = CollapseOptions()
+
+    @property
+    def ok(self) -> bool:
+        return self.flag == "ok"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fitting primitives (pure, vectorised over bootstrap replicates)
+# ---------------------------------------------------------------------------------------------------------------------
+# Parameter vector th = (plateau, drop, midpoint, steepness); y = plateau - drop * expit(steepness * (x - midpoint)).
+
+
+def _model(x: np.ndarray, th: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    h = expit(th[:, 3:4] * (x[None, :] - th[:, 2:3]))
+    return th[:, 0:1] - th[:, 1:2] * h, h
+
+
+def _jacobian(x: np.ndarray, th: np.ndarray, h: np.ndarray) -> np.ndarray:
+    hh = h * (1.0 - h)
+    j = np.empty(h.shape + (4,))
+    j[..., 0] = 1.0
+    j[..., 1] = -h
+    j[..., 2] = th[:, 1:2] * th[:, 3:4] * hh
+    j[..., 3] = -th[:, 1:2] * (x[None, :] - th[:, 2:3]) * hh
+    return j
+
+
+def _bounds(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Box bounds: plateau up to max(1, data), floor down to min(0, data); midpoint within half a grid span of the
+    grid (and r* < 1); steepness such that the 10-90% width is at least half the finest grid step (a step between
+    two grid points then puts r* between them rather than anywhere)."""
+    span = x[-1] - x[0]
+    ext = max(float(y.max() - y.min()), 0.1)
+    s_max = 4.0 * math.log(9.0) / max(float(np.diff(x).min()), 1e-3)
+    m_hi = min(x[-1] + 0.5 * span, math.log((1.0 + math.exp(x[-1])) / 2.0))
+    p_hi, f_lo = max(y.max() + 0.25 * ext, 1.0), min(y.min() - 0.25 * ext, 0.0)  # asymptotes may lie off the grid
+    lo = np.array([y.min() - 0.25 * ext, 0.0, x[0] - 0.5 * span, 0.5])
+    hi = np.array([p_hi, p_hi - f_lo, m_hi, max(s_max, 1.0)])
+    return lo, hi
+
+
+def _plateau_drop_lstsq(h: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Closed-form least squares of each row of ys (B, K) ~ plateau - drop * h for every shape h (C, K):
+    plateau, drop and SSE, each (B, C) (variable projection: the linear parameters are solved exactly)."""
+    k = h.shape[1]
+    sh, shh = h.sum(1), (h * h).sum(1)
+    det = k * shh - sh * sh
+    sy, shy, yy = ys.sum(1, keepdims=True), ys @ h.T, (ys * ys).sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = (shh * sy - sh * shy) / det
+        d = (sh * sy - k * shy) / det
+        sse = yy - p * sy + d * shy
+    return p, d, np.where(det > 1e-9, sse, np.inf)
+
+
+def _grid_init(x: np.ndarray, ys: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_starts: int) -> np.ndarray:
+    """The n_starts best (midpoint, steepness) of a grid for every row of ys: starts (B, n_starts, 4)."""
+    mm, ss = np.meshgrid(np.linspace(lo[2], hi[2], 41), np.geomspace(lo[3], hi[3], 12), indexing="ij")
+    mm, ss = mm.ravel(), ss.ravel()
+    p, d, sse = _plateau_drop_lstsq(expit(ss[:, None] * (x[None, :] - mm[:, None])), ys)
+    sse = np.where(d >= 0, sse, np.inf)
+    best = np.argsort(sse, axis=1)[:, :n_starts]                   # (B, S)
+    rows = np.arange(ys.shape[0])[:, None]
+    th = np.stack([p[rows, best], d[rows, best], mm[best], ss[best]], axis=2)
+    flat = ~np.isfinite(sse[rows, best])                            # no decreasing shape fits: start flat
+    th[flat] = [0.0, 0.0, 0.5 * (lo[2] + hi[2]), 1.0]
+    th[..., 0] = np.where(flat, np.broadcast_to(ys.mean(1, keepdims=True), flat.shape), th[..., 0])
+    return np.clip(th, lo, hi)
+
+
+def _levenberg_marquardt(x: np.ndarray, ys: np.ndarray, th: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                         iters: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Projected Levenberg-Marquardt on every row of ys at once (rows leave once converged); returns the
+    parameters and residual sums of squares."""
+    th = np.clip(th, lo, hi)
+    f, h = _model(x, th)
+    r = ys - f
+    sse = (r * r).sum(1)
+    lam = np.full(len(th), 1e-2)
+    act = np.arange(len(th))
+    eye = np.eye(4)
+    for _ in range(iters):
+        if act.size == 0:
+            break
+        ta, ha, ra, la = th[act], h[act], r[act], lam[act]
+        j = _jacobian(x, ta, ha)
+        jt = j.transpose(0, 2, 1)
+        jtj = jt @ j
+        g = (jt @ ra[..., None])[..., 0]
+        damp = la[:, None, None] * (np.diagonal(jtj, axis1=1, axis2=2)[:, :, None] * eye + 1e-9 * eye)
+        new = np.clip(ta + np.linalg.solve(jtj + damp, g[..., None])[..., 0], lo, hi)
+        f_new, h_new = _model(x, new)
+        r_new = ys[act] - f_new
+        sse_new = (r_new * r_new).sum(1)
+        better = sse_new < sse[act]
+        gain = sse[act] - sse_new
+        acc = act[better]
+        th[acc], h[acc], r[acc], sse[acc] = new[better], h_new[better], r_new[better], sse_new[better]
+        lam[act] = np.where(better, la * 0.3, la * 4.0).clip(1e-9, 1e9)
+        done = (better & (gain <= 1e-12 + 1e-9 * sse[act])) | (lam[act] >= 1e6)
+        act = act[~done]
+    return th, sse
+
+
+def fit_logistic(x: np.ndarray, ys: np.ndarray, start: np.ndarray | None = None,
+                 bounds: tuple[np.ndarray, np.ndarray] | None = None,
+                 n_starts: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Fit the logistic to each row of ys (B, K) at x = log r (K,); returns th (B, 4) and SSE (B,).
+
+    Multi-start: each row is fitted from the n_starts best points of a grid search and from `start` (a warm start,
+    e.g. the point estimate), and keeps the best fit (the surface has local minima, e.g. a step between two
+    grid points)."""
+    x, ys = np.asarray(x, float), np.atleast_2d(np.asarray(ys, float))
+    lo, hi = bounds if bounds is not None else _bounds(x, ys[0])
+    starts = _grid_init(x, ys, lo, hi, n_starts)
+    if start is not None:
+        warm = np.broadcast_to(np.clip(start, lo, hi), (ys.shape[0], 1, 4))
+        starts = np.concatenate([starts, warm], axis=1)
+    b, s = starts.shape[:2]
+    th, sse = _levenberg_marquardt(x, np.repeat(ys, s, axis=0), starts.reshape(b * s, 4), lo, hi, iters=25)
+    th, sse = th.reshape(b, s, 4), sse.reshape(b, s)
+    best = np.argmin(sse, axis=1)
+    rows = np.arange(b)
+    return _levenberg_marquardt(x, ys, th[rows, best], lo, hi)   # polish only the most promising start
+
+
+def segmented_fit(x: np.ndarray, y: np.ndarray, n_knots: int = 60) -> tuple[float, float, float] | None:
+    """Plateau / linear ramp / floor in x with knots k1 < k2 inside the grid; returns (mid, k1, k2) in x or None."""
+    knots = np.linspace(x[0], x[-1], n_knots)
+    i, j = np.triu_indices(n_knots, 1)
+    k1, k2 = knots[i], knots[j]
+    h = np.clip((x[None, :] - k1[:, None]) / (k2 - k1)[:, None], 0.0, 1.0)  # (C, K): 0 on plateau, 1 on floor
+    _, d, sse = _plateau_drop_lstsq(h, y[None, :])
+    sse = np.where(d[0] > 0, sse[0], np.inf)
+    if not np.isfinite(sse).any():
+        return None
+    tied = np.flatnonzero(sse <= sse.min() * (1 + 1e-9) + 1e-12)
+    best = tied[np.argmax((k2 - k1)[tied])]      # a clean step: the widest ramp, midway between the grid points
+    return 0.5 * (k1[best] + k2[best]), float(k1[best]), float(k2[best])
+
+
+def largest_drop(r: np.ndarray, y: np.ndarray) -> float | None:
+    """Geometric mean of the two neighbouring ratios with the largest fall in retention (None if none falls)."""
+    drops = y[:-1] - y[1:]
+    if drops.size == 0 or drops.max() <= 0:
+        return None
+    i = int(np.argmax(drops))
+    return float(math.sqrt(r[i] * r[i + 1]))
+
+
+def percentile_interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    s = np.asarray(samples, float)
+    s = s[np.isfinite(s)]
+    if s.size < 2:
+        return math.nan, math.nan
+    q = 100 * (1 - confidence) / 2
+    lo, hi = np.percentile(s, [q, 100 - q])
+    return float(lo), float(hi)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Detection
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _group_by_ratio(ms: list[Measurement]) -> tuple[np.ndarray, list[np.ndarray]]:
+    ratios = np.array(sorted({m.ratio for m in ms}))
+    cells = [np.array([i for i, m in enumerate(ms) if m.ratio == r]) for r in ratios]
+    return ratios, cells
+
+
+def _per_ratio(values: list[float | None], cells: list[np.ndarray]) -> np.ndarray | None:
+    if any(v is None for v in values):
+        return None
+    v = np.asarray(values, float)
+    return np.array([v[c].mean() for c in cells])
+
+
+def _cell_replicates(ms: list[Measurement], n_boot: int, rng: np.random.Generator) -> tuple[np.ndarray | None, str]:
+    """(B, n_cells) bootstrap replicates of each cell's retention, or None when only residuals are left."""
+    y = np.array([m.retention for m in ms])
+    fc = [m.fact_correct for m in ms]
+    if all(f is not None for f in fc) and len({np.shape(f) for f in fc}) == 1 and np.size(fc[0]) > 0:
+        mat = np.stack([np.asarray(f, float) for f in fc])             # (n_cells, F)
+        n_f = mat.shape[1]
+        idx = rng.integers(0, n_f, size=(n_boot, n_f)) + n_f * np.arange(n_boot)[:, None]
+        counts = np.bincount(idx.ravel(), minlength=n_boot * n_f).reshape(n_boot, n_f)
+        return y + (counts @ mat.T) / n_f - mat.mean(1), "facts"
+    if all(m.n_facts for m in ms):
+        n = np.array([m.n_facts for m in ms])
+        p = np.clip(y, 0.0, 1.0)
+        return y + rng.binomial(n, p, size=(n_boot, len(ms))) / n - p, "binomial"
+    return None, "residual"
+
+
+def _ratio_replicates(cell_reps: np.ndarray, cells: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Average cells per ratio, resampling seeds within each ratio when it has several."""
+    out = np.empty((cell_reps.shape[0], len(cells)))
+    rows = np.arange(cell_reps.shape[0])[:, None]
+    for k, c in enumerate(cells):
+        block = cell_reps[:, c]
+        if len(c) > 1:
+            block = block[rows, rng.integers(0, len(c), size=block.shape)]
+        out[:, k] = block.mean(1)
+    return out
+
+
+def _replicates(ms: list[Measurement], cells: list[np.ndarray], x: np.ndarray, y: np.ndarray, point: np.ndarray,
+                n_boot: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """(B, K) bootstrap replicates of the mean retention per ratio, and the method used."""
+    if n_boot <= 0:
+        return np.empty((0, y.size)), "none"
+    cell_reps, method = _cell_replicates(ms, n_boot, rng)
+    several = any(len(c) > 1 for c in cells)
+    if cell_reps is None and several:
+        cell_reps, method = np.broadcast_to([m.retention for m in ms], (n_boot, len(ms))), "seeds"
+    elif several:
+        method += "+seeds"   # conservative: fact noise is in the seed spread too, and is counted twice
+    if cell_reps is not None:
+        return _ratio_replicates(cell_reps, cells, rng), method
+    fitted = _model(x, point[None, :])[0]   # residual bootstrap: weak with few ratios (4 parameters, K points)
+    resid = (y - fitted[0]) * math.sqrt(y.size / max(y.size - 4, 1))
+    return fitted + resid[rng.integers(0, y.size, size=(n_boot, y.size))], "residual"
+
+
+def _bracket(x: np.ndarray, y: np.ndarray, th: np.ndarray, opts: CollapseOptions) -> tuple[bool, bool]:
+    """(enough clear points below r*, enough clear points above r*)."""
+    plateau, drop, mid = th[0], th[1], th[2]
+    floor, margin = plateau - drop, opts.bracket_margin
+    high = (x < mid) & (y >= floor + (0.5 + margin) * drop)
+    low = (x > mid) & (y <= floor + (0.5 - margin) * drop)
+    return int(high.sum()) >= opts.min_side_points, int(low.sum()) >= opts.min_side_points
+
+
+def _largest_rise(y: np.ndarray, se: np.ndarray, opts: CollapseOptions) -> tuple[float, int, int] | None:
+    i, j = np.triu_indices(y.size, 1)
+    rise = y[j] - y[i]
+    tol = np.maximum(opts.min_rise, opts.rise_z * np.sqrt(se[i] ** 2 + se[j] ** 2))
+    bad = np.flatnonzero(rise > tol)
+    if bad.size == 0:
+        return None
+    w = bad[np.argmax(rise[bad])]
+    return float(rise[w]), int(i[w]), int(j[w])
+
+
+def _unbracketed(has_high: bool, has_low: bool, x: np.ndarray, mid: float, r_star: float, n: int) -> tuple[str, str]:
+    if not has_high and (has_low or mid < 0.5 * (x[0] + x[-1])):
+        return "unbracketed-low", (f"fewer than {n} grid ratios below r*={r_star:.3g} are clearly on the plateau; "
+                                   "fix: add lower ratios")
+    return "unbracketed-high", (f"fewer than {n} grid ratios above r*={r_star:.3g} are clearly collapsed; "
+                                "fix: add higher ratios")
+
+
+def detect_collapse(ms: list[Measurement], *, n_boot: int, confidence: float, rng: np.random.Generator,
+                    options: CollapseOptions = CollapseOptions()) -> CollapseResult:
+    """Collapse point of one (size, tokens) from all its cells (every ratio and seed)."""
+    if not ms:
+        raise ValueError("detect_collapse got no measurements; fix: pass the cells of one (size, tokens)")
+    keys = {(m.size, m.params, _tok_key(m.tokens)) for m in ms}
+    if len(keys) != 1:
+        raise ValueError(f"detect_collapse got cells of several (size, params, tokens): {sorted(map(str, keys))}; "
+                         "fix: group with detect_collapses()")
+    ratios, cells = _group_by_ratio(ms)
+    x = np.log(ratios)
+    y = np.array([np.mean([ms[i].retention for i in c]) for c in cells])
+    base = dict(size=ms[0].size, params=float(ms[0].params), tokens=float(ms[0].tokens), n_cells=len(ms),
+                ratios=ratios, retention=y, n_seeds=np.array([len(c) for c in cells]), confidence=confidence,
+                exposures=_per_ratio([m.exposures_per_fact for m in ms], cells),
+                knowledge_bits=_per_ratio([m.knowledge_bits for m in ms], cells),
+                n_choices=ms[0].n_choices, options=options)
+    empty = dict(r_star=math.nan, lo=math.nan, hi=math.nan, bracketed=False, logistic=None,
+                 r_star_segmented=None, r_star_largest_drop=None, boot=np.empty(0), retention_se=np.zeros(y.size))
+    if ratios.size < options.min_points:
+        return CollapseResult(**base, **empty, flag="too-few-points",
+                              reason=f"{ratios.size} distinct ratios, need >= {options.min_points}; fix: add ratios")
+    i, j = np.triu_indices(y.size, 1)
+    decline = float((y[i] - y[j]).max())
+    if decline < options.min_drop:
+        return CollapseResult(**base, **empty, flag="absent",
+                              reason=f"retention never falls by >= {options.min_drop:g} (largest decline "
+                                     f"{decline:.3f}); fix: extend the ratio grid or train longer")
+
+    lo_b, hi_b = _bounds(x, y)
+    point = fit_logistic(x, y[None, :], bounds=(lo_b, hi_b))[0][0]
+    reps, method = _replicates(ms, cells, x, y, point, n_boot, rng)
+    # sampling SE per ratio; residual replicates would fold lack of fit into it (and hide a non-monotone dip)
+    se = reps.std(0, ddof=1) if reps.shape[0] > 1 and method != "residual" else np.zeros(y.size)
+    boot = np.exp(fit_logistic(x, reps, start=point, bounds=(lo_b, hi_b), n_starts=2)[0][:, 2]) if reps.shape[0] \
+        else np.empty(0)
+
+    r_star = float(math.exp(point[2]))
+    lo, hi = percentile_interval(boot, confidence)
+    has_high, has_low = _bracket(x, y, point, options)
+    seg = segmented_fit(x, y)
+    rise = _largest_rise(y, se, options)
+    if point[1] < options.min_drop:
+        flag, reason = "absent", f"fitted drop {point[1]:.3f} < {options.min_drop:g}; fix: extend the ratio grid"
+    elif rise is not None:
+        v, a, b = rise
+        flag, reason = "non-monotone", (f"retention rises by {v:.3f} from r={ratios[a]:g} to r={ratios[b]:g}; "
+                                        "fix: check those cells (unfinished, diverged?) or add seeds")
+    elif not (has_high and has_low):
+        flag, reason = _unbracketed(has_high, has_low, x, point[2], r_star, options.min_side_points)
+    else:
+        flag, reason = "ok", f"bracketed between grid ratios; interval by {method} bootstrap"
+    return CollapseResult(
+        **base, r_star=r_star, lo=lo, hi=hi, bracketed=has_high and has_low, flag=flag, reason=reason,
+        logistic=Logistic(float(point[0]), float(point[0] - point[1]), float(point[2]), float(point[3])),
+        r_star_segmented=float(math.exp(seg[0])) if seg else None,
+        r_star_largest_drop=largest_drop(ratios, y), retention_se=se, boot=boot, boot_method=method)
+
+
+def _tok_key(tokens: float) -> float | None:
+    return float(tokens) if math.isfinite(tokens) else None
+
+
+def detect_collapses(ms: list[Measurement], *, n_boot: int, confidence: float, rng: np.random.Generator,
+                     options: CollapseOptions = CollapseOptions()) -> list[CollapseResult]:
+    """detect_collapse for every (size, tokens), ordered by params then tokens; each group draws from its own
+    child generator spawned from `rng` (independent streams, reproducible for a given set of groups)."""
+    groups: dict[tuple, list[Measurement]] = defaultdict(list)
+    for m in ms:
+        groups[(m.params, m.size, _tok_key(m.tokens))].append(m)
+    keys = sorted(groups, key=lambda k: (k[0], k[1], -1.0 if k[2] is None else k[2]))
+    children = rng.spawn(len(keys))
+    return [detect_collapse(groups[k], n_boot=n_boot, confidence=confidence, rng=g, options=options)
+            for k, g in zip(keys, children)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A user's table of measurements (`kislurm fit MEASUREMENTS.csv`)
+# ---------------------------------------------------------------------------------------------------------------------
+
+CSV_REQUIRED = ("params", "ratio", "retention")
+CSV_OPTIONAL = ("tokens", "seed", "n_facts", "size", "n_choices", "exposures_per_fact", "knowledge_bits")
+_INTEGER = ("seed", "n_facts", "n_choices")
+
+
+def _number(path: Path, line: int, col: str, text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise MeasurementError(f"{path}:{line}: column '{col}' value {text!r} is not a number; "
+                               "fix: write a plain number such as 0.5 or 1.3e8") from None
+    if not math.isfinite(v):
+        raise MeasurementError(f"{path}:{line}: column '{col}' value {text!r} is not finite; fix: write a number")
+    if col in _INTEGER and v != int(v):
+        raise MeasurementError(f"{path}:{line}: column '{col}' value {text!r} is not an integer; fix: write e.g. 3")
+    return v
+
+
+def _row(path: Path, line: int, row: dict[str, str]) -> dict:
+    vals: dict = {}
+    for col, text in row.items():
+        text = (text or "").strip()
+        if col == "size":
+            vals[col] = text or None
+        elif text:
+            vals[col] = _number(path, line, col, text)
+        elif col in CSV_REQUIRED:
+            raise MeasurementError(f"{path}:{line}: column '{col}' is empty; fix: give a value on every row")
+    if not 0.0 < vals["ratio"] < 1.0:
+        raise MeasurementError(f"{path}:{line}: column 'ratio' value {vals['ratio']:g} is outside (0, 1); "
+                               "fix: write the infusion ratio as a fraction, e.g. 0.1 for 10%")
+    if vals["params"] <= 0:
+        raise MeasurementError(f"{path}:{line}: column 'params' value {vals['params']:g} is not positive; "
+                               "fix: give the (non-embedding) parameter count, e.g. 1.3e8")
+    for col in ("tokens", "n_facts", "n_choices", "exposures_per_fact", "knowledge_bits"):
+        if col in vals and vals[col] <= 0:
+            raise MeasurementError(f"{path}:{line}: column '{col}' value {vals[col]:g} is not positive; "
+                                   "fix: give a positive value or leave the cell empty")
+    return vals
+
+
+def measurements_from_csv(path: str | Path) -> list[Measurement]:
+    """Read a plain table: params, ratio, retention, and optionally tokens, seed, n_facts, size, n_choices,
+    exposures_per_fact, knowledge_bits (other columns are ignored; lines starting with '#' are comments).
+
+    Missing size: named after params. Missing tokens: nan (unknown). Missing seed: rows repeating a
+    (size, tokens, ratio) are numbered 0, 1, ... as replicate seeds. There are no per-fact scores in a table, so
+    the bootstrap is parametric: binomial with n_facts, else residual (the CollapseResult says which)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise MeasurementError(f"{path}: cannot read ({e.strerror}); fix: check the path") from None
+    lines = [(i + 1, s) for i, s in enumerate(text.splitlines()) if s.strip() and not s.lstrip().startswith("#")]
+    if not lines:
+        raise MeasurementError(f"{path}: no header and no rows; fix: first line 'params,ratio,retention', then data")
+    dialect = csv.excel_tab if "\t" in lines[0][1] and "," not in lines[0][1] else csv.excel
+    header = [h.strip().lower() for h in next(csv.reader([lines[0][1]], dialect))]
+    for col in CSV_REQUIRED:
+        if col not in header:
+            raise MeasurementError(f"{path}:{lines[0][0]}: missing column '{col}' (header: {','.join(header)}); "
+                                   f"fix: name columns {','.join(CSV_REQUIRED)} and optionally {','.join(CSV_OPTIONAL)}")
+    if len(lines) < 2:
+        raise MeasurementError(f"{path}: header but no rows; fix: add one row per finished cell")
+    wanted = [i for i, h in enumerate(header) if h in CSV_REQUIRED + CSV_OPTIONAL]
+    rows = []
+    for (line, s), cells in zip(lines[1:], csv.reader([s for _, s in lines[1:]], dialect)):
+        if len(cells) != len(header):
+            raise MeasurementError(f"{path}:{line}: {len(cells)} values for {len(header)} columns; "
+                                   "fix: one value per header column (leave optional ones empty)")
+        rows.append((line, _row(path, line, {header[i]: cells[i] for i in wanted})))
+    return _measurements(path, rows)
+
+
+def _measurements(path: Path, rows: list[tuple[int, dict]]) -> list[Measurement]:
+    params_of: dict[str, tuple[float, int]] = {}
+    repeat: dict[tuple, int] = defaultdict(int)
+    first_line: dict[tuple, int] = {}
+    out = []
+    for line, v in rows:
+        size = v.get("size") or f"{v['params']:.4g}"
+        seen = params_of.setdefault(size, (v["params"], line))
+        if seen[0] != v["params"]:
+            raise MeasurementError(f"{path}:{line}: size {size!r} has params {v['params']:g} here but {seen[0]:g} "
+                                   f"on line {seen[1]}; fix: one parameter count per size")
+        tokens = v.get("tokens", math.nan)
+        key = (size, _tok_key(tokens), v["ratio"])
+        seed = int(v["seed"]) if "seed" in v else repeat[key]
+        repeat[key] += 1
+        if (key, seed) in first_line:
+            raise MeasurementError(f"{path}:{line}: same size, tokens, ratio and seed as line "
+                                   f"{first_line[key, seed]}; fix: give each replicate its own seed or drop the "
+                                   "duplicate")
+        first_line[key, seed] = line
+        out.append(Measurement(
+            size=size, params=v["params"], ratio=v["ratio"], tokens=tokens, seed=seed, retention=v["retention"],
+            n_choices=int(v["n_choices"]) if "n_choices" in v else None,
+            exposures_per_fact=v.get("exposures_per_fact"),
+            n_facts=int(v["n_facts"]) if "n_facts" in v else None, knowledge_bits=v.get("knowledge_bits")))
+    return out

@@ -1,0 +1,330 @@
+"""The knowledge-infusion scaling law: how the collapse point r* moves with model size N (and token budget D).
+
+r is bounded by 1, so the law is fitted in an unbounded unit u (recorded in every output):
+    'odds'      u = r / (1 - r)                       (default)
+    'tokens'    u = r * D                             (knowledge tokens seen)
+    'exposures' u = exposures per infused fact at r*  (interpolated log-log between grid ratios)
+Forms, by weighted least squares on log u (weights 1 / sigma^2, sigma = the r* interval's width in log u / (2 z),
+floored at a quarter of the median so one very narrow interval cannot carry the fit):
+    log u = log a + b log N                    (one token budget)
+    log u = log a + b log N + c log D          (only with >= 2 budgets and >= 5 points: few points, few parameters)
+Only collapses flagged 'ok' enter. Intervals: bootstrap over the per-size bootstrap samples of r* (each replicate
+takes one random r* sample of every size, independently, and refits), so r* is re-detected on resampled facts and
+seeds and the law refitted. They reflect r* uncertainty, not lack of fit: compare chi2_red with 1.
+Validation: leave-largest-out (fit on the smaller sizes, predict the largest, relative error of r* and of u).
+Capacity: knowledge bits infused at r* per parameter, flagged beyond `capacity_bits` (about 2 bits/param,
+Allen-Zhu and Li, Physics of LMs 3.3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from scipy.stats import norm
+
+from .collapse import CollapseResult, percentile_interval
+
+UNITS = ("odds", "tokens", "exposures")
+MIN_POINTS_D_TERM = 5
+
+
+@dataclass(frozen=True)
+class LawPoint:
+    """One (size, tokens) collapse as the law sees it: used, or excluded with the reason."""
+
+    size: str
+    params: float
+    tokens: float
+    flag: str
+    r_star: float
+    lo: float
+    hi: float
+    unit_value: float
+    unit_lo: float
+    unit_hi: float
+    used: bool
+    reason: str                       # why excluded ('' when used)
+    sigma: float = math.nan           # sd of log u used for the weight
+    bits_per_param: float | None = None
+    capacity_flag: str | None = None  # 'ok' | 'over-capacity' | None (unknown)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    name: str
+    params: float
+    tokens: float
+    unit_value: float
+    unit_lo: float
+    unit_hi: float
+    r_star: float | None              # None for unit 'exposures' (no way back to r without the data recipe)
+    r_lo: float | None
+    r_hi: float | None
+
+
+@dataclass(frozen=True)
+class LeaveOut:
+    """The largest size predicted by a law fitted without it; errors are signed, relative to the observation."""
+
+    predicted: Prediction
+    observed_r: float
+    observed_unit: float
+    rel_err_r: float | None
+    rel_err_unit: float
+    covered: bool | None              # observation inside the prediction interval (None without bootstrap)
+
+
+@dataclass(frozen=True)
+class LawFit:
+    unit: str
+    confidence: float
+    ok: bool
+    reason: str                                   # why no fit (or '' when ok)
+    form: str                                     # 'a*N^b' or 'a*N^b*D^c'
+    coef: tuple[float, ...] = ()                  # (log a, b[, c]), natural log
+    coef_lo: tuple[float, ...] = ()
+    coef_hi: tuple[float, ...] = ()
+    boot: np.ndarray = field(default_factory=lambda: np.empty((0, 0)), compare=False)   # (B, len(coef))
+    points: tuple[LawPoint, ...] = ()
+    predictions: tuple[Prediction, ...] = ()
+    leave_largest_out: tuple[LeaveOut, ...] = ()
+    leave_out_reason: str = ""
+    chi2_red: float = math.nan
+    capacity_bits: float = 2.0
+    n_boot: int = 0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def a(self) -> float:
+        return math.exp(self.coef[0]) if self.coef else math.nan
+
+    @property
+    def b(self) -> float:
+        return self.coef[1] if self.coef else math.nan
+
+    @property
+    def c(self) -> float | None:
+        return self.coef[2] if len(self.coef) > 2 else None
+
+    @property
+    def b_interval(self) -> tuple[float, float]:
+        return (self.coef_lo[1], self.coef_hi[1]) if self.coef_lo else (math.nan, math.nan)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Units
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def interp_loglog(r: np.ndarray, ratios: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Piecewise-linear in log-log, extended linearly beyond the grid by the end segments."""
+    x, v, q = np.log(ratios), np.log(values), np.log(np.asarray(r, float))
+    out = np.interp(q, x, v)
+    if x.size > 1:
+        lo_slope, hi_slope = (v[1] - v[0]) / (x[1] - x[0]), (v[-1] - v[-2]) / (x[-1] - x[-2])
+        out = np.where(q < x[0], v[0] + lo_slope * (q - x[0]), out)
+        out = np.where(q > x[-1], v[-1] + hi_slope * (q - x[-1]), out)
+    return np.exp(out)
+
+
+def unit_of_ratio(c: CollapseResult, r: np.ndarray | float, unit: str) -> np.ndarray:
+    """The unit at ratio(s) r for this collapse's size and budget (nan where it cannot be computed)."""
+    r = np.asarray(r, float)
+    if unit == "odds":
+        return r / (1.0 - r)
+    if unit == "tokens":
+        return r * c.tokens
+    if unit == "exposures":
+        if c.exposures is None or np.any(c.exposures <= 0):
+            return np.full(r.shape, math.nan)
+        return interp_loglog(r, c.ratios, c.exposures)
+    raise ValueError(f"unknown law unit {unit!r}; fix: use one of {', '.join(UNITS)}")
+
+
+def ratio_of_unit(u: float, unit: str, tokens: float) -> float | None:
+    """r for a unit value; None when it has no ratio (exposures, unknown D, or more knowledge tokens than D)."""
+    if unit == "odds":
+        return u / (1.0 + u)
+    if unit == "tokens" and math.isfinite(tokens) and u < tokens:
+        return u / tokens
+    return None
+
+
+def _capacity(c: CollapseResult, capacity_bits: float) -> tuple[float | None, str | None]:
+    if c.knowledge_bits is None or not math.isfinite(c.r_star) or np.any(c.knowledge_bits <= 0):
+        return None, None
+    bpp = float(interp_loglog(np.array(c.r_star), c.ratios, c.knowledge_bits)) / c.params
+    return bpp, ("over-capacity" if bpp > capacity_bits else "ok")
+
+
+def law_points(collapses: list[CollapseResult], unit: str, confidence: float,
+               capacity_bits: float = 2.0) -> list[LawPoint]:
+    """Every collapse with its unit value and whether it can enter the fit (flag 'ok' and a finite unit)."""
+    z = norm.ppf(0.5 + confidence / 2)
+    out = []
+    for c in collapses:
+        u, ulo, uhi = (float(v) for v in unit_of_ratio(c, np.array([c.r_star, c.lo, c.hi]), unit))
+        sigma = (math.log(uhi) - math.log(ulo)) / (2 * z) if ulo > 0 and uhi > 0 else math.nan
+        reason = ""
+        if c.flag != "ok":
+            reason = f"flag {c.flag}: {c.reason}"
+        elif not (math.isfinite(u) and u > 0):
+            reason = f"unit {unit!r} unknown for this cell (needs {'tokens' if unit == 'tokens' else 'exposures'})"
+        bpp, cap = _capacity(c, capacity_bits)
+        out.append(LawPoint(c.size, c.params, c.tokens, c.flag, c.r_star, c.lo, c.hi, u, ulo, uhi,
+                            used=not reason, reason=reason, sigma=sigma, bits_per_param=bpp, capacity_flag=cap))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fit and predict (pure)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _design(params: np.ndarray, tokens: np.ndarray, with_d: bool) -> np.ndarray:
+    cols = [np.ones_like(params), np.log(params)] + ([np.log(tokens)] if with_d else [])
+    return np.stack(cols, axis=-1)
+
+
+def wls(x: np.ndarray, ys: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted least squares of every row of ys (B, n) on design x (n, p): coefficients (B, p)."""
+    xw = x * w[:, None]
+    return np.linalg.solve(x.T @ xw, xw.T @ np.atleast_2d(ys).T).T
+
+
+def _weights(sigma: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(sigma) & (sigma > 0)
+    if not finite.any():
+        return np.ones_like(sigma)
+    floor = 0.25 * float(np.median(sigma[finite]))
+    s = np.where(finite, np.maximum(sigma, floor), float(sigma[finite].max()))
+    return 1.0 / s ** 2
+
+
+def _choose_points(points: list[LawPoint]) -> tuple[list[LawPoint], bool, list[str]]:
+    """Keep the D term only with >= 2 budgets and enough points; else keep the budget with the most sizes."""
+    used = [p for p in points if p.used]
+    budgets = sorted({p.tokens for p in used if math.isfinite(p.tokens)})
+    if len(budgets) >= 2 and len(used) >= MIN_POINTS_D_TERM and len({p.params for p in used}) >= 2:
+        x = _design(np.array([p.params for p in used]), np.array([p.tokens for p in used]), True)
+        if np.linalg.matrix_rank(x) == 3:
+            return points, True, []
+    if len(budgets) < 2:
+        return points, False, []
+    keep = max(budgets, key=lambda t: (sum(p.tokens == t for p in used), t))
+    why = (f"other token budget than {keep:g} (a D term needs >= {MIN_POINTS_D_TERM} points over >= 2 budgets "
+           "and >= 2 sizes)")
+    out = [p if (not p.used or p.tokens == keep) else _exclude(p, why) for p in points]
+    return out, False, [f"several token budgets but too few points for a D term: fitted on D={keep:g} only"]
+
+
+def _exclude(p: LawPoint, reason: str) -> LawPoint:
+    return replace(p, used=False, reason=reason)
+
+
+def _boot_log_units(collapses: list[CollapseResult], idx: list[int], unit: str, n_boot: int,
+                    rng: np.random.Generator) -> np.ndarray | None:
+    """(B, n) log u of one randomly drawn bootstrap r* per used point, per replicate."""
+    if n_boot <= 0 or any(collapses[i].boot.size == 0 for i in idx):
+        return None
+    cols = []
+    for i in idx:
+        c = collapses[i]
+        draw = c.boot[rng.integers(0, c.boot.size, size=n_boot)]
+        cols.append(np.log(unit_of_ratio(c, draw, unit)))
+    return np.stack(cols, axis=1)
+
+
+def _predict(coef: np.ndarray, boot: np.ndarray, unit: str, confidence: float, name: str, params: float,
+             tokens: float) -> Prediction:
+    x = _design(np.array([params]), np.array([tokens]), coef.size > 2)[0]
+    u = float(math.exp(x @ coef))
+    ulo, uhi = (math.exp(v) for v in percentile_interval(boot @ x, confidence)) if boot.size else (math.nan,) * 2
+    r, rlo, rhi = (ratio_of_unit(v, unit, tokens) for v in (u, ulo, uhi))
+    return Prediction(name, params, tokens, u, ulo, uhi, r, rlo, rhi)
+
+
+def predict_law(law: LawFit, params: float, tokens: float | None = None, name: str = "") -> Prediction:
+    """Prediction (with the bootstrap interval) of the unit, and r where the unit allows, at size N and budget D.
+
+    D defaults to the largest budget among the fitted points."""
+    if not law.ok:
+        raise ValueError(f"no law to predict from: {law.reason}")
+    if tokens is None:
+        tokens = max((p.tokens for p in law.points if p.used), default=math.nan)
+    return _predict(np.array(law.coef), law.boot, law.unit, law.confidence, name, params, tokens)
+
+
+def _fit(points: list[LawPoint], log_u_boot: np.ndarray | None, with_d: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    n = np.array([p.params for p in points])
+    t = np.array([p.tokens for p in points])
+    x = _design(n, t, with_d)
+    y = np.log([p.unit_value for p in points])
+    w = _weights(np.array([p.sigma for p in points]))
+    coef = wls(x, y, w)[0]
+    dof = len(points) - x.shape[1]
+    chi2 = float(np.sum(w * (y - x @ coef) ** 2) / dof) if dof > 0 else math.nan
+    boot = wls(x, log_u_boot, w) if log_u_boot is not None else np.empty((0, x.shape[1]))
+    return coef, boot, chi2
+
+
+def _leave_largest_out(points: list[LawPoint], log_u_boot: np.ndarray | None, with_d: bool, unit: str,
+                       confidence: float) -> tuple[tuple[LeaveOut, ...], str]:
+    largest = max(p.params for p in points)
+    train = [i for i, p in enumerate(points) if p.params < largest]
+    if len({points[i].params for i in train}) < 2 or (with_d and len(train) < MIN_POINTS_D_TERM):
+        return (), "needs >= 2 smaller sizes (and enough points for the D term)"
+    boot = log_u_boot[:, train] if log_u_boot is not None else None
+    coef, cboot, _ = _fit([points[i] for i in train], boot, with_d)
+    out = []
+    for p in points:
+        if p.params != largest:
+            continue
+        pred = _predict(coef, cboot, unit, confidence, p.size, p.params, p.tokens)
+        err_r = (pred.r_star - p.r_star) / p.r_star if pred.r_star is not None else None
+        covered = pred.unit_lo <= p.unit_value <= pred.unit_hi if cboot.size else None
+        out.append(LeaveOut(pred, p.r_star, p.unit_value, err_r, (pred.unit_value - p.unit_value) / p.unit_value,
+                            covered))
+    return tuple(out), ""
+
+
+def fit_law(collapses: list[CollapseResult], *, unit: str = "odds", n_boot: int, confidence: float,
+            rng: np.random.Generator, targets: dict[str, float] | None = None, target_tokens: float | None = None,
+            capacity_bits: float = 2.0) -> LawFit:
+    """Fit the law on the 'ok' collapses; with fewer than two sizes, a LawFit with ok=False and the reason."""
+    if unit not in UNITS:
+        raise ValueError(f"unknown law unit {unit!r}; fix: use one of {', '.join(UNITS)}")
+    points, with_d, notes = _choose_points(law_points(collapses, unit, confidence, capacity_bits))
+    form = "a*N^b*D^c" if with_d else "a*N^b"
+    base = dict(unit=unit, confidence=confidence, form=form, capacity_bits=capacity_bits, n_boot=n_boot)
+    used = [i for i, p in enumerate(points) if p.used]
+    sizes = sorted({points[i].size for i in used})
+    if len({points[i].params for i in used}) < 2:
+        why = (f"{len(sizes)} size(s) with a bracketed collapse ({', '.join(sizes) or 'none'}); a law needs >= 2: "
+               "fix: add sizes or widen the ratio grid so the collapse is bracketed")
+        return LawFit(**base, ok=False, reason=why, points=tuple(points), notes=tuple(notes))
+    if len(used) == 2:
+        notes.append("two points: the law passes through both (no degrees of freedom left to check it)")
+    log_u_boot = _boot_log_units(collapses, used, unit, n_boot, rng)
+    if n_boot > 0 and log_u_boot is None:
+        notes.append("some collapse has no bootstrap samples: no intervals on the law")
+    fitted = [points[i] for i in used]
+    coef, boot, chi2 = _fit(fitted, log_u_boot, with_d)
+    ci = np.array([percentile_interval(col, confidence) for col in boot.T]) if boot.size else \
+        np.full((coef.size, 2), math.nan)
+    loo, loo_reason = _leave_largest_out(fitted, log_u_boot, with_d, unit, confidence)
+    over = [p.size for p in points if p.capacity_flag == "over-capacity"]
+    if over:
+        notes.append(f"knowledge bits per parameter at r* exceed {capacity_bits:g} for {', '.join(over)}: check "
+                     "the exposure accounting or the retention metric")
+    law = LawFit(**base, ok=True, reason="", coef=tuple(map(float, coef)), coef_lo=tuple(map(float, ci[:, 0])),
+                 coef_hi=tuple(map(float, ci[:, 1])), boot=boot, points=tuple(points), leave_largest_out=loo,
+                 leave_out_reason=loo_reason, chi2_red=chi2, notes=tuple(notes))
+    preds = tuple(predict_law(law, n, target_tokens, name) for name, n in (targets or {}).items())
+    beyond = [p.name for p in preds if unit == "tokens" and p.r_star is None]
+    if beyond:
+        notes.append(f"predicted knowledge tokens exceed the budget D for {', '.join(beyond)}: no ratio r < 1 "
+                     "reaches the collapse there (r* given as '-')")
+    return replace(law, predictions=preds, notes=tuple(notes))

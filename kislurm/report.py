@@ -1,0 +1,462 @@
+"""Reports: the collapse-point table (Markdown, CSV, JSON), the law (JSON), a one-page summary and PNG plots.
+
+Plot functions take an axis and results and return the figure; they never fit anything (the law's band is drawn
+from its stored bootstrap coefficients through `predict_law`). Every file is written atomically (temp + rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import cm, colors, ticker
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from .collapse import CollapseOptions, CollapseResult
+from .law import LawFit, predict_law
+from .paths import atomic_write_text
+
+FILES = ("collapse_points.md", "collapse_points.csv", "collapse_points.json", "law.json", "law.txt", "summary.md",
+         "retention_vs_ratio.png", "law.png", "curves.png")
+TABLE_COLUMNS = ("size", "params", "tokens", "r_star", "lo", "hi", "flag", "bracketed", "r_star_segmented",
+                 "r_star_largest_drop", "plateau", "floor", "steepness", "n_ratios", "n_cells", "boot_method",
+                 "n_boot", "confidence", "reason")
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Retention over training of one cell: data for the curves plot (from the cell's store)."""
+
+    size: str
+    ratio: float
+    tokens: float
+    seed: int
+    step: np.ndarray
+    retention: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tables and JSON (pure)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types: numpy to Python, non-finite floats to None, dataclasses to dicts."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return jsonable(asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer, int)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def collapse_row(c: CollapseResult) -> dict[str, Any]:
+    lg = c.logistic
+    return {"size": c.size, "params": c.params, "tokens": c.tokens, "r_star": c.r_star, "lo": c.lo, "hi": c.hi,
+            "flag": c.flag, "bracketed": c.bracketed, "r_star_segmented": c.r_star_segmented,
+            "r_star_largest_drop": c.r_star_largest_drop, "plateau": lg.plateau if lg else None,
+            "floor": lg.floor if lg else None, "steepness": lg.steepness if lg else None,
+            "n_ratios": int(c.ratios.size), "n_cells": c.n_cells, "boot_method": c.boot_method,
+            "n_boot": int(c.boot.size), "confidence": c.confidence, "reason": c.reason}
+
+
+def definitions(collapses: Sequence[CollapseResult], law: LawFit | None) -> dict[str, Any]:
+    """What every number means, recorded beside the numbers."""
+    opts = collapses[0].options if collapses else CollapseOptions()
+    out = {
+        "r_star": "midpoint of a four-parameter logistic in log r (plateau, floor, midpoint, steepness) fitted to "
+                  "the mean retention per ratio (seeds averaged): retention is halfway between plateau and floor",
+        "bracketed": f">= {opts.min_side_points} grid ratios below r* hold >= floor + {0.5 + opts.bracket_margin:g} "
+                     f"* drop and >= {opts.min_side_points} above r* <= floor + {0.5 - opts.bracket_margin:g} * drop",
+        "flags": "too-few-points > absent > non-monotone > unbracketed-low/high > ok (first that applies)",
+        "interval": "percentile bootstrap: facts resampled (one resample for every cell of a size), seeds "
+                    "resampled within a ratio; without per-fact data binomial (n_facts) or residual",
+        "r_star_segmented": "midpoint of a plateau / linear ramp in log r / floor regression",
+        "r_star_largest_drop": "geometric mean of the neighbouring ratios with the largest fall",
+        "options": asdict(opts),
+    }
+    if law is not None:
+        out["law"] = {"unit": law.unit, "form": law.form, "fit": "weighted least squares on log unit, weights "
+                      "1/sigma^2 from each r* interval", "interval": "bootstrap over per-size r* samples",
+                      "confidence": law.confidence, "capacity_bits_per_param": law.capacity_bits}
+    return out
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, (float, np.floating)):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v).replace("|", "/") for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def collapse_table_md(collapses: Sequence[CollapseResult]) -> str:
+    header = ("size", "params", "tokens", "r*", "interval", "flag", "segmented r*", "largest-drop r*", "cells",
+              "bootstrap")
+    rows = [(c.size, c.params, c.tokens, c.r_star, f"[{_fmt(c.lo)}, {_fmt(c.hi)}]", c.flag, c.r_star_segmented,
+             c.r_star_largest_drop, c.n_cells, f"{c.boot_method} x{c.boot.size}") for c in collapses]
+    conf = f"{collapses[0].confidence:.0%}" if collapses else "-"
+    return f"# Collapse points\n\nInterval: {conf} bootstrap. Flags other than 'ok' stay out of the law.\n\n" + \
+        _md_table(header, rows)
+
+
+def collapse_table_csv(collapses: Sequence[CollapseResult]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=TABLE_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for c in collapses:
+        w.writerow({k: ("" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v)
+                    for k, v in collapse_row(c).items()})
+    return buf.getvalue()
+
+
+def collapse_json(collapses: Sequence[CollapseResult], law: LawFit | None) -> dict[str, Any]:
+    cells = [{**collapse_row(c), "ratios": c.ratios, "retention": c.retention, "retention_se": c.retention_se,
+              "n_seeds": c.n_seeds, "exposures": c.exposures, "knowledge_bits": c.knowledge_bits,
+              "logistic": c.logistic, "boot": c.boot} for c in collapses]
+    return jsonable({"definitions": definitions(collapses, law), "collapses": cells})
+
+
+def law_json(law: LawFit, summary: Mapping[str, Any]) -> dict[str, Any]:
+    d = {k: v for k, v in law.__dict__.items() if k != "boot"}
+    d.update(a=law.a, b=law.b, c=law.c, b_interval=law.b_interval, n_boot_fits=int(law.boot.shape[0]))
+    return jsonable({"law": d, "summary": dict(summary)})
+
+
+def _law_line(law: LawFit) -> str:
+    if not law.ok:
+        return f"**No law fitted**: {law.reason}\n"
+    lo, hi = law.b_interval
+    d_term = f" * D^{law.c:.3f}" if law.c is not None else ""
+    c_int = f", c [{_fmt(law.coef_lo[2])}, {_fmt(law.coef_hi[2])}]" if law.c is not None and law.coef_lo else ""
+    return (f"{law.unit}(r*) = {law.a:.4g} * N^{law.b:.3f}{d_term}; {law.confidence:.0%} intervals: b "
+            f"[{_fmt(lo)}, {_fmt(hi)}]{c_int}; reduced chi2 {_fmt(law.chi2_red)} (>> 1: sizes scatter more than "
+            "their r* intervals)\n")
+
+
+def law_text(law: LawFit) -> str:
+    """The law in a few plain lines (for terminals): formula and interval, or why there is none, then notes."""
+    lines = [_law_line(law).replace("**", "").strip()]
+    lines += [f"leave-largest-out {lo.predicted.name}: r* predicted {_fmt(lo.predicted.r_star)}, observed "
+              f"{_fmt(lo.observed_r)}, unit error {lo.rel_err_unit:+.1%}" for lo in law.leave_largest_out]
+    lines += [f"{p.name}: {law.unit} {_fmt(p.unit_value)} [{_fmt(p.unit_lo)}, {_fmt(p.unit_hi)}], r* {_fmt(p.r_star)}"
+              for p in law.predictions]
+    return "\n".join(lines + [f"note: {n}" for n in law.notes]) + "\n"
+
+
+def summary_md(collapses: Sequence[CollapseResult], law: LawFit, summary: Mapping[str, Any]) -> str:
+    """The one-page summary: run, cells used and excluded (why), the law, validation, predictions, capacity."""
+    title = summary.get("title", "kislurm report")
+    metric = summary.get("metric", "retention")
+    out = [f"# {title}\n", f"Retention metric: `{metric}`. Law unit: `{law.unit}`.\n"]
+    run = [(k, v if isinstance(v, (str, int, float)) else json.dumps(jsonable(v)))
+           for k, v in summary.items() if k not in ("title", "metric", "excluded_cells")]
+    if run:
+        out += ["## Run\n", _md_table(("key", "value"), run)]
+    out += ["## Collapse points\n", _md_table(
+        ("size", "params", "tokens", "r*", "interval", "flag", "in law", "why not"),
+        [(p.size, p.params, p.tokens, p.r_star, f"[{_fmt(p.lo)}, {_fmt(p.hi)}]", p.flag, "yes" if p.used else "no",
+          p.reason) for p in law.points])]
+    excluded = summary.get("excluded_cells") or {}
+    if excluded:
+        items = excluded.items() if isinstance(excluded, Mapping) else excluded
+        out += ["Cells left out before detection:\n", _md_table(("cell", "reason"), list(items))]
+    out += ["## Law\n", _law_line(law)]
+    for note in law.notes:
+        out.append(f"- {note}\n")
+    if law.ok:
+        out.append("\n### Leave-largest-out\n\n")
+        if law.leave_largest_out:
+            out.append(_md_table(("size", "predicted r*", "observed r*", "r* error", "unit error", "in interval"), [
+                (lo.predicted.name, lo.predicted.r_star, lo.observed_r,
+                 f"{lo.rel_err_r:+.1%}" if lo.rel_err_r is not None else "-", f"{lo.rel_err_unit:+.1%}", lo.covered)
+                for lo in law.leave_largest_out]))
+        else:
+            out.append(f"Not done: {law.leave_out_reason}\n")
+        if law.predictions:
+            out += ["\n### Predictions\n\n", _md_table(
+                ("target", "params", "tokens", law.unit, "interval", "r*", "r* interval"),
+                [(p.name, p.params, p.tokens, p.unit_value, f"[{_fmt(p.unit_lo)}, {_fmt(p.unit_hi)}]", p.r_star,
+                  f"[{_fmt(p.r_lo)}, {_fmt(p.r_hi)}]") for p in law.predictions])]
+    cap = [(p.size, p.bits_per_param, p.capacity_flag) for p in law.points if p.bits_per_param is not None]
+    if cap:
+        out += [f"\n## Capacity (flag beyond {law.capacity_bits:g} bits/parameter)\n\n",
+                _md_table(("size", "bits/param at r*", "flag"), cap)]
+    return "\n".join(s.rstrip("\n") + "\n" for s in out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plots: an axis and results in, the figure out; nothing is fitted here
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _size_colors(params: Sequence[float]) -> dict[float, Any]:
+    uniq = sorted(set(params))
+    norm = colors.Normalize(vmin=-0.15, vmax=max(len(uniq) - 1, 1) + 0.15)
+    return {p: cm.viridis(norm(i)) for i, p in enumerate(uniq)}
+
+
+def _ratio_ticks(ax: Axes, ratios: Sequence[float], min_gap: float = 0.05) -> None:
+    """Label the grid ratios, dropping any closer than min_gap of the log span to a kept one (crowding near 1)."""
+    ticks = sorted(set(float(r) for r in ratios))
+    span = max(math.log(ticks[-1] / ticks[0]), 1e-9)
+    kept = [ticks[-1]]
+    for t in reversed(ticks[:-1]):
+        if math.log(kept[-1] / t) >= min_gap * span:
+            kept.append(t)
+    ax.set_xticks(kept[::-1])
+    ax.set_xticklabels([f"{t:g}" for t in kept[::-1]])
+    ax.minorticks_off()
+
+
+def plot_retention_vs_ratio(ax: Axes, collapses: Sequence[CollapseResult], metric: str = "retention") -> Figure:
+    """Mean retention per ratio (+-1 bootstrap SE), the fitted logistic and r* with its interval, per size."""
+    color = _size_colors([c.params for c in collapses])
+    all_r = [float(r) for c in collapses for r in c.ratios]
+    for c in collapses:
+        col, ok = color[c.params], c.flag == "ok"
+        label = c.size + ("" if ok else f" ({c.flag})")
+        ax.errorbar(c.ratios, c.retention, yerr=c.retention_se, fmt="o", ms=6, color=col, capsize=3,
+                    mfc=col if ok else "white", label=label, zorder=3)
+        if c.logistic is not None:
+            grid = np.geomspace(min(all_r) * 0.9, max(all_r) * 1.02, 300)
+            grid = grid[grid < 1]
+            ax.plot(grid, c.logistic(grid), "-" if ok else ":", color=col, lw=1.8)
+        if math.isfinite(c.r_star):
+            ax.axvline(c.r_star, color=col, ls="--", lw=1, alpha=0.8 if ok else 0.4)
+            if ok and math.isfinite(c.lo) and math.isfinite(c.hi):
+                ax.axvspan(c.lo, c.hi, color=col, alpha=0.12, lw=0)
+    ax.set_xscale("log")
+    if all_r:
+        _ratio_ticks(ax, all_r)
+    ax.set_xlabel("infusion ratio r (log scale)")
+    ax.set_ylabel(metric)
+    ax.set_title("Retention vs infusion ratio: logistic fit, r* (dashed), interval (band)\n"
+                 "hollow markers and dotted curves: flagged, not in the law", fontsize=11)
+    ax.grid(alpha=0.3)
+    if collapses:
+        ax.legend(title="model size", fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return ax.figure
+
+
+def plot_law(ax: Axes, law: LawFit, n_grid: int = 60) -> Figure:
+    """r* in the law's unit vs parameters (log-log): points, the law and its band, leave-largest-out, predictions."""
+    used = [p for p in law.points if p.used]
+    other = [p for p in law.points if not p.used and math.isfinite(p.unit_value) and p.unit_value > 0]
+    for pts, style, label, off in ((used, dict(fmt="o", color="C0"), "r* (in the fit)" if law.ok else "r* (flag ok)",
+                                    (6, -14)),
+                                   (other, dict(fmt="o", color="0.55", mfc="white"), "r* (excluded: flag)", (6, 4))):
+        if pts:
+            u = np.array([p.unit_value for p in pts])
+            err = np.array([[u_ - (p.unit_lo if math.isfinite(p.unit_lo) else u_),
+                             (p.unit_hi if math.isfinite(p.unit_hi) else u_) - u_] for p, u_ in zip(pts, u)]).T
+            ax.errorbar([p.params for p in pts], u, yerr=np.clip(err, 0, None), capsize=3, ms=7, label=label,
+                        zorder=3, **style)
+            for p in pts:
+                ax.annotate(f"{p.size}\nr*={p.r_star:.3g}", (p.params, p.unit_value), textcoords="offset points",
+                            xytext=off, fontsize=8, color=style["color"])
+    if law.ok:
+        xs = [p.params for p in law.points] + [p.params for p in law.predictions]
+        grid = np.geomspace(min(xs) / 1.5, max(xs) * 1.5, n_grid)
+        budgets = sorted({p.tokens for p in used}) if law.c is not None else [None]
+        for k, d in enumerate(budgets):
+            preds = [predict_law(law, n, d) for n in grid]
+            lab = f"law {law.form}" + (f", D={d:.3g}" if d is not None else "")
+            ax.plot(grid, [p.unit_value for p in preds], color=f"C{k + 1}", lw=2, label=lab)
+            if law.boot.size:
+                ax.fill_between(grid, [p.unit_lo for p in preds], [p.unit_hi for p in preds], color=f"C{k + 1}",
+                                alpha=0.18, lw=0, label=f"{law.confidence:.0%} band" if k == 0 else None)
+        for lo in law.leave_largest_out:
+            q = lo.predicted
+            ax.errorbar([q.params], [q.unit_value], yerr=[[q.unit_value - q.unit_lo], [q.unit_hi - q.unit_value]]
+                        if math.isfinite(q.unit_lo) else None, fmt="D", color="C3", mfc="white", capsize=3, ms=7,
+                        label=f"leave-largest-out ({lo.rel_err_unit:+.0%})")
+        for q in law.predictions:
+            ax.errorbar([q.params], [q.unit_value], yerr=[[q.unit_value - q.unit_lo], [q.unit_hi - q.unit_value]]
+                        if math.isfinite(q.unit_lo) else None, fmt="*", color="C4", ms=13, capsize=3)
+            txt = q.name + (f"\nr*={q.r_star:.3g}" if q.r_star is not None else "")
+            ax.annotate(txt, (q.params, q.unit_value), textcoords="offset points", xytext=(8, 4), fontsize=8,
+                        color="C4")
+        lo_b, hi_b = law.b_interval
+        d_term = f" D^{law.c:.3f}" if law.c is not None else ""
+        ax.set_title(f"Law: {law.unit}(r*) = {law.a:.3g} N^{law.b:.3f}{d_term}  (b in [{_fmt(lo_b)}, {_fmt(hi_b)}])")
+    else:
+        ax.set_title("Law: not fitted")
+        ax.text(0.5, 0.97, _wrap(f"no law: {law.reason}", 70), transform=ax.transAxes, ha="center", va="top",
+                fontsize=10, color="C3", bbox=dict(facecolor="white", edgecolor="C3", alpha=0.9))
+    ax.set_xscale("log")
+    if used or other:
+        ax.set_yscale("log")
+        _at_least_a_decade(ax)
+    ax.set_xlabel("parameters N (log scale)")
+    unit_label = {"odds": "infusion odds r*/(1-r*)", "tokens": "knowledge tokens r*·D",
+                  "exposures": "exposures per fact at r*"}[law.unit]
+    ax.set_ylabel(f"{unit_label} (log scale)")
+    ax.grid(alpha=0.3, which="major")
+    ax.grid(alpha=0.1, which="minor")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=9, loc="best")
+    return ax.figure
+
+
+def _at_least_a_decade(ax: Axes) -> None:
+    """A log y axis spanning less than a decade has no labelled major tick: widen it, and label the y ticks as
+    plain numbers (minor ones too while the axis spans under two decades)."""
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo < 10:
+        mid = math.sqrt(lo * hi)
+        lo, hi = ax.set_ylim(mid / 4, mid * 4)
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain if lo > 0 and hi / lo < 100 else ticker.NullFormatter())
+
+
+def _wrap(text: str, width: int) -> str:
+    words, lines, cur = text.split(), [], ""
+    for w in words:
+        if cur and len(cur) + len(w) + 1 > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}".strip()
+    return "\n".join(lines + [cur])
+
+
+def plot_training_curves(ax: Axes, curves: Sequence[Curve], metric: str = "retention", legend: bool = True) -> Figure:
+    """Retention over training steps of one (size, tokens)'s cells, coloured by infusion ratio."""
+    ratios = sorted({c.ratio for c in curves})
+    norm = colors.LogNorm(vmin=min(ratios), vmax=max(ratios) * 1.0001) if ratios else None
+    seen = set()
+    for c in sorted(curves, key=lambda c: (c.ratio, c.seed)):
+        label = f"r={c.ratio:g}" if c.ratio not in seen else None
+        seen.add(c.ratio)
+        ax.plot(c.step, c.retention, "-", marker="." if len(c.step) < 30 else None, lw=1.6,
+                color=cm.plasma(0.85 * norm(c.ratio)), label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.set_title(f"{curves[0].size}, D={curves[0].tokens:.3g}", fontsize=11)
+        if legend:
+            ax.legend(fontsize=8, ncol=2 if len(ratios) > 5 else 1, loc="best")
+    return ax.figure
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, fsync, rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _by_tokens(collapses: Sequence[CollapseResult]) -> dict[float, list[CollapseResult]]:
+    out: dict[float, list[CollapseResult]] = {}
+    for c in collapses:
+        out.setdefault(c.tokens, []).append(c)
+    return out
+
+
+def retention_figure(collapses: Sequence[CollapseResult], metric: str) -> Figure:
+    groups = _by_tokens(collapses) or {math.nan: []}
+    fig = Figure(figsize=(9.5, 0.4 + 5.0 * len(groups)), layout="constrained")
+    for ax, (tokens, cs) in zip(fig.subplots(len(groups), 1, squeeze=False)[:, 0], groups.items()):
+        plot_retention_vs_ratio(ax, cs, metric)
+        if len(groups) > 1:
+            ax.set_title(f"D = {tokens:.3g} training tokens", fontsize=11)
+    if len(groups) > 1:
+        fig.suptitle("Retention vs infusion ratio: logistic fit, r* (dashed), interval (band); hollow markers and "
+                     "dotted curves: flagged, not in the law", fontsize=10)
+    return fig
+
+
+def curves_figure(curves: Sequence[Curve], metric: str) -> Figure:
+    keys = sorted({(c.size, c.tokens) for c in curves}, key=lambda k: (k[1], k[0]))
+    order = {s: i for i, s in enumerate(dict.fromkeys(c.size for c in curves))}
+    keys.sort(key=lambda k: (k[1], order[k[0]]))
+    ncol = min(3, len(keys))
+    nrow = math.ceil(len(keys) / ncol)
+    fig = Figure(figsize=(4.6 * ncol, 3.6 * nrow))
+    axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
+    for ax, key in zip(axes, keys):
+        plot_training_curves(ax, [c for c in curves if (c.size, c.tokens) == key], metric, legend=False)
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    handles = {lab: h for ax in axes[:len(keys)] for h, lab in zip(*ax.get_legend_handles_labels())}
+    order = sorted(handles, key=lambda lab: float(lab[2:]))
+    fig.suptitle("Retention during training, per cell (colour: infusion ratio)", fontsize=13)
+    fig.tight_layout(rect=(0, 0, 1 - 0.9 / (4.6 * ncol), 1))
+    fig.legend([handles[k] for k in order], order, loc="center right", fontsize=9, title="ratio", frameon=False)
+    return fig
+
+
+def write_reports(outdir: str | Path, collapses: Sequence[CollapseResult], law: LawFit,
+                  summary: Mapping[str, Any] | None = None, curves: Sequence[Curve] = ()) -> list[Path]:
+    """Write every report file (atomically) into outdir; returns the paths written.
+
+    summary: free key/values shown in the summary's Run table, plus optional 'title', 'metric' (the retention
+    metric's name) and 'excluded_cells' (cell name -> reason, for cells left out before detection)."""
+    out, summary = Path(outdir), dict(summary or {})
+    metric = str(summary.get("metric", "retention"))
+    written = []
+
+    def text(name: str, content: str) -> None:
+        atomic_write_text(out / name, content)
+        written.append(out / name)
+
+    text("collapse_points.md", collapse_table_md(collapses))
+    text("collapse_points.csv", collapse_table_csv(collapses))
+    text("collapse_points.json", json.dumps(collapse_json(collapses, law), indent=1) + "\n")
+    text("law.json", json.dumps({**law_json(law, summary), "definitions": jsonable(definitions(collapses, law))},
+                                indent=1) + "\n")
+    text("law.txt", law_text(law))
+    text("summary.md", summary_md(collapses, law, summary))
+    written.append(_save(retention_figure(collapses, metric), out / "retention_vs_ratio.png"))
+    fig = Figure(figsize=(8.5, 6))
+    plot_law(fig.subplots(), law)
+    written.append(_save(fig, out / "law.png"))
+    if curves:
+        written.append(_save(curves_figure(curves, metric), out / "curves.png"))
+    return written

@@ -1,0 +1,162 @@
+"""The scaling-law fit recovers a known law from noisy, simulated collapse curves."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from kislurm.collapse import CollapseResult, Logistic, Measurement, detect_collapses
+from kislurm.law import LawFit, fit_law, interp_loglog, law_points, predict_law, unit_of_ratio, wls
+
+GRID = (0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.98, 0.99)
+A, B = 1e-3, 0.6            # true law: odds(r*) = A * N^B
+SIZES = {f"s{i}": float(n) for i, n in enumerate(np.geomspace(1e5, 1e7, 5))}
+
+
+def true_r_star(params: float, tokens: float = 1e6, c: float = 0.0) -> float:
+    odds = A * params ** B * (tokens / 1e6) ** c
+    return odds / (1 + odds)
+
+
+def simulate(rng: np.random.Generator, sizes=SIZES, tokens=(1e6,), c: float = 0.0, n_facts: int = 200,
+             bits: float | None = None) -> list[Measurement]:
+    """Logistic retention in log r around the true r*, steep as collapses near r = 1 are; binomial fact noise."""
+    out = []
+    for size, n in sizes.items():
+        for d in tokens:
+            r_star = true_r_star(n, d, c)
+            curve = Logistic(0.95, 0.1, math.log(r_star), 3.0 / (1.0 - r_star))
+            for r in GRID:
+                fc = (rng.random(n_facts) < curve(np.array([r]))[0]).astype(float)
+                out.append(Measurement(size, n, r, d, 0, float(fc.mean()), fc, exposures_per_fact=800.0 * r,
+                                       knowledge_bits=bits))
+    return out
+
+
+def fake(size: str, params: float, r: float, rel_width: float, flag: str = "ok", tokens: float = 1e6,
+         n_boot: int = 64, seed: int = 0, interval: tuple[float, float] | None = None) -> CollapseResult:
+    """A collapse result with a log-normal bootstrap around r (for weighting and bookkeeping tests)."""
+    boot = np.minimum(r * np.exp(np.random.default_rng(seed).normal(0, rel_width, n_boot)), 0.9999)
+    lo, hi = interval or (r * math.exp(-1.6449 * rel_width), r * math.exp(1.6449 * rel_width))
+    return CollapseResult(size=size, params=params, tokens=tokens, r_star=r, lo=lo, hi=hi,
+                          bracketed=flag == "ok", flag=flag, reason="test",
+                          logistic=None, r_star_segmented=None, r_star_largest_drop=None, n_cells=5,
+                          ratios=np.array([0.1, 0.5, 0.9]), retention=np.array([0.9, 0.5, 0.1]),
+                          retention_se=np.zeros(3), n_seeds=np.ones(3), boot=boot, boot_method="facts")
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[list[CollapseResult], LawFit]:
+    rng = np.random.default_rng(11)
+    cs = detect_collapses(simulate(rng), n_boot=100, confidence=0.9, rng=rng)
+    law = fit_law(cs, unit="odds", n_boot=400, confidence=0.9, rng=rng, targets={"1B": 1e9})
+    return cs, law
+
+
+def test_exponent_recovered_within_5_percent(fitted):
+    cs, law = fitted
+    assert all(c.flag == "ok" for c in cs), [c.reason for c in cs]
+    assert law.ok and law.form == "a*N^b" and len(law.coef) == 2
+    assert law.b == pytest.approx(B, rel=0.05)
+    lo, hi = law.b_interval
+    assert lo < B < hi and hi - lo < 0.3
+    assert law.a == pytest.approx(A, rel=0.6)
+    assert law.boot.shape == (400, 2) and 0.1 < law.chi2_red < 10
+
+
+def test_leave_largest_out_and_predictions(fitted):
+    cs, law = fitted
+    (loo,) = law.leave_largest_out
+    largest = max(cs, key=lambda c: c.params)
+    assert loo.predicted.name == largest.size and loo.observed_r == largest.r_star
+    assert abs(loo.rel_err_r) < 0.05 and loo.rel_err_unit == pytest.approx(
+        loo.predicted.unit_value / loo.observed_unit - 1)
+    (pred,) = law.predictions
+    assert pred.name == "1B" and pred.unit_lo < pred.unit_value < pred.unit_hi
+    assert pred.r_star == pytest.approx(pred.unit_value / (1 + pred.unit_value))
+    assert pred.r_star == pytest.approx(true_r_star(1e9), abs=0.01)
+    mid = predict_law(law, 1e6)
+    assert mid.unit_value == pytest.approx(law.a * 1e6 ** law.b)
+
+
+def test_units_convert_from_r_star():
+    c = fake("x", 1e6, 0.8, 0.05, tokens=2e6)
+    assert unit_of_ratio(c, 0.8, "odds") == pytest.approx(4.0)
+    assert unit_of_ratio(c, 0.8, "tokens") == pytest.approx(1.6e6)
+    assert np.isnan(unit_of_ratio(c, 0.8, "exposures"))         # no exposures recorded
+    assert interp_loglog(np.array([0.2, 0.05, 2.0]), np.array([0.1, 0.4]), np.array([10.0, 40.0])) == \
+        pytest.approx([20.0, 5.0, 200.0])                       # exact for a power law, also beyond the grid
+    with pytest.raises(ValueError, match="unknown law unit"):
+        unit_of_ratio(c, 0.8, "bits")
+
+
+def test_exposures_unit_follows_recorded_exposures():
+    rng = np.random.default_rng(2)
+    cs = detect_collapses(simulate(rng), n_boot=30, confidence=0.9, rng=rng)
+    law = fit_law(cs, unit="exposures", n_boot=50, confidence=0.9, rng=rng, targets={"big": 1e8})
+    assert law.ok
+    for p in law.points:
+        assert p.unit_value == pytest.approx(800.0 * p.r_star, rel=1e-6)
+    assert law.predictions[0].r_star is None                  # no way back from exposures to r
+
+
+def test_weights_follow_interval_widths():
+    """A size with a wide interval barely moves the fit; an exact line through the precise sizes is kept."""
+    n = [1e5, 1e6, 1e7]
+    odds = [A * x ** B for x in n]
+    cs = [fake(f"s{i}", x, o / (1 + o), 0.02) for i, (x, o) in enumerate(zip(n[:2], odds))]
+    cs.append(fake("s2", 1e7, 0.99, 0.02, interval=(0.5, 0.995)))   # far off the line, but very uncertain
+    law = fit_law(cs, unit="odds", n_boot=0, confidence=0.9, rng=np.random.default_rng(0))
+    assert law.b == pytest.approx(B, rel=0.02)
+    x = np.stack([np.ones(3), np.log(n)], axis=1)
+    assert np.allclose(wls(x, np.log(odds), np.ones(3))[0], [math.log(A), B])
+
+
+def test_fewer_than_two_sizes_gives_reason_not_crash():
+    rng = np.random.default_rng(0)
+    one = [fake("a", 1e6, 0.5, 0.05), fake("b", 1e7, 0.9, 0.05, flag="unbracketed-high")]
+    law = fit_law(one, unit="odds", n_boot=50, confidence=0.9, rng=rng, targets={"big": 1e9})
+    assert not law.ok and "1 size(s)" in law.reason and "fix:" in law.reason
+    assert math.isnan(law.b) and law.predictions == () and len(law.points) == 2
+    assert [p.used for p in law.points] == [True, False] and "unbracketed-high" in law.points[1].reason
+    assert not fit_law([], unit="odds", n_boot=10, confidence=0.9, rng=rng).ok
+    with pytest.raises(ValueError, match="no law"):
+        predict_law(law, 1e9)
+
+
+def test_two_sizes_fit_exactly_without_leave_out():
+    law = fit_law([fake("a", 1e6, 0.5, 0.05), fake("b", 1e7, 0.8, 0.05, seed=1)], unit="odds", n_boot=100,
+                  confidence=0.9, rng=np.random.default_rng(0))
+    assert law.ok and law.b == pytest.approx(math.log(4.0) / math.log(10.0))
+    assert law.leave_largest_out == () and "smaller sizes" in law.leave_out_reason
+    assert any("two points" in n for n in law.notes)
+
+
+def test_token_budget_term_only_with_enough_points():
+    rng = np.random.default_rng(4)
+    sizes3 = dict(list(SIZES.items())[::2])
+    cs = detect_collapses(simulate(rng, sizes=sizes3, tokens=(1e6, 4e6), c=0.3), n_boot=40, confidence=0.9,
+                          rng=rng)
+    law = fit_law(cs, unit="odds", n_boot=100, confidence=0.9, rng=rng)
+    assert law.ok and law.form == "a*N^b*D^c"
+    assert law.b == pytest.approx(B, rel=0.1) and law.c == pytest.approx(0.3, abs=0.1)
+    few = [c for c in cs if not (c.tokens == 4e6 and c.params > 1e5)] + [fake("x", 5e6, 0.9, 0.05, "absent")]
+    law = fit_law(few, unit="odds", n_boot=50, confidence=0.9, rng=rng)
+    assert law.form == "a*N^b" and law.c is None
+    assert {p.tokens for p in law.points if p.used} == {1e6}
+    assert any("D term" in p.reason for p in law.points if not p.used)
+
+
+def test_knowledge_bits_per_parameter_checked_against_capacity():
+    rng = np.random.default_rng(6)
+    sizes = dict(list(SIZES.items())[:3])
+    cs = detect_collapses(simulate(rng, sizes=sizes, bits=3e5), n_boot=20, confidence=0.9, rng=rng)
+    law = fit_law(cs, unit="odds", n_boot=20, confidence=0.9, rng=rng)
+    bpp = {p.size: p.bits_per_param for p in law.points}
+    assert bpp["s0"] == pytest.approx(3.0) and bpp["s2"] == pytest.approx(0.3)
+    flags = {p.size: p.capacity_flag for p in law.points}
+    assert flags == {"s0": "over-capacity", "s1": "ok", "s2": "ok"}
+    assert any("bits per parameter" in n for n in law.notes)
+    assert law_points(cs, "odds", 0.9)[0].bits_per_param == pytest.approx(3.0)

@@ -1,0 +1,132 @@
+"""Report files: written atomically, parseable, and complete even when no law could be fitted."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from matplotlib.image import imread
+
+import kislurm.collapse
+import kislurm.law
+import kislurm.report
+from kislurm.collapse import Logistic, Measurement, detect_collapses, measurements_from_csv
+from kislurm.law import fit_law
+from kislurm.report import (
+    Curve, collapse_table_csv, plot_law, plot_retention_vs_ratio, summary_md, write_reports,
+)
+
+GRID = (0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.98)
+
+
+def simulate(rng: np.random.Generator, r_stars: dict[str, tuple[float, float]], n_facts: int = 200):
+    """Cells of every size (r*, params) on GRID with binomial fact noise, plus retention-vs-step curves."""
+    ms, curves = [], []
+    for size, (r_star, params) in r_stars.items():
+        curve = Logistic(0.95, 0.1, math.log(r_star), 3.0 / (1.0 - r_star))
+        for r in GRID:
+            p = float(curve(np.array([r]))[0])
+            fc = (rng.random(n_facts) < p).astype(float)
+            ms.append(Measurement(size, params, r, 1e6, 0, float(fc.mean()), fc, knowledge_bits=1e4))
+            steps = np.arange(0, 1001, 100)
+            curves.append(Curve(size, r, 1e6, 0, steps, p + (0.1 - p) * np.exp(-steps / 200.0)))
+    return ms, curves
+
+
+@pytest.fixture(scope="module")
+def results():
+    rng = np.random.default_rng(0)
+    ms, curves = simulate(rng, {"s": (0.5, 1e5), "m": (0.7, 4e5), "l": (0.85, 1.6e6), "xl": (0.999, 6.4e6)})
+    cs = detect_collapses(ms, n_boot=50, confidence=0.9, rng=rng)
+    law = fit_law(cs, unit="odds", n_boot=100, confidence=0.9, rng=rng, targets={"1B": 1e9})
+    return cs, law, curves
+
+
+def test_reports_written_and_parse(tmp_path, results):
+    cs, law, curves = results
+    assert law.ok and [c.flag for c in cs][-1] != "ok"    # xl never collapses on the grid: excluded, reported
+    summary = {"title": "test run", "metric": "general_acc", "run": "r1", "excluded_cells": {"s_r0.5_s1": "FAILED"}}
+    files = write_reports(tmp_path / "reports", cs, law, summary, curves)
+    names = {f.name for f in files}
+    assert names == {"collapse_points.md", "collapse_points.csv", "collapse_points.json", "law.json", "law.txt",
+                     "summary.md", "retention_vs_ratio.png", "law.png", "curves.png"}
+    assert (tmp_path / "reports/law.txt").read_text().startswith("odds(r*) = ")
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == sorted(names)   # no temp files left
+
+    rows = list(csv.DictReader((tmp_path / "reports/collapse_points.csv").open()))
+    assert [r["size"] for r in rows] == [c.size for c in cs] and rows[0]["flag"] == "ok"
+    assert float(rows[0]["r_star"]) == pytest.approx(cs[0].r_star)
+    data = json.loads((tmp_path / "reports/collapse_points.json").read_text())
+    assert len(data["collapses"]) == len(cs) and "r_star" in data["definitions"]
+    assert len(data["collapses"][0]["boot"]) == 50 and data["collapses"][0]["logistic"]["plateau"] > 0.8
+    lj = json.loads((tmp_path / "reports/law.json").read_text())
+    assert lj["law"]["b"] == pytest.approx(law.b) and lj["law"]["unit"] == "odds" and lj["summary"]["run"] == "r1"
+    assert lj["law"]["predictions"][0]["name"] == "1B" and lj["definitions"]["law"]["unit"] == "odds"
+
+    md = (tmp_path / "reports/summary.md").read_text()
+    for needle in ("# test run", "general_acc", "odds(r*) =", "Leave-largest-out", "Predictions", "1B",
+                   "s_r0.5_s1", "FAILED", "xl", "Capacity"):
+        assert needle in md, needle
+    assert "| xl |" in (tmp_path / "reports/collapse_points.md").read_text()
+    for png in ("retention_vs_ratio.png", "law.png", "curves.png"):
+        img = imread(tmp_path / "reports" / png)
+        assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500 and img.std() > 0.05
+
+
+def test_no_law_still_writes_every_report(tmp_path):
+    rng = np.random.default_rng(1)
+    ms, _ = simulate(rng, {"s": (0.5, 1e5), "xl": (0.999, 6.4e6)})
+    cs = detect_collapses(ms, n_boot=20, confidence=0.9, rng=rng)
+    law = fit_law(cs, unit="odds", n_boot=20, confidence=0.9, rng=rng, targets={"1B": 1e9})
+    assert not law.ok
+    files = write_reports(tmp_path, cs, law, {})
+    assert {f.name for f in files} >= {"summary.md", "law.png", "law.json", "collapse_points.csv"}
+    assert "curves.png" not in {f.name for f in files}
+    md = (tmp_path / "summary.md").read_text()
+    assert "No law fitted" in md and law.reason in md and law.reason in (tmp_path / "law.txt").read_text()
+    assert json.loads((tmp_path / "law.json").read_text())["law"]["ok"] is False
+
+
+def test_plots_take_an_axis_and_never_refit(results, monkeypatch):
+    cs, law, _ = results
+    def refit(*a, **k):
+        pytest.fail("a plot function fitted something")
+
+    for module, name in ((kislurm.law, "fit_law"), (kislurm.law, "wls"), (kislurm.collapse, "fit_logistic"),
+                         (kislurm.collapse, "_levenberg_marquardt"), (kislurm.report, "fit_law")):
+        monkeypatch.setattr(module, name, refit, raising=False)
+    fig = Figure()
+    ax = fig.subplots()
+    assert plot_retention_vs_ratio(ax, cs, "general_acc") is fig
+    assert ax.get_xscale() == "log" and ax.get_ylabel() == "general_acc" and ax.get_xlabel()
+    assert len([ln for ln in ax.get_lines() if len(ln.get_xdata()) > 100]) == sum(c.logistic is not None for c in cs)
+    fig2 = Figure()
+    ax2 = fig2.subplots()
+    assert plot_law(ax2, law) is fig2
+    assert ax2.get_xscale() == "log" and ax2.get_yscale() == "log" and "odds" in ax2.get_ylabel()
+
+
+def test_tables_render_missing_values(results):
+    cs, law, _ = results
+    text = collapse_table_csv(cs)
+    assert "nan" not in text.lower() and text.count("\n") == len(cs) + 1
+    md = summary_md(cs, law, {"metric": "general_acc", "extra": {"a": [1, 2]}})
+    assert '{"a": [1, 2]}' in md and "nan" not in md
+
+
+def test_csv_to_reports_end_to_end(tmp_path):
+    """`kislurm fit TABLE.csv` path: a plain table (no per-fact data) gives a binomial bootstrap, a law, reports."""
+    rng = np.random.default_rng(3)
+    ms, _ = simulate(rng, {"s": (0.5, 1e5), "m": (0.7, 4e5), "l": (0.85, 1.6e6)}, n_facts=300)
+    lines = ["size,params,tokens,ratio,retention,n_facts"] + \
+        [f"{m.size},{m.params:g},{m.tokens:g},{m.ratio},{m.retention},300" for m in ms]
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    cs = detect_collapses(measurements_from_csv(tmp_path / "t.csv"), n_boot=60, confidence=0.9, rng=rng)
+    assert [c.flag for c in cs] == ["ok"] * 3 and {c.boot_method for c in cs} == {"binomial"}
+    law = fit_law(cs, unit="odds", n_boot=60, confidence=0.9, rng=rng)
+    write_reports(tmp_path / "out", cs, law, {"source": "t.csv"})
+    assert law.ok and "binomial" in (tmp_path / "out/collapse_points.csv").read_text()
