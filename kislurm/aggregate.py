@@ -70,8 +70,8 @@ def summarise(path: str) -> CellSummary | str:
         params=float(meta.get("params_non_embedding", np.nan)), ratio=float(meta.get("ratio", np.nan)),
         tokens=float(meta.get("tokens", np.nan)), seed=int(meta.get("seed", 0)), complete=rec.complete,
         n_choices=int(meta.get("n_choices", 0)),
-        exposures_per_fact=_num(stats.get("exposures_per_fact_mean", stats.get("infused_exposures_mean"))),
-        n_infused_facts=_num(stats.get("n_infused_facts"), int),
+        exposures_per_fact=_num(stats.get("exposures_per_fact_mean")),
+        n_infused_facts=_num(stats.get("infused_facts"), int),
         values_per_relation=_num((data_cfg.get("knowledge") or {}).get("values_per_relation"), int),
         step=np.asarray(rec.step), metrics={k: np.asarray(v) for k, v in rec.metrics.items()},
         final_correct=final, probe_fact_index=np.asarray(rec.probe_fact_index),
@@ -192,9 +192,13 @@ def measurements(summaries: list[CellSummary], metric: str) -> tuple[list, list[
             excluded.append((s.name, f"no '{metric}' recorded; fix: choose analysis.metric among "
                                      f"{sorted(s.metrics)}"))
             continue
+        scores = fact_scores(s, metric)
+        bits = (s.n_infused_facts * float(np.log2(s.values_per_relation))
+                if s.n_infused_facts and s.values_per_relation else None)
         out.append(Measurement(size=s.size, params=s.params, ratio=s.ratio, tokens=s.tokens, seed=s.seed,
-                               retention=float(s.metrics[metric][-1]), fact_correct=fact_scores(s, metric),
-                               n_choices=s.n_choices, exposures_per_fact=s.exposures_per_fact))
+                               retention=float(s.metrics[metric][-1]), fact_correct=scores,
+                               n_choices=s.n_choices, exposures_per_fact=s.exposures_per_fact,
+                               n_facts=None if scores is None else len(scores), knowledge_bits=bits))
     return out, excluded
 
 
@@ -230,29 +234,17 @@ def _analysis_config(runs: list[Path], config: Optional[Path]) -> AnalysisConfig
 
 def analyse(ms: list, cfg: AnalysisConfig, out: Path, summary: dict, curves: list) -> AggregateResult:
     """Collapse per (size, token budget), the law across sizes, and the reports: shared by runs and CSVs."""
-    from .collapse import detect_collapse
+    from .collapse import detect_collapses
     from .law import fit_law
-    from .report import write_reports
+    from .report import collapse_table_md, law_text, write_reports
 
     rng = np.random.default_rng(cfg.seed)
-    groups: dict[tuple[str, float], list] = {}
-    for m in ms:
-        groups.setdefault((m.size, m.tokens), []).append(m)
-    collapses = [detect_collapse(g, n_boot=cfg.bootstrap, confidence=cfg.confidence, rng=rng)
-                 for _, g in sorted(groups.items(), key=lambda kv: (kv[1][0].params, kv[0][1]))]
+    collapses = detect_collapses(ms, n_boot=cfg.bootstrap, confidence=cfg.confidence, rng=rng)
     law = fit_law(collapses, unit=cfg.unit, n_boot=cfg.bootstrap, confidence=cfg.confidence, rng=rng,
                   targets=cfg.target_sizes)
-    files = write_reports(out, collapses, law, summary, curves)
-    table = _read_text(out / "collapse_points.md")
-    text = _read_text(out / "law.txt") or str(getattr(law, "reason", "") or law)
-    return AggregateResult(out=out, collapses=collapses, law=law, table_markdown=table, law_text=text)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
+    write_reports(out, collapses, law, summary, curves)
+    return AggregateResult(out=out, collapses=collapses, law=law, table_markdown=collapse_table_md(collapses),
+                           law_text=law_text(law))
 
 
 def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optional[Path] = None,
@@ -266,10 +258,15 @@ def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optiona
     for path, reason in unreadable:
         echo(f"kislurm: skipping unreadable store: {reason}")
     ms, excluded = measurements(summaries, cfg.metric)
-    summary = {"runs": [str(r) for r in runs], "stores": len(stores), "read": n_read, "used": len(ms),
-               "excluded": excluded, "unreadable": unreadable, "metric": cfg.metric, "unit": cfg.unit}
-    curves = [{"name": s.name, "size": s.size, "ratio": s.ratio, "seed": s.seed, "step": s.step,
-               "retention": s.metrics.get(cfg.metric)} for s in summaries]
+    summary = {"title": f"kislurm report: {', '.join(r.name for r in runs)}", "metric": cfg.metric,
+               "runs": ", ".join(str(r) for r in runs), "stores found": len(stores),
+               "stores read this time (others cached)": n_read, "cells used": len(ms),
+               "excluded_cells": {**{name: reason for name, reason in excluded},
+                                  **{Path(p).parent.name: f"unreadable: {reason}" for p, reason in unreadable}}}
+    from .report import Curve
+
+    curves = [Curve(size=s.size, ratio=s.ratio, tokens=s.tokens, seed=s.seed, step=s.step,
+                    retention=s.metrics[cfg.metric]) for s in summaries if cfg.metric in s.metrics]
     if not stores:
         echo(f"kislurm: no retention stores under {', '.join(map(str, runs))} (nothing has run yet?)")
     result = analyse(ms, cfg, out, summary, curves)
@@ -284,8 +281,8 @@ def fit_measurements_csv(csv: Path, out: Path, unit: str = "odds", targets: Opti
 
     ms = measurements_from_csv(csv)
     cfg = AnalysisConfig(unit=unit, target_sizes=targets or {}, bootstrap=bootstrap)  # type: ignore[arg-type]
-    summary = {"source": str(csv), "used": len(ms), "excluded": [], "unreadable": [], "metric": "retention",
-               "unit": unit}
+    summary = {"title": f"kislurm fit: {csv.name}", "source": str(csv), "rows used": len(ms),
+               "metric": "retention"}
     return analyse(ms, cfg, out, summary, [])
 
 

@@ -1,0 +1,95 @@
+"""Cell states from STATUS files, stores and the scheduler; the nightly entry's lock, dated reports and exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kislurm.paths import RunPaths
+from kislurm.status import STALE_AFTER_S, cell_state, read_status, run_status, write_status
+from kislurm.store import RetentionWriter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_store(path: Path, name: str, complete: bool, ratio: float = 0.5, acc: float = 0.9, size: str = "cpu-s",
+               params: float = 1e5) -> None:
+    meta = {"cell_id": name[-10:], "name": name, "size": size, "ratio": ratio, "tokens": 1000, "seed": 0,
+            "config": {}, "params_total": params, "params_non_embedding": params, "n_choices": 4, "data_stats": {}}
+    w = RetentionWriter.open(path, meta, ["f0", "f1"], np.array([0, 1], np.int8), np.array([0, 0, 1, 1]),
+                             np.array([False, True, False, True]))
+    w.append(10, 320, 2.0, {"general_acc": acc, "infused_acc": 0.5}, np.array([1, 1, 0, 1], bool), None)
+    if complete:
+        w.mark_complete()
+    w.close()
+
+
+def test_states_from_status_file_store_and_scheduler(tmp_path):
+    run = RunPaths(tmp_path)
+    cp = run.cell("a")
+    cp.root.mkdir(parents=True)
+    now = time.time()
+    assert cell_state(cp, False, None, now) == "missing"
+    write_status(cp, "RUNNING", step=3)
+    assert read_status(cp)[0] == "RUNNING"
+    assert cell_state(cp, False, None, now) == "running"
+    assert cell_state(cp, False, None, now + STALE_AFTER_S + 1) == "failed"  # heartbeat went stale: a dead job
+    assert cell_state(cp, False, "CANCELLED", now) == "cancelled"
+    assert cell_state(cp, False, "PENDING", now) == "pending"
+    assert cell_state(cp, True, "CANCELLED", now) == "done"  # a complete store wins
+    write_status(cp, "RUNNING", step=3, pid=2**22 + 12345)  # a pid that does not exist on this host
+    assert cell_state(cp, False, None, now) == "failed"
+
+
+def test_run_status_rows(tmp_path):
+    run = RunPaths(tmp_path)
+    for name, complete in (("done_cell", True), ("half_cell", False)):
+        run.cell(name).root.mkdir(parents=True)
+        (run.cell(name).spec).write_text("{}")
+        make_store(run.cell(name).store, name, complete)
+    write_status(run.cell("half_cell"), "RUNNING", step=10)
+    rows = {r["cell"]: r for r in run_status(run)}
+    assert rows["done_cell"]["state"] == "done" and rows["done_cell"]["general_acc"] == pytest.approx(0.9)
+    assert rows["half_cell"]["state"] == "running" and rows["half_cell"]["step"] == 10
+    with pytest.raises(FileNotFoundError, match="no such run folder"):
+        run_status(RunPaths(tmp_path / "absent"))
+
+
+def nightly(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "nightly.py"), *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_nightly_dated_reports_lock_and_exit_codes(tmp_path):
+    run = RunPaths(tmp_path / "run")
+    ratios = [0.1, 0.3, 0.5, 0.7, 0.9]
+    for size, params, mid in (("s", 1e5, 0.4), ("m", 4e5, 0.6), ("l", 1.6e6, 0.8)):
+        for r in ratios:
+            name = f"{size}_r{r}_xxxxxxxxxx"
+            run.cell(name).root.mkdir(parents=True)
+            make_store(run.cell(name).store, name, True, ratio=r, acc=float(0.9 if r < mid else 0.3), size=size,
+                       params=params)
+    (run.cells / "garbage_cell").mkdir()
+    (run.cells / "garbage_cell" / "retention.h5").write_bytes(b"not hdf5 at all" * 10)
+    reports = tmp_path / "reports"
+    out = nightly(str(run.root), "--reports", str(reports))
+    assert out.returncode == 0, out.stderr
+    assert "1 unreadable" in out.stdout
+    latest = reports / "latest"
+    assert latest.is_symlink() and (latest / "collapse_points.csv").exists()
+    again = nightly(str(run.root), "--reports", str(reports))  # warm: nothing new to read
+    assert again.returncode == 0 and "read 0 new or changed stores" in again.stdout
+    # a second instance while one holds the lock does nothing and succeeds
+    import fcntl
+
+    with open(reports / ".nightly.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        busy = nightly(str(run.root), "--reports", str(reports))
+    assert busy.returncode == 0 and "another aggregation holds" in busy.stdout
+    missing = nightly(str(tmp_path / "nope"), "--reports", str(reports))
+    assert missing.returncode == 1 and "no such run folder" in missing.stderr
