@@ -32,7 +32,7 @@ class AggregateError(RuntimeError):
 
 
 @dataclass
-class CellSummary:
+class CellDigest:
     """What aggregation needs of one store: small enough to cache thousands of them."""
 
     path: str
@@ -55,17 +55,17 @@ class CellSummary:
     fact_group: Optional[np.ndarray]
 
 
-def summarise(path: str) -> CellSummary | str:
-    """Read one store into a CellSummary, or return the one-line reason it is unusable."""
+def summarise(path: str) -> CellDigest | str:
+    """Read one store into a CellDigest, or return the one-line reason it is unusable."""
     try:
-        rec = read_cell(Path(path), matrix=True)
+        rec = read_cell(Path(path), matrix="last")  # only the final evaluation's per-probe row is needed
     except StoreError as e:
         return str(e)
     meta = rec.meta
     stats = meta.get("data_stats") or {}
     data_cfg = (meta.get("config") or {}).get("data") or {}
     final = rec.probe_correct[-1].astype(bool) if rec.probe_correct is not None and len(rec.step) else None
-    return CellSummary(
+    return CellDigest(
         path=path, name=meta.get("name", Path(path).parent.name), size=str(meta.get("size")),
         params=float(meta.get("params_non_embedding", np.nan)), ratio=float(meta.get("ratio", np.nan)),
         tokens=float(meta.get("tokens", np.nan)), seed=int(meta.get("seed", 0)), complete=rec.complete,
@@ -119,7 +119,7 @@ def _save_cache(path: Path, entries: dict) -> None:
 
 
 def load_summaries(stores: list[Path], cache_path: Optional[Path], workers: int = 0) -> tuple[
-        list[CellSummary], list[tuple[str, str]], int]:
+        list[CellDigest], list[tuple[str, str]], int]:
     """Summaries of readable stores, (path, reason) of unreadable ones, and how many files were actually read."""
     cache = _load_cache(cache_path) if cache_path else {}
     fresh: dict = {}
@@ -147,7 +147,7 @@ def load_summaries(stores: list[Path], cache_path: Optional[Path], workers: int 
         fresh[p] = (keys[p], r)
     if cache_path:
         _save_cache(cache_path, fresh)
-    good = [v for _, v in fresh.values() if isinstance(v, CellSummary)]
+    good = [v for _, v in fresh.values() if isinstance(v, CellDigest)]
     bad = [(p, v) for p, (_, v) in fresh.items() if isinstance(v, str)]
     return sorted(good, key=lambda s: (s.params, s.tokens, s.ratio, s.seed)), sorted(bad), len(todo)
 
@@ -157,7 +157,7 @@ def load_summaries(stores: list[Path], cache_path: Optional[Path], workers: int 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def fact_scores(s: CellSummary, metric: str) -> Optional[np.ndarray]:
+def fact_scores(s: CellDigest, metric: str) -> Optional[np.ndarray]:
     """Per-fact accuracy behind an accuracy metric at the last evaluation (for bootstrapping over facts)."""
     m = _METRIC.match(metric)
     if not m or s.final_correct is None or s.probe_fact_index is None or s.fact_group is None:
@@ -179,7 +179,7 @@ def fact_scores(s: CellSummary, metric: str) -> Optional[np.ndarray]:
     return scores
 
 
-def measurements(summaries: list[CellSummary], metric: str) -> tuple[list, list[tuple[str, str]]]:
+def measurements(summaries: list[CellDigest], metric: str) -> tuple[list, list[tuple[str, str]]]:
     """Measurements of finished cells, and (cell, reason) for those left out."""
     from .collapse import Measurement
 
@@ -286,5 +286,5 @@ def fit_measurements_csv(csv: Path, out: Path, unit: str = "odds", targets: Opti
     return analyse(ms, cfg, out, summary, [])
 
 
-__all__ = ["AggregateError", "CellSummary", "aggregate_runs", "fit_measurements_csv", "load_summaries",
+__all__ = ["AggregateError", "CellDigest", "aggregate_runs", "fit_measurements_csv", "load_summaries",
            "measurements", "summarise", "find_stores"]

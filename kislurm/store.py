@@ -322,7 +322,21 @@ class RetentionWriter:
     def append(self, step: int, tokens: int, train_loss: float, metrics: dict[str, float],
                probe_correct: np.ndarray, probe_exact: np.ndarray | None) -> None:
         """Record one evaluation; on return it is durable, and a crash before return leaves it absent."""
+        self._commit(self._with_record(self._usable(), step, tokens, train_loss, metrics, probe_correct,
+                                       probe_exact))
+
+    def extend(self, records: list[tuple]) -> None:
+        """Record many evaluations in one publish (imports, benchmarks): all of them durable, or none.
+
+        Each record is the argument tuple of `append` (step, tokens, train_loss, metrics, correct, exact)."""
         s = self._usable()
+        for record in records:
+            s = self._with_record(s, *record)
+        self._commit(s)
+
+    def _with_record(self, s: _State, step: int, tokens: int, train_loss: float, metrics: dict[str, float],
+                     probe_correct: np.ndarray, probe_exact: np.ndarray | None) -> _State:
+        """The state with one more evaluation, after checking it fits the stored ones."""
         if s.complete:
             raise StoreError(f"{self.path}: the cell is marked complete; fix: truncate_after(step) to reopen it, "
                              "or delete the file to rerun the cell")
@@ -347,7 +361,7 @@ class RetentionWriter:
                        metrics=np.concatenate([s.metrics.reshape(len(s.step), len(names)), row]),
                        correct=np.concatenate([s.correct, correct[None]]),
                        exact=np.concatenate([s.exact, exact]) if s.exact is not None and len(s.step) else exact)
-        self._commit(new)
+        return new
 
     def steps(self) -> list[int]:
         return [int(x) for x in self._usable().step]

@@ -1,0 +1,160 @@
+"""Pytest fixture for the project's single-node Slurm cluster (started by tools/slurm_cluster.sh).
+
+`slurm_cluster` finds the cluster through `$KISLURM_SLURM_BASE/env.sh` (default base /tmp/kislurm-slurm), checks that
+the controller, the node and accounting answer, exports SLURM_CONF for the session (submitit's sbatch/sacct/scancel
+subprocesses and the jobs inherit it) and yields a `SlurmCluster`. When the cluster is not up the test is skipped with
+the command that starts it, or fails when KISLURM_REQUIRE_SLURM=1 (CI), so a broken cluster never passes silently.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+__all__ = [
+    "SlurmCluster", "SlurmUnavailable", "connect", "max_array_size", "read_env_sh", "slurm_base", "slurm_cluster",
+    "wait_until_queue_empty",
+]
+
+DEFAULT_BASE = Path("/tmp/kislurm-slurm")
+REQUIRE_ENV = "KISLURM_REQUIRE_SLURM"
+START_HINT = "run tools/slurm_cluster.sh start"
+CLUSTER_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "slurm_cluster.sh"
+_CLIENT_TIMEOUT_S = 15
+_UP_STATES = {"idle", "mix", "alloc"}
+
+
+class SlurmUnavailable(RuntimeError):
+    """The test cluster is not usable; the message is one line naming the problem."""
+
+
+@dataclass(frozen=True)
+class SlurmCluster:
+    """Where the running test cluster lives and what it allows."""
+
+    base: Path
+    conf: Path
+    node: str
+    max_array_size: int
+
+
+def slurm_base() -> Path:
+    """The cluster's base folder: $KISLURM_SLURM_BASE, else the script's default."""
+    return Path(os.environ.get("KISLURM_SLURM_BASE") or DEFAULT_BASE)
+
+
+def read_env_sh(path: Path) -> dict[str, str]:
+    """Parse the `export NAME=VALUE` lines that tools/slurm_cluster.sh writes (values shell-quoted)."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            name, value = words[1].split("=", 1)
+            values[name] = value
+    return values
+
+
+def _client(args: list[str], conf: Path) -> str:
+    """Run a Slurm client against `conf`; its stdout, or SlurmUnavailable with its complaint."""
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    try:
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=_CLIENT_TIMEOUT_S)
+    except FileNotFoundError as err:
+        raise SlurmUnavailable(f"{args[0]} is not installed") from err
+    except subprocess.TimeoutExpired as err:
+        raise SlurmUnavailable(f"`{' '.join(args)}` did not answer in {_CLIENT_TIMEOUT_S} s") from err
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip().strip("*")]
+        raise SlurmUnavailable(f"`{' '.join(args)}` failed: {lines[0] if lines else f'exit {proc.returncode}'}")
+    return proc.stdout
+
+
+def connect(base: Path) -> SlurmCluster:
+    """Check that the cluster under `base` is up (controller, node, accounting) and describe it."""
+    env_sh = base / "env.sh"
+    if not env_sh.is_file():
+        raise SlurmUnavailable(f"{env_sh} does not exist")
+    conf_value = read_env_sh(env_sh).get("SLURM_CONF")
+    if not conf_value or not Path(conf_value).is_file():
+        raise SlurmUnavailable(f"{env_sh} names no existing SLURM_CONF")
+    conf = Path(conf_value)
+    if "is UP" not in _client(["scontrol", "ping"], conf):
+        raise SlurmUnavailable(f"slurmctld is down (see {base / 'log' / 'slurmctld.log'})")
+    node_state = _client(["sinfo", "-h", "-N", "-o", "%N %t"], conf).split()
+    if len(node_state) < 2 or node_state[1] not in _UP_STATES:
+        raise SlurmUnavailable(f"the node is not usable (sinfo: {' '.join(node_state) or 'no node'})")
+    _client(["sacct", "-n", "-X", "-S", "now"], conf)
+    config = _client(["scontrol", "show", "config"], conf)
+    max_array = next((ln.split("=", 1)[1].strip() for ln in config.splitlines() if ln.startswith("MaxArraySize")), "0")
+    return SlurmCluster(base=base, conf=conf, node=node_state[0], max_array_size=int(max_array))
+
+
+def wait_until_queue_empty(timeout_s: float = 60.0) -> None:
+    """Block until squeue lists no job (pending, running or completing); AssertionError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        queue = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True, check=True,
+                               timeout=_CLIENT_TIMEOUT_S).stdout.strip()
+        if not queue:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Slurm jobs still queued after {timeout_s:.0f} s: {queue.splitlines()}")
+        time.sleep(1.0)
+
+
+def _restart(cluster: SlurmCluster, max_array: int) -> None:
+    """`tools/slurm_cluster.sh start` for the running cluster (same base and ports) with MaxArraySize=max_array."""
+    env = {**os.environ, **read_env_sh(cluster.base / "env.sh"), "KISLURM_SLURM_MAX_ARRAY_SIZE": str(max_array)}
+    proc = subprocess.run([str(CLUSTER_SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise SlurmUnavailable(f"{CLUSTER_SCRIPT} start failed: {proc.stderr.strip().splitlines()[-1:]}")
+
+
+@contextmanager
+def max_array_size(cluster: SlurmCluster, value: int) -> Iterator[SlurmCluster]:
+    """Run the block with MaxArraySize=value (array task indices 0..value-1), then restore the cluster's own.
+
+    Restarts slurmctld and slurmd (a few seconds each way; root only), each time once the queue is empty so no job
+    is caught half-launched. Usage: `with max_array_size(slurm_cluster, 3) as small: ...`.
+    """
+    wait_until_queue_empty()
+    try:
+        _restart(cluster, value)
+        yield connect(cluster.base)
+    finally:
+        wait_until_queue_empty()
+        _restart(cluster, cluster.max_array_size)
+
+
+def _connect_or_problem(base: Path) -> SlurmCluster | str:
+    """The cluster, or a one-line problem that says how to start it."""
+    try:
+        return connect(base)
+    except SlurmUnavailable as err:
+        return f"Slurm test cluster at {base} is not up ({err}); {START_HINT}"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """The running test cluster, with SLURM_CONF exported for the session; skip (or fail in CI) when it is down."""
+    base = slurm_base()
+    found = _connect_or_problem(base)
+    if isinstance(found, str):
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{found} ({REQUIRE_ENV}=1)", pytrace=False)
+        pytest.skip(found)
+    cluster = found
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SLURM_CONF", str(cluster.conf))
+    try:
+        yield cluster
+    finally:
+        patch.undo()

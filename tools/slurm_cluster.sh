@@ -1,0 +1,524 @@
+#!/usr/bin/env bash
+# A real single-node Slurm cluster (with accounting) for kislurm's tests, all under one base folder.
+#
+# Usage: tools/slurm_cluster.sh start|stop|status
+#
+#   start   install the Debian packages if missing (slurmctld slurmd slurm-client munge slurmdbd mariadb-server),
+#           then configure and start munged, MariaDB, slurmdbd, slurmctld and slurmd on loopback. Idempotent: running
+#           daemons are left alone. Waits until the node is up and sacct works, then writes $BASE/env.sh. When the
+#           configuration changed (another MaxArraySize or port) it rewrites it and restarts the daemons that read it;
+#           job state and the accounting database are kept, and running jobs survive.
+#   stop    stop the daemons by the PIDs in their pid files (never by name); the base folder is kept.
+#   status  exit 0 when every daemon runs and the controller answers, 1 otherwise.
+#
+# Environment:
+#   KISLURM_SLURM_BASE            base folder for config, state, logs, pids, sockets and the database
+#                                 (default /tmp/kislurm-slurm); daemon logs are in $BASE/log
+#   KISLURM_SLURM_MAX_ARRAY_SIZE  MaxArraySize (default 1001, Slurm's): array task indices must be below it. A start
+#                                 with a value other than the running cluster's restarts slurmctld and slurmd (~6 s):
+#                                   KISLURM_SLURM_MAX_ARRAY_SIZE=3 tools/slurm_cluster.sh start   # arrays 0..2 only
+#                                   tools/slurm_cluster.sh start                                  # back to 1001
+#   KISLURM_SLURM_PORT            first of four consecutive loopback TCP ports for slurmctld, slurmd, slurmdbd and
+#                                 MariaDB (default 6817, so 6817..6820)
+#
+# Behaviour worth knowing (Slurm 22.05 as packaged in Debian 12):
+#   - a requeued job (e.g. submitit's `scontrol requeue` after the timeout signal) may start again 10 s later
+#     (AuthInfo cred_expire, 120 s by default);
+#   - `--signal=SIG@S` is sent at the controller's 30-s periodic check once the job has under S + 30 s left, so with
+#     a 1-minute limit submitit's default USR2@90 arrives 0-30 s after the start, possibly before Python has installed
+#     submitit's handler (the task then dies of USR2); USR2@5 arrives 25-55 s in;
+#   - `scontrol reconfigure` does not change MaxArraySize once an array was submitted; a restart does.
+#
+# Clients need SLURM_CONF: `. "$BASE/env.sh"` after start. Must run as root (the daemons run as root).
+set -euo pipefail
+
+readonly PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+readonly DB_USER=slurm
+readonly DB_NAME=slurm_acct_db
+readonly CLUSTER_NAME=kislurm
+readonly DEFAULT_MAX_ARRAY_SIZE=1001
+readonly WAIT_S=60
+# AuthInfo cred_expire: also how long a requeued job waits before it may start again (Slurm default 120 s).
+readonly REQUEUE_DELAY_S=10
+
+BASE=${KISLURM_SLURM_BASE:-/tmp/kislurm-slurm}
+MAX_ARRAY_SIZE=${KISLURM_SLURM_MAX_ARRAY_SIZE:-$DEFAULT_MAX_ARRAY_SIZE}
+PORT=${KISLURM_SLURM_PORT:-6817}
+
+log() { printf 'slurm_cluster: %s\n' "$*" >&2; }
+die() { printf 'slurm_cluster: error: %s\n' "$*" >&2; exit 1; }
+
+now_s() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now_s)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# ---------------------------------------------------------------------------------------------------------------------
+# paths
+
+set_paths() {
+    [[ "$BASE" == /* ]] || BASE="$(pwd)/$BASE"
+    BASE="${BASE%/}"
+    ETC="$BASE/etc"; RUN="$BASE/run"; LOG="$BASE/log"; STATE="$BASE/state"; DB="$BASE/mariadb"
+    CONF="$ETC/slurm.conf"; DBD_CONF="$ETC/slurmdbd.conf"
+    MUNGE_KEY="$ETC/munge.key"; MUNGE_SOCKET="$RUN/munge.socket"
+    DB_SOCKET="$RUN/mariadb.sock"; DB_PASS_FILE="$ETC/db.pass"
+    CTLD_PORT=$PORT; SLURMD_PORT=$((PORT + 1)); DBD_PORT=$((PORT + 2)); DB_PORT=$((PORT + 3))
+    export SLURM_CONF="$CONF"
+}
+
+# pid file of each daemon, and its /proc/<pid>/comm (checked so a stale pid file never names another process)
+pid_file() { echo "$RUN/$1.pid"; }
+comm_of() {
+    case "$1" in
+        munged) echo munged ;; mariadb) echo mariadbd ;; slurmdbd) echo slurmdbd ;;
+        slurmctld) echo slurmctld ;; slurmd) echo slurmd ;;
+    esac
+}
+
+# Prints the daemon's pid when its pid file names a live process of the right program.
+running_pid() {
+    local f pid
+    f="$(pid_file "$1")"
+    [[ -s "$f" ]] || return 1
+    pid="$(tr -dc '0-9' <"$f")"
+    [[ -n "$pid" && -r "/proc/$pid/comm" ]] || return 1
+    [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$(comm_of "$1")" ]] || return 1
+    echo "$pid"
+}
+
+is_running() { running_pid "$1" >/dev/null; }
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checks
+
+validate_env() {
+    if ! [[ "$MAX_ARRAY_SIZE" =~ ^[0-9]{1,7}$ ]] || ! ((10#$MAX_ARRAY_SIZE >= 1 && 10#$MAX_ARRAY_SIZE <= 4000001)); then
+        die "KISLURM_SLURM_MAX_ARRAY_SIZE='$MAX_ARRAY_SIZE' is not an integer in 1..4000001; fix: unset it, or e.g. 3"
+    fi
+    if ! [[ "$PORT" =~ ^[0-9]{1,5}$ ]] || ! ((10#$PORT >= 1024 && 10#$PORT <= 65532)); then
+        die "KISLURM_SLURM_PORT='$PORT' is not a port in 1024..65532; fix: unset it (default 6817) or pick a free one"
+    fi
+    [[ "$BASE" =~ ^[A-Za-z0-9_./+-]+$ ]] ||
+        die "KISLURM_SLURM_BASE='$BASE' has characters slurm.conf cannot hold (spaces...); fix: use a plain path"
+    MAX_ARRAY_SIZE=$((10#$MAX_ARRAY_SIZE))
+    PORT=$((10#$PORT))
+}
+
+require_root() {
+    [[ "$(id -u)" -eq 0 ]] || die "must run as root (the Slurm daemons run as SlurmUser=root); fix: sudo $0 $*"
+}
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# A port is an error only when our own daemon for it is not the one holding it.
+check_port_free() {
+    local port=$1 daemon=$2
+    is_running "$daemon" && return 0
+    if port_in_use "$port"; then
+        die "port $port (for $daemon) is already in use by another process;" \
+            "fix: stop it, or set KISLURM_SLURM_PORT to the first of 4 free ports"
+    fi
+}
+
+# Checked before anything starts, so a busy port never leaves half a cluster behind.
+check_ports_free() {
+    check_port_free "$CTLD_PORT" slurmctld
+    check_port_free "$SLURMD_PORT" slurmd
+    check_port_free "$DBD_PORT" slurmdbd
+    check_port_free "$DB_PORT" mariadb
+}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# packages
+
+missing_packages() {
+    local p
+    for p in "${PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || echo "$p"
+    done
+}
+
+POLICY_GUARD=""
+remove_policy_guard() { [[ -n "$POLICY_GUARD" ]] && rm -f "$POLICY_GUARD"; POLICY_GUARD=""; }
+
+ensure_packages() {
+    local missing t0 apt_log="$LOG/apt.log"
+    mapfile -t missing < <(missing_packages)
+    ((${#missing[@]} == 0)) && return 0
+    command -v apt-get >/dev/null ||
+        die "packages missing (${missing[*]}) and no apt-get; fix: install them with your package manager"
+    t0="$(now_s)"
+    log "installing ${missing[*]} (log: $apt_log)"
+    # Keep package scripts from starting system-wide daemons (munge, mariadb, slurm) outside the base folder.
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        POLICY_GUARD=/usr/sbin/policy-rc.d
+        trap remove_policy_guard EXIT
+    fi
+    local apt=(env DEBIAN_FRONTEND=noninteractive apt-get -y -qq -o Dpkg::Options::=--force-confdef
+        -o Dpkg::Options::=--force-confold install --no-install-recommends "${missing[@]}")
+    if ! "${apt[@]}" >>"$apt_log" 2>&1; then
+        log "apt-get install failed; running apt-get update and retrying"
+        apt-get update -qq >>"$apt_log" 2>&1 || die "apt-get update failed; see $apt_log"
+        "${apt[@]}" >>"$apt_log" 2>&1 || die "apt-get install ${missing[*]} failed; see $apt_log"
+    fi
+    remove_policy_guard
+    log "installed packages in $(elapsed "$t0") s"
+}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# configuration
+
+node_name() { hostname -s; }
+
+# Binding to loopback only works when the host name resolves to a 127.x address (slurm binds to what it resolves).
+hostname_is_loopback() {
+    local addr
+    addr="$(getent ahostsv4 "$(node_name)" 2>/dev/null | awk 'NR == 1 { print $1 }')"
+    [[ "$addr" == 127.* ]]
+}
+
+real_memory_mb() { awk '/^MemTotal:/ { printf "%d", $2 / 1024 * 0.9 }' /proc/meminfo; }
+
+render_slurm_conf() {
+    local node comm=""
+    node="$(node_name)"
+    hostname_is_loopback && comm="CommunicationParameters=NoCtldInAddrAny,NoInAddrAny"
+    cat <<EOF
+# Written by tools/slurm_cluster.sh; rewritten on every start.
+ClusterName=$CLUSTER_NAME
+SlurmctldHost=$node(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+$comm
+AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=$REQUEUE_DELAY_S
+CredType=cred/munge
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation=$STATE/slurmctld
+SlurmdSpoolDir=$STATE/slurmd
+SlurmctldPidFile=$(pid_file slurmctld)
+SlurmdPidFile=$(pid_file slurmd)
+SlurmctldLogFile=$LOG/slurmctld.log
+SlurmdLogFile=$LOG/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
+SlurmdParameters=config_overrides
+MpiDefault=none
+ReturnToService=2
+MailProg=/bin/true
+KillWait=5
+MinJobAge=300
+JobRequeue=1
+MaxArraySize=$MAX_ARRAY_SIZE
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$DBD_PORT
+AccountingStoragePass=$MUNGE_SOCKET
+JobCompType=jobcomp/none
+NodeName=$node NodeAddr=127.0.0.1 CPUs=2 RealMemory=$(real_memory_mb) State=UNKNOWN
+PartitionName=main Nodes=$node Default=YES MaxTime=INFINITE State=UP
+EOF
+}
+
+render_slurmdbd_conf() {
+    local comm=""
+    hostname_is_loopback && comm="CommunicationParameters=NoInAddrAny"
+    cat <<EOF
+# Written by tools/slurm_cluster.sh; rewritten on every start.
+$comm
+AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCKET
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=root
+PidFile=$(pid_file slurmdbd)
+LogFile=$LOG/slurmdbd.log
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=$DB_USER
+StoragePass=$(cat "$DB_PASS_FILE")
+StorageLoc=$DB_NAME
+EOF
+}
+
+# Writes $2 from stdin atomically with mode $1; prints "changed" when the content differs from before.
+write_if_changed() {
+    local mode=$1 dest=$2 tmp
+    tmp="$(mktemp "$dest.XXXXXX")"
+    cat >"$tmp"
+    chmod "$mode" "$tmp"
+    if [[ -f "$dest" ]] && cmp -s "$tmp" "$dest"; then
+        rm -f "$tmp"
+    else
+        mv -f "$tmp" "$dest"
+        echo changed
+    fi
+}
+
+make_dirs() {
+    mkdir -p "$BASE"
+    chmod 755 "$BASE"
+    mkdir -p "$ETC" "$RUN" "$LOG" "$STATE/slurmctld" "$STATE/slurmd" "$DB"
+    chmod 755 "$ETC" "$RUN"
+    chmod 700 "$DB"
+}
+
+ensure_secrets() {
+    if [[ ! -s "$MUNGE_KEY" ]]; then
+        rm -f "$MUNGE_KEY"
+        mungekey --create --keyfile="$MUNGE_KEY" >>"$LOG/munged.log" 2>&1 ||
+            die "mungekey --create failed; see $LOG/munged.log"
+    fi
+    chmod 600 "$MUNGE_KEY"
+    if [[ ! -s "$DB_PASS_FILE" ]]; then
+        (umask 077 && head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$DB_PASS_FILE.tmp")
+        mv -f "$DB_PASS_FILE.tmp" "$DB_PASS_FILE"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# waiting
+
+# wait_until DESCRIPTION LOGFILE COMMAND...: retry COMMAND until it succeeds or WAIT_S seconds pass.
+wait_until() {
+    local what=$1 logfile=$2 deadline
+    shift 2
+    deadline=$((SECONDS + WAIT_S))
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || die "timed out after ${WAIT_S}s waiting for $what; see $logfile"
+        sleep 0.2
+    done
+}
+
+node_up() {
+    local state
+    state="$(timeout 10 sinfo -h -N -n "$(node_name)" -o %t 2>/dev/null | head -n1)"
+    [[ "$state" == idle || "$state" == mix || "$state" == alloc ]]
+}
+
+cluster_registered() {
+    timeout 10 sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER_NAME"
+}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# daemons
+
+# Closes every descriptor above 2 of the current (sub)shell: our lock, and any pipe of a calling CI step that would
+# otherwise wait for the daemon to exit.
+close_inherited_fds() {
+    local fd
+    for fd in "/proc/$BASHPID/fd/"*; do
+        fd=${fd##*/}
+        ((fd > 2)) && eval "exec $fd>&-" 2>/dev/null
+    done
+    return 0
+}
+
+# launch LOGFILE COMMAND...: run COMMAND (which daemonizes itself) with stdin /dev/null, output to LOGFILE.
+launch() {
+    local logfile=$1
+    shift
+    (close_inherited_fds && exec "$@" </dev/null >>"$logfile" 2>&1)
+}
+
+# launch_detached LOGFILE COMMAND...: the same for a COMMAND that stays in the foreground: it runs in the background,
+# in its own session, with no shell process left waiting for it.
+launch_detached() {
+    local logfile=$1
+    shift
+    (close_inherited_fds && exec setsid "$@" </dev/null >>"$logfile" 2>&1) &
+}
+
+start_munged() {
+    is_running munged && return 0
+    rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
+    launch "$LOG/munged.log" munged --key-file="$MUNGE_KEY" --socket="$MUNGE_SOCKET" --pid-file="$(pid_file munged)" \
+        --log-file="$LOG/munged.log" --seed-file="$STATE/munged.seed" ||
+        die "munged failed to start; see $LOG/munged.log"
+    wait_until "munged" "$LOG/munged.log" munge -n -S "$MUNGE_SOCKET"
+}
+
+db_sql() { mariadb --no-defaults -u root -S "$DB_SOCKET" -e "$1"; }
+
+start_mariadb() {
+    if ! is_running mariadb; then
+        if [[ ! -d "$DB/data/mysql" ]]; then
+            rm -rf "$DB/data"
+            launch "$LOG/mariadb-install.log" mariadb-install-db --no-defaults --user=root --datadir="$DB/data" \
+                --skip-test-db --auth-root-authentication-method=socket ||
+                die "mariadb-install-db failed; see $LOG/mariadb-install.log"
+        fi
+        check_port_free "$DB_PORT" mariadb
+        launch_detached "$LOG/mariadb.log" mariadbd --no-defaults --user=root --datadir="$DB/data" \
+            --socket="$DB_SOCKET" --pid-file="$(pid_file mariadb)" --port="$DB_PORT" --bind-address=127.0.0.1 \
+            --skip-name-resolve --log-error="$LOG/mariadb.log" --innodb-buffer-pool-size=1G \
+            --innodb-lock-wait-timeout=900
+        wait_until "MariaDB" "$LOG/mariadb.log" mariadb-admin --no-defaults -u root -S "$DB_SOCKET" ping
+        wait_until "MariaDB pid file" "$LOG/mariadb.log" is_running mariadb
+    fi
+    local pass
+    pass="$(cat "$DB_PASS_FILE")"
+    db_sql "CREATE USER IF NOT EXISTS '$DB_USER'@'127.0.0.1' IDENTIFIED BY '$pass';
+            ALTER USER '$DB_USER'@'127.0.0.1' IDENTIFIED BY '$pass';
+            GRANT ALL ON $DB_NAME.* TO '$DB_USER'@'127.0.0.1';" >>"$LOG/mariadb.log" 2>&1 ||
+        die "could not create the MariaDB user '$DB_USER'; see $LOG/mariadb.log"
+}
+
+start_slurmdbd() {
+    is_running slurmdbd && return 0
+    check_port_free "$DBD_PORT" slurmdbd
+    launch "$LOG/slurmdbd.log" slurmdbd || die "slurmdbd failed to start; see $LOG/slurmdbd.log"
+    wait_until "slurmdbd" "$LOG/slurmdbd.log" timeout 10 sacctmgr -n list cluster
+}
+
+start_slurmctld() {
+    is_running slurmctld && return 0
+    check_port_free "$CTLD_PORT" slurmctld
+    launch "$LOG/slurmctld.log" slurmctld || die "slurmctld failed to start; see $LOG/slurmctld.log"
+    wait_until "slurmctld" "$LOG/slurmctld.log" timeout 10 scontrol ping
+}
+
+start_slurmd() {
+    is_running slurmd && return 0
+    check_port_free "$SLURMD_PORT" slurmd
+    launch "$LOG/slurmd.log" slurmd || die "slurmd failed to start; see $LOG/slurmd.log"
+}
+
+# stop_daemons NAME...: SIGTERM to each by the pid in its pid file, wait for all (SIGKILL after 30 s).
+stop_daemons() {
+    local name pid i pids=() names=()
+    for name in "$@"; do
+        if pid="$(running_pid "$name")"; then
+            kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$pid")
+            names+=("$name")
+        fi
+    done
+    for ((i = 0; i < ${#pids[@]}; i++)); do
+        wait_gone "${pids[i]}" 30 || {
+            log "${names[i]} (pid ${pids[i]}) ignored SIGTERM for 30 s; sending SIGKILL"
+            kill -KILL "${pids[i]}" 2>/dev/null || true
+            wait_gone "${pids[i]}" 5 || true
+        }
+    done
+    for name in "$@"; do rm -f "$(pid_file "$name")"; done
+}
+
+# wait_gone PID SECONDS: true once PID has exited.
+wait_gone() {
+    local pid=$1 deadline=$((SECONDS + $2))
+    while kill -0 "$pid" 2>/dev/null; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.1
+    done
+}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# commands
+
+all_running() {
+    local d
+    for d in munged mariadb slurmdbd slurmctld slurmd; do is_running "$d" || return 1; done
+}
+
+write_env_sh() {
+    write_if_changed 644 "$BASE/env.sh" >/dev/null <<EOF
+# Written by tools/slurm_cluster.sh start: source it before using Slurm clients.
+export SLURM_CONF=$(printf %q "$CONF")
+export KISLURM_SLURM_BASE=$(printf %q "$BASE")
+export KISLURM_SLURM_PORT=$PORT
+EOF
+}
+
+current_array_size() { timeout 10 scontrol show config 2>/dev/null | awk '$1 == "MaxArraySize" { print $3 }'; }
+
+cmd_start() {
+    local t0 slurm_changed dbd_changed
+    t0="$(now_s)"
+    require_root start
+    make_dirs
+    ensure_packages
+    ensure_secrets
+    slurm_changed="$(render_slurm_conf | write_if_changed 644 "$CONF")"
+    dbd_changed="$(render_slurmdbd_conf | write_if_changed 600 "$DBD_CONF")"
+    if all_running && [[ -z "$slurm_changed$dbd_changed" ]] && timeout 10 scontrol ping >/dev/null 2>&1; then
+        write_env_sh
+        log "already running (base $BASE, MaxArraySize=$MAX_ARRAY_SIZE)"
+        return 0
+    fi
+    if [[ -n "$slurm_changed$dbd_changed" ]]; then
+        # Restart (not `scontrol reconfigure`): slurmctld 22.05 keeps the MaxArraySize it saw at the first array
+        # submission, so only a restart changes it. Running and pending jobs survive the restart.
+        stop_daemons slurmd slurmctld
+    fi
+    if [[ -n "$dbd_changed" ]]; then  # its database port or password may have changed too
+        stop_daemons slurmdbd
+        stop_daemons mariadb
+    fi
+    check_ports_free
+    start_munged
+    start_mariadb
+    start_slurmdbd
+    start_slurmctld
+    start_slurmd
+    wait_until "the node to be up in sinfo" "$LOG/slurmd.log" node_up
+    wait_until "slurmctld to register cluster $CLUSTER_NAME in accounting" "$LOG/slurmctld.log" cluster_registered
+    wait_until "sacct" "$LOG/slurmdbd.log" timeout 10 sacct -n -X -S now
+    write_env_sh
+    log "up in $(elapsed "$t0") s (base $BASE, MaxArraySize=$MAX_ARRAY_SIZE); clients: . $BASE/env.sh"
+}
+
+cmd_stop() {
+    require_root stop
+    # controller and node first, then accounting, then the database and munge they use
+    stop_daemons slurmd slurmctld
+    stop_daemons slurmdbd
+    stop_daemons mariadb munged
+    log "stopped (state kept in $BASE)"
+}
+
+cmd_status() {
+    local d down=()
+    for d in munged mariadb slurmdbd slurmctld slurmd; do is_running "$d" || down+=("$d"); done
+    if ((${#down[@]})); then
+        log "down: ${down[*]} not running (base $BASE); fix: tools/slurm_cluster.sh start"
+        return 1
+    fi
+    if ! timeout 10 scontrol ping >/dev/null 2>&1; then
+        log "down: slurmctld does not answer; see $LOG/slurmctld.log"
+        return 1
+    fi
+    local state
+    state="$(timeout 10 sinfo -h -N -o %t 2>/dev/null | head -n1)"
+    log "up: node $(node_name) $state, MaxArraySize=$(current_array_size), base $BASE"
+}
+
+main() {
+    validate_env
+    set_paths
+    local cmd=${1:-}
+    case "$cmd" in
+        start | stop)
+            mkdir -p "$BASE"
+            exec 9>"$BASE/.lock"
+            flock -w 600 9 || die "another tools/slurm_cluster.sh holds $BASE/.lock for over 600 s"
+            "cmd_$cmd"
+            ;;
+        status) cmd_status ;;
+        *) die "usage: $0 start|stop|status (got '${cmd}')" ;;
+    esac
+}
+
+main "$@"
