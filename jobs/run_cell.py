@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ import submitit
 from kislurm.paths import CellPaths, RunPaths
 from kislurm.plan import Cell
 from kislurm.status import write_status
+
+HEARTBEAT_S = 60.0
 
 # megatron-core warns at import that Apex / Transformer Engine are absent: expected on CPU, noise in every cell log.
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")
@@ -57,6 +60,32 @@ def _summary(store_path: Path) -> dict[str, Any]:
             else 0, **last}
 
 
+def _stops(cell: Cell) -> list[int]:
+    """Steps where training pauses: every evaluation, plus every checkpoint_interval (0 = evaluations only)."""
+    every = cell.train.checkpoint_interval
+    extra = set(range(every, cell.steps, every)) if every else set()
+    return sorted(set(cell.eval_steps) | extra)
+
+
+class _Heartbeat:
+    """Rewrites STATUS every HEARTBEAT_S while the cell trains, so `kislurm status` can tell a live cell from a
+    dead one even when evaluations are hours apart."""
+
+    def __init__(self, paths: CellPaths, trainer: Any, cell: Cell):
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(paths, trainer, cell), daemon=True)
+        self._thread.start()
+
+    def _beat(self, paths: CellPaths, trainer: Any, cell: Cell) -> None:
+        while not self._done.is_set():
+            write_status(paths, "RUNNING", step=trainer.step, of=cell.steps)
+            self._done.wait(HEARTBEAT_S)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def run_cell(run: RunPaths, cell: Cell) -> dict[str, Any]:
     """Train and evaluate one cell to completion (or resume it); returns its final metrics."""
     from kislurm import data, distributed
@@ -73,7 +102,7 @@ def run_cell(run: RunPaths, cell: Cell) -> dict[str, Any]:
     apply_cpu_shims()
     dist = distributed.setup(cell.model)
     log = _log_to(paths.log, dist.rank)
-    writer = None
+    writer, heartbeat = None, None
     try:
         if dist.is_main:
             write_status(paths, "RUNNING", step=0)
@@ -90,29 +119,30 @@ def run_cell(run: RunPaths, cell: Cell) -> dict[str, Any]:
             writer = RetentionWriter.open(paths.store, meta, probes.fact_ids, probes.fact_group, probes.fact_index,
                                           probes.heldout)
             writer.truncate_after(trainer.step)
-        recorded = set(writer.steps()) if writer else set()
-        mean_loss = float("nan")
-        for target in cell.eval_steps:
-            if target < trainer.step:
-                continue
-            if target > trainer.step:
-                stats = trainer.train_steps(target - trainer.step)
-                mean_loss = float(stats["loss"])
-            elif target in recorded:
-                continue  # evaluated before the interruption, and the checkpoint is at this step
-            result = evaluate_retention(trainer.model, probes, cell.eval.batch_size, cell.eval.exact_match)
-            if writer is not None:
-                tokens = trainer.step * cell.train.global_batch_size * cell.model.seq_length
-                writer.append(trainer.step, tokens, mean_loss, result.metrics, result.probe_correct,
-                              result.probe_exact)
-                write_status(paths, "RUNNING", step=trainer.step, of=cell.steps)
-                log(f"step {trainer.step}/{cell.steps} eval " + " ".join(
-                    f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("_acc")))
+        heartbeat = _Heartbeat(paths, trainer, cell) if dist.is_main else None
+        evals = sorted(cell.eval_steps)
+        for stop in _stops(cell):
+            if stop <= trainer.step:
+                continue  # done before an interruption (an evaluation is always stored before its checkpoint)
+            trainer.train_steps(stop - trainer.step)
+            if stop in evals:
+                result = evaluate_retention(trainer.model, probes, cell.eval.batch_size, cell.eval.exact_match)
+                previous = max([e for e in evals if e < stop], default=0)
+                mean_loss = sum(trainer.losses[previous:stop]) / (stop - previous)  # restored on resume too
+                if writer is not None:
+                    tokens = trainer.step * cell.train.global_batch_size * cell.model.seq_length
+                    writer.append(trainer.step, tokens, mean_loss, result.metrics, result.probe_correct,
+                                  result.probe_exact)
+                    log(f"step {trainer.step}/{cell.steps} eval " + " ".join(
+                        f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("_acc")))
             trainer.save_checkpoint()
+        heartbeat = heartbeat.stop() if heartbeat else None
         if writer is not None:
             writer.mark_complete()
             write_status(paths, "DONE", step=trainer.step, of=cell.steps)
     except BaseException as e:
+        if heartbeat:
+            heartbeat.stop()  # before FAILED is written, so no beat overwrites it
         if dist.is_main and not isinstance(e, (KeyboardInterrupt, SystemExit)):
             write_status(paths, "FAILED", error=f"{type(e).__name__}: {e}")
             log("FAILED: " + "".join(traceback.format_exception_only(type(e), e)).strip())

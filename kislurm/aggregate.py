@@ -8,6 +8,9 @@ written atomically by kislurm.report, so a reader never sees a half-written repo
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import pickle
 import re
@@ -18,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from . import __version__
 from .config import AnalysisConfig, ConfigError, load_config
 from .paths import RunPaths
 from .store import StoreError, read_cell
@@ -152,6 +156,19 @@ def load_summaries(stores: list[Path], cache_path: Optional[Path], workers: int 
     return sorted(good, key=lambda s: (s.params, s.tokens, s.ratio, s.seed)), sorted(bad), len(todo)
 
 
+def fingerprint(stores: list[Path], cfg: AnalysisConfig) -> str:
+    """Identity of an aggregation's inputs: every store's (path, size, mtime) and the analysis settings."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
+    h.update(__version__.encode())
+    for p in sorted(stores):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Summaries -> measurements
 # ----------------------------------------------------------------------------------------------------------------------
@@ -254,6 +271,10 @@ def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optiona
     stores = find_stores(runs)
     out = out or runs[0] / "reports"
     cfg = _analysis_config(runs, config)
+    print_ = fingerprint(stores, cfg)
+    previous = _load_result(out, print_)
+    if previous is not None:
+        return previous  # nothing changed since the last aggregation: its reports stand
     summaries, unreadable, n_read = load_summaries(stores, cache or out / CACHE_NAME)
     for path, reason in unreadable:
         echo(f"kislurm: skipping unreadable store: {reason}")
@@ -271,7 +292,31 @@ def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optiona
         echo(f"kislurm: no retention stores under {', '.join(map(str, runs))} (nothing has run yet?)")
     result = analyse(ms, cfg, out, summary, curves)
     result.excluded, result.unreadable, result.n_read = excluded, unreadable, n_read
+    _save_result(out, print_, result)
     return result
+
+
+_RESULT_NAME = ".aggregate-result.pkl"
+
+
+def _load_result(out: Path, print_: str) -> Optional[AggregateResult]:
+    try:
+        with open(out / _RESULT_NAME, "rb") as f:
+            saved_print, result = pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError):
+        return None
+    if saved_print != print_ or not (out / "collapse_points.csv").exists():
+        return None
+    result.n_read = 0
+    return result
+
+
+def _save_result(out: Path, print_: str, result: AggregateResult) -> None:
+    """Written last, after every report: its presence means the reports match this fingerprint."""
+    tmp = out / f".{_RESULT_NAME}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump((print_, result), f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, out / _RESULT_NAME)
 
 
 def fit_measurements_csv(csv: Path, out: Path, unit: str = "odds", targets: Optional[dict[str, float]] = None,

@@ -316,6 +316,8 @@ class ExecutorConfig:
     """Tasks of one array running at once (local: processes at once)."""
     max_array_size: Optional[int] = None
     """Split arrays above this many tasks (unset: read MaxArraySize from the cluster)."""
+    max_requeues: int = 20
+    """Times a cell may be requeued after its time limit or a preemption (it resumes from its last checkpoint)."""
     sbatch_extra: dict[str, str] = field(default_factory=dict)
     """Extra sbatch options passed through as is, e.g. {mail-type: END}."""
     setup: list[str] = field(default_factory=list)
@@ -326,6 +328,7 @@ class ExecutorConfig:
         _check(self.cpus_per_task >= 1, "cpus_per_task", "expected >= 1 CPU per task")
         _check(self.array_parallelism >= 1, "array_parallelism", "expected >= 1 task at once")
         _check(self.max_array_size is None or self.max_array_size >= 1, "max_array_size", "expected >= 1")
+        _check(self.max_requeues >= 0, "max_requeues", "expected >= 0 requeues")
         _check(self.time is None or bool(_SLURM_TIME.match(self.time)), "time",
                f"'{self.time}' is not a Slurm time; fix: use MM, HH:MM:SS or D-HH:MM:SS, e.g. 12:00:00")
 

@@ -155,6 +155,7 @@ def run_status(run: RunPaths, names: Optional[list[str]] = None) -> list[dict]:
         names = sorted(p.parent.name for p in run.cells.glob("*/cell.json"))
     subs = latest_submissions(run)
     sched = slurm_states([s.job_id for s in subs.values() if s.cluster == "slurm"])
+    known_arrays = {job.split("_")[0] for job in sched}
     now = time.time()
     rows = []
     for name in names:
@@ -175,6 +176,10 @@ def run_status(run: RunPaths, names: Optional[list[str]] = None) -> list[dict]:
                 row["error"] = str(e)
         sub = subs.get(name)
         word = sched.get(sub.job_id) if sub and sub.cluster == "slurm" else None
+        if sub and sub.cluster == "slurm" and word is None and sub.job_id.split("_")[0] in known_arrays:
+            # Slurm keeps no accounting record of an array task cancelled while pending: its array is known to
+            # sacct but the task is gone without ever running.
+            word = "CANCELLED"
         row["state"] = cell_state(cp, complete, word, now)
         if row["state"] == "requeued" or (word == "PREEMPTED"):
             row["state"] = "requeued"

@@ -75,7 +75,8 @@ def sbatch_parameters(res: Resources, ex: ExecutorConfig, name: str) -> dict[str
     """Keyword arguments of submitit's own sbatch renderer (the single source of truth for valid options)."""
     params: dict[str, Any] = {
         "job_name": name, "time": res.timeout_min, "nodes": res.nodes, "ntasks_per_node": res.tasks_per_node,
-        "cpus_per_task": res.cpus_per_task, "array_parallelism": ex.array_parallelism, "signal_delay_s": 90,
+        "cpus_per_task": res.cpus_per_task, "array_parallelism": ex.array_parallelism,
+        "signal_delay_s": signal_delay_s(res.timeout_min),
     }
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node
@@ -89,6 +90,14 @@ def sbatch_parameters(res: Resources, ex: ExecutorConfig, name: str) -> dict[str
     if ex.sbatch_extra:
         params["additional_parameters"] = {k.replace("-", "_"): v for k, v in ex.sbatch_extra.items()}
     return params
+
+
+def signal_delay_s(timeout_min: int) -> int:
+    """Seconds before the time limit that Slurm sends USR2 (the cell then checkpoints and requeues).
+
+    slurmctld checks limits every 30 s, so the signal comes up to 30 s earlier than asked; submitit's 90 s default
+    would hit a 1-2 minute job before its Python process has installed the handler, killing it instead."""
+    return 90 if timeout_min >= 5 else 15
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -213,7 +222,8 @@ def dry_run(cfg: ExperimentConfig, cells: list[Cell]) -> str:
 
 def make_executor(cfg: ExperimentConfig, run: RunPaths, res: Resources) -> submitit.AutoExecutor:
     ex = cfg.executor
-    executor = submitit.AutoExecutor(folder=run.submitit / "%j", cluster=ex.cluster)
+    executor = submitit.AutoExecutor(folder=run.submitit / "%j", cluster=ex.cluster,
+                                     slurm_max_num_timeout=ex.max_requeues)
     if ex.cluster == "slurm":
         params = sbatch_parameters(res, ex, f"kislurm-{cfg.name}")
         executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})

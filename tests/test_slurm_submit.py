@@ -1,0 +1,98 @@
+"""`kislurm submit` against the project's real single-node Slurm cluster (tools/slurm_cluster.sh): job arrays of
+real cells, status from sacct, cancel and resubmit, MaxArraySize splitting, time-limit requeue and resume."""
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kislurm.aggregate import aggregate_runs
+from kislurm.cli import main, submit_run
+from kislurm.config import load_config
+from kislurm.paths import RunPaths
+from kislurm.plan import expand
+from kislurm.status import latest_submissions, run_status
+from kislurm.store import read_cell
+from slurm_fixtures import max_array_size
+
+pytestmark = pytest.mark.slurm
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def slurm_config(root: Path, **overrides):
+    base = {"output_root": str(root), "executor.cluster": "slurm", "executor.time": "10"}
+    cfg = load_config(TINY, {**base, **overrides})
+    return cfg, expand(cfg)
+
+
+def wait_for(run: RunPaths, done: callable, timeout: float = 600) -> list[dict]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = run_status(run)
+        if done(rows):
+            return rows
+        time.sleep(3)
+    raise AssertionError(f"timed out; states: {[(r['cell'], r['state']) for r in run_status(run)]}")
+
+
+def test_array_status_cancel_resubmit_aggregate(slurm_cluster, tmp_path):
+    cfg, cells = slurm_config(tmp_path)
+    run = submit_run(cfg, cells)
+    subs = latest_submissions(run)
+    assert len({s.job_id.split("_")[0] for s in subs.values()}) == 1, "one array for one resource shape"
+    victim = cells[-1].name
+    subprocess.run(["scancel", subs[victim].job_id], check=True)
+    rows = wait_for(run, lambda rows: all(r["state"] in ("done", "cancelled") for r in rows))
+    states = {r["cell"]: r["state"] for r in rows}
+    assert states.pop(victim) == "cancelled" and set(states.values()) == {"done"}
+
+    runner = CliRunner()
+    shown = json.loads(runner.invoke(main, ["status", str(run.root), "--json"]).output)
+    assert {r["cell"]: r["state"] for r in shown}[victim] == "cancelled"
+    again = runner.invoke(main, ["submit", str(TINY), "--set", f"output_root={tmp_path}", "--set",
+                                 "executor.cluster=slurm", "--set", "executor.time=10"])
+    assert again.exit_code == 0, again.output
+    assert "1 of 4 cells to submit (skipping 3 done)" in again.output
+    wait_for(run, lambda rows: all(r["state"] == "done" for r in rows))
+    result = aggregate_runs([run.root])
+    assert len(result.collapses) >= 1 and not result.unreadable and not result.excluded
+
+
+def test_arrays_split_at_cluster_max_array_size(slurm_cluster, tmp_path):
+    ratios = [round(0.05 + 0.09 * i, 2) for i in range(10)]
+    cfg, cells = slurm_config(tmp_path, **{"grid.sizes": ["cpu-xxs"], "grid.ratios": ratios,
+                                           "grid.token_budgets": [1024], "train.eval_interval": 1})
+    with max_array_size(slurm_cluster, 3):
+        run = submit_run(cfg, cells)  # MaxArraySize read from the cluster's configuration
+        arrays = {s.job_id.split("_")[0] for s in latest_submissions(run).values()}
+        assert len(arrays) == 4
+        wait_for(run, lambda rows: all(r["state"] == "done" for r in rows))
+
+
+def test_time_limit_signal_checkpoint_requeue_complete(slurm_cluster, tmp_path):
+    """A cell that needs more than its one-minute limit: USR2, requeue, resume from its checkpoint, complete."""
+    cfg, cells = slurm_config(tmp_path, **{"grid.sizes": ["cpu-l"], "grid.ratios": [0.5],
+                                           "grid.token_budgets": [300_000], "executor.time": "1",
+                                           "train.eval_interval": 100, "train.checkpoint_interval": 20})
+    run = submit_run(cfg, cells)
+    wait_for(run, lambda rows: rows[0]["state"] in ("done", "failed"), timeout=900)
+    rec = read_cell(run.cell(cells[0].name).store, matrix=False)
+    assert rec.complete
+    assert list(rec.step) == cells[0].eval_steps  # no evaluation lost or repeated across restarts
+    sessions = rec.meta["writers"]
+    assert len(sessions) >= 2, "the cell should have been requeued and resumed at least once"
+    history = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j",
+                              latest_submissions(run)[cells[0].name].job_id], capture_output=True, text=True).stdout
+    assert "REQUEUED" in history or len(sessions) >= 2
+
+
+def test_unknown_partition_refused_before_submission(slurm_cluster, tmp_path):
+    out = CliRunner().invoke(main, ["submit", str(TINY), "--set", f"output_root={tmp_path}", "--set",
+                                    "executor.cluster=slurm", "--set", "executor.partition=nope"])
+    assert out.exit_code == 2
+    assert "unknown partition 'nope'; fix: set executor.partition to one of" in out.output
+    assert not (tmp_path / "tiny").exists(), "nothing is written or submitted"
