@@ -256,7 +256,8 @@ def analyse(ms: list, cfg: AnalysisConfig, out: Path, summary: dict, curves: lis
     from .report import collapse_table_md, law_text, write_reports
 
     rng = np.random.default_rng(cfg.seed)
-    collapses = detect_collapses(ms, n_boot=cfg.bootstrap, confidence=cfg.confidence, rng=rng)
+    collapses = detect_collapses(ms, n_boot=cfg.bootstrap, confidence=cfg.confidence, rng=rng,
+                                 workers=min(os.cpu_count() or 1, 4) if len(ms) >= 20 else 1)
     law = fit_law(collapses, unit=cfg.unit, n_boot=cfg.bootstrap, confidence=cfg.confidence, rng=rng,
                   targets=cfg.target_sizes)
     write_reports(out, collapses, law, summary, curves)

@@ -17,6 +17,9 @@ Definitions (each recorded in every output through `CollapseOptions` and `Collap
 - Interval: percentile bootstrap of r*. With per-fact scores, facts are resampled (one resample shared by every
   cell of the size, since they are the same facts); with several seeds, seeds are resampled within each ratio;
   without per-fact scores, a parametric bootstrap: binomial with n_facts, else residuals of the logistic fit.
+- Fitting: scipy.optimize.least_squares within box bounds (`_bounds`), started from the best points of a
+  (midpoint, steepness) grid whose plateau and drop are solved exactly; the bootstrap replicates also start from
+  the point estimate, and polish only their best start (one scipy fit per replicate).
 - Cross-checks: a segmented regression (plateau, linear ramp in log r, floor; its r* is the ramp's midpoint, the
   analogue of the logistic midpoint) and the largest single drop between neighbouring grid points (the baseline).
 """
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.optimize import OptimizeResult, least_squares
 from scipy.special import expit
 
 FLAGS = ("ok", "unbracketed-low", "unbracketed-high", "absent", "non-monotone", "too-few-points")
@@ -128,13 +132,17 @@ def _model(x: np.ndarray, th: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return th[:, 0:1] - th[:, 1:2] * h, h
 
 
-def _jacobian(x: np.ndarray, th: np.ndarray, h: np.ndarray) -> np.ndarray:
-    hh = h * (1.0 - h)
-    j = np.empty(h.shape + (4,))
-    j[..., 0] = 1.0
-    j[..., 1] = -h
-    j[..., 2] = th[:, 1:2] * th[:, 3:4] * hh
-    j[..., 3] = -th[:, 1:2] * (x[None, :] - th[:, 2:3]) * hh
+def _residuals(th: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return th[0] - th[1] * expit(th[3] * (x - th[2])) - y
+
+
+def _jacobian(th: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """d residuals / d (plateau, drop, midpoint, steepness): (K, 4), analytic."""
+    u = x - th[2]
+    h = expit(th[3] * u)
+    dh = th[1] * h * (1.0 - h)
+    j = np.empty((x.size, 4))
+    j[:, 0], j[:, 1], j[:, 2], j[:, 3] = 1.0, -h, th[3] * dh, -u * dh
     return j
 
 
@@ -181,60 +189,73 @@ def _grid_init(x: np.ndarray, ys: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_
     return np.clip(th, lo, hi)
 
 
-def _levenberg_marquardt(x: np.ndarray, ys: np.ndarray, th: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                         iters: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """Projected Levenberg-Marquardt on every row of ys at once (rows leave once converged); returns the
-    parameters and residual sums of squares."""
-    th = np.clip(th, lo, hi)
-    f, h = _model(x, th)
-    r = ys - f
-    sse = (r * r).sum(1)
-    lam = np.full(len(th), 1e-2)
-    act = np.arange(len(th))
-    eye = np.eye(4)
-    for _ in range(iters):
-        if act.size == 0:
-            break
-        ta, ha, ra, la = th[act], h[act], r[act], lam[act]
-        j = _jacobian(x, ta, ha)
-        jt = j.transpose(0, 2, 1)
-        jtj = jt @ j
-        g = (jt @ ra[..., None])[..., 0]
-        damp = la[:, None, None] * (np.diagonal(jtj, axis1=1, axis2=2)[:, :, None] * eye + 1e-9 * eye)
-        new = np.clip(ta + np.linalg.solve(jtj + damp, g[..., None])[..., 0], lo, hi)
-        f_new, h_new = _model(x, new)
-        r_new = ys[act] - f_new
-        sse_new = (r_new * r_new).sum(1)
-        better = sse_new < sse[act]
-        gain = sse[act] - sse_new
-        acc = act[better]
-        th[acc], h[acc], r[acc], sse[acc] = new[better], h_new[better], r_new[better], sse_new[better]
-        lam[act] = np.where(better, la * 0.3, la * 4.0).clip(1e-9, 1e9)
-        done = (better & (gain <= 1e-12 + 1e-9 * sse[act])) | (lam[act] >= 1e6)
-        act = act[~done]
-    return th, sse
+def _warm_start(x: np.ndarray, ys: np.ndarray, start: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """`start`'s shape (midpoint, steepness) with plateau and drop re-solved for every row: (B, 1, 4)."""
+    th = np.tile(np.clip(start, lo, hi), (ys.shape[0], 1))
+    p, d, sse = _plateau_drop_lstsq(_model(x, th[:1])[1], ys)
+    ok = np.isfinite(sse[:, 0]) & (d[:, 0] >= 0)
+    th[ok, 0], th[ok, 1] = p[ok, 0], d[ok, 0]
+    return np.clip(th, lo, hi)[:, None, :]
+
+
+_LM_MAX_NFEV = 40    # an unbounded LM run longer than this is leaving the box (e.g. a sharper step than allowed)
+_TRF_MAX_NFEV = 100  # bounded runs longer than this crawl along a flat valley (r* not determined by the data)
+
+
+def _trf(x: np.ndarray, y: np.ndarray, th: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> OptimizeResult:
+    """Bounded fit; gtol is an absolute test on the gradient: tightened so a near-exact fit (tiny residuals, tiny
+    gradient) is not stopped early (ftol and xtol are relative and end the noisy fits)."""
+    return least_squares(_residuals, th, jac=_jacobian, bounds=(lo, hi), method="trf", x_scale="jac", gtol=1e-12,
+                         max_nfev=_TRF_MAX_NFEV, args=(x, y))
+
+
+def _polish(x: np.ndarray, y: np.ndarray, th: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least-squares fit of one curve from th within the box [lo, hi], by scipy.optimize.least_squares: (th, SSE).
+
+    MINPACK's Levenberg-Marquardt first (unbounded, several times cheaper per iteration than the bounded methods):
+    a converged optimum inside the box is the bounded optimum too. Otherwise (a sharper step than the box allows,
+    an asymptote off the box, ...) the trust-region reflective method with the box, from the LM point clipped into
+    the box (close to the bounded optimum), and from th as well if that ends worse than th started."""
+    start = th
+    if x.size >= th.size:   # MINPACK needs at least as many points as parameters
+        fit = least_squares(_residuals, th, jac=_jacobian, method="lm", x_scale="jac", max_nfev=_LM_MAX_NFEV,
+                            args=(x, y))
+        if fit.status > 0 and np.all((fit.x >= lo) & (fit.x <= hi)):
+            return fit.x, 2.0 * float(fit.cost)
+        if np.isfinite(fit.x).all():
+            th = np.clip(fit.x, lo, hi)
+    fit = _trf(x, y, th, lo, hi)
+    r0 = _residuals(start, x, y)
+    if th is not start and 2.0 * fit.cost > r0 @ r0:
+        again = _trf(x, y, start, lo, hi)
+        fit = again if again.cost < fit.cost else fit
+    return fit.x, 2.0 * float(fit.cost)
 
 
 def fit_logistic(x: np.ndarray, ys: np.ndarray, start: np.ndarray | None = None,
-                 bounds: tuple[np.ndarray, np.ndarray] | None = None,
-                 n_starts: int = 3) -> tuple[np.ndarray, np.ndarray]:
+                 bounds: tuple[np.ndarray, np.ndarray] | None = None, n_starts: int = 3,
+                 n_polish: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fit the logistic to each row of ys (B, K) at x = log r (K,); returns th (B, 4) and SSE (B,).
 
-    Multi-start: each row is fitted from the n_starts best points of a grid search and from `start` (a warm start,
-    e.g. the point estimate), and keeps the best fit (the surface has local minima, e.g. a step between two
-    grid points)."""
+    Multi-start (the surface has local minima, e.g. a step between two grid points): each row's candidates are the
+    n_starts best points of a (midpoint, steepness) grid and `start` (a warm start, e.g. the point estimate), each
+    with plateau and drop solved exactly for the row; `_polish` (scipy) fits from the n_polish candidates with the
+    lowest SSE (all by default) and the row keeps the best fit."""
     x, ys = np.asarray(x, float), np.atleast_2d(np.asarray(ys, float))
     lo, hi = bounds if bounds is not None else _bounds(x, ys[0])
     starts = _grid_init(x, ys, lo, hi, n_starts)
     if start is not None:
-        warm = np.broadcast_to(np.clip(start, lo, hi), (ys.shape[0], 1, 4))
-        starts = np.concatenate([starts, warm], axis=1)
+        starts = np.concatenate([starts, _warm_start(x, ys, np.asarray(start, float), lo, hi)], axis=1)
     b, s = starts.shape[:2]
-    th, sse = _levenberg_marquardt(x, np.repeat(ys, s, axis=0), starts.reshape(b * s, 4), lo, hi, iters=25)
-    th, sse = th.reshape(b, s, 4), sse.reshape(b, s)
-    best = np.argmin(sse, axis=1)
-    rows = np.arange(b)
-    return _levenberg_marquardt(x, ys, th[rows, best], lo, hi)   # polish only the most promising start
+    f0 = _model(x, starts.reshape(b * s, 4))[0].reshape(b, s, -1) - ys[:, None, :]
+    order = np.argsort((f0 * f0).sum(2), axis=1, kind="stable")[:, :n_polish or s]
+    th, sse = np.empty((b, 4)), np.full(b, np.inf)
+    for i in range(b):
+        for k in order[i]:
+            t, f = _polish(x, ys[i], starts[i, k], lo, hi)
+            if f < sse[i]:
+                th[i], sse[i] = t, f
+    return th, sse
 
 
 def segmented_fit(x: np.ndarray, y: np.ndarray, n_knots: int = 60) -> tuple[float, float, float] | None:
@@ -398,8 +419,9 @@ def detect_collapse(ms: list[Measurement], *, n_boot: int, confidence: float, rn
     reps, method = _replicates(ms, cells, x, y, point, n_boot, rng)
     # sampling SE per ratio; residual replicates would fold lack of fit into it (and hide a non-monotone dip)
     se = reps.std(0, ddof=1) if reps.shape[0] > 1 and method != "residual" else np.zeros(y.size)
-    boot = np.exp(fit_logistic(x, reps, start=point, bounds=(lo_b, hi_b), n_starts=2)[0][:, 2]) if reps.shape[0] \
-        else np.empty(0)
+    # one scipy fit per replicate, from the best of its grid starts and the point estimate
+    boot = np.exp(fit_logistic(x, reps, start=point, bounds=(lo_b, hi_b), n_starts=2, n_polish=1)[0][:, 2]) \
+        if reps.shape[0] else np.empty(0)
 
     r_star = float(math.exp(point[2]))
     lo, hi = percentile_interval(boot, confidence)
@@ -428,16 +450,27 @@ def _tok_key(tokens: float) -> float | None:
 
 
 def detect_collapses(ms: list[Measurement], *, n_boot: int, confidence: float, rng: np.random.Generator,
-                     options: CollapseOptions = CollapseOptions()) -> list[CollapseResult]:
+                     options: CollapseOptions = CollapseOptions(), workers: int = 1) -> list[CollapseResult]:
     """detect_collapse for every (size, tokens), ordered by params then tokens; each group draws from its own
-    child generator spawned from `rng` (independent streams, reproducible for a given set of groups)."""
+    child generator spawned from `rng` (independent streams, reproducible for a given set of groups, and so the
+    same result with any number of `workers` processes)."""
     groups: dict[tuple, list[Measurement]] = defaultdict(list)
     for m in ms:
         groups[(m.params, m.size, _tok_key(m.tokens))].append(m)
     keys = sorted(groups, key=lambda k: (k[0], k[1], -1.0 if k[2] is None else k[2]))
     children = rng.spawn(len(keys))
-    return [detect_collapse(groups[k], n_boot=n_boot, confidence=confidence, rng=g, options=options)
-            for k, g in zip(keys, children)]
+    jobs = [(groups[k], n_boot, confidence, g, options) for k, g in zip(keys, children)]
+    if workers > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+            return list(pool.map(_detect_one, jobs))
+    return [_detect_one(job) for job in jobs]
+
+
+def _detect_one(job: tuple) -> CollapseResult:
+    group, n_boot, confidence, rng, options = job
+    return detect_collapse(group, n_boot=n_boot, confidence=confidence, rng=rng, options=options)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

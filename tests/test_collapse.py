@@ -42,7 +42,7 @@ def table(values: dict[float, float], **kw) -> list[Measurement]:
 
 
 def test_logistic_fit_reaches_scipy_optimum():
-    """The vectorised multi-start fitter finds the least-squares optimum a multi-start scipy fit finds."""
+    """Grid starts + one polish per start find the optimum a brute-force multi-start scipy fit finds."""
     rng = np.random.default_rng(3)
     x = np.log(np.array(GRID))
     ys = np.stack([[m.retention for m in simulate(rng, r, n_facts=100)] for r in (0.3, 0.5, 0.7, 0.85)])
@@ -55,6 +55,38 @@ def test_logistic_fit_reaches_scipy_optimum():
         assert s <= 2 * best.cost * (1 + 1e-4) + 1e-10
         if 2 * best.cost <= s * (1 + 1e-6):      # same optimum (not scipy stuck on a flat ridge): same r*
             assert abs(t[2] - best.x[2]) < 1e-3
+
+
+def test_fit_stays_in_the_box_where_the_data_want_to_leave_it():
+    """A step sharper than the box allows ends on the steepness cap; a rising curve ends on drop = 0 (flat)."""
+    x = np.log(np.array(GRID))
+    step = np.array([0.9, 0.9, 0.9, 0.9, 0.2, 0.2, 0.2])
+    rising = np.linspace(0.2, 0.5, len(GRID))
+    for y in (step, rising):
+        lo, hi = _bounds(x, y)
+        (t,), (s,) = fit_logistic(x, y)
+        assert np.all((t >= lo) & (t <= hi))
+        direct = min(least_squares(lambda p: p[0] - p[1] / (1 + np.exp(-p[3] * (x - p[2]))) - y,
+                                   np.clip([y.max(), np.ptp(y), m0, s0], lo + 1e-9, hi - 1e-9), bounds=(lo, hi)).cost
+                     for m0 in x[1::2] for s0 in (2, 10, 50))
+        assert s <= 2 * direct * (1 + 1e-4) + 1e-10
+    (t,), _ = fit_logistic(x, step)
+    assert t[3] == pytest.approx(_bounds(x, step)[1][3], rel=1e-6) and x[3] < t[2] < x[4]
+    (t,), (s,) = fit_logistic(x, rising)
+    assert t[1] == pytest.approx(0.0, abs=1e-6) and s == pytest.approx(((rising - rising.mean()) ** 2).sum())
+
+
+def test_polishing_only_the_best_start_loses_nothing_on_clear_curves():
+    """The bootstrap polishes one start per replicate (speed): same optimum as polishing every start."""
+    rng = np.random.default_rng(4)
+    x = np.log(np.array(GRID))
+    for r_star in (0.3, 0.6):
+        ys = np.stack([[m.retention for m in simulate(rng, r_star, n_facts=200)] for _ in range(15)])
+        point = fit_logistic(x, ys[:1])[0][0]
+        one = fit_logistic(x, ys, start=point, n_starts=2, n_polish=1)
+        every = fit_logistic(x, ys, start=point, n_starts=2)
+        assert np.allclose(one[1], every[1], rtol=1e-6, atol=1e-12)
+        assert np.allclose(one[0][:, 2], every[0][:, 2], atol=1e-3)
 
 
 def test_segmented_midpoint_and_largest_drop_bracket_the_step():
