@@ -33,8 +33,9 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     errors = list(_USER_ERRORS)
-    for module, name in (("submit", "SubmitError"), ("store", "StoreError"), ("data", "DataError"),
-                         ("train", "TrainError"), ("aggregate", "AggregateError"), ("collapse", "AnalysisError")):
+    for module, name in (("submit", "SubmitError"), ("store", "StoreError"), ("knowledge", "DataError"),
+                         ("distributed", "TrainError"), ("aggregate", "AggregateError"),
+                         ("collapse", "MeasurementError"), ("evaluate", "EvalError")):
         try:
             errors.append(getattr(importlib.import_module(f"kislurm.{module}"), name))
         except (ImportError, AttributeError):
@@ -50,6 +51,10 @@ class _Group(click.Group):
         except _user_errors() as e:
             click.echo(f"kislurm: error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("\nkislurm: interrupted; running cells were stopped, finished cells are kept: run the same "
+                       "command again to resume", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

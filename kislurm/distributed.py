@@ -67,8 +67,9 @@ def check_device(device: str) -> None:
 
 
 def _set_threads(local_world: int) -> None:
-    """Ranks sharing a node split its cores (one thread each when two ranks share two cores)."""
-    per_task = os.environ.get("SLURM_CPUS_PER_TASK")
+    """Ranks sharing a node split its cores (one thread each when two ranks share two cores); an explicit budget
+    (Slurm's cpus-per-task, or OMP_NUM_THREADS set by kislurm's local executor for concurrent cells) wins."""
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("OMP_NUM_THREADS")
     cores = int(per_task) if per_task else max(1, len(os.sched_getaffinity(0)) // max(1, local_world))
     torch.set_num_threads(max(1, cores))
 

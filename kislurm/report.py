@@ -10,8 +10,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from matplotlib.figure import Figure
 
 from .collapse import CollapseOptions, CollapseResult
 from .law import LawFit, predict_law
-from .paths import atomic_write_text
+from .paths import atomic_write_bytes, atomic_write_text
 
 FILES = ("collapse_points.md", "collapse_points.csv", "collapse_points.json", "law.json", "law.txt", "summary.md",
          "retention_vs_ratio.png", "law.png", "curves.png")
@@ -368,21 +366,6 @@ def plot_training_curves(ax: Axes, curves: Sequence[Curve], metric: str = "reten
 # ---------------------------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _save(fig: Figure, path: Path) -> Path:

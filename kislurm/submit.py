@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -230,7 +231,8 @@ def make_executor(cfg: ExperimentConfig, run: RunPaths, res: Resources) -> submi
     else:
         executor.update_parameters(timeout_min=res.timeout_min, tasks_per_node=res.tasks_per_node,
                                    nodes=res.nodes, name=f"kislurm-{cfg.name}")
-        executor.update_parameters(local_setup=list(ex.setup)) if ex.setup and ex.cluster == "local" else None
+        if ex.cluster == "local":
+            executor.update_parameters(local_setup=[*ex.setup, f"export OMP_NUM_THREADS={local_threads(res, ex)}"])
     return executor
 
 
@@ -256,6 +258,13 @@ def submit_cells(cfg: ExperimentConfig, run: RunPaths, cells: list[Cell], job_fn
     return jobs
 
 
+def local_threads(res: Resources, ex: ExecutorConfig) -> int:
+    """Threads per rank when `array_parallelism` cells share this machine: oversubscribed cores make small models
+    several times slower (OpenMP threads spin on each other)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // (ex.array_parallelism * res.tasks_per_node))
+
+
 def _submit_throttled(executor, run: RunPaths, cells: list[Cell], job_fn, ex: ExecutorConfig,
                       subs: list[Submission], progress: Optional[Callable[[int], Any]]) -> list:
     """submitit's local executor starts every job at once; keep at most array_parallelism cells running."""
@@ -266,9 +275,20 @@ def _submit_throttled(executor, run: RunPaths, cells: list[Cell], job_fn, ex: Ex
     from collections import deque
 
     pending, running, jobs = deque(cells), [], []
+    try:
+        _throttle_loop(executor, run, pending, running, jobs, job_fn, ex, progress)
+    except KeyboardInterrupt:
+        for job in running:  # stop the cells we started; their checkpoints let the next submit resume them
+            job.cancel(check=False)
+        raise
+    return jobs
+
+
+def _throttle_loop(executor, run: RunPaths, pending, running: list, jobs: list, job_fn, ex: ExecutorConfig,
+                   progress: Optional[Callable[[int], Any]]) -> None:
     while pending or running:
         finished = [j for j in running if j.done()]
-        running = [j for j in running if j not in finished]
+        running[:] = [j for j in running if j not in finished]
         if progress and finished:
             progress(len(finished))
         while pending and len(running) < ex.array_parallelism:
@@ -278,7 +298,6 @@ def _submit_throttled(executor, run: RunPaths, cells: list[Cell], job_fn, ex: Ex
             running.append(job)
             jobs.append(job)
         time.sleep(0.5)
-    return jobs
 
 
 def describe(cells: list[Cell], ex: ExecutorConfig) -> list[dict[str, Any]]:

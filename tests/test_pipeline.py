@@ -60,3 +60,31 @@ def test_resubmit_skips_done_cells_and_cli_reports(tiny_run):
     status = runner.invoke(main, ["status", str(run.root), "--json"])
     assert status.exit_code == 0
     assert [r["state"] for r in json.loads(status.output)] == ["done"] * 4
+
+
+def test_ctrl_c_stops_cells_and_rerun_resumes(tmp_path):
+    """SIGINT (Ctrl-C) stops running cells; the same command again skips finished cells and completes the rest."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "kislurm.cli", "submit", str(REPO / "configs" / "tiny.yaml"), "--set",
+           f"output_root={tmp_path}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    run = tmp_path / "tiny"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(read_cell(p, matrix=False).complete
+                                             for p in run.glob("cells/*/retention.h5")):
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "interrupted; running cells were stopped, finished cells are kept" in out
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    skipped = re.search(r"of 4 cells to submit \(skipping (\d+) done", again.stdout)
+    assert skipped and int(skipped.group(1)) >= 1 and "running" not in again.stdout, again.stdout
+    assert all(read_cell(p, matrix=False).complete for p in run.glob("cells/*/retention.h5"))

@@ -74,6 +74,7 @@ def test_nightly_dated_reports_lock_and_exit_codes(tmp_path):
             run.cell(name).root.mkdir(parents=True)
             make_store(run.cell(name).store, name, True, ratio=r, acc=float(0.9 if r < mid else 0.3), size=size,
                        params=params)
+    run.config.write_text("analysis: {bootstrap: 20}\n")  # the run's own analysis settings are used
     (run.cells / "garbage_cell").mkdir()
     (run.cells / "garbage_cell" / "retention.h5").write_bytes(b"not hdf5 at all" * 10)
     reports = tmp_path / "reports"

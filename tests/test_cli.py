@@ -1,0 +1,64 @@
+"""The command line: help for every command, one-line errors with exit 2 for known bad input."""
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kislurm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("command", ["plan", "submit", "status", "aggregate", "fit", "demo"])
+def test_every_command_has_help(command):
+    out = CliRunner().invoke(main, [command, "--help"])
+    assert out.exit_code == 0 and "Usage:" in out.output and len(out.output.splitlines()) > 4
+
+
+def test_plan_prints_one_row_per_cell():
+    out = CliRunner().invoke(main, ["plan", str(REPO / "configs" / "demo.yaml")])
+    assert out.exit_code == 0, out.output
+    assert "32 cells = 4 sizes x 8 ratios x 1 token budgets x 1 seeds; executor: local" in out.output
+    assert len([line for line in out.output.splitlines() if line.startswith("cpu-")]) == 32
+
+
+def run(args):
+    out = CliRunner().invoke(main, args)
+    lines = [line for line in out.output.splitlines() if line.strip()]
+    return out.exit_code, lines
+
+
+def test_known_errors_are_one_line_exit_2(tmp_path):
+    bad_csv = tmp_path / "m.csv"
+    bad_csv.write_text("params,ratio\n1e5,0.5\n")
+    bad_yaml = tmp_path / "c.yaml"
+    bad_yaml.write_text("grid: {ratios: [2]}\n")
+    cases = [
+        (["fit", str(bad_csv)], "missing column 'retention'"),
+        (["aggregate", str(tmp_path / "nope")], "no such run folder"),
+        (["status", str(tmp_path / "nope")], "no such run folder"),
+        (["plan", str(bad_yaml)], "grid.ratios[0]: expected a ratio strictly between 0 and 1"),
+        (["plan", str(tmp_path / "absent.yaml")], "config file not found"),
+        (["submit", str(REPO / "configs" / "tiny.yaml"), "--set", "oops"], "expected KEY=VALUE"),
+    ]
+    for args, expected in cases:
+        code, lines = run(args)
+        assert code == 2, (args, lines)
+        assert len(lines) == 1 and lines[0].startswith("kislurm: error: ") and expected in lines[0], (args, lines)
+
+
+def test_fit_csv_end_to_end(tmp_path):
+    import numpy as np
+
+    rows = ["params,ratio,retention,n_facts"]
+    for n, mid in ((1e5, 0.3), (4e5, 0.5), (1.6e6, 0.7), (6.4e6, 0.85)):
+        for r in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
+            y = 0.25 + 0.7 / (1 + np.exp(6 * (np.log(r) - np.log(mid))))
+            rows.append(f"{n},{r},{y:.4f},300")
+    csv = tmp_path / "m.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    out = CliRunner().invoke(main, ["fit", str(csv), "--out", str(tmp_path / "rep"), "--target", "big=1e8"])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "rep" / "collapse_points.csv").exists() and (tmp_path / "rep" / "law.png").exists()
+    assert "big" in (tmp_path / "rep" / "law.txt").read_text()
