@@ -2,8 +2,9 @@
 
 Definitions (each recorded in every output through `CollapseOptions` and `CollapseResult`):
 
-- Retention y at ratio r is summarised by a four-parameter logistic in x = log r,
-      y(x) = plateau - drop * sigmoid(steepness * (x - log r*)),      floor = plateau - drop,
+- Retention y at ratio r is summarised by a four-parameter logistic in x = log(r / (1 - r)), the log-odds of r
+  (the same as log r for small r; unlike log r it spreads the ratios near 1 where wide models collapse),
+      y(x) = plateau - drop * sigmoid(steepness * (x - logit r*)),    floor = plateau - drop,
   whose midpoint is the collapse point r*: retention is halfway between plateau and floor there.
 - Several seeds at one ratio are averaged (equal weight) before fitting; the bootstrap resamples them.
 - Bracketed: at least `min_side_points` (2) grid ratios below r* keep retention >= floor + (1/2 + margin) * drop,
@@ -20,11 +21,13 @@ Definitions (each recorded in every output through `CollapseOptions` and `Collap
 - Fitting: scipy.optimize.least_squares within box bounds (`_bounds`), started from the best points of a
   (midpoint, steepness) grid whose plateau and drop are solved exactly; the bootstrap replicates also start from
   the point estimate, and polish only their best start (one scipy fit per replicate).
-- Cross-checks: a segmented regression (plateau, linear ramp in log r, floor; its r* is the ramp's midpoint, the
+- Cross-checks: a segmented regression (plateau, linear ramp in log-odds, floor; its r* is the ramp's midpoint, the
   analogue of the logistic midpoint) and the largest single drop between neighbouring grid points (the baseline).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import csv
 import math
@@ -73,9 +76,20 @@ class CollapseOptions:
     min_side_points: int = 2     # clear grid points needed on each side of r* (one can be absorbed by the fit)
 
 
+def ratio_axis(r: Any) -> np.ndarray:
+    """The axis collapse curves are fitted on: log-odds of the infusion ratio."""
+    r = np.asarray(r, float)
+    return np.log(r) - np.log1p(-r)
+
+
+def axis_ratio(x: Any) -> Any:
+    """Inverse of ratio_axis."""
+    return expit(x)
+
+
 @dataclass(frozen=True)
 class Logistic:
-    """y(r) = plateau - (plateau - floor) * sigmoid(steepness * (log r - midpoint)); midpoint = log r*."""
+    """y(r) = plateau - (plateau - floor) * sigmoid(steepness * (logit r - midpoint)); midpoint = logit r*."""
 
     plateau: float
     floor: float
@@ -83,7 +97,7 @@ class Logistic:
     steepness: float
 
     def __call__(self, r: np.ndarray) -> np.ndarray:
-        h = expit(self.steepness * (np.log(np.asarray(r, float)) - self.midpoint))
+        h = expit(self.steepness * (ratio_axis(r) - self.midpoint))
         return self.plateau - (self.plateau - self.floor) * h
 
 
@@ -153,7 +167,7 @@ def _bounds(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     span = x[-1] - x[0]
     ext = max(float(y.max() - y.min()), 0.1)
     s_max = 4.0 * math.log(9.0) / max(float(np.diff(x).min()), 1e-3)
-    m_hi = min(x[-1] + 0.5 * span, math.log((1.0 + math.exp(x[-1])) / 2.0))
+    m_hi = x[-1] + 0.5 * span
     p_hi, f_lo = max(y.max() + 0.25 * ext, 1.0), min(y.min() - 0.25 * ext, 0.0)  # asymptotes may lie off the grid
     lo = np.array([y.min() - 0.25 * ext, 0.0, x[0] - 0.5 * span, 0.5])
     hi = np.array([p_hi, p_hi - f_lo, m_hi, max(s_max, 1.0)])
@@ -235,7 +249,7 @@ def _polish(x: np.ndarray, y: np.ndarray, th: np.ndarray, lo: np.ndarray, hi: np
 def fit_logistic(x: np.ndarray, ys: np.ndarray, start: np.ndarray | None = None,
                  bounds: tuple[np.ndarray, np.ndarray] | None = None, n_starts: int = 3,
                  n_polish: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Fit the logistic to each row of ys (B, K) at x = log r (K,); returns th (B, 4) and SSE (B,).
+    """Fit the logistic to each row of ys (B, K) at x = ratio_axis(r) (K,); returns th (B, 4) and SSE (B,).
 
     Multi-start (the surface has local minima, e.g. a step between two grid points): each row's candidates are the
     n_starts best points of a (midpoint, steepness) grid and `start` (a warm start, e.g. the point estimate), each
@@ -395,7 +409,7 @@ def detect_collapse(ms: list[Measurement], *, n_boot: int, confidence: float, rn
         raise ValueError(f"detect_collapse got cells of several (size, params, tokens): {sorted(map(str, keys))}; "
                          "fix: group with detect_collapses()")
     ratios, cells = _group_by_ratio(ms)
-    x = np.log(ratios)
+    x = ratio_axis(ratios)
     y = np.array([np.mean([ms[i].retention for i in c]) for c in cells])
     base = dict(size=ms[0].size, params=float(ms[0].params), tokens=float(ms[0].tokens), n_cells=len(ms),
                 ratios=ratios, retention=y, n_seeds=np.array([len(c) for c in cells]), confidence=confidence,
@@ -420,10 +434,10 @@ def detect_collapse(ms: list[Measurement], *, n_boot: int, confidence: float, rn
     # sampling SE per ratio; residual replicates would fold lack of fit into it (and hide a non-monotone dip)
     se = reps.std(0, ddof=1) if reps.shape[0] > 1 and method != "residual" else np.zeros(y.size)
     # one scipy fit per replicate, from the best of its grid starts and the point estimate
-    boot = np.exp(fit_logistic(x, reps, start=point, bounds=(lo_b, hi_b), n_starts=2, n_polish=1)[0][:, 2]) \
+    boot = axis_ratio(fit_logistic(x, reps, start=point, bounds=(lo_b, hi_b), n_starts=2, n_polish=1)[0][:, 2]) \
         if reps.shape[0] else np.empty(0)
 
-    r_star = float(math.exp(point[2]))
+    r_star = float(axis_ratio(point[2]))
     lo, hi = percentile_interval(boot, confidence)
     has_high, has_low = _bracket(x, y, point, options)
     seg = segmented_fit(x, y)
@@ -441,7 +455,7 @@ def detect_collapse(ms: list[Measurement], *, n_boot: int, confidence: float, rn
     return CollapseResult(
         **base, r_star=r_star, lo=lo, hi=hi, bracketed=has_high and has_low, flag=flag, reason=reason,
         logistic=Logistic(float(point[0]), float(point[0] - point[1]), float(point[2]), float(point[3])),
-        r_star_segmented=float(math.exp(seg[0])) if seg else None,
+        r_star_segmented=float(axis_ratio(seg[0])) if seg else None,
         r_star_largest_drop=largest_drop(ratios, y), retention_se=se, boot=boot, boot_method=method)
 
 

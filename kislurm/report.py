@@ -20,7 +20,7 @@ from matplotlib import cm, colors, ticker
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .collapse import CollapseOptions, CollapseResult
+from .collapse import axis_ratio, ratio_axis, CollapseOptions, CollapseResult
 from .law import LawFit, predict_law
 from .paths import atomic_write_bytes, atomic_write_text
 
@@ -79,14 +79,14 @@ def definitions(collapses: Sequence[CollapseResult], law: LawFit | None) -> dict
     """What every number means, recorded beside the numbers."""
     opts = collapses[0].options if collapses else CollapseOptions()
     out = {
-        "r_star": "midpoint of a four-parameter logistic in log r (plateau, floor, midpoint, steepness) fitted to "
+        "r_star": "midpoint of a four-parameter logistic in the log-odds of r (plateau, floor, midpoint, steepness) fitted to "
                   "the mean retention per ratio (seeds averaged): retention is halfway between plateau and floor",
         "bracketed": f">= {opts.min_side_points} grid ratios below r* hold >= floor + {0.5 + opts.bracket_margin:g} "
                      f"* drop and >= {opts.min_side_points} above r* <= floor + {0.5 - opts.bracket_margin:g} * drop",
         "flags": "too-few-points > absent > non-monotone > unbracketed-low/high > ok (first that applies)",
         "interval": "percentile bootstrap: facts resampled (one resample for every cell of a size), seeds "
                     "resampled within a ratio; without per-fact data binomial (n_facts) or residual",
-        "r_star_segmented": "midpoint of a plateau / linear ramp in log r / floor regression",
+        "r_star_segmented": "midpoint of a plateau / linear ramp in log-odds / floor regression",
         "r_star_largest_drop": "geometric mean of the neighbouring ratios with the largest fall",
         "options": asdict(opts),
     }
@@ -240,17 +240,17 @@ def plot_retention_vs_ratio(ax: Axes, collapses: Sequence[CollapseResult], metri
         ax.errorbar(c.ratios, c.retention, yerr=c.retention_se, fmt="o", ms=6, color=col, capsize=3,
                     mfc=col if ok else "white", label=label, zorder=3)
         if c.logistic is not None:
-            grid = np.geomspace(min(all_r) * 0.9, max(all_r) * 1.02, 300)
-            grid = grid[grid < 1]
+            lo_x, hi_x = ratio_axis(min(all_r)), ratio_axis(max(all_r))
+            grid = axis_ratio(np.linspace(lo_x - 0.3, hi_x + 0.3, 300))
             ax.plot(grid, c.logistic(grid), "-" if ok else ":", color=col, lw=1.8)
         if math.isfinite(c.r_star):
             ax.axvline(c.r_star, color=col, ls="--", lw=1, alpha=0.8 if ok else 0.4)
             if ok and math.isfinite(c.lo) and math.isfinite(c.hi):
                 ax.axvspan(c.lo, c.hi, color=col, alpha=0.12, lw=0)
-    ax.set_xscale("log")
+    ax.set_xscale("logit")  # the fitting axis: log-odds, like log r for small r, spread out near 1
     if all_r:
         _ratio_ticks(ax, all_r)
-    ax.set_xlabel("infusion ratio r (log scale)")
+    ax.set_xlabel("infusion ratio r (log-odds scale)")
     ax.set_ylabel(metric)
     ax.set_title("Retention vs infusion ratio: logistic fit, r* (dashed), interval (band)\n"
                  "hollow markers and dotted curves: flagged, not in the law", fontsize=11)

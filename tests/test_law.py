@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from kislurm.collapse import CollapseResult, Logistic, Measurement, detect_collapses
+from kislurm.collapse import ratio_axis, CollapseResult, Logistic, Measurement, detect_collapses
 from kislurm.law import LawFit, fit_law, interp_loglog, law_points, predict_law, unit_of_ratio, wls
 
 GRID = (0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.98, 0.99)
@@ -22,12 +22,12 @@ def true_r_star(params: float, tokens: float = 1e6, c: float = 0.0) -> float:
 
 def simulate(rng: np.random.Generator, sizes=SIZES, tokens=(1e6,), c: float = 0.0, n_facts: int = 200,
              bits: float | None = None) -> list[Measurement]:
-    """Logistic retention in log r around the true r*, steep as collapses near r = 1 are; binomial fact noise."""
+    """Logistic retention in the log-odds of r around the true r*; binomial fact noise."""
     out = []
     for size, n in sizes.items():
         for d in tokens:
             r_star = true_r_star(n, d, c)
-            curve = Logistic(0.95, 0.1, math.log(r_star), 3.0 / (1.0 - r_star))
+            curve = Logistic(0.95, 0.1, float(ratio_axis(r_star)), 3.0)
             for r in GRID:
                 fc = (rng.random(n_facts) < curve(np.array([r]))[0]).astype(float)
                 out.append(Measurement(size, n, r, d, 0, float(fc.mean()), fc, exposures_per_fact=800.0 * r,

@@ -14,7 +14,7 @@ from matplotlib.image import imread
 import kislurm.collapse
 import kislurm.law
 import kislurm.report
-from kislurm.collapse import Logistic, Measurement, detect_collapses, measurements_from_csv
+from kislurm.collapse import ratio_axis, Logistic, Measurement, detect_collapses, measurements_from_csv
 from kislurm.law import fit_law
 from kislurm.report import (
     Curve, collapse_table_csv, plot_law, plot_retention_vs_ratio, summary_md, write_reports,
@@ -27,7 +27,7 @@ def simulate(rng: np.random.Generator, r_stars: dict[str, tuple[float, float]], 
     """Cells of every size (r*, params) on GRID with binomial fact noise, plus retention-vs-step curves."""
     ms, curves = [], []
     for size, (r_star, params) in r_stars.items():
-        curve = Logistic(0.95, 0.1, math.log(r_star), 3.0 / (1.0 - r_star))
+        curve = Logistic(0.95, 0.1, float(ratio_axis(r_star)), 3.0 / (1.0 - r_star))
         for r in GRID:
             p = float(curve(np.array([r]))[0])
             fc = (rng.random(n_facts) < p).astype(float)
@@ -102,7 +102,7 @@ def test_plots_take_an_axis_and_never_refit(results, monkeypatch):
     fig = Figure()
     ax = fig.subplots()
     assert plot_retention_vs_ratio(ax, cs, "general_acc") is fig
-    assert ax.get_xscale() == "log" and ax.get_ylabel() == "general_acc" and ax.get_xlabel()
+    assert ax.get_xscale() == "logit" and ax.get_ylabel() == "general_acc" and ax.get_xlabel()
     assert len([ln for ln in ax.get_lines() if len(ln.get_xdata()) > 100]) == sum(c.logistic is not None for c in cs)
     fig2 = Figure()
     ax2 = fig2.subplots()
