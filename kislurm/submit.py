@@ -280,6 +280,9 @@ def _submit_throttled(executor, run: RunPaths, cells: list[Cell], job_fn, ex: Ex
     except KeyboardInterrupt:
         for job in running:  # stop the cells we started; their checkpoints let the next submit resume them
             job.cancel(check=False)
+        deadline = time.time() + 60
+        while time.time() < deadline and not all(job.done() for job in running):
+            time.sleep(0.2)  # return only once they are gone, so a rerun never finds them still "running"
         raise
     return jobs
 

@@ -82,6 +82,12 @@ def test_ctrl_c_stops_cells_and_rerun_resumes(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
+    try:
+        os.killpg(proc.pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive, "cells of the interrupted command are still running after it returned"
     assert "interrupted; running cells were stopped, finished cells are kept" in out
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr

@@ -63,4 +63,3 @@ def test_sigkill_five_times_then_resume_equals_uninterrupted(tmp_path):
     for name, series in ref.metrics.items():
         np.testing.assert_allclose(got.metrics[name], series, rtol=0, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(got.train_loss, ref.train_loss, rtol=0, atol=1e-6)
-    assert len(got.meta["writers"]) == kills + 2  # every restart resumed the same store
