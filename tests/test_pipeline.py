@@ -73,7 +73,9 @@ def test_ctrl_c_stops_cells_and_rerun_resumes(tmp_path):
 
     cmd = [sys.executable, "-m", "kislurm.cli", "submit", str(REPO / "configs" / "tiny.yaml"), "--set",
            f"output_root={tmp_path}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # SIGINT back to its default in the child: a shell's background jobs inherit it ignored, unlike a terminal's
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run = tmp_path / "tiny"
     deadline = time.time() + 300
     while time.time() < deadline and not any(read_cell(p, matrix=False).complete
