@@ -17,6 +17,7 @@ Run one cell by hand: python jobs/run_cell.py RUN_DIR CELL_NAME
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import threading
@@ -60,11 +61,25 @@ def _summary(store_path: Path) -> dict[str, Any]:
             else 0, **last}
 
 
+def _hide_gpus_from_cpu_cell(cell: Cell) -> None:
+    """A CPU cell on a GPU node trains exactly as on a laptop (CPU shims, gloo): hide the GPUs before anything in
+    this process initialises CUDA. submitit's local executor already does this for jobs given no GPU."""
+    if cell.model.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def _stops(cell: Cell) -> list[int]:
     """Steps where training pauses: every evaluation, plus every checkpoint_interval (0 = evaluations only)."""
     every = cell.train.checkpoint_interval
     extra = set(range(every, cell.steps, every)) if every else set()
     return sorted(set(cell.eval_steps) | extra)
+
+
+def _throughput(trainer: Any, step: int, steps: float, seconds: float) -> dict[str, float]:
+    """Training speed over the steps since the previous evaluation, as stored in the cell's HDF5 metadata."""
+    tps = steps * trainer.tokens_per_step / seconds if seconds > 0 else float("nan")
+    mfu = trainer.mfu(tps) if steps else None
+    return {"step": step, "tokens_per_s": round(tps, 1), **({"mfu": float(f"{mfu:.4g}")} if mfu is not None else {})}
 
 
 class _Heartbeat:
@@ -99,6 +114,7 @@ def run_cell(run: RunPaths, cell: Cell) -> dict[str, Any]:
     if paths.store.exists() and read_cell(paths.store, matrix=False).complete:
         return _summary(paths.store)  # a finished cell is never trained again
 
+    _hide_gpus_from_cpu_cell(cell)
     apply_cpu_shims()
     dist = distributed.setup(cell.model)
     log = _log_to(paths.log, dist.rank)
@@ -121,18 +137,23 @@ def run_cell(run: RunPaths, cell: Cell) -> dict[str, Any]:
             writer.truncate_after(trainer.step)
         heartbeat = _Heartbeat(paths, trainer, cell) if dist.is_main else None
         evals = sorted(cell.eval_steps)
+        history = [e for e in (writer.meta().get("throughput", []) if writer else []) if e["step"] <= trainer.step]
+        segment = [0.0, 0.0]  # steps and seconds trained since the last evaluation (this process)
         for stop in _stops(cell):
             if stop <= trainer.step:
                 continue  # done before an interruption (an evaluation is always stored before its checkpoint)
-            trainer.train_steps(stop - trainer.step)
+            ran = trainer.train_steps(stop - trainer.step)
+            segment = [segment[0] + ran["steps"], segment[1] + ran["seconds"]]
             if stop in evals:
+                history.append(_throughput(trainer, stop, *segment))
+                segment = [0.0, 0.0]
                 result = evaluate_retention(trainer.model, probes, cell.eval.batch_size, cell.eval.exact_match)
                 previous = max([e for e in evals if e < stop], default=0)
                 mean_loss = sum(trainer.losses[previous:stop]) / (stop - previous)  # restored on resume too
                 if writer is not None:
                     tokens = trainer.step * cell.train.global_batch_size * cell.model.seq_length
                     writer.append(trainer.step, tokens, mean_loss, result.metrics, result.probe_correct,
-                                  result.probe_exact)
+                                  result.probe_exact, meta={"throughput": history})
                     log(f"step {trainer.step}/{cell.steps} eval " + " ".join(
                         f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("_acc")))
             trainer.save_checkpoint()

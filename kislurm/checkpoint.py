@@ -39,11 +39,15 @@ from .paths import atomic_write_json, atomic_write_text
 
 META_FILE = "kislurm.json"
 LATEST_FILE = "latest"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+"""How megatron's distributed optimizer lays out its state: per parameter, in the canonical shapes, so a GPU
+checkpoint can be resumed at another TP or DP degree (its default format is no longer loadable in 0.16)."""
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 class ShardedOptimizer(Protocol):
-    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict: ...
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False,
+                           metadata: dict | None = None) -> dict: ...
 
     def load_state_dict(self, state_dict: dict) -> None: ...
 
@@ -178,7 +182,8 @@ def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: ShardedOp
     _use_in_process_results_queue()
     _writers_die_with_trainer()
     model_sd = model.sharded_state_dict()
-    sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False),
+    sharded = {"model": model_sd,
+               "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIMIZER_METADATA),
                "rng_state": _rng_object(is_loading=False), "kislurm": {"step": step, "cell_id": cell_id}}
     dist_checkpointing.save(sharded, str(tmp))
     _barrier()
@@ -206,7 +211,8 @@ def load(info: CheckpointInfo, model: torch.nn.Module, optimizer: ShardedOptimiz
     """Load model, optimizer and (same layout only) RNG states from `info`; returns the saved `state` dict."""
     same_layout = info.meta.get("layout") == _layout()
     model_sd = model.sharded_state_dict()
-    sharded: dict[str, Any] = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
+    sharded: dict[str, Any] = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(
+        model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)}
     if same_layout:
         sharded["rng_state"] = _rng_object(is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(info.path))

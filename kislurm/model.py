@@ -21,6 +21,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .config import ModelPreset
@@ -92,6 +93,7 @@ def layer_spec(preset: ModelPreset) -> ModuleSpec:
 def transformer_config(preset: ModelPreset, init_std: float, precision: str) -> TransformerConfig:
     """megatron's TransformerConfig for a preset; TP/PP sizes come from the initialised parallel state."""
     bf16 = resolve_precision(preset, precision) == "bf16"
+    gpu = preset.device == "gpu"
     dtype = torch.bfloat16 if bf16 else torch.float32
     return TransformerConfig(
         num_layers=preset.num_layers,
@@ -104,17 +106,24 @@ def transformer_config(preset: ModelPreset, init_std: float, precision: str) -> 
         attention_dropout=0.0,
         init_method_std=init_std,
         use_cpu_initialization=preset.device == "cpu",
+        # megatron's own fused kernels (jit-scripted bias+GeLU, bias+dropout+add, vocab-parallel cross entropy):
+        # they need no Transformer Engine or Apex; GPU only, so CPU numerics stay those of the plain layers.
+        bias_activation_fusion=gpu,
+        bias_dropout_fusion=gpu,
+        cross_entropy_loss_fusion=gpu,
+        cross_entropy_fusion_impl="native",
         bf16=bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
     )
 
 
-def build_model(preset: ModelPreset, vocab_size: int, init_std: float, precision: str) -> GPTModel:
+def build_model(preset: ModelPreset, vocab_size: int, init_std: float, precision: str) -> GPTModel | Float16Module:
     """A GPT with learned positions and a tied output layer, initialised from the current torch seed.
 
     Needs megatron's parallel state initialised (kislurm.distributed.setup). The vocabulary is padded to a
-    multiple of VOCAB_MULTIPLE. On a GPU the model is moved to the current CUDA device. Under TP the model returns
+    multiple of VOCAB_MULTIPLE. On a GPU the model is moved to the current CUDA device; in bf16 it comes wrapped in
+    megatron's Float16Module (attributes of the GPTModel are on `.module`). Under TP the model returns
     vocab-sharded logits unless called with `runtime_gather_output=True`.
     """
     config = transformer_config(preset, init_std, precision)
@@ -131,6 +140,10 @@ def build_model(preset: ModelPreset, vocab_size: int, init_std: float, precision
     )
     if preset.device == "gpu" and torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    if config.bf16:
+        # As megatron's own training does: every weight in bf16 (the local layers' norms are built in fp32) and
+        # the output (per-token loss or logits) back in fp32. Checkpoint keys are the wrapped model's.
+        return Float16Module(config, model)
     return model
 
 

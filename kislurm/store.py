@@ -320,10 +320,11 @@ class RetentionWriter:
         return cls(path, state, _publish(path, state))
 
     def append(self, step: int, tokens: int, train_loss: float, metrics: dict[str, float],
-               probe_correct: np.ndarray, probe_exact: np.ndarray | None) -> None:
-        """Record one evaluation; on return it is durable, and a crash before return leaves it absent."""
-        self._commit(self._with_record(self._usable(), step, tokens, train_loss, metrics, probe_correct,
-                                       probe_exact))
+               probe_correct: np.ndarray, probe_exact: np.ndarray | None, meta: dict[str, Any] | None = None) -> None:
+        """Record one evaluation (and merge `meta`, as update_meta does, in the same write); on return it is
+        durable, and a crash before return leaves it absent."""
+        s = self._with_record(self._usable(), step, tokens, train_loss, metrics, probe_correct, probe_exact)
+        self._commit(_replace(s, meta=self._merged_meta(s, meta)) if meta else s)
 
     def extend(self, records: list[tuple]) -> None:
         """Record many evaluations in one publish (imports, benchmarks): all of them durable, or none.
@@ -363,6 +364,10 @@ class RetentionWriter:
                        exact=np.concatenate([s.exact, exact]) if s.exact is not None and len(s.step) else exact)
         return new
 
+    def meta(self) -> dict[str, Any]:
+        """The store's metadata as last written (on resume: what the interrupted run had written)."""
+        return dict(self._state.meta)
+
     def steps(self) -> list[int]:
         return [int(x) for x in self._usable().step]
 
@@ -380,10 +385,13 @@ class RetentionWriter:
     def update_meta(self, **values: Any) -> None:
         """Merge JSON-able values into meta (data statistics, throughput, ...); the store's own keys are refused."""
         s = self._usable()
+        self._commit(_replace(s, meta=self._merged_meta(s, values)))
+
+    def _merged_meta(self, s: _State, values: dict[str, Any]) -> dict[str, Any]:
         owned = sorted(set(values) & {*STORE_META, "cell_id"})
         if owned:
             raise ValueError(f"{self.path}: update_meta may not change {owned}; fix: use other key names")
-        self._commit(_replace(s, meta={**s.meta, **_check_json(values, f"{self.path}: update_meta values")}))
+        return {**s.meta, **_check_json(values, f"{self.path}: update_meta values")}
 
     def mark_complete(self) -> None:
         s = self._usable()

@@ -229,8 +229,9 @@ def make_executor(cfg: ExperimentConfig, run: RunPaths, res: Resources) -> submi
         params = sbatch_parameters(res, ex, f"kislurm-{cfg.name}")
         executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
     else:
+        # gpus_per_node 0 makes the local executor hide every GPU (CUDA_VISIBLE_DEVICES=""): CPU cells stay on CPU
         executor.update_parameters(timeout_min=res.timeout_min, tasks_per_node=res.tasks_per_node,
-                                   nodes=res.nodes, name=f"kislurm-{cfg.name}")
+                                   nodes=res.nodes, gpus_per_node=res.gpus_per_node, name=f"kislurm-{cfg.name}")
         if ex.cluster == "local":
             executor.update_parameters(local_setup=[*ex.setup, f"export OMP_NUM_THREADS={local_threads(res, ex)}"])
     return executor

@@ -35,7 +35,7 @@ from .distributed import DistContext, TrainError, seed_all
 from .model import build_model, count_parameters, padded_vocab_size, resolve_precision
 from .plan import Cell
 
-__all__ = ["Trainer", "TrainError", "lr_at", "sample_ids", "CpuAdamW", "PEAK_BF16_FLOPS"]
+__all__ = ["Trainer", "TrainError", "lr_at", "sample_ids", "CpuAdamW", "TorchAdamCheckpointFix", "PEAK_BF16_FLOPS"]
 
 ADAM_BETAS = (0.9, 0.95)
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -110,7 +110,8 @@ class CpuAdamW:
                 self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                            "exp_avg_sq": torch.zeros_like(p)}
 
-    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False,
+                           metadata: dict | None = None) -> dict:
         if is_loading:
             self._init_state()
         state = self.optimizer.state_dict()
@@ -147,7 +148,52 @@ def _megatron_gpu_optimizer(ddp: DistributedDataParallel, cfg: TrainConfig) -> A
                               weight_decay=cfg.weight_decay, adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1],
                               adam_eps=1e-8, bf16=True, params_dtype=torch.bfloat16, clip_grad=cfg.clip_grad,
                               use_distributed_optimizer=True)
-    return get_megatron_optimizer(opt_cfg, [ddp])
+    optimizer = get_megatron_optimizer(opt_cfg, [ddp])
+    from megatron.core.optimizer import distrib_optimizer
+
+    return optimizer if distrib_optimizer.HAVE_APEX_OR_TE else TorchAdamCheckpointFix(optimizer)
+
+
+class TorchAdamCheckpointFix:
+    """megatron's distributed optimizer on torch.optim.AdamW (no Transformer Engine or Apex), made loadable.
+
+    megatron-core 0.16.1 cannot load its own checkpoint in that fallback: the state of a never-stepped optimizer
+    has no 'step' for `state_dict()` to read (an assert), and once it has one, the per-parameter loader copies
+    every state key, 'step' included, from a source that holds none (KeyError); and the step it restores is one
+    tensor shared by every parameter, which torch's foreach AdamW then advances once per parameter per step
+    (wrong bias correction). This wrapper gives a fresh optimizer zero state to load into, loads the
+    per-parameter part with 'step' set aside, and gives each parameter its own step again. Everything else is
+    the wrapped optimizer's; with TE or Apex installed the wrapper is not used.
+    """
+
+    def __init__(self, optimizer: Any):
+        self.optimizer = optimizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optimizer, name)
+
+    def _distributed(self) -> list[Any]:
+        return list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
+
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False,
+                           metadata: dict | None = None) -> dict:
+        if is_loading:
+            for opt in self._distributed():
+                inner = opt.optimizer
+                for p in (p for g in inner.param_groups for p in g["params"] if not inner.state[p]):
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+        return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
+
+    def load_state_dict(self, state: dict) -> None:
+        (opt,) = self._distributed()  # one model chunk, one dtype: what build_model makes
+        state = dict(state)
+        param_state, kind = state.pop("param_state"), state.pop("param_state_sharding_type")
+        opt.load_state_dict(state)  # hyper-parameters and step
+        steps = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
+        getattr(opt, f"load_parameter_state_from_{kind}")(param_state)
+        for p, step in steps.items():  # megatron gave every parameter one shared tensor, which torch's foreach
+            opt.optimizer.state[p]["step"] = step.clone()  # AdamW would then advance once per parameter
 
 
 def _peak_flops(device: torch.device) -> float | None:
@@ -219,7 +265,7 @@ class Trainer:
         return self.cell.train.global_batch_size * self.cell.model.seq_length
 
     def train_steps(self, n: int) -> dict[str, float]:
-        """Run up to n steps (never past total_steps); returns mean loss, tokens/s (and MFU on GPU) over them."""
+        """Run up to n steps (never past total_steps); returns mean loss, seconds, tokens/s (and MFU on GPU)."""
         n = max(0, min(n, self.total_steps - self.step))
         losses: list[float] = []
         start = time.perf_counter()
@@ -231,7 +277,8 @@ class Trainer:
             if self.step % self.cell.train.log_interval == 0 or self.step == self.total_steps:
                 self._log_line()
         seconds = time.perf_counter() - start
-        out = {"steps": float(n), "step": float(self.step), "loss": sum(losses) / n if n else float("nan"),
+        out = {"steps": float(n), "step": float(self.step), "seconds": seconds,
+               "loss": sum(losses) / n if n else float("nan"),
                "tokens_per_s": n * self.tokens_per_step / seconds if n and seconds > 0 else float("nan"),
                "lr": lr_at(max(0, self.step - 1), self.total_steps, self.cell.train)}
         if self._peak is not None and n:
@@ -299,6 +346,10 @@ class Trainer:
         self.step += 1
         self.losses.append(loss)
         return loss
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation of a throughput on this cell's GPUs (None on CPU)."""
+        return self._mfu(tokens_per_s) if self._peak is not None else None
 
     def _mfu(self, tokens_per_s: float) -> float:
         """Model FLOPs utilisation: 6 x (non-embedding + output-layer) params + attention, per token."""

@@ -26,6 +26,11 @@ def _batch(vocab: int, b: int, s: int, seed: int = 0) -> tuple[torch.Tensor, tor
     return torch.randint(0, vocab, (b, s), generator=g), torch.arange(s).expand(b, s)
 
 
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU path: the shims are off where CUDA is present "
+                              "(tests/test_gpu.py checks that)")
+
+
+@cpu_only
 def test_shims_are_idempotent_and_in_effect(tp1):
     assert cpu_shims.apply_cpu_shims() is True
     assert cpu_shims.apply_cpu_shims() is True
@@ -36,6 +41,7 @@ def test_shims_are_idempotent_and_in_effect(tp1):
     assert isinstance(get_cuda_rng_tracker(), cpu_shims.CpuRNGStatesTracker)
 
 
+@cpu_only
 def test_each_shim_is_still_needed():
     """Fails when a megatron upgrade makes a shim unnecessary (then delete that shim)."""
     cpu_shims.apply_cpu_shims()
@@ -133,6 +139,7 @@ def test_gpu_preset_without_gpu_is_one_line_error():
     assert "\n" not in str(e.value)
 
 
+@cpu_only
 def test_sdpa_core_attention_matches_megatron_dot_product_attention(tp1):
     """The fused core attention computes what megatron's own local DotProductAttention computes."""
     from megatron.core.models.gpt import GPTModel

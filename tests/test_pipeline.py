@@ -38,6 +38,9 @@ def test_every_cell_trained_evaluated_and_stored(tiny_run):
         assert 0.0 <= rec.metrics["general_acc"][-1] <= 1.0
         stats = rec.meta["data_stats"]
         assert stats, "realised data statistics are recorded"
+        speed = rec.meta["throughput"]  # one entry per evaluation interval; MFU only on GPU
+        assert [e["step"] for e in speed] == cell.eval_steps
+        assert all(e["tokens_per_s"] > 0 and "mfu" not in e for e in speed)
     assert {r["state"] for r in run_status(run)} == {"done"}
 
 
