@@ -19,8 +19,8 @@ def test_every_command_has_help(command):
 def test_plan_prints_one_row_per_cell():
     out = CliRunner().invoke(main, ["plan", str(REPO / "configs" / "demo.yaml")])
     assert out.exit_code == 0, out.output
-    assert "32 cells = 4 sizes x 8 ratios x 1 token budgets x 1 seeds; executor: local" in out.output
-    assert len([line for line in out.output.splitlines() if line.startswith("cpu-")]) == 32
+    assert "36 cells = 4 sizes x 9 ratios x 1 token budgets x 1 seeds; executor: local" in out.output
+    assert len([line for line in out.output.splitlines() if line.startswith("cpu-")]) == 36
 
 
 def run(args):

@@ -105,7 +105,8 @@ def main() -> None:
     if not run.cells.is_dir():
         build(root, args.distinct, args.copies)
     n = len(list(run.cells.glob("*/retention.h5")))
-    (run.reports / CACHE_NAME).unlink(missing_ok=True)
+    for name in (CACHE_NAME, ".aggregate-result.pkl"):  # a kept folder must be aggregated from scratch
+        (run.reports / name).unlink(missing_ok=True)
     cold_cache = drop_caches()
     t0 = time.perf_counter()
     cold = aggregate_runs([run.root], echo=lambda *_: None)
