@@ -27,7 +27,7 @@ from .paths import RunPaths
 from .store import StoreError, read_cell
 
 CACHE_NAME = ".aggregate-cache.pkl"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _METRIC = re.compile(r"^(general|infused)_(seen_|heldout_)?acc(_cc)?$")
 
 
@@ -52,7 +52,9 @@ class CellDigest:
     n_infused_facts: Optional[int]
     values_per_relation: Optional[int]
     step: np.ndarray
-    metrics: dict[str, np.ndarray]
+    metric_names: tuple[str, ...]
+    series: np.ndarray              # (steps, metrics) float32, one array (not one per metric): for the curves plot
+    final: dict[str, float]         # each metric at the last evaluation, full precision (for the analysis)
     final_correct: Optional[np.ndarray]  # (P,) bool at the last evaluation
     probe_fact_index: Optional[np.ndarray]
     probe_heldout: Optional[np.ndarray]
@@ -62,7 +64,7 @@ class CellDigest:
 def summarise(path: str) -> CellDigest | str:
     """Read one store into a CellDigest, or return the one-line reason it is unusable."""
     try:
-        rec = read_cell(Path(path), matrix="last")  # only the final evaluation's per-probe row is needed
+        rec = read_cell(Path(path), matrix="last", fact_ids=False)  # the final per-probe row; ids unused
     except StoreError as e:
         return str(e)
     meta = rec.meta
@@ -77,9 +79,21 @@ def summarise(path: str) -> CellDigest | str:
         exposures_per_fact=_num(stats.get("exposures_per_fact_mean")),
         n_infused_facts=_num(stats.get("infused_facts"), int),
         values_per_relation=_num((data_cfg.get("knowledge") or {}).get("values_per_relation"), int),
-        step=np.asarray(rec.step), metrics={k: np.asarray(v) for k, v in rec.metrics.items()},
-        final_correct=final, probe_fact_index=np.asarray(rec.probe_fact_index),
+        step=np.asarray(rec.step, np.int32), metric_names=tuple(rec.metrics),
+        series=np.stack([np.asarray(v, np.float32) for v in rec.metrics.values()], 1) if rec.metrics
+        else np.zeros((len(rec.step), 0), np.float32),
+        final={k: float(v[-1]) for k, v in rec.metrics.items() if len(v)},
+        final_correct=final, probe_fact_index=_smallest_int(rec.probe_fact_index),
         probe_heldout=np.asarray(rec.probe_heldout), fact_group=np.asarray(rec.fact_group))
+
+
+def _smallest_int(a: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """Indices in the narrowest unsigned type that holds them: digests of thousands of cells travel between
+    processes and into the cache, so their size is time."""
+    if a is None:
+        return None
+    a = np.asarray(a)
+    return a.astype(np.min_scalar_type(int(a.max()))) if a.size and a.min() >= 0 else a
 
 
 def _num(value: Any, kind: type = float) -> Any:
@@ -205,15 +219,15 @@ def measurements(summaries: list[CellDigest], metric: str) -> tuple[list, list[t
         if not s.complete:
             excluded.append((s.name, "not finished (still running, or killed before completion)"))
             continue
-        if metric not in s.metrics or not len(s.metrics[metric]):
+        if metric not in s.final:
             excluded.append((s.name, f"no '{metric}' recorded; fix: choose analysis.metric among "
-                                     f"{sorted(s.metrics)}"))
+                                     f"{sorted(s.metric_names)}"))
             continue
         scores = fact_scores(s, metric)
         bits = (s.n_infused_facts * float(np.log2(s.values_per_relation))
                 if s.n_infused_facts and s.values_per_relation else None)
         out.append(Measurement(size=s.size, params=s.params, ratio=s.ratio, tokens=s.tokens, seed=s.seed,
-                               retention=float(s.metrics[metric][-1]), fact_correct=scores,
+                               retention=s.final[metric], fact_correct=scores,
                                n_choices=s.n_choices, exposures_per_fact=s.exposures_per_fact,
                                n_facts=None if scores is None else len(scores), knowledge_bits=bits))
     return out, excluded
@@ -288,7 +302,8 @@ def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optiona
     from .report import Curve
 
     curves = [Curve(size=s.size, ratio=s.ratio, tokens=s.tokens, seed=s.seed, step=s.step,
-                    retention=s.metrics[cfg.metric]) for s in summaries if cfg.metric in s.metrics]
+                    retention=s.series[:, s.metric_names.index(cfg.metric)])
+              for s in summaries if cfg.metric in s.metric_names]
     if not stores:
         echo(f"kislurm: no retention stores under {', '.join(map(str, runs))} (nothing has run yet?)")
     result = analyse(ms, cfg, out, summary, curves)

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from matplotlib import cm, colors, ticker
 from matplotlib.axes import Axes
+from matplotlib.collections import LineCollection
+from matplotlib.lines import Line2D
 from matplotlib.figure import Figure
 
 from .collapse import axis_ratio, ratio_axis, CollapseOptions, CollapseResult
@@ -343,24 +345,51 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(lines + [cur])
 
 
+def mean_curves(curves: Sequence[Curve]) -> list[tuple[float, np.ndarray, np.ndarray, int]]:
+    """(ratio, step, mean retention, n_seeds) per ratio: seeds averaged where they share their evaluation steps
+    (each seed is its own line otherwise), so a grid of many seeds stays readable and cheap to draw."""
+    by_ratio: dict[float, list[Curve]] = {}
+    for c in curves:
+        by_ratio.setdefault(c.ratio, []).append(c)
+    out = []
+    for r in sorted(by_ratio):
+        group = sorted(by_ratio[r], key=lambda c: c.seed)
+        if len({tuple(np.asarray(c.step).tolist()) for c in group}) == 1:
+            out.append((r, np.asarray(group[0].step), np.mean([c.retention for c in group], axis=0), len(group)))
+        else:
+            out += [(r, np.asarray(c.step), np.asarray(c.retention), 1) for c in group]
+    return out
+
+
 def plot_training_curves(ax: Axes, curves: Sequence[Curve], metric: str = "retention", legend: bool = True) -> Figure:
-    """Retention over training steps of one (size, tokens)'s cells, coloured by infusion ratio."""
-    ratios = sorted({c.ratio for c in curves})
-    norm = colors.LogNorm(vmin=min(ratios), vmax=max(ratios) * 1.0001) if ratios else None
-    seen = set()
-    for c in sorted(curves, key=lambda c: (c.ratio, c.seed)):
-        label = f"r={c.ratio:g}" if c.ratio not in seen else None
-        seen.add(c.ratio)
-        ax.plot(c.step, c.retention, "-", marker="." if len(c.step) < 30 else None, lw=1.6,
-                color=cm.plasma(0.85 * norm(c.ratio)), label=label)
+    """Retention over training steps of one (size, tokens), one line per infusion ratio (mean over seeds), coloured
+    by ratio. All lines are one LineCollection: a grid of thousands of cells draws in a second, not a minute."""
+    lines = [m for m in mean_curves(curves) if len(m[1])]
+    if lines:
+        ratios = np.array([m[0] for m in lines])
+        norm = colors.LogNorm(vmin=ratios.min(), vmax=ratios.max() * 1.0001)
+        rgba = cm.plasma(0.85 * norm(ratios))
+        ax.add_collection(LineCollection([np.column_stack([m[1], m[2]]) for m in lines], colors=rgba, lw=1.6))
+        if max(len(m[1]) for m in lines) < 30:
+            ax.scatter(np.concatenate([m[1] for m in lines]), np.concatenate([m[2] for m in lines]), s=9,
+                       c=np.repeat(rgba, [len(m[1]) for m in lines], axis=0), zorder=3)
+        ax.autoscale_view()
+        seeds = max(m[3] for m in lines)
+        ax.set_title(f"{curves[0].size}, D={curves[0].tokens:.3g}" + (f" (mean of {seeds} seeds)" if seeds > 1
+                                                                      else ""), fontsize=11)
+        if legend:
+            ax.legend(*_ratio_legend(lines), fontsize=8, ncol=2 if len(lines) > 5 else 1, loc="best")
     ax.set_xlabel("training step")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    if curves:
-        ax.set_title(f"{curves[0].size}, D={curves[0].tokens:.3g}", fontsize=11)
-        if legend:
-            ax.legend(fontsize=8, ncol=2 if len(ratios) > 5 else 1, loc="best")
     return ax.figure
+
+
+def _ratio_legend(lines: Sequence[tuple[float, np.ndarray, np.ndarray, int]]) -> tuple[list[Line2D], list[str]]:
+    """One legend entry per ratio, in the lines' colours."""
+    ratios = sorted({m[0] for m in lines})
+    norm = colors.LogNorm(vmin=ratios[0], vmax=ratios[-1] * 1.0001)
+    return [Line2D([], [], lw=1.6, color=cm.plasma(0.85 * norm(r))) for r in ratios], [f"r={r:g}" for r in ratios]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -368,9 +397,9 @@ def plot_training_curves(ax: Axes, curves: Sequence[Curve], metric: str = "reten
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path, tight: bool = True) -> Path:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight" if tight else None)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -395,23 +424,45 @@ def retention_figure(collapses: Sequence[CollapseResult], metric: str) -> Figure
     return fig
 
 
+MAX_CURVE_PANELS = 12
+"""curves.png shows every (size, token budget) up to this many panels, else the largest budget of each size."""
+
+
 def curves_figure(curves: Sequence[Curve], metric: str) -> Figure:
     keys = sorted({(c.size, c.tokens) for c in curves}, key=lambda k: (k[1], k[0]))
     order = {s: i for i, s in enumerate(dict.fromkeys(c.size for c in curves))}
     keys.sort(key=lambda k: (k[1], order[k[0]]))
+    title = "Retention during training, per infusion ratio (colour)"
+    if len(keys) > MAX_CURVE_PANELS:  # dozens of panels are unreadable and slow: the largest budget of each size
+        largest = {size: tokens for size, tokens in keys}  # keys are sorted by tokens: the last one wins
+        keys = sorted(largest.items(), key=lambda k: order[k[0]])
+        keys = [keys[round(i)] for i in np.linspace(0, len(keys) - 1, min(len(keys), MAX_CURVE_PANELS))]
+        title += f"; largest token budget of {len(keys)} of {len(order)} sizes"
+    panels: dict[tuple, list[Curve]] = {k: [] for k in keys}
+    for c in curves:
+        if (c.size, c.tokens) in panels:
+            panels[(c.size, c.tokens)].append(c)
     ncol = min(3, len(keys))
     nrow = math.ceil(len(keys) / ncol)
-    fig = Figure(figsize=(4.6 * ncol, 3.6 * nrow))
+    width, height = 4.6 * ncol + 1.1, 3.6 * nrow + 0.7
+    fig = Figure(figsize=(width, height))
+    # fixed margins in inches (tight_layout over dozens of panels costs more than drawing them)
+    fig.subplots_adjust(left=0.75 / width, right=1 - 1.3 / width, bottom=0.55 / height, top=1 - 0.75 / height,
+                        wspace=0.3, hspace=0.45)
     axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
     for ax, key in zip(axes, keys):
-        plot_training_curves(ax, [c for c in curves if (c.size, c.tokens) == key], metric, legend=False)
+        plot_training_curves(ax, panels[key], metric, legend=False)
     for ax in axes[len(keys):]:
         ax.set_visible(False)
-    handles = {lab: h for ax in axes[:len(keys)] for h, lab in zip(*ax.get_legend_handles_labels())}
-    order = sorted(handles, key=lambda lab: float(lab[2:]))
-    fig.suptitle("Retention during training, per cell (colour: infusion ratio)", fontsize=13)
-    fig.tight_layout(rect=(0, 0, 1 - 0.9 / (4.6 * ncol), 1))
-    fig.legend([handles[k] for k in order], order, loc="center right", fontsize=9, title="ratio", frameon=False)
+    fig.suptitle(title, fontsize=13)
+    ratios = sorted({c.ratio for c in curves})
+    if len(ratios) <= 16:
+        fig.legend(*_ratio_legend([(r, np.empty(0), np.empty(0), 1) for r in ratios]), loc="center right",
+                   fontsize=9, title="ratio", frameon=False)
+    else:  # a long legend is unreadable: a colour bar of the ratio instead
+        top = ratios[0] * (ratios[-1] / ratios[0]) ** (1 / 0.85)  # lines use the lower 85% of the colour map
+        sm = cm.ScalarMappable(norm=colors.LogNorm(vmin=ratios[0], vmax=max(top, ratios[0] * 1.0001)), cmap="plasma")
+        fig.colorbar(sm, cax=fig.add_axes((1 - 0.9 / width, 0.2, 0.15 / width, 0.6)), label="infusion ratio")
     return fig
 
 
@@ -441,5 +492,5 @@ def write_reports(outdir: str | Path, collapses: Sequence[CollapseResult], law: 
     plot_law(fig.subplots(), law)
     written.append(_save(fig, out / "law.png"))
     if curves:
-        written.append(_save(curves_figure(curves, metric), out / "curves.png"))
+        written.append(_save(curves_figure(curves, metric), out / "curves.png", tight=False))
     return written

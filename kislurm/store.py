@@ -506,7 +506,7 @@ def _read_fact_ids(fid: h5f.FileID) -> list[str]:
         return [x.decode() for x in raw]
 
 
-def _read(path: Path, matrix: bool | str) -> CellRecord:
+def _read(path: Path, matrix: bool | str, fact_ids: bool = True) -> CellRecord:
     try:
         fid = h5f.open(os.fsencode(path), h5f.ACC_RDONLY, _fapl())
     except FileNotFoundError:
@@ -528,7 +528,7 @@ def _read(path: Path, matrix: bool | str) -> CellRecord:
             probe["correct"] = _read_matrix(fid, b"probe_correct", n, n_probes, last)
             if record["probe_exact"]:
                 probe["exact"] = _read_matrix(fid, b"probe_exact", n, n_probes, last)
-            probe.update(ids=_read_fact_ids(fid), group=_read_array(fid, b"fact_group", np.int8),
+            probe.update(ids=_read_fact_ids(fid) if fact_ids else None, group=_read_array(fid, b"fact_group", np.int8),
                          index=_read_array(fid, b"probe_fact_index", np.int64),
                          heldout=_read_array(fid, b"probe_heldout", np.uint8).astype(bool))
         return CellRecord(path=path, meta=record["meta"], complete=bool(record["complete"]), step=step,
@@ -544,16 +544,17 @@ def _read(path: Path, matrix: bool | str) -> CellRecord:
         fid.close()
 
 
-def read_cell(path: Path, matrix: bool | str = True) -> CellRecord:
+def read_cell(path: Path, matrix: bool | str = True, fact_ids: bool = True) -> CellRecord:
     """Read one store. matrix=False skips the probe matrices and metadata (about 1 ms per file, cold);
-    matrix="last" reads only the last evaluation's row of each matrix, (1, P). Raises StoreError for
-    missing/truncated/foreign files."""
+    matrix="last" reads only the last evaluation's row of each matrix, (1, P); fact_ids=False leaves the fact id
+    strings unread (None: aggregation needs only their indices). Raises StoreError for missing/truncated/foreign
+    files."""
     if matrix not in (True, False, "last"):
         raise ValueError(f"matrix={matrix!r}; fix: pass True, False or 'last'")
     path = Path(path)
     for attempt in range(READ_RETRIES):
         try:
-            return _read(path, matrix)
+            return _read(path, matrix, fact_ids)
         except _Unreadable:
             if attempt + 1 == READ_RETRIES:
                 raise  # damaged for good, not merely replaced by its writer under us (NFS ESTALE)

@@ -130,3 +130,18 @@ def test_csv_to_reports_end_to_end(tmp_path):
     law = fit_law(cs, unit="odds", n_boot=60, confidence=0.9, rng=rng)
     write_reports(tmp_path / "out", cs, law, {"source": "t.csv"})
     assert law.ok and "binomial" in (tmp_path / "out/collapse_points.csv").read_text()
+
+
+def test_curves_average_seeds_and_cap_the_panels():
+    from kislurm.report import MAX_CURVE_PANELS, curves_figure, mean_curves
+
+    steps = np.arange(10, 110, 10)
+    seeds = [Curve("s", 0.5, 1e6, k, steps, np.full(10, 0.2 * k)) for k in range(3)]
+    ((ratio, step, mean, n),) = mean_curves(seeds)
+    assert ratio == 0.5 and n == 3 and np.allclose(mean, 0.2) and np.array_equal(step, steps)
+    # 8 sizes x 3 budgets = 24 (size, budget) panels: only the largest budget of each size is drawn
+    many = [Curve(f"m{i}", r, d, 0, steps, np.linspace(0.3, 0.9, 10)) for i in range(8) for d in (1e5, 1e6, 1e7)
+            for r in (0.1, 0.5)]
+    fig = curves_figure(many, "general_acc")
+    shown = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert len(shown) == 8 <= MAX_CURVE_PANELS and all("D=1e+07" in ax.get_title() for ax in shown)

@@ -355,11 +355,11 @@ def test_unreadable_reads_are_retried_then_reported(tmp_path, monkeypatch):
         w.append(**record_for(1))
     real, calls = store._read, []
 
-    def flaky(p, matrix):
+    def flaky(p, matrix, fact_ids=True):
         calls.append(p)
         if len(calls) == 1:
             raise store._Unreadable(f"{p}: stale file handle; fix: none")
-        return real(p, matrix)
+        return real(p, matrix, fact_ids)
 
     monkeypatch.setattr(store, "_read", flaky)
     assert read_cell(path).step.tolist() == [1] and len(calls) == 2
