@@ -41,7 +41,8 @@ META_FILE = "kislurm.json"
 LATEST_FILE = "latest"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 """How megatron's distributed optimizer lays out its state: per parameter, in the canonical shapes, so a GPU
-checkpoint can be resumed at another TP or DP degree (its default format is no longer loadable in 0.16)."""
+checkpoint can be resumed at another TP or DP degree (its default, fully_sharded_model_space, cannot even be saved
+by megatron-core 0.16.1: "ShardedTensor.flattened_range is not supported")."""
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 

@@ -8,8 +8,9 @@ layouts give the same losses as one process.
 
 Optimiser: AdamW with linear warmup then cosine decay to min_lr_ratio x lr, and gradient-norm clipping.
   CPU: fp32, torch.optim.AdamW over megatron DDP's main_grad buffers (megatron's optimizers need CUDA).
-  GPU: bf16 parameters, megatron's distributed optimizer (fp32 main weights, sharded over DP) via
-       get_megatron_optimizer. Written for clusters; it cannot run on a CPU-only machine.
+  GPU: bf16 parameters (megatron's Float16Module), megatron's distributed optimizer (fp32 main weights, sharded
+       over DP) via get_megatron_optimizer; exercised by tests/test_gpu.py on a GPU node, and it cannot run on a
+       CPU-only machine.
 """
 
 from __future__ import annotations

@@ -229,6 +229,21 @@ def test_update_meta_round_trip(tmp_path):
         assert json.loads(f.attrs["throughput"]) == {"tokens_per_s": 1234.5}
 
 
+def test_append_merges_meta_in_the_same_write(tmp_path):
+    path = tmp_path / "retention.h5"
+    with _open(path) as w:
+        w.append(**record_for(1), meta={"throughput": [{"step": 1, "tokens_per_s": 10.0}]})
+        stamp = path.stat().st_mtime_ns
+        with pytest.raises(ValueError, match="may not change"):
+            w.append(**record_for(2), meta={"cell_id": "other"})
+        assert path.stat().st_mtime_ns == stamp and w.steps() == [1]  # refused whole: no record without its meta
+        w.append(**record_for(2), meta={"throughput": [{"step": 1, "tokens_per_s": 10.0},
+                                                       {"step": 2, "tokens_per_s": 11.0}]})
+        assert [e["step"] for e in w.meta()["throughput"]] == [1, 2]
+    rec = read_cell(path, matrix=False)
+    assert rec.step.tolist() == [1, 2] and rec.meta["throughput"][1]["tokens_per_s"] == 11.0
+
+
 def test_dimension_scales(tmp_path):
     path = tmp_path / "retention.h5"
     with _open(path) as w:
