@@ -24,7 +24,7 @@ import numpy as np
 from . import __version__
 from .config import AnalysisConfig, ConfigError, load_config
 from .paths import RunPaths
-from .store import StoreError, read_cell
+from .store import StoreError, read_digest
 
 CACHE_NAME = ".aggregate-cache.pkl"
 CACHE_VERSION = 2
@@ -64,27 +64,23 @@ class CellDigest:
 def summarise(path: str) -> CellDigest | str:
     """Read one store into a CellDigest, or return the one-line reason it is unusable."""
     try:
-        rec = read_cell(Path(path), matrix="last", fact_ids=False)  # the final per-probe row; ids unused
+        d = read_digest(Path(path))  # one attribute read per store written by this kislurm
     except StoreError as e:
         return str(e)
-    meta = rec.meta
+    meta = d.meta
     stats = meta.get("data_stats") or {}
     data_cfg = (meta.get("config") or {}).get("data") or {}
-    final = rec.probe_correct[-1].astype(bool) if rec.probe_correct is not None and len(rec.step) else None
     return CellDigest(
         path=path, name=meta.get("name", Path(path).parent.name), size=str(meta.get("size")),
         params=float(meta.get("params_non_embedding", np.nan)), ratio=float(meta.get("ratio", np.nan)),
-        tokens=float(meta.get("tokens", np.nan)), seed=int(meta.get("seed", 0)), complete=rec.complete,
+        tokens=float(meta.get("tokens", np.nan)), seed=int(meta.get("seed", 0)), complete=d.complete,
         n_choices=int(meta.get("n_choices", 0)),
         exposures_per_fact=_num(stats.get("exposures_per_fact_mean")),
         n_infused_facts=_num(stats.get("infused_facts"), int),
         values_per_relation=_num((data_cfg.get("knowledge") or {}).get("values_per_relation"), int),
-        step=np.asarray(rec.step, np.int32), metric_names=tuple(rec.metrics),
-        series=np.stack([np.asarray(v, np.float32) for v in rec.metrics.values()], 1) if rec.metrics
-        else np.zeros((len(rec.step), 0), np.float32),
-        final={k: float(v[-1]) for k, v in rec.metrics.items() if len(v)},
-        final_correct=final, probe_fact_index=_smallest_int(rec.probe_fact_index),
-        probe_heldout=np.asarray(rec.probe_heldout), fact_group=np.asarray(rec.fact_group))
+        step=np.asarray(d.step, np.int32), metric_names=d.metric_names, series=d.series, final=d.final,
+        final_correct=d.last_correct, probe_fact_index=_smallest_int(d.probe_fact_index),
+        probe_heldout=d.probe_heldout, fact_group=d.fact_group)
 
 
 def _smallest_int(a: Optional[np.ndarray]) -> Optional[np.ndarray]:

@@ -18,7 +18,8 @@ Definitions (each recorded in every output through `CollapseOptions` and `Collap
 - Interval: percentile bootstrap of r*. With per-fact scores, facts are resampled (one resample shared by every
   cell of the size, since they are the same facts); with several seeds, seeds are resampled within each ratio;
   without per-fact scores, a parametric bootstrap: binomial with n_facts, else residuals of the logistic fit.
-- Fitting: scipy.optimize.least_squares within box bounds (`_bounds`), started from the best points of a
+- Fitting: MINPACK Levenberg-Marquardt (scipy.optimize.leastsq), falling back to scipy.optimize.least_squares with
+  box bounds (`_bounds`) when the optimum leaves the box; started from the best points of a
   (midpoint, steepness) grid whose plateau and drop are solved exactly; the bootstrap replicates also start from
   the point estimate, and polish only their best start (one scipy fit per replicate).
 - Cross-checks: a segmented regression (plateau, linear ramp in log-odds, floor; its r* is the ramp's midpoint, the
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import OptimizeResult, least_squares
+from scipy.optimize import OptimizeResult, least_squares, leastsq
 from scipy.special import expit
 
 FLAGS = ("ok", "unbracketed-low", "unbracketed-high", "absent", "non-monotone", "too-few-points")
@@ -224,7 +225,7 @@ def _trf(x: np.ndarray, y: np.ndarray, th: np.ndarray, lo: np.ndarray, hi: np.nd
 
 
 def _polish(x: np.ndarray, y: np.ndarray, th: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, float]:
-    """Least-squares fit of one curve from th within the box [lo, hi], by scipy.optimize.least_squares: (th, SSE).
+    """Least-squares fit of one curve from th within the box [lo, hi], by scipy.optimize: (th, SSE).
 
     MINPACK's Levenberg-Marquardt first (unbounded, several times cheaper per iteration than the bounded methods):
     a converged optimum inside the box is the bounded optimum too. Otherwise (a sharper step than the box allows,
@@ -232,12 +233,15 @@ def _polish(x: np.ndarray, y: np.ndarray, th: np.ndarray, lo: np.ndarray, hi: np
     the box (close to the bounded optimum), and from th as well if that ends worse than th started."""
     start = th
     if x.size >= th.size:   # MINPACK needs at least as many points as parameters
-        fit = least_squares(_residuals, th, jac=_jacobian, method="lm", x_scale="jac", max_nfev=_LM_MAX_NFEV,
-                            args=(x, y))
-        if fit.status > 0 and np.all((fit.x >= lo) & (fit.x <= hi)):
-            return fit.x, 2.0 * float(fit.cost)
-        if np.isfinite(fit.x).all():
-            th = np.clip(fit.x, lo, hi)
+        # scipy's direct MINPACK interface: the very call least_squares(method="lm", x_scale="jac") makes (same
+        # tolerances, scaling and evaluation budget), without its per-call set-up, which is most of the cost of
+        # the thousands of small bootstrap fits
+        xl, _, info, _, ier = leastsq(_residuals, th, args=(x, y), Dfun=_jacobian, full_output=True, ftol=1e-8,
+                                      xtol=1e-8, gtol=1e-8, maxfev=_LM_MAX_NFEV)
+        if ier in (1, 2, 3, 4) and np.all((xl >= lo) & (xl <= hi)):
+            return xl, float(info["fvec"] @ info["fvec"])
+        if np.isfinite(xl).all():
+            th = np.clip(xl, lo, hi)
     fit = _trf(x, y, th, lo, hi)
     r0 = _residuals(start, x, y)
     if th is not start and 2.0 * fit.cost > r0 @ r0:

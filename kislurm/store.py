@@ -31,6 +31,8 @@ Layout (SCHEMA_VERSION 1; HDF5 format bounds v110, readable by HDF5 >= 1.10 and 
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import functools
 import json
 import math
@@ -41,7 +43,7 @@ import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
@@ -196,7 +198,108 @@ def _record_json(state: _State) -> dict:
             "metric_names": list(state.metric_names), "probe_exact": state.has_exact,
             "n_probes": int(len(state.probes.probe_fact_index)), "n_facts": len(state.probes.fact_ids),
             "step": state.step.tolist(), "tokens": state.tokens.tolist(), "train_loss": state.train_loss.tolist(),
-            "meta": state.meta}
+            "meta": state.meta, "digest": _digest_json(state)}
+
+
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii")
+
+
+def _digest_json(state: _State) -> dict | None:
+    """What aggregation reads of a store, packed into the record attribute it reads anyway (one read per file
+    instead of six): metric series (float32), each metric's last value (full precision), the last evaluation's
+    per-probe correctness (bits) and the probe-to-fact structure. The datasets stay the reference copy."""
+    if not len(state.step):
+        return None
+    p = state.probes
+    index_type = np.min_scalar_type(int(p.probe_fact_index.max())) if p.probe_fact_index.size else np.dtype("u1")
+    return {"series_f32": _b64(state.metrics.astype("<f4")), "final": state.metrics[-1].tolist(),
+            "last_correct": _b64(np.packbits(state.correct[-1].astype(bool))),
+            "probe_fact_index": _b64(p.probe_fact_index.astype(np.dtype(index_type).newbyteorder("<"))),
+            "index_dtype": np.dtype(index_type).newbyteorder("<").str,
+            "probe_heldout": _b64(np.packbits(p.probe_heldout)), "fact_group": _b64(p.fact_group.astype(np.int8))}
+
+
+@dataclass(frozen=True)
+class StoreDigest:
+    """The aggregation view of a store (read_digest): small, and read with one attribute read."""
+
+    meta: dict
+    complete: bool
+    step: np.ndarray                      # (S,) int64
+    metric_names: tuple[str, ...]
+    series: np.ndarray                    # (S, M) float32
+    final: dict[str, float]               # each metric at the last evaluation (float64)
+    last_correct: np.ndarray | None       # (P,) bool, the last evaluation
+    probe_fact_index: np.ndarray | None   # (P,) narrowest unsigned int
+    probe_heldout: np.ndarray | None      # (P,) bool
+    fact_group: np.ndarray | None         # (F,) int8
+
+
+def read_digest(path: Path) -> StoreDigest:
+    """What aggregation needs of one store. Files written before the digest existed are read the long way
+    (read_cell with the last probe row), with the same result. Raises StoreError as read_cell does."""
+    path = Path(path)
+    for attempt in range(READ_RETRIES):
+        try:
+            record = _record_only(path)
+            break
+        except _Unreadable:
+            if attempt + 1 == READ_RETRIES:
+                raise  # damaged for good, not merely replaced by its writer under us (NFS ESTALE)
+    digest = record.get("digest")
+    if record.get("n_steps") and digest is None:
+        return _digest_from_cell(read_cell(path, matrix="last", fact_ids=False))
+    try:
+        names, n, n_probes = tuple(record["metric_names"]), int(record["n_steps"]), int(record["n_probes"])
+        if not n:
+            return StoreDigest(record["meta"], bool(record["complete"]), np.zeros(0, np.int64), names,
+                               np.zeros((0, len(names)), np.float32), {}, None, None, None, None)
+        raw = {k: base64.b64decode(digest[k]) for k in ("series_f32", "last_correct", "probe_fact_index",
+                                                           "probe_heldout", "fact_group")}
+        bits = lambda b: np.unpackbits(np.frombuffer(b, np.uint8), count=n_probes).astype(bool)  # noqa: E731
+        return StoreDigest(
+            meta=record["meta"], complete=bool(record["complete"]), step=np.array(record["step"], np.int64),
+            metric_names=names, series=np.frombuffer(raw["series_f32"], "<f4").reshape(n, len(names)),
+            final=dict(zip(names, map(float, digest["final"]))), last_correct=bits(raw["last_correct"]),
+            probe_fact_index=np.frombuffer(raw["probe_fact_index"], np.dtype(digest["index_dtype"])),
+            probe_heldout=bits(raw["probe_heldout"]), fact_group=np.frombuffer(raw["fact_group"], np.int8))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise StoreError(f"{path}: damaged retention store (digest: {_one_line(exc)}); fix: delete it and rerun "
+                         "the cell (it resumes from its last checkpoint)") from None
+
+
+def _damaged(path: Path, exc: BaseException) -> _Unreadable:
+    return _Unreadable(f"{path}: damaged retention store ({_one_line(exc)}); fix: delete it and rerun the cell (it "
+                       "resumes from its last checkpoint)")
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[h5f.FileID]:
+    """The store opened read-only; any failure inside it but a StoreError becomes one 'damaged' line."""
+    fid = _open_fid(path)
+    try:
+        yield fid
+    except StoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any other failure inside the file means it is damaged
+        raise _damaged(path, exc) from None
+    finally:
+        fid.close()
+
+
+def _record_only(path: Path) -> dict:
+    with _reading(path) as fid:
+        return _read_record(fid, path)
+
+
+def _digest_from_cell(rec: CellRecord) -> StoreDigest:
+    names = tuple(rec.metrics)
+    series = np.stack([rec.metrics[k] for k in names], 1) if names else np.zeros((len(rec.step), 0))
+    return StoreDigest(rec.meta, rec.complete, rec.step, names, series.astype(np.float32),
+                       {k: float(v[-1]) for k, v in rec.metrics.items() if len(v)},
+                       rec.probe_correct[-1].astype(bool) if rec.probe_correct is not None and len(rec.step)
+                       else None, rec.probe_fact_index, rec.probe_heldout, rec.fact_group)
 
 
 def _layout(f: h5py.File, state: _State) -> None:
@@ -506,15 +609,18 @@ def _read_fact_ids(fid: h5f.FileID) -> list[str]:
         return [x.decode() for x in raw]
 
 
-def _read(path: Path, matrix: bool | str, fact_ids: bool = True) -> CellRecord:
+def _open_fid(path: Path) -> h5f.FileID:
     try:
-        fid = h5f.open(os.fsencode(path), h5f.ACC_RDONLY, _fapl())
+        return h5f.open(os.fsencode(path), h5f.ACC_RDONLY, _fapl())
     except FileNotFoundError:
         raise StoreError(f"{path}: no such file; fix: check the path, or run the cell first") from None
     except OSError as exc:
         raise _Unreadable(f"{path}: not a readable HDF5 file ({_one_line(exc)}); fix: it is truncated or "
                           "damaged, delete it and rerun the cell") from None
-    try:
+
+
+def _read(path: Path, matrix: bool | str, fact_ids: bool = True) -> CellRecord:
+    with _reading(path) as fid:
         record = _read_record(fid, path)
         n, names = record["n_steps"], record["metric_names"]
         step, tokens = np.array(record["step"], np.int64), np.array(record["tokens"], np.int64)
@@ -528,20 +634,14 @@ def _read(path: Path, matrix: bool | str, fact_ids: bool = True) -> CellRecord:
             probe["correct"] = _read_matrix(fid, b"probe_correct", n, n_probes, last)
             if record["probe_exact"]:
                 probe["exact"] = _read_matrix(fid, b"probe_exact", n, n_probes, last)
-            probe.update(ids=_read_fact_ids(fid) if fact_ids else None, group=_read_array(fid, b"fact_group", np.int8),
+            probe.update(ids=_read_fact_ids(fid) if fact_ids else None,
+                         group=_read_array(fid, b"fact_group", np.int8),
                          index=_read_array(fid, b"probe_fact_index", np.int64),
                          heldout=_read_array(fid, b"probe_heldout", np.uint8).astype(bool))
         return CellRecord(path=path, meta=record["meta"], complete=bool(record["complete"]), step=step,
                           tokens=tokens, train_loss=loss, metrics={k: values[:, j] for j, k in enumerate(names)},
                           probe_correct=probe["correct"], probe_exact=probe["exact"], fact_ids=probe["ids"],
                           fact_group=probe["group"], probe_fact_index=probe["index"], probe_heldout=probe["heldout"])
-    except StoreError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any other failure inside the file means it is damaged
-        raise _Unreadable(f"{path}: damaged retention store ({_one_line(exc)}); fix: delete it and rerun the "
-                          "cell (it resumes from its last checkpoint)") from None
-    finally:
-        fid.close()
 
 
 def read_cell(path: Path, matrix: bool | str = True, fact_ids: bool = True) -> CellRecord:

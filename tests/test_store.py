@@ -485,3 +485,28 @@ def test_reader_sees_consistent_growing_series_while_writer_appends(tmp_path, mo
     final = read_cell(path)
     _assert_records(final, list(range(1, 41)))
     assert len(set(seen)) > 5, f"reads did not overlap the writes: {sorted(set(seen))}"
+
+
+def _digest_fields(d):
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.__dict__.items()}
+
+
+def test_digest_equals_the_full_read_and_old_files_fall_back(tmp_path):
+    """read_digest (one attribute) gives what the datasets give; a store written before the digest existed (no
+    'digest' in its record) is read the long way with the same result; an empty store has an empty digest."""
+    path = tmp_path / "retention.h5"
+    with _open(path) as w:
+        assert store.read_digest(path).final == {} and store.read_digest(path).last_correct is None
+        for step in (1, 2, 3):
+            w.append(**record_for(step))
+    fast = store.read_digest(path)
+    slow = store._digest_from_cell(read_cell(path, matrix="last", fact_ids=False))
+    assert _digest_fields(fast) == _digest_fields(slow)
+    assert fast.final["general_acc"] == read_cell(path).metrics["general_acc"][-1]  # full precision
+    with h5py.File(path, "r+") as f:  # make it an old file: drop the digest from its record
+        record = json.loads(f.attrs[store.RECORD_ATTR].tobytes().decode())
+        assert record.pop("digest") is not None
+        blob = json.dumps(record).encode()
+        del f.attrs[store.RECORD_ATTR]
+        f.attrs.create(store.RECORD_ATTR, np.array(blob, dtype=f"S{len(blob)}"))
+    assert _digest_fields(store.read_digest(path)) == _digest_fields(slow)
