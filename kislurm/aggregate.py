@@ -79,17 +79,8 @@ def summarise(path: str) -> CellDigest | str:
         n_infused_facts=_num(stats.get("infused_facts"), int),
         values_per_relation=_num((data_cfg.get("knowledge") or {}).get("values_per_relation"), int),
         step=np.asarray(d.step, np.int32), metric_names=d.metric_names, series=d.series, final=d.final,
-        final_correct=d.last_correct, probe_fact_index=_smallest_int(d.probe_fact_index),
+        final_correct=d.last_correct, probe_fact_index=d.probe_fact_index,
         probe_heldout=d.probe_heldout, fact_group=d.fact_group)
-
-
-def _smallest_int(a: Optional[np.ndarray]) -> Optional[np.ndarray]:
-    """Indices in the narrowest unsigned type that holds them: digests of thousands of cells travel between
-    processes and into the cache, so their size is time."""
-    if a is None:
-        return None
-    a = np.asarray(a)
-    return a.astype(np.min_scalar_type(int(a.max()))) if a.size and a.min() >= 0 else a
 
 
 def _num(value: Any, kind: type = float) -> Any:

@@ -367,8 +367,7 @@ def plot_training_curves(ax: Axes, curves: Sequence[Curve], metric: str = "reten
     lines = [m for m in mean_curves(curves) if len(m[1])]
     if lines:
         ratios = np.array([m[0] for m in lines])
-        norm = colors.LogNorm(vmin=ratios.min(), vmax=ratios.max() * 1.0001)
-        rgba = cm.plasma(0.85 * norm(ratios))
+        rgba = _ratio_colors(ratios)(ratios)
         ax.add_collection(LineCollection([np.column_stack([m[1], m[2]]) for m in lines], colors=rgba, lw=1.6))
         if max(len(m[1]) for m in lines) < 30:
             ax.scatter(np.concatenate([m[1] for m in lines]), np.concatenate([m[2] for m in lines]), s=9,
@@ -388,8 +387,14 @@ def plot_training_curves(ax: Axes, curves: Sequence[Curve], metric: str = "reten
 def _ratio_legend(lines: Sequence[tuple[float, np.ndarray, np.ndarray, int]]) -> tuple[list[Line2D], list[str]]:
     """One legend entry per ratio, in the lines' colours."""
     ratios = sorted({m[0] for m in lines})
-    norm = colors.LogNorm(vmin=ratios[0], vmax=ratios[-1] * 1.0001)
-    return [Line2D([], [], lw=1.6, color=cm.plasma(0.85 * norm(r))) for r in ratios], [f"r={r:g}" for r in ratios]
+    color = _ratio_colors(ratios)
+    return [Line2D([], [], lw=1.6, color=color(r)) for r in ratios], [f"r={r:g}" for r in ratios]
+
+
+def _ratio_colors(ratios: Sequence[float]) -> Any:
+    """Colour of an infusion ratio among `ratios`: log scale over the lower 85% of plasma (its top is too pale)."""
+    norm = colors.LogNorm(vmin=min(ratios), vmax=max(ratios) * 1.0001)
+    return lambda r: cm.plasma(0.85 * norm(r))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

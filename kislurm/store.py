@@ -205,18 +205,24 @@ def _b64(a: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii")
 
 
+def narrow_index(index: np.ndarray) -> np.ndarray:
+    """Non-negative indices in the narrowest unsigned little-endian type that holds them (the digest's form:
+    digests of thousands of cells travel between processes and into the aggregation cache)."""
+    index = np.asarray(index)
+    top = int(index.max()) if index.size else 0
+    return index.astype(np.dtype(np.min_scalar_type(top)).newbyteorder("<"))
+
+
 def _digest_json(state: _State) -> dict | None:
     """What aggregation reads of a store, packed into the record attribute it reads anyway (one read per file
     instead of six): metric series (float32), each metric's last value (full precision), the last evaluation's
     per-probe correctness (bits) and the probe-to-fact structure. The datasets stay the reference copy."""
     if not len(state.step):
         return None
-    p = state.probes
-    index_type = np.min_scalar_type(int(p.probe_fact_index.max())) if p.probe_fact_index.size else np.dtype("u1")
+    p, index = state.probes, narrow_index(state.probes.probe_fact_index)
     return {"series_f32": _b64(state.metrics.astype("<f4")), "final": state.metrics[-1].tolist(),
             "last_correct": _b64(np.packbits(state.correct[-1].astype(bool))),
-            "probe_fact_index": _b64(p.probe_fact_index.astype(np.dtype(index_type).newbyteorder("<"))),
-            "index_dtype": np.dtype(index_type).newbyteorder("<").str,
+            "probe_fact_index": _b64(index), "index_dtype": index.dtype.str,
             "probe_heldout": _b64(np.packbits(p.probe_heldout)), "fact_group": _b64(p.fact_group.astype(np.int8))}
 
 
@@ -231,7 +237,7 @@ class StoreDigest:
     series: np.ndarray                    # (S, M) float32
     final: dict[str, float]               # each metric at the last evaluation (float64)
     last_correct: np.ndarray | None       # (P,) bool, the last evaluation
-    probe_fact_index: np.ndarray | None   # (P,) narrowest unsigned int
+    probe_fact_index: np.ndarray | None   # (P,) narrow_index form
     probe_heldout: np.ndarray | None      # (P,) bool
     fact_group: np.ndarray | None         # (F,) int8
 
@@ -240,13 +246,7 @@ def read_digest(path: Path) -> StoreDigest:
     """What aggregation needs of one store. Files written before the digest existed are read the long way
     (read_cell with the last probe row), with the same result. Raises StoreError as read_cell does."""
     path = Path(path)
-    for attempt in range(READ_RETRIES):
-        try:
-            record = _record_only(path)
-            break
-        except _Unreadable:
-            if attempt + 1 == READ_RETRIES:
-                raise  # damaged for good, not merely replaced by its writer under us (NFS ESTALE)
+    record = _retrying(_record_only, path)
     digest = record.get("digest")
     if record.get("n_steps") and digest is None:
         return _digest_from_cell(read_cell(path, matrix="last", fact_ids=False))
@@ -265,8 +265,7 @@ def read_digest(path: Path) -> StoreDigest:
             probe_fact_index=np.frombuffer(raw["probe_fact_index"], np.dtype(digest["index_dtype"])),
             probe_heldout=bits(raw["probe_heldout"]), fact_group=np.frombuffer(raw["fact_group"], np.int8))
     except (KeyError, ValueError, TypeError) as exc:
-        raise StoreError(f"{path}: damaged retention store (digest: {_one_line(exc)}); fix: delete it and rerun "
-                         "the cell (it resumes from its last checkpoint)") from None
+        raise _damaged(path, exc) from None
 
 
 def _damaged(path: Path, exc: BaseException) -> _Unreadable:
@@ -299,7 +298,8 @@ def _digest_from_cell(rec: CellRecord) -> StoreDigest:
     return StoreDigest(rec.meta, rec.complete, rec.step, names, series.astype(np.float32),
                        {k: float(v[-1]) for k, v in rec.metrics.items() if len(v)},
                        rec.probe_correct[-1].astype(bool) if rec.probe_correct is not None and len(rec.step)
-                       else None, rec.probe_fact_index, rec.probe_heldout, rec.fact_group)
+                       else None, None if rec.probe_fact_index is None else narrow_index(rec.probe_fact_index),
+                       rec.probe_heldout, rec.fact_group)
 
 
 def _layout(f: h5py.File, state: _State) -> None:
@@ -651,13 +651,18 @@ def read_cell(path: Path, matrix: bool | str = True, fact_ids: bool = True) -> C
     files."""
     if matrix not in (True, False, "last"):
         raise ValueError(f"matrix={matrix!r}; fix: pass True, False or 'last'")
-    path = Path(path)
+    return _retrying(_read, Path(path), matrix, fact_ids)
+
+
+def _retrying(read: Any, path: Path, *args: Any) -> Any:
+    """read(path, *args), again when the bytes were unreadable: a file replaced by its writer under a reader
+    (NFS ESTALE) reads fine the next time; one damaged for good fails READ_RETRIES times."""
     for attempt in range(READ_RETRIES):
         try:
-            return _read(path, matrix, fact_ids)
+            return read(path, *args)
         except _Unreadable:
             if attempt + 1 == READ_RETRIES:
-                raise  # damaged for good, not merely replaced by its writer under us (NFS ESTALE)
+                raise
     raise AssertionError("unreachable")
 
 
@@ -686,7 +691,7 @@ def fact_correct(record: CellRecord, row: int = -1, group: int | None = None) ->
     restricted to facts of `group` (0 general, 1 infused) when given. For bootstrapping over facts."""
     if record.probe_correct is None:
         raise ValueError(f"{record.path}: read without the probe matrix; fix: read_cell(path, matrix=True or 'last')")
-    n_facts = len(record.fact_ids)
+    n_facts = len(record.fact_group)  # fact_ids may be unread (fact_ids=False)
     hits = np.bincount(record.probe_fact_index, weights=record.probe_correct[row], minlength=n_facts)
     count = np.bincount(record.probe_fact_index, minlength=n_facts)
     with np.errstate(invalid="ignore", divide="ignore"):

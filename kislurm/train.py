@@ -104,17 +104,11 @@ class CpuAdamW:
         self.optimizer.step()
         return True, norm, None
 
-    def _init_state(self) -> None:
-        """Give every parameter AdamW state so a checkpoint has tensors to load into."""
-        for p in self.parameters():
-            if not self.optimizer.state[p]:
-                self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                           "exp_avg_sq": torch.zeros_like(p)}
 
     def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False,
                            metadata: dict | None = None) -> dict:
         if is_loading:
-            self._init_state()
+            _zero_adam_state(self.optimizer)
         state = self.optimizer.state_dict()
         id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.parameters())
         steps = {float(s["step"]) for s in state["state"].values() if "step" in s}
@@ -129,6 +123,14 @@ class CpuAdamW:
             for s in state["state"].values():
                 s["step"] = torch.tensor(float(step))
         self.optimizer.load_state_dict(state)
+
+
+def _zero_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter of a torch Adam(W) without state a zero state at step 0, so that a checkpoint has
+    tensors to load into (the loaded values replace all of them)."""
+    for p in (p for g in optimizer.param_groups for p in g["params"] if not optimizer.state[p]):
+        optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                              "exp_avg_sq": torch.zeros_like(p)}
 
 
 def _grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
@@ -180,10 +182,7 @@ class TorchAdamCheckpointFix:
                            metadata: dict | None = None) -> dict:
         if is_loading:
             for opt in self._distributed():
-                inner = opt.optimizer
-                for p in (p for g in inner.param_groups for p in g["params"] if not inner.state[p]):
-                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
+                _zero_adam_state(opt.optimizer)
         return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
 
     def load_state_dict(self, state: dict) -> None:
