@@ -123,25 +123,33 @@ def _save_cache(path: Path, entries: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_summaries(stores: list[Path], cache_path: Optional[Path], workers: int = 0) -> tuple[
-        list[CellDigest], list[tuple[str, str]], int]:
-    """Summaries of readable stores, (path, reason) of unreadable ones, and how many files were actually read."""
-    cache = _load_cache(cache_path) if cache_path else {}
-    fresh: dict = {}
-    todo: list[str] = []
+def store_keys(stores: list[Path]) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every store that still exists, by path: what the cache and the fingerprint key on."""
     keys: dict[str, tuple[int, int]] = {}
     for p in stores:
         try:
             st = p.stat()
         except OSError:
             continue
-        key = (st.st_size, st.st_mtime_ns)
-        keys[str(p)] = key
-        hit = cache.get(str(p))
+        keys[str(p)] = (st.st_size, st.st_mtime_ns)
+    return keys
+
+
+def load_summaries(stores: list[Path], cache_path: Optional[Path], workers: int = 0,
+                   keys: Optional[dict[str, tuple[int, int]]] = None) -> tuple[
+        list[CellDigest], list[tuple[str, str]], int]:
+    """Summaries of readable stores, (path, reason) of unreadable ones, and how many files were actually read;
+    `keys` (store_keys of the same stores) saves stat'ing them again."""
+    cache = _load_cache(cache_path) if cache_path else {}
+    fresh: dict = {}
+    todo: list[str] = []
+    keys = store_keys(stores) if keys is None else keys
+    for path, key in keys.items():
+        hit = cache.get(path)
         if hit is not None and hit[0] == key:
-            fresh[str(p)] = hit
+            fresh[path] = hit
         else:
-            todo.append(str(p))
+            todo.append(path)
     workers = workers or min(os.cpu_count() or 1, 4)
     if len(todo) >= 64 and workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -157,16 +165,14 @@ def load_summaries(stores: list[Path], cache_path: Optional[Path], workers: int 
     return sorted(good, key=lambda s: (s.params, s.tokens, s.ratio, s.seed)), sorted(bad), len(todo)
 
 
-def fingerprint(stores: list[Path], cfg: AnalysisConfig) -> str:
-    """Identity of an aggregation's inputs: every store's (path, size, mtime) and the analysis settings."""
+def fingerprint(keys: dict[str, tuple[int, int]], cfg: AnalysisConfig) -> str:
+    """Identity of an aggregation's inputs: every store's (path, size, mtime) (store_keys) and the analysis
+    settings."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
     h.update(__version__.encode())
-    for p in sorted(stores):
-        try:
-            st = p.stat()
-        except OSError:
-            continue
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for path in sorted(keys):
+        size, mtime = keys[path]
+        h.update(f"{path}|{size}|{mtime}\n".encode())
     return h.hexdigest()
 
 
@@ -273,11 +279,12 @@ def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optiona
     stores = find_stores(runs)
     out = out or runs[0] / "reports"
     cfg = _analysis_config(runs, config)
-    print_ = fingerprint(stores, cfg)
+    keys = store_keys(stores)
+    print_ = fingerprint(keys, cfg)
     previous = _load_result(out, print_)
     if previous is not None:
         return previous  # nothing changed since the last aggregation: its reports stand
-    summaries, unreadable, n_read = load_summaries(stores, cache or out / CACHE_NAME)
+    summaries, unreadable, n_read = load_summaries(stores, cache or out / CACHE_NAME, keys=keys)
     for path, reason in unreadable:
         echo(f"kislurm: skipping unreadable store: {reason}")
     ms, excluded = measurements(summaries, cfg.metric)
