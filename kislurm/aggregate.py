@@ -9,11 +9,13 @@ written atomically by kislurm.report, so a reader never sees a half-written repo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import pickle
 import re
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +26,10 @@ import numpy as np
 from . import __version__
 from .config import AnalysisConfig, ConfigError, load_config
 from .paths import RunPaths
-from .store import StoreError, read_digest
+from .store import StoreDigest, StoreError, read_digest
 
 CACHE_NAME = ".aggregate-cache.pkl"
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 _METRIC = re.compile(r"^(general|infused)_(seen_|heldout_)?acc(_cc)?$")
 
 
@@ -37,7 +39,8 @@ class AggregateError(RuntimeError):
 
 @dataclass
 class CellDigest:
-    """What aggregation needs of one store: small enough to cache thousands of them."""
+    """What aggregation needs of one store for one metric: ~1.5 KB pickled, so thousands of them travel between
+    processes and into the cache cheaply (its arrays are pickled as plain bytes: ~4x faster than ndarrays)."""
 
     path: str
     name: str
@@ -51,36 +54,54 @@ class CellDigest:
     exposures_per_fact: Optional[float]
     n_infused_facts: Optional[int]
     values_per_relation: Optional[int]
-    step: np.ndarray
+    metric: str                           # what value, series and fact_scores are of
     metric_names: tuple[str, ...]
-    series: np.ndarray              # (steps, metrics) float32, one array (not one per metric): for the curves plot
-    final: dict[str, float]         # each metric at the last evaluation, full precision (for the analysis)
-    final_correct: Optional[np.ndarray]  # (P,) bool at the last evaluation
-    probe_fact_index: Optional[np.ndarray]
-    probe_heldout: Optional[np.ndarray]
-    fact_group: Optional[np.ndarray]
+    value: Optional[float]                # the metric at the last evaluation, full precision (None: not recorded)
+    step: np.ndarray                      # (S,) int32
+    series: Optional[np.ndarray]          # (S,) float32: the metric over training (the curves plot)
+    fact_scores: Optional[np.ndarray]     # (F,) float64 per-fact accuracy behind the metric at the last evaluation
+
+    _PACKED = {"step": np.int32, "series": np.float32, "fact_scores": np.float64}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for key, dtype in self._PACKED.items():
+            if state[key] is not None:
+                state[key] = np.asarray(state[key], dtype).tobytes()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for key, dtype in self._PACKED.items():
+            if state[key] is not None:
+                state[key] = np.frombuffer(state[key], dtype)
+        self.__dict__.update(state)
 
 
-def summarise(path: str) -> CellDigest | str:
-    """Read one store into a CellDigest, or return the one-line reason it is unusable."""
+_SHARED: dict[tuple, tuple] = {}
+
+
+def summarise(path: str, metric: str) -> CellDigest | str:
+    """Read one store into a CellDigest for `metric`, or return the one-line reason it is unusable."""
     try:
-        d = read_digest(Path(path))  # one attribute read per store written by this kislurm
+        d = read_digest(path)  # one plain read of the store's user block (kislurm.digest)
     except StoreError as e:
         return str(e)
     meta = d.meta
     stats = meta.get("data_stats") or {}
     data_cfg = (meta.get("config") or {}).get("data") or {}
+    column = d.metric_names.index(metric) if metric in d.metric_names else None
     return CellDigest(
-        path=path, name=meta.get("name", Path(path).parent.name), size=str(meta.get("size")),
+        path=path, name=meta.get("name") or os.path.basename(os.path.dirname(path)), size=str(meta.get("size")),
         params=float(meta.get("params_non_embedding", np.nan)), ratio=float(meta.get("ratio", np.nan)),
         tokens=float(meta.get("tokens", np.nan)), seed=int(meta.get("seed", 0)), complete=d.complete,
         n_choices=int(meta.get("n_choices", 0)),
         exposures_per_fact=_num(stats.get("exposures_per_fact_mean")),
         n_infused_facts=_num(stats.get("infused_facts"), int),
         values_per_relation=_num((data_cfg.get("knowledge") or {}).get("values_per_relation"), int),
-        step=np.asarray(d.step, np.int32), metric_names=d.metric_names, series=d.series, final=d.final,
-        final_correct=d.last_correct, probe_fact_index=d.probe_fact_index,
-        probe_heldout=d.probe_heldout, fact_group=d.fact_group)
+        metric=metric, metric_names=_SHARED.setdefault(d.metric_names, d.metric_names),  # one copy per pickled batch
+        value=d.final.get(metric), step=np.asarray(d.step, np.int32),
+        series=None if column is None else np.array(d.series[:, column], np.float32),
+        fact_scores=fact_scores(d, metric))
 
 
 def _num(value: Any, kind: type = float) -> Any:
@@ -96,30 +117,35 @@ def _num(value: Any, kind: type = float) -> Any:
 
 
 def find_stores(runs: list[Path]) -> list[Path]:
+    """Every run's stores: RUN/cells/<cell>/retention.h5 (one directory listing; the cell folders are not listed,
+    store_keys stats each store once), or any retention.h5 below RUN for a folder without cells/."""
     stores: list[Path] = []
     for run in runs:
         if not run.is_dir():
             raise AggregateError(f"{run}: no such run folder; fix: pass folders created by `kislurm submit` "
                                  "(output_root/name)")
-        stores += sorted(run.glob("cells/*/retention.h5")) if (run / "cells").is_dir() else sorted(
-            run.glob("**/retention.h5"))
+        cells = run / "cells"
+        stores += ([cells / name / "retention.h5" for name in sorted(os.listdir(cells))] if cells.is_dir()
+                   else sorted(run.glob("**/retention.h5")))
     return stores
 
 
-def _load_cache(path: Path) -> dict:
+def _load_cache(path: Path, metric: str) -> dict:
     try:
         with open(path, "rb") as f:
             cache = pickle.load(f)
-        return cache["entries"] if cache.get("version") == CACHE_VERSION else {}
+        ok = cache.get("version") == CACHE_VERSION and cache.get("metric") == metric
+        return cache["entries"] if ok else {}
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, AttributeError, TypeError):
-        return {}  # a missing or damaged cache only costs a cold read
+        return {}  # a missing or damaged cache (or one for another metric) only costs a cold read
 
 
-def _save_cache(path: Path, entries: dict) -> None:
+def _save_cache(path: Path, metric: str, entries: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        pickle.dump({"version": CACHE_VERSION, "entries": entries}, f, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump({"version": CACHE_VERSION, "metric": metric, "entries": entries}, f,
+                    protocol=pickle.HIGHEST_PROTOCOL)
     os.replace(tmp, path)
 
 
@@ -135,12 +161,44 @@ def store_keys(stores: list[Path]) -> dict[str, tuple[int, int]]:
     return keys
 
 
-def load_summaries(stores: list[Path], cache_path: Optional[Path], workers: int = 0,
-                   keys: Optional[dict[str, tuple[int, int]]] = None) -> tuple[
+def read_summaries(paths: list[str], metric: str, executor: Optional[ProcessPoolExecutor] = None,
+                   ) -> list[CellDigest | str]:
+    """summarise() every path, in order, in `executor`'s processes when there are many. Threads do not help: a
+    digest read is ~0.2 ms of mostly Python, and they contend for the GIL."""
+    if len(paths) < 256 or executor is None:
+        return [summarise(p, metric) for p in paths]
+    chunk = max(1, len(paths) // (8 * (os.cpu_count() or 1)))
+    return list(executor.map(functools.partial(summarise, metric=metric), paths, chunksize=chunk))
+
+
+def _one_blas_thread() -> None:
+    """The fits multiply small matrices: multithreaded BLAS only spins (it doubled the CPU time of the fits on 2
+    cores), and each worker process is already one CPU's worth of work."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+
+
+def worker_pool(workers: int = 0) -> ProcessPoolExecutor:
+    """Processes for one aggregation: one more than the CPUs by default (a process waiting for the disk leaves
+    its CPU to another), at most 8. Forked: a worker starts with what the parent has imported."""
+    return ProcessPoolExecutor(workers or min((os.cpu_count() or 1) + 1, 8), initializer=_one_blas_thread)
+
+
+def _import_analysis() -> None:
+    """scipy.optimize and matplotlib take ~2 s to import: done in a thread while the workers read the stores, and
+    before the analysis workers are forked (so that none of them imports them again)."""
+    from . import collapse, law, report  # noqa: F401
+
+
+def load_summaries(stores: list[Path], cache_path: Optional[Path], metric: str,
+                   keys: Optional[dict[str, tuple[int, int]]] = None,
+                   executor: Optional[ProcessPoolExecutor] = None) -> tuple[
         list[CellDigest], list[tuple[str, str]], int]:
-    """Summaries of readable stores, (path, reason) of unreadable ones, and how many files were actually read;
-    `keys` (store_keys of the same stores) saves stat'ing them again."""
-    cache = _load_cache(cache_path) if cache_path else {}
+    """Summaries of readable stores for `metric`, (path, reason) of unreadable ones, and how many files were
+    actually read (the others came from the cache); `keys` (store_keys of the same stores) saves stat'ing them
+    again."""
+    cache = _load_cache(cache_path, metric) if cache_path else {}
     fresh: dict = {}
     todo: list[str] = []
     keys = store_keys(stores) if keys is None else keys
@@ -150,16 +208,10 @@ def load_summaries(stores: list[Path], cache_path: Optional[Path], workers: int 
             fresh[path] = hit
         else:
             todo.append(path)
-    workers = workers or min(os.cpu_count() or 1, 4)
-    if len(todo) >= 64 and workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(summarise, todo, chunksize=max(1, len(todo) // (workers * 8))))
-    else:
-        results = [summarise(p) for p in todo]
-    for p, r in zip(todo, results):
+    for p, r in zip(todo, read_summaries(todo, metric, executor)):
         fresh[p] = (keys[p], r)
     if cache_path:
-        _save_cache(cache_path, fresh)
+        _save_cache(cache_path, metric, fresh)
     good = [v for _, v in fresh.values() if isinstance(v, CellDigest)]
     bad = [(p, v) for p, (_, v) in fresh.items() if isinstance(v, str)]
     return sorted(good, key=lambda s: (s.params, s.tokens, s.ratio, s.seed)), sorted(bad), len(todo)
@@ -181,25 +233,27 @@ def fingerprint(keys: dict[str, tuple[int, int]], cfg: AnalysisConfig) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def fact_scores(s: CellDigest, metric: str) -> Optional[np.ndarray]:
+def fact_scores(d: StoreDigest, metric: str) -> Optional[np.ndarray]:
     """Per-fact accuracy behind an accuracy metric at the last evaluation (for bootstrapping over facts)."""
     m = _METRIC.match(metric)
-    if not m or s.final_correct is None or s.probe_fact_index is None or s.fact_group is None:
+    if not m or d.last_correct is None or d.probe_fact_index is None or d.fact_group is None:
         return None
     group = 0 if m.group(1) == "general" else 1
-    probes = s.fact_group[s.probe_fact_index] == group
+    probes = d.fact_group[d.probe_fact_index] == group
     if m.group(2) == "seen_":
-        probes &= ~s.probe_heldout
+        probes &= ~d.probe_heldout
     elif m.group(2) == "heldout_":
-        probes &= s.probe_heldout
-    facts = s.probe_fact_index[probes]
-    hits = np.bincount(facts, weights=s.final_correct[probes], minlength=len(s.fact_group))
-    counts = np.bincount(facts, minlength=len(s.fact_group))
+        probes &= d.probe_heldout
+    facts = d.probe_fact_index[probes]
+    hits = np.bincount(facts, weights=d.last_correct[probes], minlength=len(d.fact_group))
+    counts = np.bincount(facts, minlength=len(d.fact_group))
     keep = counts > 0
     scores = hits[keep] / counts[keep]
     if m.group(3):  # chance-corrected: the same linear map per fact
-        chance = 1.0 / s.n_choices
-        scores = (scores - chance) / (1 - chance)
+        n_choices = int(d.meta.get("n_choices") or 0)
+        if n_choices < 2:
+            return None
+        scores = (scores - 1.0 / n_choices) / (1 - 1.0 / n_choices)
     return scores
 
 
@@ -209,18 +263,21 @@ def measurements(summaries: list[CellDigest], metric: str) -> tuple[list, list[t
 
     out, excluded = [], []
     for s in summaries:
+        if s.metric != metric:
+            raise ValueError(f"{s.path} was summarised for {s.metric!r}, not {metric!r}; fix: load_summaries with "
+                             "the analysis metric")
         if not s.complete:
             excluded.append((s.name, "not finished (still running, or killed before completion)"))
             continue
-        if metric not in s.final:
+        if s.value is None:
             excluded.append((s.name, f"no '{metric}' recorded; fix: choose analysis.metric among "
                                      f"{sorted(s.metric_names)}"))
             continue
-        scores = fact_scores(s, metric)
+        scores = s.fact_scores
         bits = (s.n_infused_facts * float(np.log2(s.values_per_relation))
                 if s.n_infused_facts and s.values_per_relation else None)
         out.append(Measurement(size=s.size, params=s.params, ratio=s.ratio, tokens=s.tokens, seed=s.seed,
-                               retention=s.final[metric], fact_correct=scores,
+                               retention=s.value, fact_correct=scores,
                                n_choices=s.n_choices, exposures_per_fact=s.exposures_per_fact,
                                n_facts=None if scores is None else len(scores), knowledge_bits=bits))
     return out, excluded
@@ -256,18 +313,24 @@ def _analysis_config(runs: list[Path], config: Optional[Path]) -> AnalysisConfig
     return AnalysisConfig()
 
 
-def analyse(ms: list, cfg: AnalysisConfig, out: Path, summary: dict, curves: list) -> AggregateResult:
-    """Collapse per (size, token budget), the law across sizes, and the reports: shared by runs and CSVs."""
+def analyse(ms: list, cfg: AnalysisConfig, out: Path, summary: dict, curves: list,
+            executor: Optional[ProcessPoolExecutor] = None) -> AggregateResult:
+    """Collapse per (size, token budget), the law across sizes, and the reports: shared by runs and CSVs. With an
+    executor, the curves plot (which needs no fit) is drawn while the collapse points are fitted."""
     from .collapse import detect_collapses
     from .law import fit_law
-    from .report import collapse_table_md, law_text, write_reports
+    from .report import collapse_table_md, curves_figure, law_text, save_figure, write_reports
 
+    early = executor.submit(save_figure, out / "curves.png", curves_figure, curves, cfg.metric) \
+        if executor is not None and curves else None
     rng = np.random.default_rng(cfg.seed)
     collapses = detect_collapses(ms, n_boot=cfg.bootstrap, confidence=cfg.confidence, rng=rng,
-                                 workers=min(os.cpu_count() or 1, 4) if len(ms) >= 20 else 1)
+                                 executor=executor if len(ms) >= 20 else None)
     law = fit_law(collapses, unit=cfg.unit, n_boot=cfg.bootstrap, confidence=cfg.confidence, rng=rng,
                   targets=cfg.target_sizes)
-    write_reports(out, collapses, law, summary, curves)
+    write_reports(out, collapses, law, summary, () if early else curves, executor=executor)
+    if early is not None:
+        early.result()
     return AggregateResult(out=out, collapses=collapses, law=law, table_markdown=collapse_table_md(collapses),
                            law_text=law_text(law))
 
@@ -284,25 +347,39 @@ def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optiona
     previous = _load_result(out, print_)
     if previous is not None:
         return previous  # nothing changed since the last aggregation: its reports stand
-    summaries, unreadable, n_read = load_summaries(stores, cache or out / CACHE_NAME, keys=keys)
+    _one_blas_thread()
+    with worker_pool() as readers:  # forked before the analysis imports: light workers
+        readers.submit(int).result()  # every worker is forked now: none while the import thread holds locks
+        importing = threading.Thread(target=_import_analysis, name="kislurm-imports")
+        importing.start()
+        summaries, unreadable, n_read = load_summaries(stores, cache or out / CACHE_NAME, cfg.metric, keys=keys,
+                                                       executor=readers)
+        importing.join()
+    with worker_pool() as pool:
+        result = _aggregate(runs, keys, cfg, out, summaries, unreadable, n_read, echo, pool)
+    _save_result(out, print_, result)
+    return result
+
+
+def _aggregate(runs: list[Path], keys: dict[str, tuple[int, int]], cfg: AnalysisConfig, out: Path,
+               summaries: list[CellDigest], unreadable: list[tuple[str, str]], n_read: int,
+               echo: Callable[[str], Any], pool: ProcessPoolExecutor) -> AggregateResult:
     for path, reason in unreadable:
         echo(f"kislurm: skipping unreadable store: {reason}")
     ms, excluded = measurements(summaries, cfg.metric)
     summary = {"title": f"kislurm report: {', '.join(r.name for r in runs)}", "metric": cfg.metric,
-               "runs": ", ".join(str(r) for r in runs), "stores found": len(stores),
+               "runs": ", ".join(str(r) for r in runs), "stores found": len(keys),
                "stores read this time (others cached)": n_read, "cells used": len(ms),
                "excluded_cells": {**{name: reason for name, reason in excluded},
                                   **{Path(p).parent.name: f"unreadable: {reason}" for p, reason in unreadable}}}
     from .report import Curve
 
-    curves = [Curve(size=s.size, ratio=s.ratio, tokens=s.tokens, seed=s.seed, step=s.step,
-                    retention=s.series[:, s.metric_names.index(cfg.metric)])
-              for s in summaries if cfg.metric in s.metric_names]
-    if not stores:
+    curves = [Curve(size=s.size, ratio=s.ratio, tokens=s.tokens, seed=s.seed, step=s.step, retention=s.series)
+              for s in summaries if s.series is not None]
+    if not keys:
         echo(f"kislurm: no retention stores under {', '.join(map(str, runs))} (nothing has run yet?)")
-    result = analyse(ms, cfg, out, summary, curves)
+    result = analyse(ms, cfg, out, summary, curves, executor=pool)
     result.excluded, result.unreadable, result.n_read = excluded, unreadable, n_read
-    _save_result(out, print_, result)
     return result
 
 
@@ -310,12 +387,14 @@ _RESULT_NAME = ".aggregate-result.pkl"
 
 
 def _load_result(out: Path, print_: str) -> Optional[AggregateResult]:
+    """The last aggregation's result if its inputs had this fingerprint. The fingerprint is pickled first and read
+    alone: a changed run costs no unpickling of results (nor the scipy and matplotlib imports that would need)."""
     try:
         with open(out / _RESULT_NAME, "rb") as f:
-            saved_print, result = pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError):
-        return None
-    if saved_print != print_ or not (out / "collapse_points.csv").exists():
+            if pickle.load(f) != print_ or not (out / "collapse_points.csv").exists():
+                return None
+            result = pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, ImportError):
         return None
     result.n_read = 0
     return result
@@ -325,7 +404,8 @@ def _save_result(out: Path, print_: str, result: AggregateResult) -> None:
     """Written last, after every report: its presence means the reports match this fingerprint."""
     tmp = out / f".{_RESULT_NAME}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
-        pickle.dump((print_, result), f, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump(print_, f, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
     os.replace(tmp, out / _RESULT_NAME)
 
 

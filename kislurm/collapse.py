@@ -32,7 +32,9 @@ from typing import Any
 
 import csv
 import math
+import warnings
 from collections import defaultdict
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,13 +154,19 @@ def _residuals(th: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _jacobian(th: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """d residuals / d (plateau, drop, midpoint, steepness): (K, 4), analytic."""
+    """d residuals / d (plateau, drop, midpoint, steepness), analytic, one row per parameter (4, K): MINPACK's
+    column-major layout (col_deriv), so nothing is transposed per call."""
     u = x - th[2]
     h = expit(th[3] * u)
     dh = th[1] * h * (1.0 - h)
-    j = np.empty((x.size, 4))
-    j[:, 0], j[:, 1], j[:, 2], j[:, 3] = 1.0, -h, th[3] * dh, -u * dh
+    j = np.empty((4, x.size))
+    j[0], j[1], j[2], j[3] = 1.0, -h, th[3] * dh, -u * dh
     return j
+
+
+def _jacobian_rows(th: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The Jacobian as least_squares takes it: (K, 4)."""
+    return _jacobian(th, x, y).T
 
 
 def _bounds(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -220,8 +228,8 @@ _TRF_MAX_NFEV = 100  # bounded runs longer than this crawl along a flat valley (
 def _trf(x: np.ndarray, y: np.ndarray, th: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> OptimizeResult:
     """Bounded fit; gtol is an absolute test on the gradient: tightened so a near-exact fit (tiny residuals, tiny
     gradient) is not stopped early (ftol and xtol are relative and end the noisy fits)."""
-    return least_squares(_residuals, th, jac=_jacobian, bounds=(lo, hi), method="trf", x_scale="jac", gtol=1e-12,
-                         max_nfev=_TRF_MAX_NFEV, args=(x, y))
+    return least_squares(_residuals, th, jac=_jacobian_rows, bounds=(lo, hi), method="trf", x_scale="jac",
+                         gtol=1e-12, max_nfev=_TRF_MAX_NFEV, args=(x, y))
 
 
 def _polish(x: np.ndarray, y: np.ndarray, th: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, float]:
@@ -234,12 +242,13 @@ def _polish(x: np.ndarray, y: np.ndarray, th: np.ndarray, lo: np.ndarray, hi: np
     start = th
     if x.size >= th.size:   # MINPACK needs at least as many points as parameters
         # scipy's direct MINPACK interface: the very call least_squares(method="lm", x_scale="jac") makes (same
-        # tolerances, scaling and evaluation budget), without its per-call set-up, which is most of the cost of
-        # the thousands of small bootstrap fits
-        xl, _, info, _, ier = leastsq(_residuals, th, args=(x, y), Dfun=_jacobian, full_output=True, ftol=1e-8,
-                                      xtol=1e-8, gtol=1e-8, maxfev=_LM_MAX_NFEV)
+        # tolerances, scaling and evaluation budget) without its per-call set-up, which is most of the cost of the
+        # thousands of small bootstrap fits; full_output=False skips the covariance matrix nobody reads
+        xl, ier = leastsq(_residuals, th, args=(x, y), Dfun=_jacobian, col_deriv=True, ftol=1e-8, xtol=1e-8,
+                          gtol=1e-8, maxfev=_LM_MAX_NFEV)
         if ier in (1, 2, 3, 4) and np.all((xl >= lo) & (xl <= hi)):
-            return xl, float(info["fvec"] @ info["fvec"])
+            r = _residuals(xl, x, y)
+            return xl, float(r @ r)
         if np.isfinite(xl).all():
             th = np.clip(xl, lo, hi)
     fit = _trf(x, y, th, lo, hi)
@@ -268,11 +277,13 @@ def fit_logistic(x: np.ndarray, ys: np.ndarray, start: np.ndarray | None = None,
     f0 = _model(x, starts.reshape(b * s, 4))[0].reshape(b, s, -1) - ys[:, None, :]
     order = np.argsort((f0 * f0).sum(2), axis=1, kind="stable")[:, :n_polish or s]
     th, sse = np.empty((b, 4)), np.full(b, np.inf)
-    for i in range(b):
-        for k in order[i]:
-            t, f = _polish(x, ys[i], starts[i, k], lo, hi)
-            if f < sse[i]:
-                th[i], sse[i] = t, f
+    with warnings.catch_warnings():  # leastsq warns when it runs out of evaluations: _polish goes on with TRF
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for i in range(b):
+            for k in order[i]:
+                t, f = _polish(x, ys[i], starts[i, k], lo, hi)
+                if f < sse[i]:
+                    th[i], sse[i] = t, f
     return th, sse
 
 
@@ -468,16 +479,19 @@ def _tok_key(tokens: float) -> float | None:
 
 
 def detect_collapses(ms: list[Measurement], *, n_boot: int, confidence: float, rng: np.random.Generator,
-                     options: CollapseOptions = CollapseOptions(), workers: int = 1) -> list[CollapseResult]:
+                     options: CollapseOptions = CollapseOptions(), workers: int = 1,
+                     executor: Executor | None = None) -> list[CollapseResult]:
     """detect_collapse for every (size, tokens), ordered by params then tokens; each group draws from its own
     child generator spawned from `rng` (independent streams, reproducible for a given set of groups, and so the
-    same result with any number of `workers` processes)."""
+    same result with any number of `workers` processes, or in `executor`'s processes when one is given)."""
     groups: dict[tuple, list[Measurement]] = defaultdict(list)
     for m in ms:
         groups[(m.params, m.size, _tok_key(m.tokens))].append(m)
     keys = sorted(groups, key=lambda k: (k[0], k[1], -1.0 if k[2] is None else k[2]))
     children = rng.spawn(len(keys))
     jobs = [(groups[k], n_boot, confidence, g, options) for k, g in zip(keys, children)]
+    if executor is not None and len(jobs) > 1:
+        return list(executor.map(_detect_one, jobs))
     if workers > 1 and len(jobs) > 1:
         from concurrent.futures import ProcessPoolExecutor
 

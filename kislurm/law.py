@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from scipy.stats import norm
+from scipy.special import ndtri  # the normal quantile (scipy.stats.norm.ppf) without scipy.stats' 1.5 s import
 
 from .collapse import CollapseResult, percentile_interval
 
@@ -162,7 +162,7 @@ def _capacity(c: CollapseResult, capacity_bits: float) -> tuple[float | None, st
 def law_points(collapses: list[CollapseResult], unit: str, confidence: float,
                capacity_bits: float = 2.0) -> list[LawPoint]:
     """Every collapse with its unit value and whether it can enter the fit (flag 'ok' and a finite unit)."""
-    z = norm.ppf(0.5 + confidence / 2)
+    z = ndtri(0.5 + confidence / 2)
     out = []
     for c in collapses:
         u, ulo, uhi = (float(v) for v in unit_of_ratio(c, np.array([c.r_star, c.lo, c.hi]), unit))

@@ -27,11 +27,12 @@ Layout (SCHEMA_VERSION 1; HDF5 format bounds v110, readable by HDF5 >= 1.10 and 
   metrics (S, M) float64 (attr `names`) with scale metric (M,), all chunked with an unlimited step axis;
   probe_correct / probe_exact (S, P) uint8 0/1, chunked and gzip-compressed, scales step and probe (P,);
   fact (F,) fact ids [scale "fact"], fact_group (F,) int8, probe_fact_index (P,) int64, probe_heldout (P,) uint8.
+  User block (ignored by HDF5): the digest aggregation reads (kislurm.digest), the file's size and a checksum.
+  Files written before the digest existed have none and are read through their datasets.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
 import json
@@ -49,7 +50,8 @@ import h5py
 import numpy as np
 from h5py import h5a, h5d, h5f, h5p, h5s
 
-from . import __version__
+from . import __version__, digest
+from .digest import StoreDigest, narrow_index
 from .paths import CellPaths, RunPaths
 
 SCHEMA_NAME = "kislurm.retention"
@@ -198,74 +200,57 @@ def _record_json(state: _State) -> dict:
             "metric_names": list(state.metric_names), "probe_exact": state.has_exact,
             "n_probes": int(len(state.probes.probe_fact_index)), "n_facts": len(state.probes.fact_ids),
             "step": state.step.tolist(), "tokens": state.tokens.tolist(), "train_loss": state.train_loss.tolist(),
-            "meta": state.meta, "digest": _digest_json(state)}
+            "meta": state.meta}
 
 
-def _b64(a: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii")
+def _digest_payload(state: _State) -> tuple[bytes, int]:
+    """The digest of a state (kislurm.digest): what aggregation reads, one plain read instead of an HDF5 open."""
+    p, n = state.probes, len(state.step)
+    header = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "complete": state.complete, "n_steps": n,
+              "n_probes": int(len(p.probe_fact_index)), "metric_names": list(state.metric_names), "meta": state.meta}
+    metrics = state.metrics.reshape(n, len(state.metric_names))
+    last = state.correct[-1].astype(bool) if n else np.zeros(0, bool)
+    return digest.encode(header, [
+        ("step", state.step.astype("<i8")), ("series", metrics.astype("<f4")),
+        ("final", metrics[-1].astype("<f8") if n else np.zeros(0, "<f8")), ("last_correct", np.packbits(last)),
+        ("probe_fact_index", narrow_index(p.probe_fact_index)), ("probe_heldout", np.packbits(p.probe_heldout)),
+        ("fact_group", p.fact_group.astype(np.int8))])
 
 
-def narrow_index(index: np.ndarray) -> np.ndarray:
-    """Non-negative indices in the narrowest unsigned little-endian type that holds them (the digest's form:
-    digests of thousands of cells travel between processes and into the aggregation cache)."""
-    index = np.asarray(index)
-    top = int(index.max()) if index.size else 0
-    return index.astype(np.dtype(np.min_scalar_type(top)).newbyteorder("<"))
-
-
-def _digest_json(state: _State) -> dict | None:
-    """What aggregation reads of a store, packed into the record attribute it reads anyway (one read per file
-    instead of six): metric series (float32), each metric's last value (full precision), the last evaluation's
-    per-probe correctness (bits) and the probe-to-fact structure. The datasets stay the reference copy."""
-    if not len(state.step):
-        return None
-    p, index = state.probes, narrow_index(state.probes.probe_fact_index)
-    return {"series_f32": _b64(state.metrics.astype("<f4")), "final": state.metrics[-1].tolist(),
-            "last_correct": _b64(np.packbits(state.correct[-1].astype(bool))),
-            "probe_fact_index": _b64(index), "index_dtype": index.dtype.str,
-            "probe_heldout": _b64(np.packbits(p.probe_heldout)), "fact_group": _b64(p.fact_group.astype(np.int8))}
-
-
-@dataclass(frozen=True)
-class StoreDigest:
-    """The aggregation view of a store (read_digest): small, and read with one attribute read."""
-
-    meta: dict
-    complete: bool
-    step: np.ndarray                      # (S,) int64
-    metric_names: tuple[str, ...]
-    series: np.ndarray                    # (S, M) float32
-    final: dict[str, float]               # each metric at the last evaluation (float64)
-    last_correct: np.ndarray | None       # (P,) bool, the last evaluation
-    probe_fact_index: np.ndarray | None   # (P,) narrow_index form
-    probe_heldout: np.ndarray | None      # (P,) bool
-    fact_group: np.ndarray | None         # (F,) int8
-
-
-def read_digest(path: Path) -> StoreDigest:
-    """What aggregation needs of one store. Files written before the digest existed are read the long way
-    (read_cell with the last probe row), with the same result. Raises StoreError as read_cell does."""
-    path = Path(path)
-    record = _retrying(_record_only, path)
-    digest = record.get("digest")
-    if record.get("n_steps") and digest is None:
+def read_digest(path: str | Path) -> StoreDigest:
+    """What aggregation needs of one store, from the digest in its user block (kislurm.digest). Files without one
+    (written before digests existed) are read the long way (read_cell with the last probe row), with the same
+    result. Raises StoreError as read_cell does. (A str path is kept as is: pathlib costs more than the read.)"""
+    found = _retrying(_read_userblock, path)
+    if found is None:
         return _digest_from_cell(read_cell(path, matrix="last", fact_ids=False))
+    header, a = found
     try:
-        names, n, n_probes = tuple(record["metric_names"]), int(record["n_steps"]), int(record["n_probes"])
-        if not n:
-            return StoreDigest(record["meta"], bool(record["complete"]), np.zeros(0, np.int64), names,
-                               np.zeros((0, len(names)), np.float32), {}, None, None, None, None)
-        raw = {k: base64.b64decode(digest[k]) for k in ("series_f32", "last_correct", "probe_fact_index",
-                                                           "probe_heldout", "fact_group")}
-        bits = lambda b: np.unpackbits(np.frombuffer(b, np.uint8), count=n_probes).astype(bool)  # noqa: E731
+        names, n, n_probes = tuple(header["metric_names"]), int(header["n_steps"]), int(header["n_probes"])
+        bits = lambda b: np.unpackbits(b, count=n_probes).view(bool)  # noqa: E731
         return StoreDigest(
-            meta=record["meta"], complete=bool(record["complete"]), step=np.array(record["step"], np.int64),
-            metric_names=names, series=np.frombuffer(raw["series_f32"], "<f4").reshape(n, len(names)),
-            final=dict(zip(names, map(float, digest["final"]))), last_correct=bits(raw["last_correct"]),
-            probe_fact_index=np.frombuffer(raw["probe_fact_index"], np.dtype(digest["index_dtype"])),
-            probe_heldout=bits(raw["probe_heldout"]), fact_group=np.frombuffer(raw["fact_group"], np.int8))
+            meta=header["meta"], complete=bool(header["complete"]), step=a["step"].astype(np.int64),
+            metric_names=names, series=a["series"], final=dict(zip(names, a["final"].tolist())),
+            last_correct=bits(a["last_correct"]) if n else None, probe_fact_index=a["probe_fact_index"],
+            probe_heldout=bits(a["probe_heldout"]), fact_group=a["fact_group"])
     except (KeyError, ValueError, TypeError) as exc:
         raise _damaged(path, exc) from None
+
+
+def _read_userblock(path: str | Path) -> tuple[dict, dict[str, np.ndarray]] | None:
+    """The digest's header and arrays; None when the file has none, or one of another store schema (the HDF5
+    reader then reports what is wrong with it)."""
+    try:
+        found = digest.read(path)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: no such file; fix: check the path, or run the cell first") from None
+    except OSError as exc:
+        raise _Unreadable(f"{path}: unreadable ({_one_line(exc)}); fix: check the file system, then rerun") from None
+    except (digest.DigestError, ValueError, TypeError, KeyError) as exc:
+        raise _damaged(path, exc) from None
+    if found is None or found[0].get("schema") != SCHEMA_NAME or found[0].get("schema_version") != SCHEMA_VERSION:
+        return None
+    return found
 
 
 def _damaged(path: Path, exc: BaseException) -> _Unreadable:
@@ -366,8 +351,14 @@ def _publish(path: Path, state: _State) -> tuple[int, int, int] | None:
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # honours the umask (mkstemp gives 0600)
     try:
-        with h5py.File(tmp, "w", libver=LIBVER, locking=False, driver="core", backing_store=True) as f:
+        payload, header_len = _digest_payload(state)
+        block = digest.userblock_size(payload)
+        with h5py.File(tmp, "w", libver=LIBVER, locking=False, driver="core", backing_store=True,
+                       **({"userblock_size": block} if block else {})) as f:
             _layout(f, state)  # the core driver assembles the file in memory and writes it out once at close
+        if block:
+            with open(tmp, "r+b") as fh:
+                digest.write(fh, payload, header_len)
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from kislurm import store
+from kislurm import digest, store
 from kislurm.store import (SCHEMA_VERSION, RetentionWriter, StoreError, fact_correct, git_commit, list_cells,
                            read_cell)
 
@@ -491,22 +491,46 @@ def _digest_fields(d):
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.__dict__.items()}
 
 
-def test_digest_equals_the_full_read_and_old_files_fall_back(tmp_path):
-    """read_digest (one attribute) gives what the datasets give; a store written before the digest existed (no
-    'digest' in its record) is read the long way with the same result; an empty store has an empty digest."""
+def test_digest_equals_the_full_read_and_old_files_fall_back(tmp_path, monkeypatch):
+    """read_digest (the user block, one plain read) gives what the datasets give; a store without a digest (written
+    before digests existed, or with one too large to keep) is read the long way with the same result; an empty
+    store has an empty digest; the user block leaves the file an ordinary HDF5 file."""
     path = tmp_path / "retention.h5"
     with _open(path) as w:
         assert store.read_digest(path).final == {} and store.read_digest(path).last_correct is None
         for step in (1, 2, 3):
             w.append(**record_for(step))
+    assert path.read_bytes().startswith(digest.MAGIC)
+    with h5py.File(path, "r") as f:
+        assert f.userblock_size >= 512 and f["step"][:].tolist() == [1, 2, 3]
     fast = store.read_digest(path)
     slow = store._digest_from_cell(read_cell(path, matrix="last", fact_ids=False))
     assert _digest_fields(fast) == _digest_fields(slow)
     assert fast.final["general_acc"] == read_cell(path).metrics["general_acc"][-1]  # full precision
-    with h5py.File(path, "r+") as f:  # make it an old file: drop the digest from its record
-        record = json.loads(f.attrs[store.RECORD_ATTR].tobytes().decode())
-        assert record.pop("digest") is not None
-        blob = json.dumps(record).encode()
-        del f.attrs[store.RECORD_ATTR]
-        f.attrs.create(store.RECORD_ATTR, np.array(blob, dtype=f"S{len(blob)}"))
-    assert _digest_fields(store.read_digest(path)) == _digest_fields(slow)
+    old = tmp_path / "old" / "retention.h5"
+    monkeypatch.setattr(digest, "userblock_size", lambda payload: 0)
+    with _open(old) as w:
+        for step in (1, 2, 3):
+            w.append(**record_for(step))
+    with h5py.File(old, "r") as f:
+        assert f.userblock_size == 0
+    assert _digest_fields(store.read_digest(old)) == _digest_fields(slow)
+
+
+def test_digest_of_a_truncated_or_edited_file_is_not_trusted(tmp_path):
+    """The digest is intact in a truncated copy (it sits at the start): its recorded file size gives the copy
+    away; a damaged digest fails its checksum. Both are one-line 'damaged' errors, never silently wrong data."""
+    path = tmp_path / "retention.h5"
+    with _open(path) as w:
+        w.append(**record_for(1))
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(data[:-1000])
+    with pytest.raises(StoreError, match=r"damaged retention store \(the file is \d+ bytes, its writer wrote"):
+        store.read_digest(truncated)
+    flipped = bytearray(data)
+    flipped[digest.PREFIX.size + 40] ^= 0xFF
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(StoreError, match="checksum does not match.*; fix: delete it and rerun"):
+        store.read_digest(bad)
