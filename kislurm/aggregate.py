@@ -149,15 +149,27 @@ def _save_cache(path: Path, metric: str, entries: dict) -> None:
     os.replace(tmp, path)
 
 
-def store_keys(stores: list[Path]) -> dict[str, tuple[int, int]]:
-    """(size, mtime) of every store that still exists, by path: what the cache and the fingerprint key on."""
+def store_keys(stores: list[Path], executor: Optional[ProcessPoolExecutor] = None) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every store that still exists, by path: what the cache and the fingerprint key on.
+    Thousands of stats of a cold file system run in `executor`'s processes when one is given: a thread would
+    wait for the GIL after every stat while the analysis imports run."""
+    paths = [str(p) for p in stores]
+    if executor is None or len(paths) < 1024:
+        return _stat_all(paths)
     keys: dict[str, tuple[int, int]] = {}
-    for p in stores:
+    for part in executor.map(_stat_all, [paths[i:i + 512] for i in range(0, len(paths), 512)]):
+        keys.update(part)
+    return keys
+
+
+def _stat_all(paths: list[str]) -> dict[str, tuple[int, int]]:
+    keys: dict[str, tuple[int, int]] = {}
+    for p in paths:
         try:
-            st = p.stat()
+            st = os.stat(p)
         except OSError:
             continue
-        keys[str(p)] = (st.st_size, st.st_mtime_ns)
+        keys[p] = (st.st_size, st.st_mtime_ns)
     return keys
 
 
@@ -171,12 +183,13 @@ def read_summaries(paths: list[str], metric: str, executor: Optional[ProcessPool
     return list(executor.map(functools.partial(summarise, metric=metric), paths, chunksize=chunk))
 
 
-def _one_blas_thread() -> None:
+def _one_blas_thread() -> Any:
     """The fits multiply small matrices: multithreaded BLAS only spins (it doubled the CPU time of the fits on 2
-    cores), and each worker process is already one CPU's worth of work."""
+    cores), and each worker process is already one CPU's worth of work. A context manager as well (the parent
+    restores its own setting afterwards)."""
     from threadpoolctl import threadpool_limits
 
-    threadpool_limits(1, user_api="blas")
+    return threadpool_limits(1, user_api="blas")
 
 
 def worker_pool(workers: int = 0) -> ProcessPoolExecutor:
@@ -186,22 +199,19 @@ def worker_pool(workers: int = 0) -> ProcessPoolExecutor:
 
 
 def _import_analysis() -> None:
-    """scipy.optimize and matplotlib take ~2 s to import: done in a thread while the workers read the stores, and
-    before the analysis workers are forked (so that none of them imports them again)."""
+    """scipy.optimize and matplotlib take ~2 s to import: done in a thread while the stores are stat'ed and read,
+    and before the analysis workers are forked (so that none of them imports them again)."""
     from . import collapse, law, report  # noqa: F401
 
 
-def load_summaries(stores: list[Path], cache_path: Optional[Path], metric: str,
-                   keys: Optional[dict[str, tuple[int, int]]] = None,
+def load_summaries(keys: dict[str, tuple[int, int]], cache_path: Optional[Path], metric: str,
                    executor: Optional[ProcessPoolExecutor] = None) -> tuple[
         list[CellDigest], list[tuple[str, str]], int]:
-    """Summaries of readable stores for `metric`, (path, reason) of unreadable ones, and how many files were
-    actually read (the others came from the cache); `keys` (store_keys of the same stores) saves stat'ing them
-    again."""
+    """Summaries for `metric` of the readable stores among `keys` (store_keys: path -> size, mtime), (path, reason)
+    of unreadable ones, and how many files were actually read (the others came from the cache)."""
     cache = _load_cache(cache_path, metric) if cache_path else {}
     fresh: dict = {}
     todo: list[str] = []
-    keys = store_keys(stores) if keys is None else keys
     for path, key in keys.items():
         hit = cache.get(path)
         if hit is not None and hit[0] == key:
@@ -238,23 +248,35 @@ def fact_scores(d: StoreDigest, metric: str) -> Optional[np.ndarray]:
     m = _METRIC.match(metric)
     if not m or d.last_correct is None or d.probe_fact_index is None or d.fact_group is None:
         return None
-    group = 0 if m.group(1) == "general" else 1
-    probes = d.fact_group[d.probe_fact_index] == group
-    if m.group(2) == "seen_":
-        probes &= ~d.probe_heldout
-    elif m.group(2) == "heldout_":
-        probes &= d.probe_heldout
-    facts = d.probe_fact_index[probes]
-    hits = np.bincount(facts, weights=d.last_correct[probes], minlength=len(d.fact_group))
-    counts = np.bincount(facts, minlength=len(d.fact_group))
-    keep = counts > 0
+    n_choices = int(d.meta.get("n_choices") or 0)
+    if m.group(3) and n_choices < 2:
+        return None
+    probes, facts, counts, keep = _probe_selection(d.probe_fact_index.dtype.str, d.probe_fact_index.tobytes(),
+                                                   np.packbits(d.probe_heldout).tobytes(), d.fact_group.tobytes(),
+                                                   m.group(1), m.group(2) or "")
+    hits = np.bincount(facts, weights=d.last_correct[probes], minlength=len(counts))
     scores = hits[keep] / counts[keep]
     if m.group(3):  # chance-corrected: the same linear map per fact
-        n_choices = int(d.meta.get("n_choices") or 0)
-        if n_choices < 2:
-            return None
         scores = (scores - 1.0 / n_choices) / (1 - 1.0 / n_choices)
     return scores
+
+
+@functools.lru_cache(maxsize=16)
+def _probe_selection(index_dtype: str, index: bytes, heldout_bits: bytes, fact_group: bytes, group_name: str,
+                     split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Which probes a metric scores, the fact of each, probes per fact, facts with probes: a function of the probe
+    set alone, which the cells of a run share, so it is worked out once per run, not once per store."""
+    pfi = np.frombuffer(index, index_dtype)
+    group = np.frombuffer(fact_group, np.int8)
+    held = np.unpackbits(np.frombuffer(heldout_bits, np.uint8), count=len(pfi)).view(bool)
+    probes = group[pfi] == (0 if group_name == "general" else 1)
+    if split == "seen_":
+        probes &= ~held
+    elif split == "heldout_":
+        probes &= held
+    facts = pfi[probes]
+    counts = np.bincount(facts, minlength=len(group))
+    return probes, facts, counts, counts > 0
 
 
 def measurements(summaries: list[CellDigest], metric: str) -> tuple[list, list[tuple[str, str]]]:
@@ -316,47 +338,47 @@ def _analysis_config(runs: list[Path], config: Optional[Path]) -> AnalysisConfig
 def analyse(ms: list, cfg: AnalysisConfig, out: Path, summary: dict, curves: list,
             executor: Optional[ProcessPoolExecutor] = None) -> AggregateResult:
     """Collapse per (size, token budget), the law across sizes, and the reports: shared by runs and CSVs. With an
-    executor, the curves plot (which needs no fit) is drawn while the collapse points are fitted."""
+    executor, the collapse groups are fitted in its processes and then the three figures drawn in them at once
+    (all cores busy to the end: drawing the curves plot during the fits left a core idle while the last figure
+    was drawn)."""
     from .collapse import detect_collapses
     from .law import fit_law
-    from .report import collapse_table_md, curves_figure, law_text, save_figure, write_reports
+    from .report import collapse_table_md, law_text, write_reports
 
-    early = executor.submit(save_figure, out / "curves.png", curves_figure, curves, cfg.metric) \
-        if executor is not None and curves else None
     rng = np.random.default_rng(cfg.seed)
     collapses = detect_collapses(ms, n_boot=cfg.bootstrap, confidence=cfg.confidence, rng=rng,
                                  executor=executor if len(ms) >= 20 else None)
     law = fit_law(collapses, unit=cfg.unit, n_boot=cfg.bootstrap, confidence=cfg.confidence, rng=rng,
                   targets=cfg.target_sizes)
-    write_reports(out, collapses, law, summary, () if early else curves, executor=executor)
-    if early is not None:
-        early.result()
+    write_reports(out, collapses, law, summary, curves, executor=executor)
     return AggregateResult(out=out, collapses=collapses, law=law, table_markdown=collapse_table_md(collapses),
                            law_text=law_text(law))
 
 
 def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optional[Path] = None,
                    echo: Callable[[str], Any] = print, cache: Optional[Path] = None) -> AggregateResult:
-    """Aggregate one or more run folders into RUN/reports (or `out`); `cache` defaults to out/CACHE_NAME."""
+    """Aggregate one or more run folders into RUN/reports (or `out`); `cache` defaults to out/CACHE_NAME.
+
+    Order, for a cold run over thousands of stores on few cores: the reading processes are forked first (light:
+    no scipy or matplotlib, and no thread exists yet to be forked mid-import); the analysis imports (~2 s) then
+    load in a thread while the stores are stat'ed and read; the analysis processes are forked after them."""
     runs = [Path(r) for r in runs]
-    stores = find_stores(runs)
     out = out or runs[0] / "reports"
     cfg = _analysis_config(runs, config)
-    keys = store_keys(stores)
-    print_ = fingerprint(keys, cfg)
-    previous = _load_result(out, print_)
-    if previous is not None:
-        return previous  # nothing changed since the last aggregation: its reports stand
-    _one_blas_thread()
-    with worker_pool() as readers:  # forked before the analysis imports: light workers
-        readers.submit(int).result()  # every worker is forked now: none while the import thread holds locks
-        importing = threading.Thread(target=_import_analysis, name="kislurm-imports")
+    with _one_blas_thread(), worker_pool() as readers:
+        readers.submit(int).result()  # every reader is forked now, before the import thread starts
+        importing = threading.Thread(target=_import_analysis, name="kislurm-imports", daemon=True)
         importing.start()
-        summaries, unreadable, n_read = load_summaries(stores, cache or out / CACHE_NAME, cfg.metric, keys=keys,
+        keys = store_keys(find_stores(runs), readers)
+        print_ = fingerprint(keys, cfg)
+        previous = _load_result(out, print_)
+        if previous is not None:
+            return previous  # nothing changed since the last aggregation: its reports stand
+        summaries, unreadable, n_read = load_summaries(keys, cache or out / CACHE_NAME, cfg.metric,
                                                        executor=readers)
         importing.join()
-    with worker_pool() as pool:
-        result = _aggregate(runs, keys, cfg, out, summaries, unreadable, n_read, echo, pool)
+        with worker_pool() as pool:
+            result = _aggregate(runs, keys, cfg, out, summaries, unreadable, n_read, echo, pool)
     _save_result(out, print_, result)
     return result
 

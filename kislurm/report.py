@@ -259,6 +259,7 @@ def plot_retention_vs_ratio(ax: Axes, collapses: Sequence[CollapseResult], metri
         _ratio_ticks(ax, all_r)
     ax.set_xlabel("infusion ratio r (log-odds scale)")
     ax.set_ylabel(metric)
+    ax.yaxis.set_major_locator(ticker.MaxNLocator(6, steps=[1, 2, 5, 10]))
     ax.set_title("Retention vs infusion ratio: logistic fit, r* (dashed), interval (band)\n"
                  "hollow markers and dotted curves: flagged, not in the law", fontsize=11)
     ax.grid(alpha=0.3)
@@ -323,6 +324,8 @@ def plot_law(ax: Axes, law: LawFit, n_grid: int = 60) -> Figure:
     ax.set_ylabel(f"{unit_label} (log scale)")
     ax.grid(alpha=0.3, which="major")
     ax.grid(alpha=0.1, which="minor")
+    if ax.get_xscale() == "log":  # minor ticks at 2 and 5 only: each tick is a few ms to lay out and draw
+        ax.xaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=9, loc="upper left")  # r* grows with N: the upper left stays empty ("best" costs ~0.5 s)
     return ax.figure
@@ -421,7 +424,7 @@ def _save(fig: Figure, path: Path) -> Path:
     """Every figure has fixed margins (in inches): a tight bounding box or constrained layout would draw it twice
     or more, most of the cost of a report over thousands of cells."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, pil_kwargs={"compress_level": 3})
+    fig.savefig(buf, format="png", dpi=100, pil_kwargs={"compress_level": 3})
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -472,7 +475,7 @@ def law_figure(law: LawFit) -> Figure:
     return fig
 
 
-MAX_CURVE_PANELS = 12
+MAX_CURVE_PANELS = 9
 """curves.png shows every (size, token budget) up to this many panels, else the largest budget of each size."""
 
 
@@ -499,6 +502,7 @@ def curves_figure(curves: Sequence[Curve], metric: str) -> Figure:
     for i, (ax, key) in enumerate(zip(axes, keys)):
         plot_training_curves(ax, panels[key], metric, legend=False)
         ax.xaxis.set_major_locator(ticker.MaxNLocator(4))
+        ax.yaxis.set_major_locator(ticker.MaxNLocator(5, steps=[1, 2, 5, 10]))
         if i % ncol:  # the shared scale is labelled in the first column only (fewer texts to lay out and draw)
             ax.set_ylabel("")
             ax.tick_params(labelleft=False)
@@ -539,10 +543,9 @@ def write_reports(outdir: str | Path, collapses: Sequence[CollapseResult], law: 
                                 indent=1) + "\n")
     text("law.txt", law_text(law))
     text("summary.md", summary_md(collapses, law, summary))
-    figures = [(out / "retention_vs_ratio.png", retention_figure, collapses, metric),
-               (out / "law.png", law_figure, law)]
-    if curves:
-        figures.append((out / "curves.png", curves_figure, curves, metric))
+    figures = [(out / "curves.png", curves_figure, curves, metric)] if curves else []  # the largest job first
+    figures += [(out / "retention_vs_ratio.png", retention_figure, collapses, metric),
+                (out / "law.png", law_figure, law)]
     if executor is None:
         return written + [save_figure(*job) for job in figures]
     return written + [f.result() for f in [executor.submit(save_figure, *job) for job in figures]]

@@ -137,6 +137,16 @@ def read_highlevel(path: Path) -> int:
     return len(arrays[0])
 
 
+def read_digest(path: Path) -> int:
+    return len(store.read_digest(str(path)).step)
+
+
+def open_only(path: Path) -> int:
+    """Baseline for the digest: only opening and closing the file with libhdf5 (what any HDF5 read costs)."""
+    store._open_fid(path).close()
+    return 0
+
+
 def time_reads(paths: list[Path], fn, repeat: int = 1) -> tuple[float, float]:
     """(wall, CPU) seconds per file, cold, best of `repeat` passes (others' load only ever adds time); CPU time is
     the figure to trust on a machine shared with others."""
@@ -204,6 +214,11 @@ def run(root: Path, args) -> None:
     high, high_cpu = time_reads(serial, read_highlevel, args.repeat)
     print(f"read_cell(matrix=False), cold  {ms(fast)} wall {ms(fast_cpu)} CPU per file   "
           f"(baseline h5py high-level {ms(high)} wall {ms(high_cpu)} CPU; ratio {high_cpu / fast_cpu:.2f}x CPU)")
+    dig, dig_cpu = time_reads(serial, read_digest, args.repeat)
+    opened, opened_cpu = time_reads(serial, open_only, args.repeat)
+    print(f"read_digest (user block), cold {ms(dig)} wall {ms(dig_cpu)} CPU per file   "
+          f"(baseline: libhdf5 open+close only {ms(opened)} wall {ms(opened_cpu)} CPU; ratio "
+          f"{opened_cpu / dig_cpu:.2f}x CPU)")
     sample = paths[: min(500, len(paths))]
     for matrix in ("last", True):
         per, cpu = time_reads(sample, lambda p, m=matrix: read_cell(p, matrix=m), args.repeat)
