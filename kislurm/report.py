@@ -382,7 +382,13 @@ def mean_curves(curves: Sequence[Curve]) -> list[tuple[float, np.ndarray, np.nda
 def plot_training_curves(ax: Axes, curves: Sequence[Curve], metric: str = "retention", legend: bool = True) -> Figure:
     """Retention over training steps of one (size, tokens), one line per infusion ratio (mean over seeds), coloured
     by ratio. All lines are one LineCollection: a grid of thousands of cells draws in a second, not a minute."""
-    lines = [m for m in mean_curves(curves) if len(m[1])]
+    return _plot_lines(ax, mean_curves(curves), curves[0].size if curves else "", curves[0].tokens if curves else 0,
+                       metric, legend)
+
+
+def _plot_lines(ax: Axes, lines: Sequence[tuple[float, np.ndarray, np.ndarray, int]], size: str, tokens: float,
+                metric: str, legend: bool = True) -> Figure:
+    lines = [m for m in lines if len(m[1])]
     if lines:
         ratios = np.array([m[0] for m in lines])
         rgba = _ratio_colors(ratios)(ratios)
@@ -392,8 +398,7 @@ def plot_training_curves(ax: Axes, curves: Sequence[Curve], metric: str = "reten
                        c=np.repeat(rgba, [len(m[1]) for m in lines], axis=0), zorder=3)
         ax.autoscale_view()
         seeds = max(m[3] for m in lines)
-        ax.set_title(f"{curves[0].size}, D={curves[0].tokens:.3g}" + (f" (mean of {seeds} seeds)" if seeds > 1
-                                                                      else ""), fontsize=11)
+        ax.set_title(f"{size}, D={tokens:.3g}" + (f" (mean of {seeds} seeds)" if seeds > 1 else ""), fontsize=11)
         if legend:
             ax.legend(*_ratio_legend(lines), fontsize=8, ncol=2 if len(lines) > 5 else 1, loc="best")
     ax.set_xlabel("training step")
@@ -479,7 +484,17 @@ MAX_CURVE_PANELS = 9
 """curves.png shows every (size, token budget) up to this many panels, else the largest budget of each size."""
 
 
-def curves_figure(curves: Sequence[Curve], metric: str) -> Figure:
+@dataclass(frozen=True)
+class CurvePanels:
+    """What curves.png shows: per panel (size, tokens, mean line per ratio), the title and every ratio. A few KB
+    however many cells: the parent works it out and a drawing process gets only this."""
+
+    title: str
+    panels: list[tuple[str, float, list[tuple[float, np.ndarray, np.ndarray, int]]]]
+    ratios: list[float]
+
+
+def curve_panels(curves: Sequence[Curve]) -> CurvePanels:
     keys = sorted({(c.size, c.tokens) for c in curves}, key=lambda k: (k[1], k[0]))
     order = {s: i for i, s in enumerate(dict.fromkeys(c.size for c in curves))}
     keys.sort(key=lambda k: (k[1], order[k[0]]))
@@ -489,27 +504,34 @@ def curves_figure(curves: Sequence[Curve], metric: str) -> Figure:
         keys = sorted(largest.items(), key=lambda k: order[k[0]])
         keys = [keys[round(i)] for i in np.linspace(0, len(keys) - 1, min(len(keys), MAX_CURVE_PANELS))]
         title += f"; largest token budget of {len(keys)} of {len(order)} sizes"
-    panels: dict[tuple, list[Curve]] = {k: [] for k in keys}
+    members: dict[tuple, list[Curve]] = {k: [] for k in keys}
     for c in curves:
-        if (c.size, c.tokens) in panels:
-            panels[(c.size, c.tokens)].append(c)
-    ncol = min(3, len(keys))
-    nrow = math.ceil(len(keys) / ncol)
+        if (c.size, c.tokens) in members:
+            members[(c.size, c.tokens)].append(c)
+    return CurvePanels(title, [(size, tokens, mean_curves(members[(size, tokens)])) for size, tokens in keys],
+                       sorted({c.ratio for c in curves}))
+
+
+def curves_figure(curves: Sequence[Curve] | CurvePanels, metric: str) -> Figure:
+    """Retention over training, one panel per (size, token budget) up to MAX_CURVE_PANELS."""
+    shown = curves if isinstance(curves, CurvePanels) else curve_panels(curves)
+    ncol = min(3, len(shown.panels))
+    nrow = math.ceil(len(shown.panels) / ncol)
     width, height = 4.6 * ncol + 1.1, 3.6 * nrow + 0.7
     fig = Figure(figsize=(width, height))
     _margins(fig, 0.75, 1.3, 0.55, 0.75, wspace=0.3, hspace=0.45)
     axes = fig.subplots(nrow, ncol, squeeze=False, sharey=True).ravel()  # one retention scale to compare panels
-    for i, (ax, key) in enumerate(zip(axes, keys)):
-        plot_training_curves(ax, panels[key], metric, legend=False)
+    for i, (ax, (size, tokens, lines)) in enumerate(zip(axes, shown.panels)):
+        _plot_lines(ax, lines, size, tokens, metric, legend=False)
         ax.xaxis.set_major_locator(ticker.MaxNLocator(4))
         ax.yaxis.set_major_locator(ticker.MaxNLocator(5, steps=[1, 2, 5, 10]))
         if i % ncol:  # the shared scale is labelled in the first column only (fewer texts to lay out and draw)
             ax.set_ylabel("")
             ax.tick_params(labelleft=False)
-    for ax in axes[len(keys):]:
+    for ax in axes[len(shown.panels):]:
         ax.set_visible(False)
-    fig.suptitle(title, fontsize=13)
-    ratios = sorted({c.ratio for c in curves})
+    fig.suptitle(shown.title, fontsize=13)
+    ratios = shown.ratios
     if len(ratios) <= 16:
         fig.legend(*_ratio_legend([(r, np.empty(0), np.empty(0), 1) for r in ratios]), loc="center right",
                    fontsize=9, title="ratio", frameon=False)
@@ -543,7 +565,8 @@ def write_reports(outdir: str | Path, collapses: Sequence[CollapseResult], law: 
                                 indent=1) + "\n")
     text("law.txt", law_text(law))
     text("summary.md", summary_md(collapses, law, summary))
-    figures = [(out / "curves.png", curves_figure, curves, metric)] if curves else []  # the largest job first
+    # the largest job first; its data reduced to what is drawn before it travels to a drawing process
+    figures = [(out / "curves.png", curves_figure, curve_panels(curves), metric)] if curves else []
     figures += [(out / "retention_vs_ratio.png", retention_figure, collapses, metric),
                 (out / "law.png", law_figure, law)]
     if executor is None:

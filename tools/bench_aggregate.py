@@ -98,6 +98,16 @@ def drop_caches() -> bool:
         return False
 
 
+def cpu_reference() -> float:
+    """Seconds of a fixed pure-Python loop, best of 3: the machine's speed at the time of the runs."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        sum(range(30_000_000))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--distinct", type=int, default=1000)
@@ -111,14 +121,20 @@ def main() -> None:
         build(root, args.distinct, args.copies)
     n = len(list(run.cells.glob("*/retention.h5")))
     if args.repeat > 1:  # each cold run in a fresh process: each pays the analysis imports, as a nightly job does
+        ref = cpu_reference()
         runs = [json.loads(subprocess.run([sys.executable, __file__, "--keep", str(root)], check=True,
                                           capture_output=True, text=True).stdout.splitlines()[-1])
                 for _ in range(args.repeat)]
         colds = [r["cold_s"] for r in runs]
+        ref = min(ref, cpu_reference())
+        median = sorted(colds)[len(colds) // 2]
         print(f"{args.repeat} cold runs (fresh processes): {', '.join(f'{t:.2f}' for t in colds)} s; best "
-              f"{min(colds):.2f} s, median {sorted(colds)[len(colds) // 2]:.2f} s (target <= 10 s); warm "
+              f"{min(colds):.2f} s, median {median:.2f} s (target <= 10 s); warm "
               f"{', '.join(str(r['warm_s']) for r in runs)} s")
-        print(json.dumps({"stores": runs[0]["stores"], "cold_runs_s": colds, "cpus": os.cpu_count()}))
+        print(f"CPU reference (sum(range(3e7)), best before/after): {ref:.2f} s; median cold run = "
+              f"{median / ref:.1f} x the reference (this VM's speed drifts: the ratio is comparable across runs)")
+        print(json.dumps({"stores": runs[0]["stores"], "cold_runs_s": colds, "cpu_reference_s": round(ref, 3),
+                          "cpus": os.cpu_count()}))
         return
     for name in (CACHE_NAME, ".aggregate-result.pkl"):  # a kept folder must be aggregated from scratch
         (run.reports / name).unlink(missing_ok=True)
