@@ -116,17 +116,18 @@ def _num(value: Any, kind: type = float) -> Any:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def find_stores(runs: list[Path]) -> list[Path]:
+def find_stores(runs: list[Path]) -> list[str]:
     """Every run's stores: RUN/cells/<cell>/retention.h5 (one directory listing; the cell folders are not listed,
-    store_keys stats each store once), or any retention.h5 below RUN for a folder without cells/."""
-    stores: list[Path] = []
+    store_keys stats each store once), or any retention.h5 below RUN for a folder without cells/. Paths as str:
+    10,000 pathlib joins cost ~0.1 s."""
+    stores: list[str] = []
     for run in runs:
         if not run.is_dir():
             raise AggregateError(f"{run}: no such run folder; fix: pass folders created by `kislurm submit` "
                                  "(output_root/name)")
         cells = run / "cells"
-        stores += ([cells / name / "retention.h5" for name in sorted(os.listdir(cells))] if cells.is_dir()
-                   else sorted(run.glob("**/retention.h5")))
+        stores += ([os.path.join(cells, name, "retention.h5") for name in sorted(os.listdir(cells))]
+                   if cells.is_dir() else sorted(map(str, run.glob("**/retention.h5"))))
     return stores
 
 
@@ -149,7 +150,7 @@ def _save_cache(path: Path, metric: str, entries: dict) -> None:
     os.replace(tmp, path)
 
 
-def store_keys(stores: list[Path], executor: Optional[ProcessPoolExecutor] = None) -> dict[str, tuple[int, int]]:
+def store_keys(stores: list[str] | list[Path], executor: Optional[ProcessPoolExecutor] = None) -> dict[str, tuple[int, int]]:
     """(size, mtime) of every store that still exists, by path: what the cache and the fingerprint key on.
     Thousands of stats of a cold file system run in `executor`'s processes when one is given: a thread would
     wait for the GIL after every stat while the analysis imports run."""
@@ -199,9 +200,11 @@ def worker_pool(workers: int = 0) -> ProcessPoolExecutor:
 
 
 def _import_analysis() -> None:
-    """scipy.optimize and matplotlib take ~2 s to import: done in a thread while the stores are stat'ed and read,
-    and before the analysis workers are forked (so that none of them imports them again)."""
+    """scipy.optimize and matplotlib take ~2 s to import: done in a thread while the stores are read, and before
+    the analysis workers are forked (so that none of them imports them again)."""
     from . import collapse, law, report  # noqa: F401
+
+    collapse.load_scipy()
 
 
 def load_summaries(keys: dict[str, tuple[int, int]], cache_path: Optional[Path], metric: str,
@@ -360,24 +363,26 @@ def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optiona
     """Aggregate one or more run folders into RUN/reports (or `out`); `cache` defaults to out/CACHE_NAME.
 
     Order, for a cold run over thousands of stores on few cores: the reading processes are forked first (light:
-    no scipy or matplotlib, and no thread exists yet to be forked mid-import); the analysis imports (~2 s) then
-    load in a thread while the stores are stat'ed and read; the analysis processes are forked after them."""
+    no scipy or matplotlib, and no thread exists yet to be forked mid-import) and stat the stores; unless nothing
+    changed, the analysis imports (~2 s) then load in a thread while they read the stores; the analysis processes
+    are forked after both are done."""
     runs = [Path(r) for r in runs]
     out = out or runs[0] / "reports"
     cfg = _analysis_config(runs, config)
-    with _one_blas_thread(), worker_pool() as readers:
-        readers.submit(int).result()  # every reader is forked now, before the import thread starts
-        importing = threading.Thread(target=_import_analysis, name="kislurm-imports", daemon=True)
-        importing.start()
-        keys = store_keys(find_stores(runs), readers)
-        print_ = fingerprint(keys, cfg)
-        previous = _load_result(out, print_)
-        if previous is not None:
-            return previous  # nothing changed since the last aggregation: its reports stand
-        summaries, unreadable, n_read = load_summaries(keys, cache or out / CACHE_NAME, cfg.metric,
-                                                       executor=readers)
-        importing.join()
-        with worker_pool() as pool:
+    with _one_blas_thread():
+        with worker_pool() as readers:
+            readers.submit(int).result()  # every reader is forked now, before the import thread starts
+            keys = store_keys(find_stores(runs), readers)
+            print_ = fingerprint(keys, cfg)
+            previous = _load_result(out, print_)
+            if previous is not None:
+                return previous  # nothing changed since the last aggregation: its reports stand
+            importing = threading.Thread(target=_import_analysis, name="kislurm-imports")
+            importing.start()
+            summaries, unreadable, n_read = load_summaries(keys, cache or out / CACHE_NAME, cfg.metric,
+                                                           executor=readers)
+            importing.join()
+        with worker_pool() as pool:  # forked with no other thread alive (the readers' are shut down)
             result = _aggregate(runs, keys, cfg, out, summaries, unreadable, n_read, echo, pool)
     _save_result(out, print_, result)
     return result

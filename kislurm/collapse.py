@@ -28,7 +28,7 @@ Definitions (each recorded in every output through `CollapseOptions` and `Collap
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import csv
 import math
@@ -39,8 +39,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import OptimizeResult, least_squares, leastsq
-from scipy.special import expit
+if TYPE_CHECKING:
+    from scipy.optimize import OptimizeResult
+
+def expit(x: Any) -> Any:
+    """scipy.special.expit, imported at the first call, which rebinds this module's name to the ufunc itself (so
+    the fitting loops call it directly): importing scipy costs ~0.6 s, and unpickling a finished aggregation
+    (the nightly's nothing-changed path) needs none of it."""
+    global expit
+    from scipy.special import expit as ufunc
+
+    expit = ufunc
+    return ufunc(x)
+
+
+def load_scipy() -> None:
+    """Import what fitting needs now (e.g. before forking the processes that fit)."""
+    import scipy.optimize  # noqa: F401
+
+    expit(0.0)
+
 
 FLAGS = ("ok", "unbracketed-low", "unbracketed-high", "absent", "non-monotone", "too-few-points")
 
@@ -228,6 +246,8 @@ _TRF_MAX_NFEV = 100  # bounded runs longer than this crawl along a flat valley (
 def _trf(x: np.ndarray, y: np.ndarray, th: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> OptimizeResult:
     """Bounded fit; gtol is an absolute test on the gradient: tightened so a near-exact fit (tiny residuals, tiny
     gradient) is not stopped early (ftol and xtol are relative and end the noisy fits)."""
+    from scipy.optimize import least_squares  # imported where fitting starts: reading results needs no optimizer
+
     return least_squares(_residuals, th, jac=_jacobian_rows, bounds=(lo, hi), method="trf", x_scale="jac",
                          gtol=1e-12, max_nfev=_TRF_MAX_NFEV, args=(x, y))
 
@@ -239,6 +259,8 @@ def _polish(x: np.ndarray, y: np.ndarray, th: np.ndarray, lo: np.ndarray, hi: np
     a converged optimum inside the box is the bounded optimum too. Otherwise (a sharper step than the box allows,
     an asymptote off the box, ...) the trust-region reflective method with the box, from the LM point clipped into
     the box (close to the bounded optimum), and from th as well if that ends worse than th started."""
+    from scipy.optimize import leastsq  # ~0.4 s to import once: not needed to unpickle a finished aggregation
+
     start = th
     if x.size >= th.size:   # MINPACK needs at least as many points as parameters
         # scipy's direct MINPACK interface: the very call least_squares(method="lm", x_scale="jac") makes (same

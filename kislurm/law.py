@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from scipy.special import ndtri  # the normal quantile (scipy.stats.norm.ppf) without scipy.stats' 1.5 s import
 
 from .collapse import CollapseResult, percentile_interval
 
@@ -162,6 +161,8 @@ def _capacity(c: CollapseResult, capacity_bits: float) -> tuple[float | None, st
 def law_points(collapses: list[CollapseResult], unit: str, confidence: float,
                capacity_bits: float = 2.0) -> list[LawPoint]:
     """Every collapse with its unit value and whether it can enter the fit (flag 'ok' and a finite unit)."""
+    from scipy.special import ndtri  # scipy.stats.norm.ppf without scipy.stats' 1.5 s import; here, not at the top:
+    # unpickling a finished aggregation needs no scipy
     z = ndtri(0.5 + confidence / 2)
     out = []
     for c in collapses:
