@@ -90,7 +90,7 @@ def write(fh, payload: bytes, header_len: int) -> None:
     fh.write(PREFIX.pack(MAGIC, DIGEST_VERSION, header_len, len(payload), size, zlib.crc32(payload)) + payload)
 
 
-def read(path: Path) -> tuple[dict, dict[str, np.ndarray]] | None:
+def read(path: str | Path) -> tuple[dict, dict[str, np.ndarray]] | None:
     """(header, arrays) of the file's digest; None if it has none (written before digests, or by a newer format).
     Raises OSError as open() does, DigestError when the digest does not match the file."""
     with open(path, "rb", buffering=0) as fh:
@@ -102,6 +102,8 @@ def read(path: Path) -> tuple[dict, dict[str, np.ndarray]] | None:
         _, version, header_len, payload_len, size, crc = PREFIX.unpack_from(data)
         if version != DIGEST_VERSION:
             return None
+        if payload_len > MAX_USERBLOCK or header_len > payload_len:
+            raise DigestError(f"the digest's prefix is damaged (payload {payload_len} bytes, header {header_len})")
         end = PREFIX.size + payload_len
         if len(data) < end:
             data += fh.read(end - len(data))

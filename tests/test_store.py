@@ -534,3 +534,8 @@ def test_digest_of_a_truncated_or_edited_file_is_not_trusted(tmp_path):
     bad.write_bytes(bytes(flipped))
     with pytest.raises(StoreError, match="checksum does not match.*; fix: delete it and rerun"):
         store.read_digest(bad)
+    huge = bytearray(data)  # a damaged length field must not make the reader allocate it
+    huge[24:32] = (2**60).to_bytes(8, "little")
+    bad.write_bytes(bytes(huge))
+    with pytest.raises(StoreError, match="prefix is damaged"):
+        store.read_digest(bad)
