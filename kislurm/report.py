@@ -327,7 +327,9 @@ def plot_law(ax: Axes, law: LawFit, n_grid: int = 60) -> Figure:
     if ax.get_xscale() == "log":  # minor ticks at 2 and 5 only: each tick is a few ms to lay out and draw
         ax.xaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=9, loc="upper left")  # r* grows with N: the upper left stays empty ("best" costs ~0.5 s)
+        # a fitted law rises with N, leaving the upper left empty ("best" costs ~0.5 s over many points); without
+        # one the top holds the reason
+        ax.legend(fontsize=9, loc="upper left" if law.ok else "best")
     return ax.figure
 
 
