@@ -272,11 +272,6 @@ def _reading(path: Path) -> Iterator[h5f.FileID]:
         fid.close()
 
 
-def _record_only(path: Path) -> dict:
-    with _reading(path) as fid:
-        return _read_record(fid, path)
-
-
 def _digest_from_cell(rec: CellRecord) -> StoreDigest:
     names = tuple(rec.metrics)
     series = np.stack([rec.metrics[k] for k in names], 1) if names else np.zeros((len(rec.step), 0))
