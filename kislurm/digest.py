@@ -46,7 +46,7 @@ class DigestError(ValueError):
 class StoreDigest:
     """The aggregation view of a store: small, and read with one plain file read."""
 
-    meta: dict
+    meta: dict                            # the store's meta but its bookkeeping lists (store.DIGEST_META_LEFT_OUT)
     complete: bool
     step: np.ndarray                      # (S,) int64
     metric_names: tuple[str, ...]

@@ -203,11 +203,21 @@ def _record_json(state: _State) -> dict:
             "meta": state.meta}
 
 
+DIGEST_META_LEFT_OUT = ("throughput", "writers")
+"""Meta the digest leaves to the record: bookkeeping lists that grow with every evaluation or resume (several KB
+of JSON to parse per store after a long run) and that aggregation never reads."""
+
+
+def _digest_meta(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k not in DIGEST_META_LEFT_OUT}
+
+
 def _digest_payload(state: _State) -> tuple[bytes, int]:
     """The digest of a state (kislurm.digest): what aggregation reads, one plain read instead of an HDF5 open."""
     p, n = state.probes, len(state.step)
     header = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "complete": state.complete, "n_steps": n,
-              "n_probes": int(len(p.probe_fact_index)), "metric_names": list(state.metric_names), "meta": state.meta}
+              "n_probes": int(len(p.probe_fact_index)), "metric_names": list(state.metric_names),
+              "meta": _digest_meta(state.meta)}
     metrics = state.metrics.reshape(n, len(state.metric_names))
     last = state.correct[-1].astype(bool) if n else np.zeros(0, bool)
     return digest.encode(header, [
@@ -275,7 +285,7 @@ def _reading(path: Path) -> Iterator[h5f.FileID]:
 def _digest_from_cell(rec: CellRecord) -> StoreDigest:
     names = tuple(rec.metrics)
     series = np.stack([rec.metrics[k] for k in names], 1) if names else np.zeros((len(rec.step), 0))
-    return StoreDigest(rec.meta, rec.complete, rec.step, names, series.astype(np.float32),
+    return StoreDigest(_digest_meta(rec.meta), rec.complete, rec.step, names, series.astype(np.float32),
                        {k: float(v[-1]) for k, v in rec.metrics.items() if len(v)},
                        rec.probe_correct[-1].astype(bool) if rec.probe_correct is not None and len(rec.step)
                        else None, None if rec.probe_fact_index is None else narrow_index(rec.probe_fact_index),

@@ -516,7 +516,8 @@ def test_digest_equals_the_full_read_and_old_files_fall_back(tmp_path, monkeypat
         assert f.userblock_size == 0
     from_old = _digest_fields(store.read_digest(old))
     assert from_old == _digest_fields(store._digest_from_cell(read_cell(old, matrix="last", fact_ids=False)))
-    session = ("created", "writers", "git_commit")  # when and by whom each file was written differ
+    assert "writers" not in from_old["meta"] and "writers" in read_cell(old).meta  # bookkeeping stays in the record
+    session = ("created", "git_commit")  # when and by whom each file was written differ
     for d in (from_old, want := _digest_fields(fast)):
         d["meta"] = {k: v for k, v in d["meta"].items() if k not in session}
     assert from_old == want
