@@ -39,8 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 if TYPE_CHECKING:
     from scipy.optimize import OptimizeResult
+
 
 def expit(x: Any) -> Any:
     """scipy.special.expit, imported at the first call, which rebinds this module's name to the ufunc itself (so
@@ -501,11 +503,11 @@ def _tok_key(tokens: float) -> float | None:
 
 
 def detect_collapses(ms: list[Measurement], *, n_boot: int, confidence: float, rng: np.random.Generator,
-                     options: CollapseOptions = CollapseOptions(), workers: int = 1,
+                     options: CollapseOptions = CollapseOptions(),
                      executor: Executor | None = None) -> list[CollapseResult]:
     """detect_collapse for every (size, tokens), ordered by params then tokens; each group draws from its own
     child generator spawned from `rng` (independent streams, reproducible for a given set of groups, and so the
-    same result with any number of `workers` processes, or in `executor`'s processes when one is given)."""
+    same result in this process or in `executor`'s processes)."""
     groups: dict[tuple, list[Measurement]] = defaultdict(list)
     for m in ms:
         groups[(m.params, m.size, _tok_key(m.tokens))].append(m)
@@ -514,11 +516,6 @@ def detect_collapses(ms: list[Measurement], *, n_boot: int, confidence: float, r
     jobs = [(groups[k], n_boot, confidence, g, options) for k, g in zip(keys, children)]
     if executor is not None and len(jobs) > 1:
         return list(executor.map(_detect_one, jobs))
-    if workers > 1 and len(jobs) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
-            return list(pool.map(_detect_one, jobs))
     return [_detect_one(job) for job in jobs]
 
 

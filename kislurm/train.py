@@ -104,7 +104,6 @@ class CpuAdamW:
         self.optimizer.step()
         return True, norm, None
 
-
     def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False,
                            metadata: dict | None = None) -> dict:
         if is_loading:

@@ -206,8 +206,13 @@ def test_groups_and_mixed_input():
     rng = np.random.default_rng(1)
     ms = simulate(rng, 0.7, size="b", params=2e6) + simulate(rng, 0.5, size="a", params=1e6) + \
         simulate(rng, 0.5, size="a", params=1e6, tokens=2e6)
-    cs = detect_collapses(ms, n_boot=10, confidence=0.9, rng=rng)
+    cs = detect_collapses(ms, n_boot=10, confidence=0.9, rng=np.random.default_rng(5))
     assert [(c.size, c.tokens) for c in cs] == [("a", 1e6), ("a", 2e6), ("b", 1e6)]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2) as pool:  # each group has its own random stream: the same result in processes
+        again = detect_collapses(ms, n_boot=10, confidence=0.9, rng=np.random.default_rng(5), executor=pool)
+    assert [(c.r_star, c.lo, c.hi) for c in again] == [(c.r_star, c.lo, c.hi) for c in cs]
     with pytest.raises(ValueError, match="several"):
         detect_collapse(ms, n_boot=0, confidence=0.9, rng=rng)
 
