@@ -439,7 +439,7 @@ def _save_result(out: Path, print_: str, result: AggregateResult) -> None:
 def fit_measurements_csv(csv: Path, out: Path, unit: str = "odds", targets: Optional[dict[str, float]] = None,
                          bootstrap: int = 200) -> AggregateResult:
     """`kislurm fit`: the same analysis on a plain table of results produced elsewhere."""
-    from .collapse import measurements_from_csv
+    from .measurements_csv import measurements_from_csv
 
     ms = measurements_from_csv(csv)
     cfg = AnalysisConfig(unit=unit, target_sizes=targets or {}, bootstrap=bootstrap)  # type: ignore[arg-type]

@@ -35,7 +35,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors = list(_USER_ERRORS)
     for module, name in (("submit", "SubmitError"), ("store", "StoreError"), ("knowledge", "DataError"),
                          ("distributed", "TrainError"), ("aggregate", "AggregateError"),
-                         ("collapse", "MeasurementError"), ("evaluate", "EvalError")):
+                         ("measurements_csv", "MeasurementError"), ("evaluate", "EvalError")):
         try:
             errors.append(getattr(importlib.import_module(f"kislurm.{module}"), name))
         except (ImportError, AttributeError):

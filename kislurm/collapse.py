@@ -30,13 +30,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import csv
 import math
 import warnings
 from collections import defaultdict
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -63,10 +61,6 @@ def load_scipy() -> None:
 
 
 FLAGS = ("ok", "unbracketed-low", "unbracketed-high", "absent", "non-monotone", "too-few-points")
-
-
-class MeasurementError(ValueError):
-    """A bad measurements table; the message is one line: file, line/column, problem, fix."""
 
 
 @dataclass(frozen=True)
@@ -443,7 +437,7 @@ def detect_collapse(ms: list[Measurement], *, n_boot: int, confidence: float, rn
     """Collapse point of one (size, tokens) from all its cells (every ratio and seed)."""
     if not ms:
         raise ValueError("detect_collapse got no measurements; fix: pass the cells of one (size, tokens)")
-    keys = {(m.size, m.params, _tok_key(m.tokens)) for m in ms}
+    keys = {(m.size, m.params, token_key(m.tokens)) for m in ms}
     if len(keys) != 1:
         raise ValueError(f"detect_collapse got cells of several (size, params, tokens): {sorted(map(str, keys))}; "
                          "fix: group with detect_collapses()")
@@ -498,7 +492,8 @@ def detect_collapse(ms: list[Measurement], *, n_boot: int, confidence: float, rn
         r_star_largest_drop=largest_drop(ratios, y), retention_se=se, boot=boot, boot_method=method)
 
 
-def _tok_key(tokens: float) -> float | None:
+def token_key(tokens: float) -> float | None:
+    """A token budget as a grouping key: unknown budgets (nan, which equals nothing) all become None."""
     return float(tokens) if math.isfinite(tokens) else None
 
 
@@ -510,7 +505,7 @@ def detect_collapses(ms: list[Measurement], *, n_boot: int, confidence: float, r
     same result in this process or in `executor`'s processes)."""
     groups: dict[tuple, list[Measurement]] = defaultdict(list)
     for m in ms:
-        groups[(m.params, m.size, _tok_key(m.tokens))].append(m)
+        groups[(m.params, m.size, token_key(m.tokens))].append(m)
     keys = sorted(groups, key=lambda k: (k[0], k[1], -1.0 if k[2] is None else k[2]))
     children = rng.spawn(len(keys))
     jobs = [(groups[k], n_boot, confidence, g, options) for k, g in zip(keys, children)]
@@ -522,109 +517,3 @@ def detect_collapses(ms: list[Measurement], *, n_boot: int, confidence: float, r
 def _detect_one(job: tuple) -> CollapseResult:
     group, n_boot, confidence, rng, options = job
     return detect_collapse(group, n_boot=n_boot, confidence=confidence, rng=rng, options=options)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# A user's table of measurements (`kislurm fit MEASUREMENTS.csv`)
-# ---------------------------------------------------------------------------------------------------------------------
-
-CSV_REQUIRED = ("params", "ratio", "retention")
-CSV_OPTIONAL = ("tokens", "seed", "n_facts", "size", "n_choices", "exposures_per_fact", "knowledge_bits")
-_INTEGER = ("seed", "n_facts", "n_choices")
-
-
-def _number(path: Path, line: int, col: str, text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise MeasurementError(f"{path}:{line}: column '{col}' value {text!r} is not a number; "
-                               "fix: write a plain number such as 0.5 or 1.3e8") from None
-    if not math.isfinite(v):
-        raise MeasurementError(f"{path}:{line}: column '{col}' value {text!r} is not finite; fix: write a number")
-    if col in _INTEGER and v != int(v):
-        raise MeasurementError(f"{path}:{line}: column '{col}' value {text!r} is not an integer; fix: write e.g. 3")
-    return v
-
-
-def _row(path: Path, line: int, row: dict[str, str]) -> dict:
-    vals: dict = {}
-    for col, text in row.items():
-        text = (text or "").strip()
-        if col == "size":
-            vals[col] = text or None
-        elif text:
-            vals[col] = _number(path, line, col, text)
-        elif col in CSV_REQUIRED:
-            raise MeasurementError(f"{path}:{line}: column '{col}' is empty; fix: give a value on every row")
-    if not 0.0 < vals["ratio"] < 1.0:
-        raise MeasurementError(f"{path}:{line}: column 'ratio' value {vals['ratio']:g} is outside (0, 1); "
-                               "fix: write the infusion ratio as a fraction, e.g. 0.1 for 10%")
-    if vals["params"] <= 0:
-        raise MeasurementError(f"{path}:{line}: column 'params' value {vals['params']:g} is not positive; "
-                               "fix: give the (non-embedding) parameter count, e.g. 1.3e8")
-    for col in ("tokens", "n_facts", "n_choices", "exposures_per_fact", "knowledge_bits"):
-        if col in vals and vals[col] <= 0:
-            raise MeasurementError(f"{path}:{line}: column '{col}' value {vals[col]:g} is not positive; "
-                                   "fix: give a positive value or leave the cell empty")
-    return vals
-
-
-def measurements_from_csv(path: str | Path) -> list[Measurement]:
-    """Read a plain table: params, ratio, retention, and optionally tokens, seed, n_facts, size, n_choices,
-    exposures_per_fact, knowledge_bits (other columns are ignored; lines starting with '#' are comments).
-
-    Missing size: named after params. Missing tokens: nan (unknown). Missing seed: rows repeating a
-    (size, tokens, ratio) are numbered 0, 1, ... as replicate seeds. There are no per-fact scores in a table, so
-    the bootstrap is parametric: binomial with n_facts, else residual (the CollapseResult says which)."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise MeasurementError(f"{path}: cannot read ({e.strerror}); fix: check the path") from None
-    lines = [(i + 1, s) for i, s in enumerate(text.splitlines()) if s.strip() and not s.lstrip().startswith("#")]
-    if not lines:
-        raise MeasurementError(f"{path}: no header and no rows; fix: first line 'params,ratio,retention', then data")
-    dialect = csv.excel_tab if "\t" in lines[0][1] and "," not in lines[0][1] else csv.excel
-    header = [h.strip().lower() for h in next(csv.reader([lines[0][1]], dialect))]
-    for col in CSV_REQUIRED:
-        if col not in header:
-            raise MeasurementError(f"{path}:{lines[0][0]}: missing column '{col}' (header: {','.join(header)}); "
-                                   f"fix: name columns {','.join(CSV_REQUIRED)} and optionally {','.join(CSV_OPTIONAL)}")
-    if len(lines) < 2:
-        raise MeasurementError(f"{path}: header but no rows; fix: add one row per finished cell")
-    wanted = [i for i, h in enumerate(header) if h in CSV_REQUIRED + CSV_OPTIONAL]
-    rows = []
-    for (line, s), cells in zip(lines[1:], csv.reader([s for _, s in lines[1:]], dialect)):
-        if len(cells) != len(header):
-            raise MeasurementError(f"{path}:{line}: {len(cells)} values for {len(header)} columns; "
-                                   "fix: one value per header column (leave optional ones empty)")
-        rows.append((line, _row(path, line, {header[i]: cells[i] for i in wanted})))
-    return _measurements(path, rows)
-
-
-def _measurements(path: Path, rows: list[tuple[int, dict]]) -> list[Measurement]:
-    params_of: dict[str, tuple[float, int]] = {}
-    repeat: dict[tuple, int] = defaultdict(int)
-    first_line: dict[tuple, int] = {}
-    out = []
-    for line, v in rows:
-        size = v.get("size") or f"{v['params']:.4g}"
-        seen = params_of.setdefault(size, (v["params"], line))
-        if seen[0] != v["params"]:
-            raise MeasurementError(f"{path}:{line}: size {size!r} has params {v['params']:g} here but {seen[0]:g} "
-                                   f"on line {seen[1]}; fix: one parameter count per size")
-        tokens = v.get("tokens", math.nan)
-        key = (size, _tok_key(tokens), v["ratio"])
-        seed = int(v["seed"]) if "seed" in v else repeat[key]
-        repeat[key] += 1
-        if (key, seed) in first_line:
-            raise MeasurementError(f"{path}:{line}: same size, tokens, ratio and seed as line "
-                                   f"{first_line[key, seed]}; fix: give each replicate its own seed or drop the "
-                                   "duplicate")
-        first_line[key, seed] = line
-        out.append(Measurement(
-            size=size, params=v["params"], ratio=v["ratio"], tokens=tokens, seed=seed, retention=v["retention"],
-            n_choices=int(v["n_choices"]) if "n_choices" in v else None,
-            exposures_per_fact=v.get("exposures_per_fact"),
-            n_facts=int(v["n_facts"]) if "n_facts" in v else None, knowledge_bits=v.get("knowledge_bits")))
-    return out

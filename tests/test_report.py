@@ -14,7 +14,8 @@ from matplotlib.image import imread
 import kislurm.collapse
 import kislurm.law
 import kislurm.report
-from kislurm.collapse import ratio_axis, Logistic, Measurement, detect_collapses, measurements_from_csv
+from kislurm.collapse import ratio_axis, Logistic, Measurement, detect_collapses
+from kislurm.measurements_csv import measurements_from_csv
 from kislurm.law import fit_law
 from kislurm.report import (
     Curve, collapse_table_csv, plot_law, plot_retention_vs_ratio, summary_md, write_reports,
