@@ -109,19 +109,22 @@ def plan(config: str, overrides: tuple[str, ...]) -> None:
 
 
 def load_cell_job():
-    """jobs/run_cell.py's CellJob, pickled by value so compute nodes need only the kislurm package."""
-    import cloudpickle
+    """The compute-node entry (kislurm.cell_job.CellJob): nodes import it from the installed package."""
+    from .cell_job import CellJob
 
-    path = REPO / "jobs" / "run_cell.py"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: the node entry is missing; fix: install kislurm from its source tree "
-                                "(pip install -e .)")
-    spec = importlib.util.spec_from_file_location("kislurm_jobs_run_cell", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    cloudpickle.register_pickle_by_value(module)
-    return module.CellJob()
+    return CellJob()
+
+
+def _job_failure(job: Any) -> Optional[str]:
+    """None when every task (rank) of a finished local job succeeded, else one line naming the failed ranks."""
+    problems = []
+    for rank in range(job.num_tasks):
+        try:
+            job.task(rank).result() if job.num_tasks > 1 else job.result()
+        except Exception as e:  # noqa: BLE001 - report every failed rank, then the cell
+            text = str(e).strip()
+            problems.append(f"rank {rank}: {text.splitlines()[-1] if text else type(e).__name__}")
+    return "; ".join(problems) or None
 
 
 def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wait: bool = True) -> RunPaths:
@@ -153,12 +156,10 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
         jobs = submit_cells(cfg, run, todo, job)
         click.echo(f"submitted {len(jobs)} cells: job ids {', '.join(sorted({j.job_id.split('_')[0] for j in jobs}))}")
     if cfg.executor.cluster != "slurm":
-        failed = []
-        for cell, j in zip(todo, jobs):
-            try:
-                j.result()
-            except Exception as e:  # noqa: BLE001 - report every failed cell, then exit non-zero
-                failed.append(f"{cell.name}: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e)}")
+        from .status import rank_reports_summary
+
+        failed = [f"{cell.name}: {rank_reports_summary(run.cell(cell.name), cell.model.world_size) or problem}"
+                  for cell, j in zip(todo, jobs) if (problem := _job_failure(j))]
         if failed:
             for line in failed:
                 click.echo(f"kislurm: cell failed: {line}", err=True)
@@ -204,6 +205,10 @@ def status(run: str, as_json: bool) -> None:
     click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for t in table:
         click.echo("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+    for r in rows:  # what a failed cell said, and why a cell was resubmitted
+        for key in ("error", "note"):
+            if r.get(key):
+                click.echo(f"{r['cell']}: {key}: {r[key]}")
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1

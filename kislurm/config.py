@@ -306,6 +306,15 @@ class ExecutorConfig:
     """Slurm node constraint (e.g. h100)."""
     gpus_per_node: int = 8
     """GPUs per node of the cluster; a GPU cell of world size W takes ceil(W / gpus_per_node) nodes."""
+    tasks_per_node: Optional[int] = None
+    """Ranks per node. Unset: a GPU cell puts gpus_per_node ranks on each node (one per GPU) and a CPU cell puts
+    all its ranks on one node. A cell of world size W then takes W / tasks_per_node nodes (it must divide W)."""
+    allow_tp_across_nodes: bool = False
+    """Let a tensor-parallel group span nodes. Off: a cell refuses such a layout at start-up, since TP's per-layer
+    all-reduces over the network are several times slower than inside a node."""
+    srun_args: list[str] = field(default_factory=list)
+    """Extra srun arguments for every cell's tasks, e.g. Pyxis's [--container-image=nvcr.io#nvidia/pytorch:25.01-py3].
+    kislurm always adds --kill-on-bad-exit=1, so a dead rank ends its cell instead of leaving the others waiting."""
     cpus_per_task: int = 1
     """CPUs per task (per rank)."""
     mem_gb: Optional[int] = None
@@ -326,6 +335,7 @@ class ExecutorConfig:
     def __post_init__(self) -> None:
         _check(self.gpus_per_node >= 0, "gpus_per_node", "expected >= 0 GPUs per node")
         _check(self.cpus_per_task >= 1, "cpus_per_task", "expected >= 1 CPU per task")
+        _check(self.tasks_per_node is None or self.tasks_per_node >= 1, "tasks_per_node", "expected >= 1 rank per node")
         _check(self.array_parallelism >= 1, "array_parallelism", "expected >= 1 task at once")
         _check(self.max_array_size is None or self.max_array_size >= 1, "max_array_size", "expected >= 1")
         _check(self.max_requeues >= 0, "max_requeues", "expected >= 0 requeues")

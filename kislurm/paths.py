@@ -8,6 +8,7 @@
     RUN/cells/NAME/retention.h5   the retention store (kislurm.store)
     RUN/cells/NAME/checkpoints/   megatron dist_checkpointing checkpoints
     RUN/cells/NAME/log.txt        the cell's training log
+    RUN/cells/NAME/ranks/K.json   rank K's last error in its latest session (written by that rank alone)
     RUN/submitit/                 submitit's job files and stdout/stderr (%A_%a per array task)
     RUN/reports/                  aggregation outputs (tables, plots, summary)
 """
@@ -77,6 +78,13 @@ class CellPaths:
     @property
     def log(self) -> Path:
         return self.root / "log.txt"
+
+    @property
+    def ranks(self) -> Path:
+        return self.root / "ranks"
+
+    def rank_report(self, rank: int) -> Path:
+        return self.ranks / f"{rank}.json"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -50,14 +50,41 @@ def read_status(cell: CellPaths) -> tuple[Optional[str], dict]:
         return None, {}
 
 
+def rank_reports_summary(cell: CellPaths, world_size: int | None = None) -> Optional[str]:
+    """One line naming every rank of the cell's latest session that reported an error (earliest first: usually the
+    cause, the others' errors follow from it) and every rank that ended without a report (killed, out of memory
+    in the kernel's eyes, or crashed outside Python). None when no rank failed."""
+    reports = []
+    for path in sorted(cell.ranks.glob("*.json")) if cell.ranks.is_dir() else []:
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue  # a report being replaced: the next look sees it
+    failed = sorted((r for r in reports if r.get("state") == "failed"), key=lambda r: r.get("time", 0))
+    if not failed:
+        return None
+    seen = {r.get("rank") for r in reports}
+    silent = [r for r in reports if r.get("state") == "running"]
+    parts = [f"rank {r['rank']} on {r.get('node', '?')}: {r.get('error', '?')}" for r in failed]
+    if silent and len(silent) < len(reports):
+        parts.append("no error report from " + ", ".join(f"rank {r['rank']} on {r.get('node', '?')} (pid "
+                                                         f"{r.get('pid', '?')})" for r in silent)
+                     + ": killed or crashed outside Python, unless still running (its task log is under RUN/submitit)")
+    if world_size and len(seen) < world_size:
+        parts.append(f"ranks that never started: {sorted(set(range(world_size)) - seen)}")
+    return "; ".join(parts)
+
+
 @dataclass(frozen=True)
 class Submission:
-    """One cell's latest submission, appended to RUN/submissions.jsonl by `kislurm submit`."""
+    """One cell's latest submission, appended to RUN/submissions.jsonl by `kislurm submit` (or by the cell itself
+    when the cluster refuses to requeue it; `note` then says why)."""
 
     cell: str
     job_id: str
     cluster: str
     time: float
+    note: str = ""
 
 
 def record_submissions(run: RunPaths, subs: Iterable[Submission]) -> None:
@@ -69,17 +96,23 @@ def record_submissions(run: RunPaths, subs: Iterable[Submission]) -> None:
         os.fsync(f.fileno())
 
 
-def latest_submissions(run: RunPaths) -> dict[str, Submission]:
+def _submissions(run: RunPaths) -> Iterable[Submission]:
     path = run.root / "submissions.jsonl"
-    subs: dict[str, Submission] = {}
     if path.exists():
         for line in path.read_text().splitlines():
             try:
-                s = Submission(**json.loads(line))
+                yield Submission(**json.loads(line))
             except (ValueError, TypeError):
                 continue  # a torn last line from a crash
-            subs[s.cell] = s
-    return subs
+
+
+def latest_submissions(run: RunPaths) -> dict[str, Submission]:
+    return {s.cell: s for s in _submissions(run)}
+
+
+def submissions_of(run: RunPaths, cell: str) -> list[Submission]:
+    """Every submission of one cell, oldest first."""
+    return [s for s in _submissions(run) if s.cell == cell]
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
@@ -187,7 +220,8 @@ def run_status(run: RunPaths, names: Optional[list[str]] = None) -> list[dict]:
         row["steps"] = info.get("of")
         if row["step"] is None and info.get("step"):
             row["step"] = info.get("step")
-        if "error" in info and row["state"] == "failed":
-            row["error"] = info["error"]
+        if row["state"] == "failed":
+            row["error"] = rank_reports_summary(cp) or info.get("error") or row["error"]
+        row["note"] = sub.note if sub and sub.note else None
         rows.append(row)
     return rows

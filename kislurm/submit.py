@@ -46,16 +46,18 @@ class Resources:
 
 
 def resources_for(preset: ModelPreset, ex: ExecutorConfig) -> Resources:
-    """TP x PP x DP ranks, one task per rank; GPU cells fill nodes of `gpus_per_node` GPUs."""
+    """TP x PP x DP ranks, one task per rank, `tasks_per_node` of them on each node (GPU cells: one per GPU)."""
     world = preset.world_size
     timeout = _slurm_minutes(ex.time) if ex.time else preset.timeout_min
-    if preset.device == "gpu":
-        per_node = max(1, min(world, ex.gpus_per_node or world))
-        if world % per_node:
-            raise SubmitError(f"a world size of {world} ranks does not fill nodes of {per_node} GPUs; fix: make "
-                              "TP x PP x DP a multiple of executor.gpus_per_node or smaller than it")
-        return Resources(world // per_node, per_node, per_node, ex.cpus_per_task, timeout)
-    return Resources(1, world, 0, ex.cpus_per_task, timeout)
+    gpu = preset.device == "gpu"
+    per_node = min(world, ex.tasks_per_node or (ex.gpus_per_node if gpu and ex.gpus_per_node else world))
+    if world % per_node:
+        raise SubmitError(f"a world size of {world} ranks (TP x PP x DP) does not fill nodes of {per_node} ranks; "
+                          "fix: make executor.tasks_per_node (GPU cells: gpus_per_node) divide TP x PP x DP")
+    if gpu and ex.gpus_per_node and per_node > ex.gpus_per_node:
+        raise SubmitError(f"executor.tasks_per_node {per_node} is more than the {ex.gpus_per_node} GPUs of a node; "
+                          "fix: at most one rank per GPU")
+    return Resources(world // per_node, per_node, per_node if gpu else 0, ex.cpus_per_task, timeout)
 
 
 def _slurm_minutes(text: str) -> int:
@@ -88,9 +90,19 @@ def sbatch_parameters(res: Resources, ex: ExecutorConfig, name: str) -> dict[str
         params["mem"] = f"{ex.mem_gb}GB"
     if ex.setup:
         params["setup"] = list(ex.setup)
+    params["srun_args"] = [*SRUN_ARGS, *ex.srun_args]
     if ex.sbatch_extra:
-        params["additional_parameters"] = {k.replace("-", "_"): v for k, v in ex.sbatch_extra.items()}
+        params["additional_parameters"] = _sbatch_extra(ex)
     return params
+
+
+SRUN_ARGS = ("--kill-on-bad-exit=1",)
+"""Added to every cell's srun: when one rank exits with an error or is killed, Slurm ends the others (they would
+otherwise wait in a collective until its timeout)."""
+
+
+def _sbatch_extra(ex: ExecutorConfig) -> dict[str, str]:
+    return {k.replace("-", "_"): v for k, v in ex.sbatch_extra.items()}
 
 
 def signal_delay_s(timeout_min: int) -> int:
@@ -229,9 +241,10 @@ def make_executor(cfg: ExperimentConfig, run: RunPaths, res: Resources) -> submi
         params = sbatch_parameters(res, ex, f"kislurm-{cfg.name}")
         executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
     else:
-        # gpus_per_node 0 makes the local executor hide every GPU (CUDA_VISIBLE_DEVICES=""): CPU cells stay on CPU
-        executor.update_parameters(timeout_min=res.timeout_min, tasks_per_node=res.tasks_per_node,
-                                   nodes=res.nodes, gpus_per_node=res.gpus_per_node, name=f"kislurm-{cfg.name}")
+        # One machine: every rank on it (tasks_per_node places ranks on Slurm nodes only). gpus_per_node 0 makes
+        # the local executor hide every GPU (CUDA_VISIBLE_DEVICES=""): CPU cells stay on CPU.
+        executor.update_parameters(timeout_min=res.timeout_min, tasks_per_node=res.nodes * res.tasks_per_node,
+                                   nodes=1, gpus_per_node=res.nodes * res.gpus_per_node, name=f"kislurm-{cfg.name}")
         if ex.cluster == "local":
             executor.update_parameters(local_setup=[*ex.setup, f"export OMP_NUM_THREADS={local_threads(res, ex)}"])
     return executor
@@ -263,7 +276,7 @@ def local_threads(res: Resources, ex: ExecutorConfig) -> int:
     """Threads per rank when `array_parallelism` cells share this machine: oversubscribed cores make small models
     several times slower (OpenMP threads spin on each other)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // (ex.array_parallelism * res.tasks_per_node))
+    return max(1, cores // (ex.array_parallelism * res.nodes * res.tasks_per_node))
 
 
 def _submit_throttled(executor, run: RunPaths, cells: list[Cell], job_fn, ex: ExecutorConfig,
@@ -312,3 +325,27 @@ def describe(cells: list[Cell], ex: ExecutorConfig) -> list[dict[str, Any]]:
         rows.append({"cell": cell.name, "size": cell.size, "ratio": cell.ratio, "tokens": cell.tokens,
                      "seed": cell.seed, "steps": cell.steps, **asdict(res)})
     return rows
+
+
+def resubmit_cell(run: RunPaths, cell: Cell, after: str, note: str) -> str:
+    """Submit `cell` again as a new Slurm job that starts once job `after` has ended (called by the cell itself when
+    the cluster refuses to requeue it); records the submission with `note`; returns the new job id.
+
+    Bounded by executor.max_requeues, counted over the cell's earlier resubmissions in submissions.jsonl."""
+    from .cell_job import CellJob
+    from .config import load_config
+    from .status import submissions_of
+
+    cfg = load_config(run.config)
+    earlier = sum(1 for s in submissions_of(run, cell.name) if s.note)
+    if earlier >= cfg.executor.max_requeues:
+        raise SubmitError(f"cell {cell.name} reached its time limit {earlier + 1} times and was resubmitted "
+                          f"{earlier} times (executor.max_requeues); fix: raise executor.time or max_requeues, "
+                          "then run `kislurm submit` again")
+    res = resources_for(cell.model, cfg.executor)
+    executor = make_executor(cfg, run, res)
+    executor.update_parameters(slurm_additional_parameters={**_sbatch_extra(cfg.executor),
+                                                            "dependency": f"afterany:{after}"})
+    job = executor.submit(CellJob(), str(run.root), cell)
+    record_submissions(run, [Submission(cell.name, job.job_id, "slurm", time.time(), note=note)])
+    return job.job_id

@@ -16,6 +16,7 @@ Optimiser: AdamW with linear warmup then cosine decay to min_lr_ratio x lr, and 
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -41,6 +42,7 @@ __all__ = ["Trainer", "TrainError", "lr_at", "sample_ids", "CpuAdamW", "TorchAda
 ADAM_BETAS = (0.9, 0.95)
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 """Dense bf16 peak FLOP/s per GPU by device-name substring, for MFU."""
+MIN_STEP_ENV = "KISLURM_MIN_STEP_S"
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -229,6 +231,9 @@ class Trainer:
         self.losses: list[float] = []  # losses[i]: global loss of the step taking self.step from i to i+1
         self._pending: list[tuple[float, float]] = []  # (loss, seconds) since the last log line
         self._peak = _peak_flops(dist.device)
+        # A floor on each step's wall time, for rehearsals and tests that need a cell to outlast its time limit
+        # whatever the machine's speed (KISLURM_MIN_STEP_S seconds; unset or 0 in real runs).
+        self._min_step_s = float(os.environ.get(MIN_STEP_ENV) or 0.0)
         if found is not None:
             self._resume(found)
 
@@ -263,8 +268,10 @@ class Trainer:
     def tokens_per_step(self) -> int:
         return self.cell.train.global_batch_size * self.cell.model.seq_length
 
-    def train_steps(self, n: int) -> dict[str, float]:
-        """Run up to n steps (never past total_steps); returns mean loss, seconds, tokens/s (and MFU on GPU)."""
+    def train_steps(self, n: int, stop: Callable[[], bool] | None = None) -> dict[str, float]:
+        """Run up to n steps (never past total_steps), ending early after a step at which `stop()` is true (every
+        rank must get the same answer: the time-limit flag is all-reduced); returns the steps run, mean loss,
+        seconds, tokens/s (and MFU on GPU)."""
         n = max(0, min(n, self.total_steps - self.step))
         losses: list[float] = []
         start = time.perf_counter()
@@ -272,9 +279,14 @@ class Trainer:
             t0 = time.perf_counter()
             loss = self._train_step()
             losses.append(loss)
+            if self._min_step_s:
+                time.sleep(max(0.0, self._min_step_s - (time.perf_counter() - t0)))
             self._pending.append((loss, time.perf_counter() - t0))
             if self.step % self.cell.train.log_interval == 0 or self.step == self.total_steps:
                 self._log_line()
+            if stop is not None and stop():
+                break
+        n = len(losses)
         seconds = time.perf_counter() - start
         out = {"steps": float(n), "step": float(self.step), "seconds": seconds,
                "loss": sum(losses) / n if n else float("nan"),

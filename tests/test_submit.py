@@ -15,9 +15,10 @@ REFERENCE = Path(__file__).parent / "data" / "paper_dryrun.sbatch"
 
 
 def normalise(text: str) -> str:
-    """Machine-specific parts (run folder, python) replaced so the reference holds anywhere."""
-    text = re.sub(r"\S*/runs/paper", "RUN", text)
-    return re.sub(r"\S*/python3?(\.\d+)? -u", "PYTHON -u", text)
+    """Machine-specific parts (the absolute run folder, python) replaced so the reference holds anywhere; option
+    names such as `--output=` stay (a path starts at its first `/`)."""
+    text = re.sub(r"/\S*/runs/paper", "RUN", text)
+    return re.sub(r"/\S*/python3?(\.\d+)? -u", "PYTHON -u", text)
 
 
 def test_paper_dry_run_matches_reference(tmp_path, monkeypatch):
@@ -39,6 +40,29 @@ def test_resources_from_parallel_layout():
                                              "tensor_parallel": 2}}, "grid": {"sizes": ["t"]}})
     r = resources_for(cpu.presets["t"], cpu.executor)
     assert (r.nodes, r.tasks_per_node, r.gpus_per_node) == (1, 2, 0)
+
+
+def test_tasks_per_node_places_ranks_and_must_divide_the_world():
+    model = {"num_layers": 1, "hidden_size": 8, "num_attention_heads": 2, "tensor_parallel": 2, "data_parallel": 2}
+    cfg = config_from_dict({"models": {"t": model}, "grid": {"sizes": ["t"]}, "executor": {"tasks_per_node": 2}})
+    r = resources_for(cfg.presets["t"], cfg.executor)  # TP inside a node, DP across the two
+    assert (r.nodes, r.tasks_per_node, r.gpus_per_node) == (2, 2, 0)
+    odd = config_from_dict({"models": {"t": model}, "grid": {"sizes": ["t"]}, "executor": {"tasks_per_node": 3}})
+    with pytest.raises(SubmitError, match="4 ranks .* does not fill nodes of 3 ranks; fix: make "
+                                          "executor.tasks_per_node"):
+        resources_for(odd.presets["t"], odd.executor)
+    gpu = config_from_dict({"models": {"g": {**model, "data_parallel": 4, "device": "gpu"}}, "grid": {"sizes": ["g"]}, "train": {"micro_batch_size": 8},
+                            "executor": {"gpus_per_node": 4, "tasks_per_node": 8}})
+    with pytest.raises(SubmitError, match="tasks_per_node 8 is more than the 4 GPUs of a node"):
+        resources_for(gpu.presets["g"], gpu.executor)
+
+
+def test_srun_args_pass_through_after_kill_on_bad_exit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict({"grid": {"sizes": ["cpu-s"], "ratios": [0.5]},
+                            "executor": {"cluster": "slurm", "srun_args": ["--container-image=nvcr.io/nvidia/pytorch:25.01-py3"]}})
+    srun = next(ln for ln in dry_run(cfg, expand(cfg)).splitlines() if ln.startswith("srun "))
+    assert "--kill-on-bad-exit=1 --container-image=nvcr.io/nvidia/pytorch:25.01-py3 " in srun, srun
 
 
 def test_time_override_in_slurm_format():

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# A real single-node Slurm cluster (with accounting) for kislurm's tests, all under one base folder.
+# A real Slurm cluster (with accounting) for kislurm's tests on this one machine, all under one base folder:
+# one slurmctld, slurmdbd with MariaDB, and N slurmd "nodes" (Debian's slurmd runs several per host: `slurmd -N`).
 #
-# Usage: tools/slurm_cluster.sh start|stop|status
+# Usage: tools/slurm_cluster.sh start [--nodes N] | stop | status
 #
 #   start   install the Debian packages if missing (slurmctld slurmd slurm-client munge slurmdbd mariadb-server),
-#           then configure and start munged, MariaDB, slurmdbd, slurmctld and slurmd on loopback. Idempotent: running
-#           daemons are left alone. Waits until the node is up and sacct works, then writes $BASE/env.sh. When the
-#           configuration changed (another MaxArraySize or port) it rewrites it and restarts the daemons that read it;
-#           job state and the accounting database are kept, and running jobs survive.
-#   stop    stop the daemons by the PIDs in their pid files (never by name); the base folder is kept.
+#           then configure and start munged, MariaDB, slurmdbd, slurmctld and N slurmd on loopback. Idempotent:
+#           running daemons are left alone. Waits until every node is up and sacct works, then writes $BASE/env.sh.
+#           When the configuration changed (another MaxArraySize, port or node count) it rewrites it and restarts
+#           the daemons that read it; job state and the accounting database are kept, and running jobs survive.
+#           --nodes N (default: $KISLURM_SLURM_NODES, else 1). One node is named after `hostname -s`; with N > 1
+#           the nodes are kn1..knN, each its own slurmd with its own port, spool, pid and log file (%n in
+#           slurm.conf), and a marked block in /etc/hosts maps kn1..knN to 127.0.0.1 so a rendezvous on the first
+#           node's name (submitit's MASTER_ADDR) resolves, as node names do on a real cluster.
+#   stop    stop the daemons by the PIDs in their pid files (never by name) and remove the hosts block; the base
+#           folder is kept.
 #   status  exit 0 when every daemon runs and the controller answers, 1 otherwise.
 #
 # Environment:
@@ -18,8 +24,10 @@
 #                                 with a value other than the running cluster's restarts slurmctld and slurmd (~6 s):
 #                                   KISLURM_SLURM_MAX_ARRAY_SIZE=3 tools/slurm_cluster.sh start   # arrays 0..2 only
 #                                   tools/slurm_cluster.sh start                                  # back to 1001
-#   KISLURM_SLURM_PORT            first of four consecutive loopback TCP ports for slurmctld, slurmd, slurmdbd and
-#                                 MariaDB (default 6817, so 6817..6820)
+#   KISLURM_SLURM_PORT            first of the loopback TCP ports: slurmctld, the first slurmd, slurmdbd, MariaDB,
+#                                 then one more per extra node (default 6817, so 6817..6820 for one node and
+#                                 6817..6821 for two)
+#   KISLURM_SLURM_NODES           node count when --nodes is not given (default 1); kept in env.sh
 #
 # Behaviour worth knowing (Slurm 22.05 as packaged in Debian 12):
 #   - a requeued job (e.g. submitit's `scontrol requeue` after the timeout signal) may start again 10 s later
@@ -44,6 +52,8 @@ readonly REQUEUE_DELAY_S=10
 BASE=${KISLURM_SLURM_BASE:-/tmp/kislurm-slurm}
 MAX_ARRAY_SIZE=${KISLURM_SLURM_MAX_ARRAY_SIZE:-$DEFAULT_MAX_ARRAY_SIZE}
 PORT=${KISLURM_SLURM_PORT:-6817}
+NODES=${KISLURM_SLURM_NODES:-1}
+readonly HOSTS_FILE=/etc/hosts
 
 log() { printf 'slurm_cluster: %s\n' "$*" >&2; }
 die() { printf 'slurm_cluster: error: %s\n' "$*" >&2; exit 1; }
@@ -61,8 +71,25 @@ set_paths() {
     CONF="$ETC/slurm.conf"; DBD_CONF="$ETC/slurmdbd.conf"
     MUNGE_KEY="$ETC/munge.key"; MUNGE_SOCKET="$RUN/munge.socket"
     DB_SOCKET="$RUN/mariadb.sock"; DB_PASS_FILE="$ETC/db.pass"
-    CTLD_PORT=$PORT; SLURMD_PORT=$((PORT + 1)); DBD_PORT=$((PORT + 2)); DB_PORT=$((PORT + 3))
+    CTLD_PORT=$PORT; DBD_PORT=$((PORT + 2)); DB_PORT=$((PORT + 3))
+    HOSTS_BEGIN="# kislurm test cluster $BASE: begin"; HOSTS_END="# kislurm test cluster $BASE: end"
     export SLURM_CONF="$CONF"
+}
+
+# The node names: the host's own for one node, kn1..knN for several.
+node_names() {
+    local i
+    if ((NODES == 1)); then hostname -s; else for ((i = 1; i <= NODES; i++)); do echo "kn$i"; done; fi
+}
+
+# slurmd port of node i (1-based): the first node keeps PORT+1, extra nodes follow MariaDB's port.
+slurmd_port() { if (($1 == 1)); then echo $((PORT + 1)); else echo $((PORT + 2 + $1)); fi; }
+
+# The daemons of this cluster, as pid-file names: one slurmd@NODE per node.
+daemons() {
+    local n
+    echo munged mariadb slurmdbd slurmctld
+    for n in $(node_names); do echo "slurmd@$n"; done
 }
 
 # pid file of each daemon, and its /proc/<pid>/comm (checked so a stale pid file never names another process)
@@ -70,7 +97,7 @@ pid_file() { echo "$RUN/$1.pid"; }
 comm_of() {
     case "$1" in
         munged) echo munged ;; mariadb) echo mariadbd ;; slurmdbd) echo slurmdbd ;;
-        slurmctld) echo slurmctld ;; slurmd) echo slurmd ;;
+        slurmctld) echo slurmctld ;; slurmd@*) echo slurmd ;;
     esac
 }
 
@@ -94,8 +121,12 @@ validate_env() {
     if ! [[ "$MAX_ARRAY_SIZE" =~ ^[0-9]{1,7}$ ]] || ! ((10#$MAX_ARRAY_SIZE >= 1 && 10#$MAX_ARRAY_SIZE <= 4000001)); then
         die "KISLURM_SLURM_MAX_ARRAY_SIZE='$MAX_ARRAY_SIZE' is not an integer in 1..4000001; fix: unset it, or e.g. 3"
     fi
-    if ! [[ "$PORT" =~ ^[0-9]{1,5}$ ]] || ! ((10#$PORT >= 1024 && 10#$PORT <= 65532)); then
-        die "KISLURM_SLURM_PORT='$PORT' is not a port in 1024..65532; fix: unset it (default 6817) or pick a free one"
+    if ! [[ "$NODES" =~ ^[0-9]{1,2}$ ]] || ! ((10#$NODES >= 1 && 10#$NODES <= 16)); then
+        die "--nodes / KISLURM_SLURM_NODES='$NODES' is not an integer in 1..16; fix: e.g. --nodes 2"
+    fi
+    NODES=$((10#$NODES))
+    if ! [[ "$PORT" =~ ^[0-9]{1,5}$ ]] || ! ((10#$PORT >= 1024 && 10#$PORT <= 65500)); then
+        die "KISLURM_SLURM_PORT='$PORT' is not a port in 1024..65500; fix: unset it (default 6817) or pick a free one"
     fi
     [[ "$BASE" =~ ^[A-Za-z0-9_./+-]+$ ]] ||
         die "KISLURM_SLURM_BASE='$BASE' has characters slurm.conf cannot hold (spaces...); fix: use a plain path"
@@ -121,8 +152,9 @@ check_port_free() {
 
 # Checked before anything starts, so a busy port never leaves half a cluster behind.
 check_ports_free() {
+    local i=1 n
     check_port_free "$CTLD_PORT" slurmctld
-    check_port_free "$SLURMD_PORT" slurmd
+    for n in $(node_names); do check_port_free "$(slurmd_port $i)" "slurmd@$n"; i=$((i + 1)); done
     check_port_free "$DBD_PORT" slurmdbd
     check_port_free "$DB_PORT" mariadb
 }
@@ -169,27 +201,38 @@ ensure_packages() {
 # ---------------------------------------------------------------------------------------------------------------------
 # configuration
 
-node_name() { hostname -s; }
-
 # Binding to loopback only works when the host name resolves to a 127.x address (slurm binds to what it resolves).
 hostname_is_loopback() {
     local addr
-    addr="$(getent ahostsv4 "$(node_name)" 2>/dev/null | awk 'NR == 1 { print $1 }')"
+    addr="$(getent ahostsv4 "$(hostname -s)" 2>/dev/null | awk 'NR == 1 { print $1 }')"
     [[ "$addr" == 127.* ]]
 }
 
-real_memory_mb() { awk '/^MemTotal:/ { printf "%d", $2 / 1024 * 0.9 }' /proc/meminfo; }
+# Memory each node may offer: the machine's, shared out between the nodes (CR_Core: not enforced).
+real_memory_mb() { awk -v n="$NODES" '/^MemTotal:/ { printf "%d", $2 / 1024 * 0.9 / n }' /proc/meminfo; }
+
+# Node lines: one slurmd per node on this host (NodeHostname), each with its own port. Every node offers 2 CPUs,
+# so a node can hold 2 ranks of one cell (TP=2 inside a node); several nodes oversubscribe this host's cores.
+render_nodes() {
+    local i=1 n host
+    host="$(hostname -s)"
+    for n in $(node_names); do
+        echo "NodeName=$n NodeHostname=$host NodeAddr=127.0.0.1 Port=$(slurmd_port $i) CPUs=2 RealMemory=$(real_memory_mb) State=UNKNOWN"
+        i=$((i + 1))
+    done
+    echo "PartitionName=main Nodes=$(node_names | paste -sd,) Default=YES MaxTime=INFINITE State=UP"
+}
 
 render_slurm_conf() {
     local node comm=""
-    node="$(node_name)"
+    node="$(hostname -s)"
     hostname_is_loopback && comm="CommunicationParameters=NoCtldInAddrAny,NoInAddrAny"
     cat <<EOF
 # Written by tools/slurm_cluster.sh; rewritten on every start.
 ClusterName=$CLUSTER_NAME
 SlurmctldHost=$node(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
-SlurmdPort=$SLURMD_PORT
+SlurmdPort=$(slurmd_port 1)
 $comm
 AuthType=auth/munge
 AuthInfo=socket=$MUNGE_SOCKET,cred_expire=$REQUEUE_DELAY_S
@@ -197,11 +240,11 @@ CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$STATE/slurmctld
-SlurmdSpoolDir=$STATE/slurmd
+SlurmdSpoolDir=$STATE/slurmd@%n
 SlurmctldPidFile=$(pid_file slurmctld)
-SlurmdPidFile=$(pid_file slurmd)
+SlurmdPidFile=$RUN/slurmd@%n.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd@%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -224,8 +267,7 @@ AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
 AccountingStoragePass=$MUNGE_SOCKET
 JobCompType=jobcomp/none
-NodeName=$node NodeAddr=127.0.0.1 CPUs=2 RealMemory=$(real_memory_mb) State=UNKNOWN
-PartitionName=main Nodes=$node Default=YES MaxTime=INFINITE State=UP
+$(render_nodes)
 EOF
 }
 
@@ -270,7 +312,9 @@ write_if_changed() {
 make_dirs() {
     mkdir -p "$BASE"
     chmod 755 "$BASE"
-    mkdir -p "$ETC" "$RUN" "$LOG" "$STATE/slurmctld" "$STATE/slurmd" "$DB"
+    mkdir -p "$ETC" "$RUN" "$LOG" "$STATE/slurmctld" "$DB"
+    local n
+    for n in $(node_names); do mkdir -p "$STATE/slurmd@$n"; done
     chmod 755 "$ETC" "$RUN"
     chmod 700 "$DB"
 }
@@ -302,10 +346,13 @@ wait_until() {
     done
 }
 
-node_up() {
-    local state
-    state="$(timeout 10 sinfo -h -N -n "$(node_name)" -o %t 2>/dev/null | head -n1)"
-    [[ "$state" == idle || "$state" == mix || "$state" == alloc ]]
+# True when every node of this cluster is up (idle, mix or alloc) in sinfo.
+nodes_up() {
+    local states n
+    states="$(timeout 10 sinfo -h -N -o '%N %t' 2>/dev/null)" || return 1
+    for n in $(node_names); do
+        grep -Eq "^$n (idle|mix|alloc)\$" <<<"$states" || return 1
+    done
 }
 
 cluster_registered() {
@@ -390,10 +437,39 @@ start_slurmctld() {
     wait_until "slurmctld" "$LOG/slurmctld.log" timeout 10 scontrol ping
 }
 
-start_slurmd() {
-    is_running slurmd && return 0
-    check_port_free "$SLURMD_PORT" slurmd
-    launch "$LOG/slurmd.log" slurmd || die "slurmd failed to start; see $LOG/slurmd.log"
+start_slurmds() {
+    local i=1 n
+    for n in $(node_names); do
+        if ! is_running "slurmd@$n"; then
+            check_port_free "$(slurmd_port $i)" "slurmd@$n"
+            launch "$LOG/slurmd@$n.log" slurmd -N "$n" || die "slurmd -N $n failed to start; see $LOG/slurmd@$n.log"
+        fi
+        i=$((i + 1))
+    done
+}
+
+# Slurmd daemons of any node count (a restart with fewer nodes must still stop the others), by their pid files.
+all_slurmds() {
+    local f
+    for f in "$RUN"/slurmd@*.pid; do [[ -e "$f" ]] && basename "$f" .pid; done
+    return 0
+}
+
+# /etc/hosts block mapping the node names to loopback (several nodes only); written in place, since /etc/hosts
+# may be a bind mount that a rename cannot replace.
+remove_hosts_block() {
+    [[ -w "$HOSTS_FILE" ]] && grep -qF "$HOSTS_BEGIN" "$HOSTS_FILE" || return 0
+    local kept
+    kept="$(awk -v b="$HOSTS_BEGIN" -v e="$HOSTS_END" '$0 == b { skip = 1 } !skip { print } $0 == e { skip = 0 }' \
+        "$HOSTS_FILE")"
+    printf '%s\n' "$kept" >"$HOSTS_FILE"
+}
+
+write_hosts_block() {
+    remove_hosts_block
+    ((NODES > 1)) || return 0
+    [[ -w "$HOSTS_FILE" ]] || die "$HOSTS_FILE is not writable; fix: run as root, or use --nodes 1"
+    printf '%s\n127.0.0.1 %s\n%s\n' "$HOSTS_BEGIN" "$(node_names | paste -sd' ')" "$HOSTS_END" >>"$HOSTS_FILE"
 }
 
 # stop_daemons NAME...: SIGTERM to each by the pid in its pid file, wait for all (SIGKILL after 30 s).
@@ -430,7 +506,7 @@ wait_gone() {
 
 all_running() {
     local d
-    for d in munged mariadb slurmdbd slurmctld slurmd; do is_running "$d" || return 1; done
+    for d in $(daemons); do is_running "$d" || return 1; done
 }
 
 write_env_sh() {
@@ -439,6 +515,7 @@ write_env_sh() {
 export SLURM_CONF=$(printf %q "$CONF")
 export KISLURM_SLURM_BASE=$(printf %q "$BASE")
 export KISLURM_SLURM_PORT=$PORT
+export KISLURM_SLURM_NODES=$NODES
 EOF
 }
 
@@ -461,37 +538,40 @@ cmd_start() {
     if [[ -n "$slurm_changed$dbd_changed" ]]; then
         # Restart (not `scontrol reconfigure`): slurmctld 22.05 keeps the MaxArraySize it saw at the first array
         # submission, so only a restart changes it. Running and pending jobs survive the restart.
-        stop_daemons slurmd slurmctld
+        stop_daemons $(all_slurmds) slurmctld
     fi
     if [[ -n "$dbd_changed" ]]; then  # its database port or password may have changed too
         stop_daemons slurmdbd
         stop_daemons mariadb
     fi
     check_ports_free
+    write_hosts_block
     start_munged
     start_mariadb
     start_slurmdbd
     start_slurmctld
-    start_slurmd
-    wait_until "the node to be up in sinfo" "$LOG/slurmd.log" node_up
+    start_slurmds
+    wait_until "the $NODES node(s) to be up in sinfo" "$LOG/slurmctld.log" nodes_up
     wait_until "slurmctld to register cluster $CLUSTER_NAME in accounting" "$LOG/slurmctld.log" cluster_registered
     wait_until "sacct" "$LOG/slurmdbd.log" timeout 10 sacct -n -X -S now
     write_env_sh
-    log "up in $(elapsed "$t0") s (base $BASE, MaxArraySize=$MAX_ARRAY_SIZE); clients: . $BASE/env.sh"
+    log "up in $(elapsed "$t0") s ($NODES node(s): $(node_names | paste -sd' '); base $BASE," \
+        "MaxArraySize=$MAX_ARRAY_SIZE); clients: . $BASE/env.sh"
 }
 
 cmd_stop() {
     require_root stop
     # controller and node first, then accounting, then the database and munge they use
-    stop_daemons slurmd slurmctld
+    stop_daemons $(all_slurmds) slurmctld
     stop_daemons slurmdbd
     stop_daemons mariadb munged
+    remove_hosts_block
     log "stopped (state kept in $BASE)"
 }
 
 cmd_status() {
     local d down=()
-    for d in munged mariadb slurmdbd slurmctld slurmd; do is_running "$d" || down+=("$d"); done
+    for d in $(daemons); do is_running "$d" || down+=("$d"); done
     if ((${#down[@]})); then
         log "down: ${down[*]} not running (base $BASE); fix: tools/slurm_cluster.sh start"
         return 1
@@ -500,15 +580,22 @@ cmd_status() {
         log "down: slurmctld does not answer; see $LOG/slurmctld.log"
         return 1
     fi
-    local state
-    state="$(timeout 10 sinfo -h -N -o %t 2>/dev/null | head -n1)"
-    log "up: node $(node_name) $state, MaxArraySize=$(current_array_size), base $BASE"
+    log "up: nodes $(timeout 10 sinfo -h -N -o '%N=%t' 2>/dev/null | paste -sd' '), MaxArraySize=$(current_array_size)," \
+        "base $BASE"
 }
 
 main() {
+    local cmd=${1:-}
+    shift || true
+    while (($#)); do
+        case "$1" in
+            --nodes) NODES=${2:-}; shift 2 || die "--nodes needs a value, e.g. --nodes 2" ;;
+            --nodes=*) NODES=${1#--nodes=}; shift ;;
+            *) die "unknown argument '$1'; usage: $0 start [--nodes N] | stop | status" ;;
+        esac
+    done
     validate_env
     set_paths
-    local cmd=${1:-}
     case "$cmd" in
         start | stop)
             mkdir -p "$BASE"
@@ -517,7 +604,7 @@ main() {
             "cmd_$cmd"
             ;;
         status) cmd_status ;;
-        *) die "usage: $0 start|stop|status (got '${cmd}')" ;;
+        *) die "usage: $0 start [--nodes N] | stop | status (got '${cmd}')" ;;
     esac
 }
 

@@ -1,0 +1,354 @@
+"""The compute-node entry: run one grid cell = train, evaluate retention, store it.
+
+This is the only code with node-side effects. submitit runs `CellJob()(run_root, cell)` in every task of the cell
+(TP x PP x DP ranks, on one node or several); all ranks train and evaluate together, rank 0 alone writes the store
+and the STATUS file, and each rank K writes only its own `ranks/K.json` (where it runs, and its error if it fails).
+
+Resume contract (so a killed, timed-out or requeued cell continues exactly):
+  - after each evaluation the record is appended to the store first, then a checkpoint is saved;
+  - on start the trainer loads the latest checkpoint (step c) and the store drops records after c, so the
+    evaluations are re-done deterministically from c: no duplicated or missing evaluation steps;
+  - a cell whose store is complete is never trained again.
+
+Time limit and preemption (Slurm's USR2, `--signal` from kislurm.submit): the signal only sets a flag; every step
+the ranks all-reduce it (Megatron-LM's exit-signal handler does the same), so all of them stop after the same step,
+save a checkpoint there, and rank 0 hands over to submitit, which requeues the job. Where the cluster refuses
+requeue (JobRequeue=0, or a job submitted with --no-requeue), rank 0 submits the cell again as a new job that
+starts after this one ends (`afterany`), records it in submissions.jsonl with the reason, and exits.
+
+Failures: a rank that raises writes its error to ranks/K.json; rank 0 writes STATUS FAILED naming every rank that
+reported an error and every rank that ended without one (killed, or crashed outside Python). On Slurm, srun's
+--kill-on-bad-exit ends the other ranks, so a dead rank never leaves the rest waiting in a collective.
+
+Run one cell by hand: python -m kislurm.cell_job RUN_DIR CELL_NAME   (or jobs/run_cell.py, the same)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import submitit
+
+from .paths import CellPaths, RunPaths, atomic_write_json
+from .plan import Cell
+from .status import rank_reports_summary, write_status
+
+HEARTBEAT_S = 60.0
+
+# megatron-core warns at import that Apex / Transformer Engine are absent: expected on CPU, noise in every cell log.
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")
+
+
+class RequeueRefused(SystemExit):
+    """Raised on rank 0 after the cell was resubmitted as a new job because the cluster refuses requeue."""
+
+
+def node_name() -> str:
+    """The scheduler's name for this node (several Slurm nodes may share one host), else the host name."""
+    import socket
+
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def _log_to(path: Path, rank: int):
+    """A log callable appending to the cell's log file (rank 0) and stdout (all ranks)."""
+
+    def log(message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} [rank {rank}] {message}"
+        print(line, flush=True)
+        if rank == 0:
+            with open(path, "a") as f:
+                f.write(line + "\n")
+
+    return log
+
+
+def _summary(store_path: Path) -> dict[str, Any]:
+    from .store import read_cell
+
+    rec = read_cell(store_path, matrix=False)
+    last = {k: float(v[-1]) for k, v in rec.metrics.items() if len(v)}
+    return {"cell": rec.meta.get("name"), "complete": rec.complete, "steps": int(rec.step[-1]) if len(rec.step)
+            else 0, **last}
+
+
+def _hide_gpus_from_cpu_cell(cell: Cell) -> None:
+    """A CPU cell on a GPU node trains exactly as on a laptop (CPU shims, gloo): hide the GPUs before anything in
+    this process initialises CUDA. submitit's local executor already does this for jobs given no GPU."""
+    if cell.model.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def _stops(cell: Cell) -> list[int]:
+    """Steps where training pauses: every evaluation, plus every checkpoint_interval (0 = evaluations only)."""
+    every = cell.train.checkpoint_interval
+    extra = set(range(every, cell.steps, every)) if every else set()
+    return sorted(set(cell.eval_steps) | extra)
+
+
+def _throughput(trainer: Any, step: int, steps: float, seconds: float) -> dict[str, float]:
+    """Training speed over the steps since the previous evaluation, as stored in the cell's HDF5 metadata."""
+    tps = steps * trainer.tokens_per_step / seconds if seconds > 0 else float("nan")
+    mfu = trainer.mfu(tps) if steps else None
+    return {"step": step, "tokens_per_s": round(tps, 1), **({"mfu": float(f"{mfu:.4g}")} if mfu is not None else {})}
+
+
+class _Heartbeat:
+    """Rewrites STATUS every HEARTBEAT_S while the cell trains, so `kislurm status` can tell a live cell from a
+    dead one even when evaluations are hours apart."""
+
+    def __init__(self, paths: CellPaths, trainer: Any, cell: Cell):
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(paths, trainer, cell), daemon=True)
+        self._thread.start()
+
+    def _beat(self, paths: CellPaths, trainer: Any, cell: Cell) -> None:
+        while not self._done.is_set():
+            write_status(paths, "RUNNING", step=trainer.step, of=cell.steps)
+            self._done.wait(HEARTBEAT_S)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Placement and rank reports
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _gather_nodes(dist_ctx: Any) -> list[str]:
+    """Every rank's node name, in rank order (one all-gather at start-up)."""
+    import torch.distributed as tdist
+
+    nodes: list[Any] = [None] * dist_ctx.world_size
+    if dist_ctx.world_size > 1:
+        tdist.all_gather_object(nodes, node_name())
+    else:
+        nodes = [node_name()]
+    return [str(n) for n in nodes]
+
+
+def check_tp_placement(nodes: list[str], tp: int, allow_split: bool = False) -> None:
+    """Refuse a layout whose tensor-parallel group spans nodes (TP all-reduces every layer: over the network it
+    is several times slower), unless the config explicitly allows it. megatron's rank order puts TP fastest, so
+    TP group g is ranks g*tp .. g*tp+tp-1."""
+    from .distributed import TrainError
+
+    for first in range(0, len(nodes), tp):
+        group = nodes[first:first + tp]
+        if len(set(group)) > 1 and not allow_split:
+            raise TrainError(f"tensor-parallel group of ranks {first}-{first + tp - 1} spans nodes "
+                             f"{', '.join(sorted(set(group)))}; fix: set executor.tasks_per_node to a multiple of "
+                             f"tensor_parallel ({tp}), or executor.allow_tp_across_nodes: true to run it anyway")
+
+
+def _write_rank_report(paths: CellPaths, rank: int, **info: Any) -> None:
+    """This rank's own report file (no other process writes it: no lock needed on any filesystem)."""
+    atomic_write_json(paths.rank_report(rank), {"rank": rank, "node": node_name(), "pid": os.getpid(),
+                                                "time": time.time(), **info})
+
+
+def _error_line(e: BaseException) -> str:
+    text = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
+    return text[-1] if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The time-limit / preemption signal
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _TimeLimitSignal:
+    """USR2 as a flag that every rank agrees on at a step boundary (one all-reduce of one number per step)."""
+
+    def __init__(self, dist_ctx: Any):
+        self._dist = dist_ctx
+        self.received = False
+        self.submitit_handler = signal.getsignal(signal.SIGUSR2)  # installed by submitit before the job ran
+        signal.signal(signal.SIGUSR2, self._receive)
+
+    def _receive(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank received the signal (a collective: call it on every rank)."""
+        if self._dist.world_size == 1:
+            return self.received
+        import torch
+        import torch.distributed as tdist
+
+        flag = torch.tensor([1.0 if self.received else 0.0], device=self._dist.device)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGUSR2, self.submitit_handler)
+
+
+def _requeue_refused() -> bool:
+    """Whether Slurm refuses to requeue this job (JobRequeue=0, --no-requeue): `scontrol show job` says Requeue=0."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return " Requeue=0 " in f" {out} "
+
+
+def _hand_over(run: RunPaths, cell: Cell, sig: _TimeLimitSignal, step: int, log: Callable[[str], None]) -> None:
+    """Rank 0, after every rank saved at `step`: requeue through submitit, or resubmit where requeue is refused."""
+    if _requeue_refused():
+        from .submit import resubmit_cell
+
+        job_id = resubmit_cell(run, cell, after=os.environ["SLURM_JOB_ID"],
+                               note=f"job {os.environ['SLURM_JOB_ID']} reached its time limit at step {step} and "
+                                    "the cluster refuses requeue: resubmitted as a new job")
+        log(f"time-limit signal at step {step}: checkpoint saved; requeue refused, resubmitted as job {job_id}")
+        raise RequeueRefused(0)
+    log(f"time-limit signal at step {step}: checkpoint saved; requeueing")
+    handler = sig.submitit_handler
+    if callable(handler):
+        handler(signal.SIGUSR2, None)  # submitit: checkpoint() -> scontrol requeue -> exit
+    raise SystemExit(f"stopped by USR2 at step {step} (checkpoint saved); run the cell again to resume")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The cell
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _allow_tp_across_nodes(run: RunPaths) -> bool:
+    from .config import load_config
+
+    try:
+        return load_config(run.config).executor.allow_tp_across_nodes
+    except (OSError, ValueError):
+        return False
+
+
+def run_cell(run: RunPaths, cell: Cell) -> dict[str, Any]:
+    """Train and evaluate one cell to completion (or resume it); returns its final metrics."""
+    from . import data, distributed
+    from .cpu_shims import apply_cpu_shims
+    from .evaluate import evaluate_retention
+    from .store import RetentionWriter, read_cell
+    from .train import Trainer
+
+    paths: CellPaths = run.cell(cell.name)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if paths.store.exists() and read_cell(paths.store, matrix=False).complete:
+        return _summary(paths.store)  # a finished cell is never trained again
+
+    _hide_gpus_from_cpu_cell(cell)
+    apply_cpu_shims()
+    dist = distributed.setup(cell.model)
+    log = _log_to(paths.log, dist.rank)
+    writer, heartbeat = None, None
+    try:
+        _write_rank_report(paths, dist.rank, state="running")  # replaces this rank's report of an earlier session
+        check_tp_placement(_gather_nodes(dist), dist.tp, _allow_tp_across_nodes(run))
+        sig = _TimeLimitSignal(dist)
+        if dist.is_main:
+            write_status(paths, "RUNNING", step=0)
+        prepared = data.prepare(cell.data, run.data, cell.model.seq_length)
+        dataset, data_stats = data.cell_dataset(prepared, cell)
+        trainer = Trainer(cell, dataset, paths.checkpoints, prepared.tokenizer.vocab_size, dist, log=log)
+        probes = data.cell_probes(prepared, cell)  # under fixed_exposures: the facts this cell infuses
+        if dist.is_main:
+            counts = trainer.params  # counted on the real model (padded vocabulary), from any TP rank
+            meta = {"cell_id": cell.cell_id, "name": cell.name, "size": cell.size, "ratio": cell.ratio,
+                    "tokens": cell.tokens, "seed": cell.seed, "config": cell.to_json(),
+                    "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
+                    "n_choices": probes.n_choices, "data_stats": data_stats}
+            writer = RetentionWriter.open(paths.store, meta, probes.fact_ids, probes.fact_group, probes.fact_index,
+                                          probes.heldout)
+            writer.truncate_after(trainer.step)
+        heartbeat = _Heartbeat(paths, trainer, cell) if dist.is_main else None
+        evals = sorted(cell.eval_steps)
+        history = [e for e in (writer.meta().get("throughput", []) if writer else []) if e["step"] <= trainer.step]
+        segment = [0.0, 0.0]  # steps and seconds trained since the last evaluation (this process)
+        for stop in _stops(cell):
+            if stop <= trainer.step:
+                continue  # done before an interruption (an evaluation is always stored before its checkpoint)
+            ran = trainer.train_steps(stop - trainer.step, stop=sig.agreed)
+            segment = [segment[0] + ran["steps"], segment[1] + ran["seconds"]]
+            if trainer.step < stop:  # every rank stopped after the same step: save there, then requeue
+                trainer.save_checkpoint()
+                heartbeat = heartbeat.stop() if heartbeat else None
+                sig.restore()
+                if dist.is_main:
+                    _hand_over(run, cell, sig, trainer.step, log)
+                raise SystemExit(0)  # the other ranks: rank 0 requeues the job
+            if stop in evals:
+                history.append(_throughput(trainer, stop, *segment))
+                segment = [0.0, 0.0]
+                result = evaluate_retention(trainer.model, probes, cell.eval.batch_size, cell.eval.exact_match)
+                previous = max([e for e in evals if e < stop], default=0)
+                mean_loss = sum(trainer.losses[previous:stop]) / (stop - previous)  # restored on resume too
+                if writer is not None:
+                    tokens = trainer.step * cell.train.global_batch_size * cell.model.seq_length
+                    writer.append(trainer.step, tokens, mean_loss, result.metrics, result.probe_correct,
+                                  result.probe_exact, meta={"throughput": history})
+                    log(f"step {trainer.step}/{cell.steps} eval " + " ".join(
+                        f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("_acc")))
+            trainer.save_checkpoint()
+        heartbeat = heartbeat.stop() if heartbeat else None
+        if writer is not None:
+            writer.mark_complete()
+            write_status(paths, "DONE", step=trainer.step, of=cell.steps)
+    except BaseException as e:
+        if heartbeat:
+            heartbeat.stop()  # before FAILED is written, so no beat overwrites it
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            _write_rank_report(paths, dist.rank, state="failed", error=_error_line(e))
+            log("FAILED: " + _error_line(e))
+            if dist.is_main:
+                write_status(paths, "FAILED", error=rank_reports_summary(paths, dist.world_size) or _error_line(e))
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+        distributed.teardown()
+    return _summary(paths.store) if dist.is_main else {}
+
+
+class CellJob(submitit.helpers.Checkpointable):
+    """submitit entry: run a cell; on the timeout/preemption signal, requeue it (state is saved at that step)."""
+
+    def __call__(self, run_root: str, cell: Cell) -> dict[str, Any]:
+        return run_cell(RunPaths(Path(run_root)), cell)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print(__doc__.strip().splitlines()[-1], file=sys.stderr)
+        return 2
+    run = RunPaths(Path(argv[1]))
+    spec = json.loads(run.cell(argv[2]).spec.read_text())
+    from .config import load_config
+    from .plan import expand
+
+    cells = {c.name: c for c in expand(load_config(run.config))}
+    if spec["name"] not in cells:
+        print(f"{argv[2]}: not a cell of {run.config}; fix: pick a folder under {run.cells}", file=sys.stderr)
+        return 2
+    print(json.dumps(run_cell(run, cells[spec["name"]]), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,88 @@
+"""Multi-rank cells through `kislurm submit` on submitit's local executor (the embedded default): a DP=2 and a
+TP=2 x DP=2 cell finish and the command exits 0; a rank killed mid-training fails the cell, the command exits
+non-zero naming that rank, and a resubmission resumes the cell from its checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kislurm.config import load_config
+from kislurm.plan import expand
+from kislurm.store import read_cell
+from kislurm.train import MIN_STEP_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+SHAPE = "num_layers: 2, hidden_size: 16, num_attention_heads: 2, seq_length: 32"
+
+
+def layout_sets(root: Path, tp: int, dp: int, ratios: str = "[0.5]") -> list[str]:
+    """--set arguments for a one-size tiny grid at layout TP x DP (micro batch 16 / DP keeps the global batch)."""
+    return ["--set", f"output_root={root}", "--set", "grid.sizes=[m]", "--set", f"grid.ratios={ratios}",
+            "--set", f"train.micro_batch_size={16 // dp}", "--set", "executor.array_parallelism=1",
+            "--set", f"models.m={{{SHAPE}, tensor_parallel: {tp}, data_parallel: {dp}}}"]
+
+
+def kislurm(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kislurm.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def cells_of(root: Path, *sets: str):
+    overrides = dict(s.split("=", 1) for s in sets[1::2])
+    import yaml
+
+    cfg = load_config(TINY, {k: yaml.safe_load(v) for k, v in overrides.items()})
+    return cfg, expand(cfg)
+
+
+def test_dp2_and_tp2_dp2_cells_exit_zero_done(tmp_path):
+    for tp, dp in ((1, 2), (2, 2)):
+        sets = layout_sets(tmp_path / f"tp{tp}dp{dp}", tp, dp)
+        out = kislurm("submit", str(TINY), *sets)
+        assert out.returncode == 0, out.stdout + out.stderr
+        cfg, cells = cells_of(tmp_path / f"tp{tp}dp{dp}", *sets)
+        rec = read_cell(tmp_path / f"tp{tp}dp{dp}" / "tiny" / "cells" / cells[0].name / "retention.h5",
+                        matrix=False)
+        assert rec.complete and list(rec.step) == cells[0].eval_steps, (tp, dp)
+
+
+def _wait(predicate, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the submit exited before {what}: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+def test_killed_rank_fails_the_cell_names_it_and_resubmit_resumes(tmp_path):
+    sets = layout_sets(tmp_path, 1, 2)
+    _, cells = cells_of(tmp_path, *sets)
+    cell = cells[0]
+    paths = tmp_path / "tiny" / "cells" / cell.name
+    # Each step takes at least 0.5 s, so after its first evaluation (step 20 of 40) the cell still needs >= 10 s:
+    # the kill below lands mid-training on any machine.
+    proc = subprocess.Popen([sys.executable, "-m", "kislurm.cli", "submit", str(TINY), *sets],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, MIN_STEP_ENV: "0.5"})
+    store = paths / "retention.h5"
+    _wait(lambda: store.exists() and len(read_cell(store, matrix=False).step) >= 1, proc, "first evaluation")
+    victim = json.loads((paths / "ranks" / "1.json").read_text())
+    os.kill(victim["pid"], signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    line = next(ln for ln in err.splitlines() if ln.startswith("kislurm: cell failed:"))
+    assert f"no error report from rank 1 on {victim['node']} (pid {victim['pid']})" in line, line
+    assert "rank 0 on" in line  # the survivor's own error: its collective lost the peer
+    status = json.loads(kislurm("status", str(tmp_path / "tiny"), "--json").stdout)
+    assert status[0]["state"] == "failed" and "rank 1" in status[0]["error"]
+
+    again = kislurm("submit", str(TINY), *sets)
+    assert again.returncode == 0, again.stdout + again.stderr
+    rec = read_cell(store, matrix=False)
+    assert rec.complete and list(rec.step) == cell.eval_steps  # every evaluation exactly once
+    assert len(rec.meta["writers"]) == 2, "the resubmission resumed the same store"
