@@ -209,20 +209,12 @@ def _requeue_refused() -> bool:
     return " Requeue=0 " in f" {out} "
 
 
-def _hand_over(run: RunPaths, cell: Cell, sig: _TimeLimitSignal, step: int, log: Callable[[str], None]) -> None:
-    """Rank 0, after every rank saved at `step`: requeue through submitit, or resubmit where requeue is refused."""
-    if _requeue_refused():
-        from .submit import resubmit_cell
-
-        job_id = resubmit_cell(run, cell, after=os.environ["SLURM_JOB_ID"],
-                               note=f"job {os.environ['SLURM_JOB_ID']} reached its time limit at step {step} and "
-                                    "the cluster refuses requeue: resubmitted as a new job")
-        log(f"time-limit signal at step {step}: checkpoint saved; requeue refused, resubmitted as job {job_id}")
-        raise RequeueRefused(0)
+def _hand_over(sig: _TimeLimitSignal, step: int, log: Callable[[str], None]) -> None:
+    """Rank 0, after every rank saved at `step`: submitit's handler calls CellJob.checkpoint and requeues."""
     log(f"time-limit signal at step {step}: checkpoint saved; requeueing")
     handler = sig.submitit_handler
     if callable(handler):
-        handler(signal.SIGUSR2, None)  # submitit: checkpoint() -> scontrol requeue -> exit
+        handler(signal.SIGUSR2, None)  # submitit: CellJob.checkpoint() -> scontrol requeue -> exit
     raise SystemExit(f"stopped by USR2 at step {step} (checkpoint saved); run the cell again to resume")
 
 
@@ -291,7 +283,7 @@ def run_cell(run: RunPaths, cell: Cell) -> dict[str, Any]:
                 heartbeat = heartbeat.stop() if heartbeat else None
                 sig.restore()
                 if dist.is_main:
-                    _hand_over(run, cell, sig, trainer.step, log)
+                    _hand_over(sig, trainer.step, log)
                 raise SystemExit(0)  # the other ranks: rank 0 requeues the job
             if stop in evals:
                 history.append(_throughput(trainer, stop, *segment))
@@ -331,6 +323,20 @@ class CellJob(submitit.helpers.Checkpointable):
 
     def __call__(self, run_root: str, cell: Cell) -> dict[str, Any]:
         return run_cell(RunPaths(Path(run_root)), cell)
+
+    def checkpoint(self, run_root: str, cell: Cell) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on rank 0 before it requeues the job. Where the cluster refuses requeue, submit the
+        cell as a new job that starts after this one ends, record why, and exit instead."""
+        if _requeue_refused():
+            from .submit import resubmit_cell
+
+            old = os.environ["SLURM_JOB_ID"]
+            new = resubmit_cell(RunPaths(Path(run_root)), cell, after=old,
+                                note=f"job {old} reached its time limit and the cluster refuses requeue: "
+                                     "resubmitted as a new job")
+            print(f"requeue refused: cell {cell.name} resubmitted as job {new} (starts after job {old})", flush=True)
+            raise RequeueRefused(0)
+        return super().checkpoint(run_root, cell)
 
 
 def main(argv: list[str]) -> int:

@@ -1,4 +1,4 @@
-"""Pytest fixture for the project's single-node Slurm cluster (started by tools/slurm_cluster.sh).
+"""Pytest fixture for the project's test Slurm cluster (started by tools/slurm_cluster.sh; one or several nodes).
 
 `slurm_cluster` finds the cluster through `$KISLURM_SLURM_BASE/env.sh` (default base /tmp/kislurm-slurm), checks that
 the controller, the node and accounting answer, exports SLURM_CONF for the session (submitit's sbatch/sacct/scancel
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 __all__ = [
-    "SlurmCluster", "SlurmUnavailable", "connect", "max_array_size", "read_env_sh", "slurm_base", "slurm_cluster",
-    "wait_until_queue_empty",
+    "SlurmCluster", "SlurmUnavailable", "connect", "job_requeue", "max_array_size", "read_env_sh", "slurm_base",
+    "slurm_cluster", "wait_until_queue_empty",
 ]
 
 DEFAULT_BASE = Path("/tmp/kislurm-slurm")
@@ -44,6 +44,8 @@ class SlurmCluster:
     conf: Path
     node: str
     max_array_size: int
+    nodes: tuple[str, ...] = ()
+    """Every node's name (kn1, kn2, ... when the cluster was started with --nodes 2 or more)."""
 
 
 def slurm_base() -> Path:
@@ -88,13 +90,15 @@ def connect(base: Path) -> SlurmCluster:
     conf = Path(conf_value)
     if "is UP" not in _client(["scontrol", "ping"], conf):
         raise SlurmUnavailable(f"slurmctld is down (see {base / 'log' / 'slurmctld.log'})")
-    node_state = _client(["sinfo", "-h", "-N", "-o", "%N %t"], conf).split()
-    if len(node_state) < 2 or node_state[1] not in _UP_STATES:
-        raise SlurmUnavailable(f"the node is not usable (sinfo: {' '.join(node_state) or 'no node'})")
+    rows = [line.split() for line in _client(["sinfo", "-h", "-N", "-o", "%N %t"], conf).splitlines() if line.strip()]
+    down = [" ".join(r) for r in rows if len(r) < 2 or r[1] not in _UP_STATES]
+    if not rows or down:
+        raise SlurmUnavailable(f"a node is not usable (sinfo: {'; '.join(down) or 'no node'})")
     _client(["sacct", "-n", "-X", "-S", "now"], conf)
     config = _client(["scontrol", "show", "config"], conf)
     max_array = next((ln.split("=", 1)[1].strip() for ln in config.splitlines() if ln.startswith("MaxArraySize")), "0")
-    return SlurmCluster(base=base, conf=conf, node=node_state[0], max_array_size=int(max_array))
+    return SlurmCluster(base=base, conf=conf, node=rows[0][0], max_array_size=int(max_array),
+                        nodes=tuple(sorted({r[0] for r in rows})))
 
 
 def wait_until_queue_empty(timeout_s: float = 60.0) -> None:
@@ -110,9 +114,10 @@ def wait_until_queue_empty(timeout_s: float = 60.0) -> None:
         time.sleep(1.0)
 
 
-def _restart(cluster: SlurmCluster, max_array: int) -> None:
-    """`tools/slurm_cluster.sh start` for the running cluster (same base and ports) with MaxArraySize=max_array."""
-    env = {**os.environ, **read_env_sh(cluster.base / "env.sh"), "KISLURM_SLURM_MAX_ARRAY_SIZE": str(max_array)}
+def _restart(cluster: SlurmCluster, max_array: int, job_requeue: int = 1) -> None:
+    """`tools/slurm_cluster.sh start` for the running cluster (same base, ports and nodes) with these settings."""
+    env = {**os.environ, **read_env_sh(cluster.base / "env.sh"), "KISLURM_SLURM_MAX_ARRAY_SIZE": str(max_array),
+           "KISLURM_SLURM_JOB_REQUEUE": str(job_requeue)}
     proc = subprocess.run([str(CLUSTER_SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise SlurmUnavailable(f"{CLUSTER_SCRIPT} start failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -131,6 +136,20 @@ def max_array_size(cluster: SlurmCluster, value: int) -> Iterator[SlurmCluster]:
         yield connect(cluster.base)
     finally:
         wait_until_queue_empty()
+        _restart(cluster, cluster.max_array_size)
+
+
+@contextmanager
+def job_requeue(cluster: SlurmCluster, value: int) -> Iterator[SlurmCluster]:
+    """Run the block on a cluster with JobRequeue=value (0: requeue refused, as at some sites), then restore 1.
+
+    Restarts slurmctld and slurmd each way once the queue is empty, as `max_array_size` does."""
+    wait_until_queue_empty()
+    try:
+        _restart(cluster, cluster.max_array_size, job_requeue=value)
+        yield connect(cluster.base)
+    finally:
+        wait_until_queue_empty(timeout_s=600)
         _restart(cluster, cluster.max_array_size)
 
 

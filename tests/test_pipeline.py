@@ -65,6 +65,22 @@ def test_resubmit_skips_done_cells_and_cli_reports(tiny_run):
     assert [r["state"] for r in json.loads(status.output)] == ["done"] * 4
 
 
+def _group_alive(pgid: int, grace_s: float = 10.0) -> bool:
+    """Whether a process of group `pgid` is still there after `grace_s`: a checkpoint writer that megatron forked
+    dies with its trainer (PR_SET_PDEATHSIG), which the kernel delivers a moment after the trainer has gone."""
+    import os
+    import time
+
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def test_ctrl_c_stops_cells_and_rerun_resumes(tmp_path):
     """SIGINT (Ctrl-C) stops running cells; the same command again skips finished cells and completes the rest."""
     import os
@@ -77,22 +93,23 @@ def test_ctrl_c_stops_cells_and_rerun_resumes(tmp_path):
     cmd = [sys.executable, "-m", "kislurm.cli", "submit", str(REPO / "configs" / "tiny.yaml"), "--set",
            f"output_root={tmp_path}"]
     # SIGINT back to its default in the child: a shell's background jobs inherit it ignored, unlike a terminal's
+    # Each step takes at least 0.1 s (a cell >= 4 s), two cells at a time: when the first cell is seen complete
+    # (polled every 0.1 s) the other two cannot have run yet, on a machine of any speed.
+    from kislurm.train import MIN_STEP_ENV
+
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            env={**os.environ, MIN_STEP_ENV: "0.1"})
     run = tmp_path / "tiny"
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(read_cell(p, matrix=False).complete
-                                             for p in run.glob("cells/*/retention.h5")):
-        time.sleep(1)
+    deadline = time.monotonic() + 300
+    while not any(read_cell(p, matrix=False).complete for p in run.glob("cells/*/retention.h5")):
+        assert time.monotonic() < deadline and proc.poll() is None, "no cell completed"
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
-    try:
-        os.killpg(proc.pid, 0)
-        alive = True
-    except ProcessLookupError:
-        alive = False
-    assert not alive, "cells of the interrupted command are still running after it returned"
+    assert not _group_alive(proc.pid), "cells of the interrupted command are still running after it returned:\n" \
+        + subprocess.run(["ps", "-o", "pid,stat,etime,args", "-g", str(proc.pid)], capture_output=True, text=True).stdout
     assert "interrupted; running cells were stopped, finished cells are kept" in out
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr

@@ -2,6 +2,7 @@
 the same final loss and retention series, no evaluation step lost or repeated (jobs/run_cell.py's contract)."""
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from kislurm.config import load_config
 from kislurm.plan import expand
 from kislurm.store import read_cell
 from kislurm.submit import write_plan
+from kislurm.train import MIN_STEP_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = [sys.executable, str(REPO / "jobs" / "run_cell.py")]
@@ -36,6 +38,12 @@ def last_step(store: Path) -> int:
     return int(steps[-1]) if steps.size else 0
 
 
+# Each step of the killed runs takes at least this long (80 steps, an evaluation every 10: >= 1 s between two
+# evaluations), so a kill within KILL_WINDOW_S of seeing a new evaluation lands before the next one on any machine.
+STEP_FLOOR_S = 0.1
+KILL_WINDOW_S = 0.7
+
+
 def test_sigkill_five_times_then_resume_equals_uninterrupted(tmp_path):
     ref_run, cell = plan(tmp_path / "ref")
     subprocess.run([*ENTRY, str(ref_run.root), cell.name], check=True, capture_output=True, timeout=600)
@@ -44,24 +52,20 @@ def test_sigkill_five_times_then_resume_equals_uninterrupted(tmp_path):
     run, _ = plan(tmp_path / "killed")
     paths = run.cell(cell.name)
     rng = random.Random(7)
-    kills = 0
-    while kills < 5:
+    slowed = {**os.environ, MIN_STEP_ENV: str(STEP_FLOOR_S)}
+    for kill in range(5):  # 5 kills, each after one new evaluation: 5 of the cell's 8 evaluations
         proc = subprocess.Popen([*ENTRY, str(run.root), cell.name], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+                                stderr=subprocess.DEVNULL, env=slowed)
         start_step = last_step(paths.store)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:  # let it store a new evaluation, then kill anywhere
-            if last_step(paths.store) > start_step:
-                break
-            time.sleep(0.2)
-        time.sleep(rng.uniform(0.0, 2.0))
-        if proc.poll() is not None:
-            break  # finished before we could kill it again: the remaining kills would be no-ops
+        deadline = time.monotonic() + 300
+        while last_step(paths.store) <= start_step:  # let it store a new evaluation, then kill anywhere
+            assert proc.poll() is None and time.monotonic() < deadline, f"run {kill} stored no new evaluation"
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, KILL_WINDOW_S - 0.1))
+        assert proc.poll() is None, "the cell ended before its kill"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        kills += 1
-    assert kills >= 3, "the cell finished too fast to be interrupted; make it longer"
-    finished_already = read_cell(paths.store, matrix=False).complete  # the last kill can land just after the end
+    assert not read_cell(paths.store, matrix=False).complete
     subprocess.run([*ENTRY, str(run.root), cell.name], check=True, capture_output=True, timeout=600)
     got = read_cell(paths.store)
 
@@ -71,6 +75,4 @@ def test_sigkill_five_times_then_resume_equals_uninterrupted(tmp_path):
         np.testing.assert_allclose(got.metrics[name], series, rtol=0, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(got.train_loss, ref.train_loss, rtol=0, atol=1e-6)
     assert [e["step"] for e in got.meta["throughput"]] == cell.eval_steps  # speed history: no gaps, no repeats
-    # every run that trained opened the same store once: each killed one, and the final one unless the cell was
-    # already complete (then the final run trains nothing and opens nothing)
-    assert len(got.meta["writers"]) == kills + (0 if finished_already else 1)
+    assert len(got.meta["writers"]) == 5 + 1  # every run opened the same store once: the five killed, the last

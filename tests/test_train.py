@@ -316,12 +316,13 @@ def test_sigkill_at_random_moments_resumes_exactly(tp1, tmp_path):
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
         if kills < 6:
             _wait_for(record, proc, f"START", count=attempt + 1)
-            # alternate: a kill at a random time, and a kill right after a checkpoint write began
+            # alternate: a kill a random number of steps in, and a kill right after a checkpoint write began;
+            # counted in steps, not seconds, so it lands mid-run on a machine of any speed
             if kills % 2 == 0:
-                time.sleep(rng.uniform(0.0, 1.0))
+                _wait_for(record, proc, "STEP", count=_count(record, "STEP") + rng.randint(1, 4))
             else:
                 _wait_for(record, proc, "SAVE", count=_count(record, "SAVE") + 1)
-                time.sleep(rng.uniform(0.0, 0.15))
+            time.sleep(rng.uniform(0.0, 0.01))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1

@@ -28,6 +28,8 @@
 #                                 then one more per extra node (default 6817, so 6817..6820 for one node and
 #                                 6817..6821 for two)
 #   KISLURM_SLURM_NODES           node count when --nodes is not given (default 1); kept in env.sh
+#   KISLURM_SLURM_JOB_REQUEUE     JobRequeue (default 1); 0 makes a cluster that refuses to requeue jobs, as some
+#                                 sites do (a start with another value restarts slurmctld and slurmd, like MaxArraySize)
 #
 # Behaviour worth knowing (Slurm 22.05 as packaged in Debian 12):
 #   - a requeued job (e.g. submitit's `scontrol requeue` after the timeout signal) may start again 10 s later
@@ -53,6 +55,7 @@ BASE=${KISLURM_SLURM_BASE:-/tmp/kislurm-slurm}
 MAX_ARRAY_SIZE=${KISLURM_SLURM_MAX_ARRAY_SIZE:-$DEFAULT_MAX_ARRAY_SIZE}
 PORT=${KISLURM_SLURM_PORT:-6817}
 NODES=${KISLURM_SLURM_NODES:-1}
+JOB_REQUEUE=${KISLURM_SLURM_JOB_REQUEUE:-1}
 readonly HOSTS_FILE=/etc/hosts
 
 log() { printf 'slurm_cluster: %s\n' "$*" >&2; }
@@ -125,6 +128,8 @@ validate_env() {
         die "--nodes / KISLURM_SLURM_NODES='$NODES' is not an integer in 1..16; fix: e.g. --nodes 2"
     fi
     NODES=$((10#$NODES))
+    [[ "$JOB_REQUEUE" == 0 || "$JOB_REQUEUE" == 1 ]] ||
+        die "KISLURM_SLURM_JOB_REQUEUE='$JOB_REQUEUE' is not 0 or 1; fix: unset it (default 1)"
     if ! [[ "$PORT" =~ ^[0-9]{1,5}$ ]] || ! ((10#$PORT >= 1024 && 10#$PORT <= 65500)); then
         die "KISLURM_SLURM_PORT='$PORT' is not a port in 1024..65500; fix: unset it (default 6817) or pick a free one"
     fi
@@ -211,13 +216,15 @@ hostname_is_loopback() {
 # Memory each node may offer: the machine's, shared out between the nodes (CR_Core: not enforced).
 real_memory_mb() { awk -v n="$NODES" '/^MemTotal:/ { printf "%d", $2 / 1024 * 0.9 / n }' /proc/meminfo; }
 
-# Node lines: one slurmd per node on this host (NodeHostname), each with its own port. Every node offers 2 CPUs,
-# so a node can hold 2 ranks of one cell (TP=2 inside a node); several nodes oversubscribe this host's cores.
+# Node lines: one slurmd per node on this host (NodeHostname), each with its own port. A lone node offers 2 CPUs
+# (this machine's); with several, each offers 4, so that one node can hold a whole TP=2 x DP=2 cell and two nodes
+# can hold 2 ranks each (the nodes then oversubscribe this host's cores: slower, same results).
 render_nodes() {
-    local i=1 n host
+    local i=1 n host cpus=2
     host="$(hostname -s)"
+    ((NODES > 1)) && cpus=4
     for n in $(node_names); do
-        echo "NodeName=$n NodeHostname=$host NodeAddr=127.0.0.1 Port=$(slurmd_port $i) CPUs=2 RealMemory=$(real_memory_mb) State=UNKNOWN"
+        echo "NodeName=$n NodeHostname=$host NodeAddr=127.0.0.1 Port=$(slurmd_port $i) CPUs=$cpus RealMemory=$(real_memory_mb) State=UNKNOWN"
         i=$((i + 1))
     done
     echo "PartitionName=main Nodes=$(node_names | paste -sd,) Default=YES MaxTime=INFINITE State=UP"
@@ -260,7 +267,7 @@ ReturnToService=2
 MailProg=/bin/true
 KillWait=5
 MinJobAge=300
-JobRequeue=1
+JobRequeue=$JOB_REQUEUE
 MaxArraySize=$MAX_ARRAY_SIZE
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1

@@ -1,0 +1,183 @@
+"""Cells across nodes, through `kislurm submit` on the project's real two-node Slurm cluster
+(`tools/slurm_cluster.sh start --nodes 2`): placement, rendezvous, requeue and failure with gloo.
+
+- A DP=2 cell with one rank per node, and a TP=2 x DP=2 cell with two ranks per node (TP inside a node, DP across
+  nodes), give the same loss and retention series as the same cells on one node.
+- A two-node cell that cannot finish within its time limit (every step takes at least KISLURM_MIN_STEP_S, so this
+  holds on any machine) saves at the signalled step, is requeued, resumes from that step and completes with every
+  evaluation exactly once.
+- A rank killed on the second node fails the cell with that rank named; a resubmission resumes it.
+- On a cluster that refuses requeue (JobRequeue=0) the timed-out cell resubmits itself as a new job that resumes,
+  and `kislurm status` says so.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from kislurm.cli import main, submit_run
+from kislurm.config import load_config
+from kislurm.paths import RunPaths
+from kislurm.plan import expand
+from kislurm.status import latest_submissions, run_status, submissions_of
+from kislurm.store import read_cell
+from kislurm.train import MIN_STEP_ENV
+from slurm_fixtures import REQUIRE_ENV, job_requeue
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+SHAPE = {"num_layers": 2, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 32}
+
+
+@pytest.fixture
+def two_nodes(slurm_cluster):
+    if len(slurm_cluster.nodes) < 2:
+        problem = f"the test cluster has one node ({slurm_cluster.node}); fix: tools/slurm_cluster.sh start --nodes 2"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(problem, pytrace=False)
+        pytest.skip(problem)
+    return slurm_cluster
+
+
+def plan(root: Path, tp: int, dp: int, per_node: int, **overrides):
+    """A one-cell tiny grid at layout TP x DP with `per_node` ranks on each node, on Slurm."""
+    cfg = load_config(TINY, {"output_root": str(root), "executor.cluster": "slurm", "executor.time": "10",
+                             "executor.tasks_per_node": per_node, "grid.sizes": ["m"], "grid.ratios": [0.5],
+                             "train.micro_batch_size": 16 // dp,
+                             "models.m": {**SHAPE, "tensor_parallel": tp, "data_parallel": dp}, **overrides})
+    return cfg, expand(cfg)
+
+
+def wait_for(run: RunPaths, done, timeout: float = 600) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = run_status(run)
+        if done(rows):
+            return rows
+        time.sleep(1)
+    raise AssertionError(f"timed out; states: {[(r['cell'], r['state'], r.get('error')) for r in run_status(run)]}")
+
+
+def all_done(rows: list[dict]) -> bool:
+    return all(r["state"] == "done" for r in rows)
+
+
+def sacct(job_id: str, fields: str) -> list[str]:
+    return subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", fields], capture_output=True,
+                          text=True, check=True, timeout=60).stdout.split()
+
+
+def job_of(run: RunPaths, cell) -> str:
+    return latest_submissions(run)[cell.name].job_id
+
+
+def extend_time_limit_after_requeue(job_id: str, minutes: int = 10, timeout: float = 600) -> None:
+    """Once Slurm has requeued the job (Restarts >= 1), give its next run time to finish. A requeued job waits
+    10 s (the cluster's cred_expire) before it may start, and its own signal comes 75 s or more into it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+        if re.search(r"\bRestarts=[1-9]", out):
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"], check=True)
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} was not requeued within {timeout:.0f} s")
+
+
+def test_two_node_cells_equal_one_node(two_nodes, tmp_path):
+    layouts = {"dp2": (1, 2), "tp2dp2": (2, 2)}
+    runs = {}
+    for name, (tp, dp) in layouts.items():
+        for nodes in (1, 2):
+            cfg, cells = plan(tmp_path / f"{name}-{nodes}n", tp, dp, per_node=tp * dp // nodes)
+            runs[name, nodes] = (submit_run(cfg, cells), cells[0])
+    for run, _ in runs.values():
+        wait_for(run, all_done)
+    for name in layouts:
+        (one, cell), (two, cell2) = runs[name, 1], runs[name, 2]
+        assert cell.cell_id == cell2.cell_id, "placement is not part of a cell's identity"
+        assert sacct(job_of(two, cell), "NodeList") == ["kn[1-2]"], "the two-node cell spans both nodes"
+        assert len(sacct(job_of(one, cell), "NodeList")[0].split(",")) == 1
+        a, b = (read_cell(r.cell(cell.name).store) for r in (one, two))
+        assert list(a.step) == list(b.step) == cell.eval_steps
+        dloss = float(np.max(np.abs(a.train_loss - b.train_loss)))
+        dmetric = max(float(np.max(np.abs(a.metrics[k] - b.metrics[k]))) for k in a.metrics)
+        print(f"\n{name}: one node vs two nodes: max |dloss| {dloss:.3g}, max |dmetric| {dmetric:.3g}")
+        assert dloss <= 1e-6 and dmetric <= 1e-6, (name, dloss, dmetric)
+        assert np.array_equal(a.probe_correct, b.probe_correct), name
+
+
+def test_two_node_time_limit_saves_at_signal_requeues_resumes(two_nodes, tmp_path, monkeypatch):
+    # 60 steps of at least 2 s: 120 s of training cannot fit a 2-minute limit on any machine.
+    monkeypatch.setenv(MIN_STEP_ENV, "2")
+    cfg, cells = plan(tmp_path, 1, 2, per_node=1, **{"executor.time": "2", "grid.token_budgets": [60 * 512],
+                                                     "train.eval_interval": 10})
+    cell = cells[0]
+    run = submit_run(cfg, cells)
+    extend_time_limit_after_requeue(job_of(run, cell))
+    wait_for(run, all_done)
+    rec = read_cell(run.cell(cell.name).store, matrix=False)
+    assert rec.complete and list(rec.step) == cell.eval_steps, "every evaluation exactly once"
+    log = run.cell(cell.name).log.read_text()
+    signalled = [int(s) for s in re.findall(r"time-limit signal at step (\d+): checkpoint saved; requeueing", log)]
+    resumed = [int(s) for s in re.findall(r"resumed \S+ from \S+ at step (\d+)/", log)]
+    assert signalled and 0 < signalled[0] < cell.steps
+    assert resumed[:len(signalled)] == signalled, (signalled, resumed)  # each run resumed where the last saved
+    assert "REQUEUED" in sacct(job_of(run, cell), "State")
+    assert sacct(job_of(run, cell), "NodeList")[-1] == "kn[1-2]"
+
+
+def test_rank_killed_on_second_node_fails_cell_and_resubmit_resumes(two_nodes, tmp_path, monkeypatch):
+    monkeypatch.setenv(MIN_STEP_ENV, "0.5")  # after the first evaluation (step 20 of 40) >= 10 s remain
+    cfg, cells = plan(tmp_path, 1, 2, per_node=1)
+    cell = cells[0]
+    run = submit_run(cfg, cells)
+    paths = run.cell(cell.name)
+    wait_for(run, lambda rows: rows[0]["step"] is not None or rows[0]["state"] in ("failed", "done"))
+    victim = json.loads(paths.rank_report(1).read_text())
+    assert victim["node"] == "kn2"
+    os.kill(victim["pid"], signal.SIGKILL)
+    rows = wait_for(run, lambda rows: rows[0]["state"] in ("failed", "done"))
+    assert rows[0]["state"] == "failed" and "no error report from rank 1 on kn2" in rows[0]["error"], rows
+    assert "FAILED" in sacct(job_of(run, cell), "State")
+
+    monkeypatch.delenv(MIN_STEP_ENV)
+    submit_run(cfg, cells)
+    wait_for(run, all_done)
+    rec = read_cell(paths.store, matrix=False)
+    assert list(rec.step) == cell.eval_steps and len(rec.meta["writers"]) == 2, "resumed in the same store"
+
+
+def test_requeue_refused_resubmits_a_new_job_that_resumes(two_nodes, tmp_path, monkeypatch):
+    monkeypatch.setenv(MIN_STEP_ENV, "1")  # 64 s of training: cannot fit its 1-minute limit
+    cfg, cells = plan(tmp_path, 1, 1, per_node=1, **{"executor.time": "1", "grid.token_budgets": [64 * 512],
+                                                     "train.eval_interval": 16})
+    cell = cells[0]
+    with job_requeue(two_nodes, 0):
+        run = submit_run(cfg, cells)
+        first = job_of(run, cell)
+        deadline = time.monotonic() + 600
+        while len(submissions_of(run, cell.name)) < 2:
+            assert time.monotonic() < deadline, "the cell did not resubmit itself"
+            assert run_status(run)[0]["state"] not in ("failed", "done"), run_status(run)
+            time.sleep(1)
+        second = job_of(run, cell)
+        # the new job waits for the old one (afterany): give it time to finish before it starts
+        subprocess.run(["scontrol", "update", f"JobId={second}", "TimeLimit=10"], check=True)
+        rows = wait_for(run, all_done)
+    assert second != first and "refuses requeue" in rows[0]["note"]
+    shown = CliRunner().invoke(main, ["status", str(run.root)])
+    assert f"{cell.name}: note: job {first} reached its time limit" in shown.output, shown.output
+    rec = read_cell(run.cell(cell.name).store, matrix=False)
+    assert rec.complete and list(rec.step) == cell.eval_steps and len(rec.meta["writers"]) == 2
+    assert "REQUEUED" not in sacct(first, "State")
