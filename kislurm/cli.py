@@ -6,7 +6,7 @@ and a non-zero exit; a traceback means a bug in kislurm.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 import time
@@ -22,8 +22,13 @@ from .config import ConfigError, ExperimentConfig, load_config
 from .paths import RunPaths
 from .plan import Cell, expand, run_dir
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+def shipped_config(name: str) -> Path:
+    """A config of the project's configs/: in the source tree, else where `pip install .` put it (data_files)."""
+    source = Path(__file__).resolve().parents[1] / "configs" / name
+    return source if source.exists() else Path(sys.prefix) / "share" / "kislurm" / "configs" / name
+
+
+DEMO_CONFIG = shipped_config("demo.yaml")
 
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")  # expected on CPU: noise
 
