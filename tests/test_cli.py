@@ -23,6 +23,21 @@ def test_plan_prints_one_row_per_cell():
     assert len([line for line in out.output.splitlines() if line.startswith("cpu-")]) == 36
 
 
+def test_plan_shows_nodes_and_tasks_per_node():
+    out = CliRunner().invoke(main, ["plan", str(REPO / "configs" / "paper.yaml")])
+    assert out.exit_code == 0, out.output
+    header, *rows = [line.split() for line in out.output.splitlines() if line.startswith(("cell ", "760M", "3B"))]
+    col = {name: header.index(name) for name in ("nodes", "tasks_per_node", "gpus_per_node")}
+    placed = {row[0].split("_")[0]: tuple(int(row[col[c]]) for c in col) for row in rows}
+    assert placed == {"760M": (2, 8, 8), "3B": (4, 8, 8)}  # TP 2 x DP 8 and TP 4 x DP 8 on 8-GPU nodes
+    cpu = CliRunner().invoke(main, ["plan", str(REPO / "configs" / "tiny.yaml"), "--set", "grid.sizes=[m]",
+                                    "--set", "train.micro_batch_size=8", "--set", "executor.tasks_per_node=2",
+                                    "--set", "models.m={num_layers: 1, hidden_size: 8, num_attention_heads: 2, "
+                                             "tensor_parallel: 2, data_parallel: 2}"])
+    assert cpu.exit_code == 0, cpu.output
+    assert all(line.split()[2:4] == ["2", "2"] for line in cpu.output.splitlines() if line.startswith("m_"))
+
+
 def run(args):
     out = CliRunner().invoke(main, args)
     lines = [line for line in out.output.splitlines() if line.strip()]

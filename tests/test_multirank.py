@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from kislurm.config import load_config
 from kislurm.plan import expand
 from kislurm.store import read_cell
@@ -86,3 +88,13 @@ def test_killed_rank_fails_the_cell_names_it_and_resubmit_resumes(tmp_path):
     rec = read_cell(store, matrix=False)
     assert rec.complete and list(rec.step) == cell.eval_steps  # every evaluation exactly once
     assert len(rec.meta["writers"]) == 2, "the resubmission resumed the same store"
+
+
+def test_tp_placement_check():
+    from kislurm.cell_job import check_tp_placement
+    from kislurm.distributed import TrainError
+
+    check_tp_placement(["a", "a", "b", "b"], tp=2)  # TP inside each node, DP across
+    with pytest.raises(TrainError, match="ranks 2-3 spans nodes b, c; fix: set executor.tasks_per_node"):
+        check_tp_placement(["a", "a", "b", "c"], tp=2)
+    check_tp_placement(["a", "b"], tp=2, allow_split=True)  # explicitly allowed

@@ -181,3 +181,12 @@ def test_requeue_refused_resubmits_a_new_job_that_resumes(two_nodes, tmp_path, m
     rec = read_cell(run.cell(cell.name).store, matrix=False)
     assert rec.complete and list(rec.step) == cell.eval_steps and len(rec.meta["writers"]) == 2
     assert "REQUEUED" not in sacct(first, "State")
+
+
+def test_tp_group_across_nodes_is_refused_with_one_line(two_nodes, tmp_path):
+    cfg, cells = plan(tmp_path, 2, 1, per_node=1)  # TP=2 with one rank per node: the TP group spans kn1 and kn2
+    run = submit_run(cfg, cells)
+    rows = wait_for(run, lambda rows: rows[0]["state"] in ("failed", "done"))
+    assert rows[0]["state"] == "failed", rows
+    assert "tensor-parallel group of ranks 0-1 spans nodes kn1, kn2; fix: set executor.tasks_per_node" in \
+        rows[0]["error"], rows[0]["error"]
