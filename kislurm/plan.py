@@ -7,6 +7,7 @@ config yields a new id instead of silently mixing results.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -80,11 +81,20 @@ def _section_json(section: Any) -> str:
     return json.dumps(config_to_dict(section), sort_keys=True, separators=(",", ":"))
 
 
+_OMIT_IF_DEFAULT = ("position_embedding", "activation", "normalization", "num_query_groups", "tie_embeddings")
+"""Architecture fields added after ids were first published: they enter the id only at a non-default value, so
+every GPT-2-shaped cell keeps the id it had before they existed."""
+
+
 @functools.lru_cache(maxsize=1024)
 def _model_json(model: ModelPreset) -> str:
     d = config_to_dict(model)
     for key in ("timeout_min", "tensor_parallel", "pipeline_parallel", "data_parallel"):
         d.pop(key)  # layout and scheduling change neither the maths nor the identity
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelPreset)}
+    for key in _OMIT_IF_DEFAULT:
+        if d[key] == defaults[key]:
+            d.pop(key)
     return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
