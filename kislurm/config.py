@@ -177,6 +177,15 @@ BUILTIN_PRESETS: dict[str, ModelPreset] = {
     "3B": _preset(32, 2560, 32, 2048, device="gpu", tensor_parallel=4, timeout_min=2880),
     "7B": _preset(32, 4096, 32, 2048, device="gpu", tensor_parallel=8, timeout_min=2880),
 }
+LLAMA = {"position_embedding": "rope", "activation": "swiglu", "normalization": "rmsnorm", "tie_embeddings": False}
+"""The Llama architecture options; `<size>-llama` presets add grouped-query attention with a quarter of the heads
+as key/value groups (Llama 3 8B's 32/8)."""
+BUILTIN_PRESETS.update({
+    f"{name}-llama": dataclasses.replace(p, **LLAMA, num_query_groups=p.num_attention_heads // 4,
+                                         tensor_parallel="auto")
+    for name, p in list(BUILTIN_PRESETS.items()) if p.device == "gpu"
+})
+BUILTIN_PRESETS["cpu-s-llama"] = dataclasses.replace(BUILTIN_PRESETS["cpu-s"], **LLAMA, num_query_groups=2)
 
 
 @dataclass(frozen=True)
