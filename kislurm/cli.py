@@ -20,7 +20,7 @@ import click
 from . import __version__
 from .config import ConfigError, ExperimentConfig, load_config
 from .paths import RunPaths
-from .plan import Cell, expand, run_dir
+from .plan import Cell, expand, resolve_layouts, run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -81,7 +81,7 @@ def _load(config: str, overrides: tuple[str, ...] = ()) -> tuple[ExperimentConfi
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set grid.seeds=[1]")
         parsed[key] = yaml.safe_load(value)
-    cfg = load_config(config, parsed)
+    cfg = resolve_layouts(load_config(config, parsed))  # TP auto resolved and layouts checked before any write
     return cfg, expand(cfg)
 
 
@@ -98,7 +98,11 @@ def plan(config: str, overrides: tuple[str, ...]) -> None:
 
     cfg, cells = _load(config, overrides)
     rows = describe(cells, cfg.executor)
-    cols = ["cell", "steps", "nodes", "tasks_per_node", "gpus_per_node", "timeout_min"]
+    costs = _cost_columns(cfg, cells)
+    for r, c in zip(rows, costs):
+        r.update(c)
+    cols = ["cell", "steps", "nodes", "tasks_per_node", "gpus_per_node", "timeout_min", "tp", "mem_gib_per_gpu",
+            "gpu_hours"]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     click.echo("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
@@ -106,6 +110,37 @@ def plan(config: str, overrides: tuple[str, ...]) -> None:
     g = cfg.grid
     click.echo(f"\n{len(cells)} cells = {len(g.sizes)} sizes x {len(g.ratios)} ratios x {len(g.token_budgets)} "
                f"token budgets x {len(g.seeds)} seeds; executor: {cfg.executor.cluster}; run folder: {run_dir(cfg)}")
+    click.echo(_cost_summary(cfg, cells))
+
+
+def _cost_columns(cfg: ExperimentConfig, cells: list[Cell]) -> list[dict[str, str]]:
+    """Per cell: its TP degree, estimated peak memory of one rank, and GPU-hours (kislurm.estimate)."""
+    from .estimate import cell_costs, plan_vocab_size
+
+    vocab = plan_vocab_size(cfg.data)
+    out = []
+    for c in cells:
+        cost = cell_costs(c.model, c.train, cfg.executor, c.n_samples * c.model.seq_length, vocab)
+        out.append({"tp": str(c.model.tensor_parallel), "mem_gib_per_gpu": f"{cost['mem_gib']:.1f}"
+                    if c.model.device == "gpu" else "-",
+                    "gpu_hours": "-" if cost["gpu_hours"] is None else f"{cost['gpu_hours']:,.0f}"})
+    return out
+
+
+def _cost_summary(cfg: ExperimentConfig, cells: list[Cell]) -> str:
+    """One line: total GPU-hours and the assumptions behind the memory and cost columns."""
+    from .estimate import FIT_FRACTION, cell_costs, plan_vocab_size
+
+    vocab = plan_vocab_size(cfg.data)
+    ex = cfg.executor
+    hours = [cell_costs(c.model, c.train, ex, c.n_samples * c.model.seq_length, vocab)["gpu_hours"] for c in cells]
+    gpu = [h for h in hours if h is not None]
+    if not gpu:
+        return "no GPU cells: memory and GPU-hour estimates apply to device: gpu presets"
+    limit = f"fits {FIT_FRACTION:.0%} of executor.gpu_memory_gb {ex.gpu_memory_gb:g} GiB" if ex.gpu_memory_gb \
+        else "not checked (executor.gpu_memory_gb unset)"
+    return (f"estimated {sum(gpu):,.0f} GPU-hours in all at MFU {ex.mfu:.0%} of {ex.gpu_peak_tflops:g} TFLOP/s "
+            f"(executor.mfu, gpu_peak_tflops); memory per GPU (vocabulary {vocab}): {limit}")
 
 
 def load_cell_job():

@@ -157,6 +157,15 @@ class ModelPreset:
                 "replicated": replicated}
 
 
+def resolve_precision(preset: ModelPreset, precision: str) -> str:
+    """'auto' means fp32 on CPU and bf16 on GPU."""
+    if precision == "auto":
+        return "bf16" if preset.device == "gpu" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision '{precision}'; fix: use auto, fp32 or bf16")
+    return precision
+
+
 def _preset(layers: int, hidden: int, heads: int, seq: int, **kw: Any) -> ModelPreset:
     return ModelPreset(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, seq_length=seq, **kw)
 
@@ -380,6 +389,13 @@ class ExecutorConfig:
     """Extra sbatch options passed through as is, e.g. {mail-type: END}."""
     setup: list[str] = field(default_factory=list)
     """Shell lines run before each task (module load, source venv)."""
+    gpu_memory_gb: Optional[float] = None
+    """Memory of one GPU in GiB (80 for an H100 80GB). When set, the plan refuses GPU layouts whose estimated
+    per-rank memory exceeds 90% of it and resolves `tensor_parallel: auto` (kislurm.estimate); unset: no check."""
+    mfu: float = 0.52
+    """Model FLOPs utilisation assumed for the plan's GPU-hours (default: measured for 1.3B on an H100, README)."""
+    gpu_peak_tflops: float = 989.0
+    """Dense bf16 peak TFLOP/s of one GPU, for the plan's GPU-hours (989: H100 / H200)."""
 
     def __post_init__(self) -> None:
         _check(self.gpus_per_node >= 0, "gpus_per_node", "expected >= 0 GPUs per node")
@@ -387,6 +403,9 @@ class ExecutorConfig:
         _check(self.array_parallelism >= 1, "array_parallelism", "expected >= 1 task at once")
         _check(self.max_array_size is None or self.max_array_size >= 1, "max_array_size", "expected >= 1")
         _check(self.max_requeues >= 0, "max_requeues", "expected >= 0 requeues")
+        _check(self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "gpu_memory_gb", "expected GiB > 0 per GPU")
+        _check(0 < self.mfu <= 1, "mfu", f"expected a utilisation in (0, 1], got {self.mfu}")
+        _check(self.gpu_peak_tflops > 0, "gpu_peak_tflops", "expected a positive peak TFLOP/s")
         _check(self.time is None or bool(_SLURM_TIME.match(self.time)), "time",
                f"'{self.time}' is not a Slurm time; fix: use MM, HH:MM:SS or D-HH:MM:SS, e.g. 12:00:00")
 

@@ -24,25 +24,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from .config import ModelPreset
-
-VOCAB_MULTIPLE = 128
-"""Embedding rows are padded to a multiple of this (as Megatron-LM does): independent of TP, so every TP degree
-of a size builds the same model, and any TP up to 128 divides the vocabulary."""
-
-
-def padded_vocab_size(vocab_size: int) -> int:
-    """Rows of the embedding for a tokenizer of `vocab_size` ids (pass this to ModelPreset.param_counts)."""
-    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
-def resolve_precision(preset: ModelPreset, precision: str) -> str:
-    """'auto' means fp32 on CPU and bf16 on GPU."""
-    if precision == "auto":
-        return "bf16" if preset.device == "gpu" else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"unknown precision '{precision}'; fix: use auto, fp32 or bf16")
-    return precision
+from .config import ModelPreset, resolve_precision
+from .estimate import VOCAB_MULTIPLE, padded_vocab_size  # noqa: F401 - re-exported for callers
 
 
 def have_transformer_engine() -> bool:

@@ -62,3 +62,20 @@ def test_fit_csv_end_to_end(tmp_path):
     assert out.exit_code == 0, out.output
     assert (tmp_path / "rep" / "collapse_points.csv").exists() and (tmp_path / "rep" / "law.png").exists()
     assert "big" in (tmp_path / "rep" / "law.txt").read_text()
+
+
+def test_plan_shows_memory_gpu_hours_and_chosen_tp_for_the_paper_grid():
+    out = CliRunner().invoke(main, ["plan", str(REPO / "configs" / "paper.yaml")])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    header = lines[0].split()
+    assert header[-3:] == ["tp", "mem_gib_per_gpu", "gpu_hours"]
+    rows = [line.split() for line in lines[1:] if "-llama_r" in line]
+    assert len(rows) == 80 and {r[-3] for r in rows} == {"1"}  # TP=1 fits 80 GB for every size
+    assert all(0 < float(r[-2]) < 72 for r in rows)
+    total = next(line for line in lines if line.startswith("estimated "))
+    hours = float(total.split()[1].replace(",", ""))
+    assert hours == pytest.approx(sum(float(r[-1].replace(",", "")) for r in rows), rel=0.01)
+    assert "fits 90% of executor.gpu_memory_gb 80 GiB" in total
+    code, err = run(["plan", str(REPO / "configs" / "paper.yaml"), "--set", "executor.gpu_memory_gb=4"])
+    assert code == 2 and len(err) == 1 and "does not fit executor.gpu_memory_gb 4" in err[0]
