@@ -221,6 +221,32 @@ def submit(config: str, dry_run: bool, force: bool, overrides: tuple[str, ...]) 
 
 
 @main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--steps", default=20, show_default=True, help="Training steps per check (a few minutes on a GPU).")
+@click.option("--dry-run", is_flag=True, help="List the distinct layouts and their jobs; run nothing.")
+@_set_option
+def preflight(config: str, steps: int, dry_run: bool, overrides: tuple[str, ...]) -> None:
+    """One short job per distinct layout of CONFIG, at that layout, on random tokens: TP groups on one host, exact
+    checkpoint-resume, TP=k against TP=1 losses (CPU), tokens/s and MFU. Reports: RUN/preflight/<layout>/."""
+    from .preflight import distinct_layouts, run_preflight, summary_line
+
+    cfg, cells = _load(config, overrides)
+    layouts = distinct_layouts(cfg, cells)
+    for layout in layouts:
+        click.echo(f"{layout.name}: {layout.cells} cells, {layout.nodes} node(s) x {layout.tasks_per_node} tasks")
+    if dry_run or steps < 2:
+        return
+    reports = run_preflight(cfg, layouts, steps, run_dir(cfg))
+    for report in reports:
+        click.echo(summary_line(report))
+    failed = [r["layout"] for r in reports if not r["passed"]]
+    if failed:
+        click.echo(f"kislurm: error: preflight failed for {', '.join(failed)}; see {run_dir(cfg) / 'preflight'}",
+                   err=True)
+        sys.exit(1)
+
+
+@main.command()
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per cell, for scripts.")
 def status(run: str, as_json: bool) -> None:
