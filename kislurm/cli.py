@@ -20,7 +20,7 @@ import click
 from . import __version__
 from .config import ConfigError, ExperimentConfig, load_config
 from .paths import RunPaths
-from .plan import Cell, expand, run_dir
+from .plan import Cell, expand, resolve_layouts, run_dir
 
 def shipped_config(name: str) -> Path:
     """A config of the project's configs/: in the source tree, else where `pip install .` put it (data_files)."""
@@ -86,7 +86,7 @@ def _load(config: str, overrides: tuple[str, ...] = ()) -> tuple[ExperimentConfi
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set grid.seeds=[1]")
         parsed[key] = yaml.safe_load(value)
-    cfg = load_config(config, parsed)
+    cfg = resolve_layouts(load_config(config, parsed))  # TP auto resolved and layouts checked before any write
     return cfg, expand(cfg)
 
 
@@ -103,7 +103,11 @@ def plan(config: str, overrides: tuple[str, ...]) -> None:
 
     cfg, cells = _load(config, overrides)
     rows = describe(cells, cfg.executor)
-    cols = ["cell", "steps", "nodes", "tasks_per_node", "gpus_per_node", "timeout_min"]
+    costs = _cost_columns(cfg, cells)
+    for r, c in zip(rows, costs):
+        r.update(c)
+    cols = ["cell", "steps", "nodes", "tasks_per_node", "gpus_per_node", "timeout_min", "tp", "mem_gib_per_gpu",
+            "gpu_hours"]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     click.echo("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
@@ -111,6 +115,37 @@ def plan(config: str, overrides: tuple[str, ...]) -> None:
     g = cfg.grid
     click.echo(f"\n{len(cells)} cells = {len(g.sizes)} sizes x {len(g.ratios)} ratios x {len(g.token_budgets)} "
                f"token budgets x {len(g.seeds)} seeds; executor: {cfg.executor.cluster}; run folder: {run_dir(cfg)}")
+    click.echo(_cost_summary(cfg, cells))
+
+
+def _cost_columns(cfg: ExperimentConfig, cells: list[Cell]) -> list[dict[str, str]]:
+    """Per cell: its TP degree, estimated peak memory of one rank, and GPU-hours (kislurm.estimate)."""
+    from .estimate import cell_costs, plan_vocab_size
+
+    vocab = plan_vocab_size(cfg.data)
+    out = []
+    for c in cells:
+        cost = cell_costs(c.model, c.train, cfg.executor, c.n_samples * c.model.seq_length, vocab)
+        out.append({"tp": str(c.model.tensor_parallel), "mem_gib_per_gpu": f"{cost['mem_gib']:.1f}"
+                    if c.model.device == "gpu" else "-",
+                    "gpu_hours": "-" if cost["gpu_hours"] is None else f"{cost['gpu_hours']:,.0f}"})
+    return out
+
+
+def _cost_summary(cfg: ExperimentConfig, cells: list[Cell]) -> str:
+    """One line: total GPU-hours and the assumptions behind the memory and cost columns."""
+    from .estimate import FIT_FRACTION, cell_costs, plan_vocab_size
+
+    vocab = plan_vocab_size(cfg.data)
+    ex = cfg.executor
+    hours = [cell_costs(c.model, c.train, ex, c.n_samples * c.model.seq_length, vocab)["gpu_hours"] for c in cells]
+    gpu = [h for h in hours if h is not None]
+    if not gpu:
+        return "no GPU cells: memory and GPU-hour estimates apply to device: gpu presets"
+    limit = f"fits {FIT_FRACTION:.0%} of executor.gpu_memory_gb {ex.gpu_memory_gb:g} GiB" if ex.gpu_memory_gb \
+        else "not checked (executor.gpu_memory_gb unset)"
+    return (f"estimated {sum(gpu):,.0f} GPU-hours in all at MFU {ex.mfu:.0%} of {ex.gpu_peak_tflops:g} TFLOP/s "
+            f"(executor.mfu, gpu_peak_tflops); memory per GPU (vocabulary {vocab}): {limit}")
 
 
 def load_cell_job():
@@ -189,6 +224,32 @@ def submit(config: str, dry_run: bool, force: bool, overrides: tuple[str, ...]) 
         click.echo(render(cfg, cells))
         return
     submit_run(cfg, cells, force=force)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--steps", default=20, show_default=True, help="Training steps per check (a few minutes on a GPU).")
+@click.option("--dry-run", is_flag=True, help="List the distinct layouts and their jobs; run nothing.")
+@_set_option
+def preflight(config: str, steps: int, dry_run: bool, overrides: tuple[str, ...]) -> None:
+    """One short job per distinct layout of CONFIG, at that layout, on random tokens: TP groups on one host, exact
+    checkpoint-resume, TP=k against TP=1 losses (CPU), tokens/s and MFU. Reports: RUN/preflight/<layout>/."""
+    from .preflight import distinct_layouts, run_preflight, summary_line
+
+    cfg, cells = _load(config, overrides)
+    layouts = distinct_layouts(cfg, cells)
+    for layout in layouts:
+        click.echo(f"{layout.name}: {layout.cells} cells, {layout.nodes} node(s) x {layout.tasks_per_node} tasks")
+    if dry_run or steps < 2:
+        return
+    reports = run_preflight(cfg, layouts, steps, run_dir(cfg))
+    for report in reports:
+        click.echo(summary_line(report))
+    failed = [r["layout"] for r in reports if not r["passed"]]
+    if failed:
+        click.echo(f"kislurm: error: preflight failed for {', '.join(failed)}; see {run_dir(cfg) / 'preflight'}",
+                   err=True)
+        sys.exit(1)
 
 
 @main.command()

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -54,11 +54,12 @@ class ModelPreset:
     num_attention_heads: int
     """Attention heads; must be divisible by tensor_parallel."""
     ffn_hidden_size: int = 0
-    """MLP width; 0 means 4 x hidden_size."""
+    """MLP width; 0 means 4 x hidden_size (gelu) or Llama's 8/3 x hidden_size rounded up (swiglu; see `ffn`)."""
     seq_length: int = 64
     """Training and evaluation sequence length in tokens."""
-    tensor_parallel: int = 1
-    """Tensor-parallel degree (megatron-core TP)."""
+    tensor_parallel: Union[int, Literal["auto"]] = 1
+    """Tensor-parallel degree (megatron-core TP); 'auto': the smallest degree whose estimated per-rank memory fits
+    executor.gpu_memory_gb (resolved by the plan, kislurm.estimate.resolve_layout)."""
     pipeline_parallel: int = 1
     """Pipeline-parallel degree; only 1 is supported by the training loop today."""
     data_parallel: int = 1
@@ -67,45 +68,102 @@ class ModelPreset:
     """Where the cell trains: 'cpu' (gloo, fp32, local layers) or 'gpu' (NCCL, bf16, Transformer Engine if installed)."""
     timeout_min: int = 60
     """Slurm time limit of one cell of this size, in minutes (the cell checkpoints and requeues when it runs out)."""
+    position_embedding: Literal["learned", "rope"] = "learned"
+    """learned: GPT-2's learned absolute positions; rope: rotary embeddings on queries and keys (Llama)."""
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    """MLP: gelu (GPT-2) or swiglu (Llama: a SiLU-gated linear unit, megatron's gated_linear_unit + F.silu)."""
+    normalization: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Norm of every layer and the final norm: layernorm (GPT-2) or rmsnorm (Llama)."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; unset: one per attention head (plain multi-head attention).
+    Must divide num_attention_heads, and tensor_parallel must divide it."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output layer (GPT-2); false: a separate output layer (Llama)."""
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
             _check(getattr(self, key) >= 1, key, f"expected a positive integer, got {getattr(self, key)}")
         _check(self.ffn_hidden_size >= 0, "ffn_hidden_size", "expected 0 (= 4 x hidden) or a positive integer")
-        for key in ("tensor_parallel", "pipeline_parallel", "data_parallel"):
+        _check(self.tensor_parallel == "auto" or self.tensor_parallel >= 1, "tensor_parallel",
+               f"expected an integer >= 1 or auto, got {self.tensor_parallel}")
+        for key in ("pipeline_parallel", "data_parallel"):
             _check(getattr(self, key) >= 1, key, f"expected an integer >= 1, got {getattr(self, key)}")
         _check(
             self.hidden_size % self.num_attention_heads == 0,
             "num_attention_heads",
             f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}",
         )
-        _check(
-            self.num_attention_heads % self.tensor_parallel == 0,
-            "tensor_parallel",
-            f"tensor_parallel {self.tensor_parallel} does not divide num_attention_heads {self.num_attention_heads}; "
-            "fix: choose a TP degree that divides the head count",
-        )
+        groups = self.query_groups
+        _check(groups >= 1 and self.num_attention_heads % groups == 0, "num_query_groups",
+               f"num_query_groups {self.num_query_groups} does not divide num_attention_heads "
+               f"{self.num_attention_heads}; fix: choose a divisor of the head count (or leave it unset)")
+        if self.tensor_parallel != "auto":
+            _check(
+                self.num_attention_heads % self.tensor_parallel == 0,
+                "tensor_parallel",
+                f"tensor_parallel {self.tensor_parallel} does not divide num_attention_heads "
+                f"{self.num_attention_heads}; fix: choose a TP degree that divides the head count",
+            )
+            _check(groups % self.tensor_parallel == 0, "tensor_parallel",
+                   f"tensor_parallel {self.tensor_parallel} does not divide num_query_groups {groups}; "
+                   "fix: choose a TP degree that divides the query groups")
+            _check(self.ffn % self.tensor_parallel == 0, "tensor_parallel",
+                   f"tensor_parallel {self.tensor_parallel} does not divide the MLP width {self.ffn}; "
+                   "fix: choose a TP degree that divides ffn_hidden_size")
         _check(self.pipeline_parallel == 1, "pipeline_parallel", "only pipeline_parallel: 1 is supported; fix: set 1")
         _check(self.timeout_min >= 1, "timeout_min", f"expected minutes >= 1, got {self.timeout_min}")
 
     @property
     def ffn(self) -> int:
-        return self.ffn_hidden_size or 4 * self.hidden_size
+        """MLP width: ffn_hidden_size, else 4 x hidden (gelu) or Llama's rule for swiglu: 8/3 x hidden rounded up
+        to a multiple of 256 (hidden >= 1024) or 8 (smaller), which keeps the MLP near the GeLU one's size."""
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.activation == "gelu":
+            return 4 * self.hidden_size
+        multiple = 256 if self.hidden_size >= 1024 else 8
+        return -(-(8 * self.hidden_size) // (3 * multiple)) * multiple
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads (num_query_groups, or the head count when unset)."""
+        return self.num_query_groups if self.num_query_groups is not None else self.num_attention_heads
 
     @property
     def world_size(self) -> int:
+        if self.tensor_parallel == "auto":
+            raise ValueError("tensor_parallel: auto is resolved by the plan (kislurm.plan.expand); a bug if seen here")
         return self.tensor_parallel * self.pipeline_parallel * self.data_parallel
 
     def param_counts(self, vocab_size: int) -> dict[str, int]:
-        """Parameter counts of megatron-core's GPTModel with this shape (tied output layer, learned positions).
+        """Parameter counts of megatron-core's GPTModel with this shape, `vocab_size` embedding rows (padded).
 
-        The scaling law uses the non-embedding count, as Kaplan et al. and the knowledge-capacity literature do.
+        Embedding = word embeddings + learned positions + the output layer when untied; the scaling law uses the
+        non-embedding count, as Kaplan et al. and the knowledge-capacity literature do. `replicated` is the part
+        every TP rank holds whole (norms, row-parallel biases, learned positions): per rank a model holds
+        (total - replicated) / TP + replicated.
         """
         h, f, layers = self.hidden_size, self.ffn, self.num_layers
-        per_layer = (h * 3 * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h) + 4 * h
-        non_embedding = layers * per_layer + 2 * h  # final layer norm
-        embedding = vocab_size * h + self.seq_length * h
-        return {"total": non_embedding + embedding, "non_embedding": non_embedding, "embedding": embedding}
+        kv = self.query_groups * (h // self.num_attention_heads)  # key (and value) width
+        norm = 2 * h if self.normalization == "layernorm" else h  # RMSNorm has no bias
+        fc1 = 2 * f if self.activation == "swiglu" else f  # the gated unit's two halves
+        qkv = h * (h + 2 * kv) + (h + 2 * kv)
+        per_layer = norm + qkv + (h * h + h) + norm + (h * fc1 + fc1) + (f * h + h)
+        non_embedding = layers * per_layer + norm  # final norm
+        positions = self.seq_length * h if self.position_embedding == "learned" else 0
+        embedding = vocab_size * h * (1 if self.tie_embeddings else 2) + positions
+        replicated = layers * (2 * norm + 2 * h) + norm + positions
+        return {"total": non_embedding + embedding, "non_embedding": non_embedding, "embedding": embedding,
+                "replicated": replicated}
+
+
+def resolve_precision(preset: ModelPreset, precision: str) -> str:
+    """'auto' means fp32 on CPU and bf16 on GPU."""
+    if precision == "auto":
+        return "bf16" if preset.device == "gpu" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision '{precision}'; fix: use auto, fp32 or bf16")
+    return precision
 
 
 def _preset(layers: int, hidden: int, heads: int, seq: int, **kw: Any) -> ModelPreset:
@@ -128,6 +186,15 @@ BUILTIN_PRESETS: dict[str, ModelPreset] = {
     "3B": _preset(32, 2560, 32, 2048, device="gpu", tensor_parallel=4, timeout_min=2880),
     "7B": _preset(32, 4096, 32, 2048, device="gpu", tensor_parallel=8, timeout_min=2880),
 }
+LLAMA = {"position_embedding": "rope", "activation": "swiglu", "normalization": "rmsnorm", "tie_embeddings": False}
+"""The Llama architecture options; `<size>-llama` presets add grouped-query attention with a quarter of the heads
+as key/value groups (Llama 3 8B's 32/8)."""
+BUILTIN_PRESETS.update({
+    f"{name}-llama": dataclasses.replace(p, **LLAMA, num_query_groups=p.num_attention_heads // 4,
+                                         tensor_parallel="auto")
+    for name, p in list(BUILTIN_PRESETS.items()) if p.device == "gpu"
+})
+BUILTIN_PRESETS["cpu-s-llama"] = dataclasses.replace(BUILTIN_PRESETS["cpu-s"], **LLAMA, num_query_groups=2)
 
 
 @dataclass(frozen=True)
@@ -331,6 +398,13 @@ class ExecutorConfig:
     """Extra sbatch options passed through as is, e.g. {mail-type: END}."""
     setup: list[str] = field(default_factory=list)
     """Shell lines run before each task (module load, source venv)."""
+    gpu_memory_gb: Optional[float] = None
+    """Memory of one GPU in GiB (80 for an H100 80GB). When set, the plan refuses GPU layouts whose estimated
+    per-rank memory exceeds 90% of it and resolves `tensor_parallel: auto` (kislurm.estimate); unset: no check."""
+    mfu: float = 0.52
+    """Model FLOPs utilisation assumed for the plan's GPU-hours (default: measured for 1.3B on an H100, README)."""
+    gpu_peak_tflops: float = 989.0
+    """Dense bf16 peak TFLOP/s of one GPU, for the plan's GPU-hours (989: H100 / H200)."""
 
     def __post_init__(self) -> None:
         _check(self.gpus_per_node >= 0, "gpus_per_node", "expected >= 0 GPUs per node")
@@ -339,6 +413,9 @@ class ExecutorConfig:
         _check(self.array_parallelism >= 1, "array_parallelism", "expected >= 1 task at once")
         _check(self.max_array_size is None or self.max_array_size >= 1, "max_array_size", "expected >= 1")
         _check(self.max_requeues >= 0, "max_requeues", "expected >= 0 requeues")
+        _check(self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "gpu_memory_gb", "expected GiB > 0 per GPU")
+        _check(0 < self.mfu <= 1, "mfu", f"expected a utilisation in (0, 1], got {self.mfu}")
+        _check(self.gpu_peak_tflops > 0, "gpu_peak_tflops", "expected a positive peak TFLOP/s")
         _check(self.time is None or bool(_SLURM_TIME.match(self.time)), "time",
                f"'{self.time}' is not a Slurm time; fix: use MM, HH:MM:SS or D-HH:MM:SS, e.g. 12:00:00")
 
@@ -427,7 +504,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, key)
+        for tp_ in inner:
+            try:
+                return _convert(tp_, value, key)
+            except _FieldError:
+                if len(inner) == 1:
+                    raise
+        raise _FieldError(key, f"expected {' or '.join(_type_name(a) for a in inner)}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise _FieldError(key, f"expected {_type_name(tp)}, got {value!r}")

@@ -24,25 +24,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from .config import ModelPreset
-
-VOCAB_MULTIPLE = 128
-"""Embedding rows are padded to a multiple of this (as Megatron-LM does): independent of TP, so every TP degree
-of a size builds the same model, and any TP up to 128 divides the vocabulary."""
-
-
-def padded_vocab_size(vocab_size: int) -> int:
-    """Rows of the embedding for a tokenizer of `vocab_size` ids (pass this to ModelPreset.param_counts)."""
-    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
-def resolve_precision(preset: ModelPreset, precision: str) -> str:
-    """'auto' means fp32 on CPU and bf16 on GPU."""
-    if precision == "auto":
-        return "bf16" if preset.device == "gpu" else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"unknown precision '{precision}'; fix: use auto, fp32 or bf16")
-    return precision
+from .config import ModelPreset, resolve_precision
+from .estimate import VOCAB_MULTIPLE, padded_vocab_size  # noqa: F401 - re-exported for callers
 
 
 def have_transformer_engine() -> bool:
@@ -78,14 +61,19 @@ class SDPAttention(DotProductAttention):
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
 
+_NORM = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
+"""ModelPreset.normalization -> megatron's TransformerConfig.normalization."""
+
+
 def layer_spec(preset: ModelPreset) -> ModuleSpec:
     """Transformer Engine layers on a GPU when installed; otherwise megatron's pure-PyTorch "local" layers with
-    torch's fused attention (SDPAttention) as the core attention."""
+    torch's fused attention (SDPAttention) as the core attention. The norm comes from megatron's own spec argument
+    (torch's RMSNorm in the local spec); activation, RoPE and query groups are TransformerConfig / GPTModel options."""
     if preset.device == "gpu" and torch.cuda.is_available() and have_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec()
+        return get_gpt_layer_with_transformer_engine_spec()  # TE's fused norms read config.normalization
+    spec = get_gpt_layer_local_spec(normalization=_NORM[preset.normalization])
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
@@ -95,19 +83,24 @@ def transformer_config(preset: ModelPreset, init_std: float, precision: str) -> 
     bf16 = resolve_precision(preset, precision) == "bf16"
     gpu = preset.device == "gpu"
     dtype = torch.bfloat16 if bf16 else torch.float32
+    swiglu = preset.activation == "swiglu"
     return TransformerConfig(
         num_layers=preset.num_layers,
         hidden_size=preset.hidden_size,
         num_attention_heads=preset.num_attention_heads,
+        num_query_groups=preset.query_groups,
         ffn_hidden_size=preset.ffn,
+        normalization=_NORM[preset.normalization],
+        gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else F.gelu,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=init_std,
         use_cpu_initialization=preset.device == "cpu",
-        # megatron's own fused kernels (jit-scripted bias+GeLU, bias+dropout+add, vocab-parallel cross entropy):
-        # they need no Transformer Engine or Apex; GPU only, so CPU numerics stay those of the plain layers.
+        # megatron's own fused kernels (jit-scripted bias+GeLU / bias+SwiGLU, bias+dropout+add, vocab-parallel
+        # cross entropy): they need no Transformer Engine or Apex; GPU only, so CPU numerics stay the plain layers'.
         bias_activation_fusion=gpu,
         bias_dropout_fusion=gpu,
         cross_entropy_loss_fusion=gpu,
@@ -119,7 +112,7 @@ def transformer_config(preset: ModelPreset, init_std: float, precision: str) -> 
 
 
 def build_model(preset: ModelPreset, vocab_size: int, init_std: float, precision: str) -> GPTModel | Float16Module:
-    """A GPT with learned positions and a tied output layer, initialised from the current torch seed.
+    """A GPT of the preset's architecture (GPT-2's by default), initialised from the current torch seed.
 
     Needs megatron's parallel state initialised (kislurm.distributed.setup). The vocabulary is padded to a
     multiple of VOCAB_MULTIPLE. On a GPU the model is moved to the current CUDA device; in bf16 it comes wrapped in
@@ -135,8 +128,8 @@ def build_model(preset: ModelPreset, vocab_size: int, init_std: float, precision
         pre_process=True,
         post_process=True,
         parallel_output=True,
-        share_embeddings_and_output_weights=True,
-        position_embedding_type="learned_absolute",
+        share_embeddings_and_output_weights=preset.tie_embeddings,
+        position_embedding_type="rope" if preset.position_embedding == "rope" else "learned_absolute",
     )
     if preset.device == "gpu" and torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
@@ -148,16 +141,19 @@ def build_model(preset: ModelPreset, vocab_size: int, init_std: float, precision
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """Total, embedding and non-embedding parameter counts of the whole model, computed on any one TP rank.
+    """Parameter counts of the built model, computed on any one TP rank (what ModelPreset.param_counts predicts).
 
     TP-sharded tensors (megatron marks them `tensor_model_parallel`) count once per TP rank; replicated ones
-    (layer norms, row-parallel biases) once. Embedding = word + position embeddings (the output layer is tied).
+    (norms, row-parallel biases, learned positions) once, and are also counted as `replicated`. Embedding = word
+    and position embeddings, plus the output layer when it is not tied to the input embedding.
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    total = embedding = 0
+    total = embedding = replicated = 0
     for name, p in model.named_parameters():
-        n = p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+        sharded = getattr(p, "tensor_model_parallel", False)
+        n = p.numel() * (tp if sharded else 1)
         total += n
-        if "embedding" in name:
+        replicated += 0 if sharded else n
+        if "embedding" in name or f".{name}".endswith(".output_layer.weight"):
             embedding += n
-    return {"total": total, "non_embedding": total - embedding, "embedding": embedding}
+    return {"total": total, "non_embedding": total - embedding, "embedding": embedding, "replicated": replicated}

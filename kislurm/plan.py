@@ -1,12 +1,13 @@
 """Plan: the grid becomes a list of cells, each with an id hashed from its effective config and a resolved folder.
 
-Pure: nothing here touches the disk or the scheduler. Identity is the config (as in Marin's executor): two cells
-with the same effective settings have the same id, so a resubmission recognises finished work, and a changed
-config yields a new id instead of silently mixing results.
+Pure: nothing here touches the scheduler, or the disk beyond reading a tokenizer's size for the memory estimate.
+Identity is the config (as in Marin's executor): two cells with the same effective settings have the same id, so a
+resubmission recognises finished work, and a changed config yields a new id instead of silently mixing results.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataConfig, EvalConfig, ExperimentConfig, ModelPreset, TrainConfig, config_to_dict
+from .estimate import plan_vocab_size, resolve_layout
 
 
 @dataclass(frozen=True)
@@ -80,11 +82,20 @@ def _section_json(section: Any) -> str:
     return json.dumps(config_to_dict(section), sort_keys=True, separators=(",", ":"))
 
 
+_OMIT_IF_DEFAULT = ("position_embedding", "activation", "normalization", "num_query_groups", "tie_embeddings")
+"""Architecture fields added after ids were first published: they enter the id only at a non-default value, so
+every GPT-2-shaped cell keeps the id it had before they existed."""
+
+
 @functools.lru_cache(maxsize=1024)
 def _model_json(model: ModelPreset) -> str:
     d = config_to_dict(model)
     for key in ("timeout_min", "tensor_parallel", "pipeline_parallel", "data_parallel"):
         d.pop(key)  # layout and scheduling change neither the maths nor the identity
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelPreset)}
+    for key in _OMIT_IF_DEFAULT:
+        if d[key] == defaults[key]:
+            d.pop(key)
     return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
@@ -95,8 +106,28 @@ def _short_count(n: int) -> str:
     return str(n)
 
 
+def resolve_layouts(cfg: ExperimentConfig, check: bool = True) -> ExperimentConfig:
+    """The config with every grid size's `tensor_parallel: auto` resolved (kislurm.estimate.resolve_layout) and,
+    with `check`, every GPU layout checked against executor.gpu_memory_gb.
+
+    The CLI resolves before anything is written, so the run folder's config holds the chosen degrees and a compute
+    node re-expanding it gets the layout that was submitted (cell ids never depend on TP). Reads the tokenizer
+    file's size, when the config names one, only if there is something to resolve or check.
+    """
+    presets = cfg.presets
+    sizes = cfg.grid.sizes
+    if not any(presets[s].tensor_parallel == "auto" for s in sizes) and not (check and cfg.executor.gpu_memory_gb):
+        return cfg
+    vocab = plan_vocab_size(cfg.data)
+    resolved = {s: resolve_layout(s, presets[s], cfg.train, cfg.executor, vocab, check) for s in sizes}
+    changed = {s: p for s, p in resolved.items() if p != presets[s]}
+    return dataclasses.replace(cfg, models={**cfg.models, **changed}) if changed else cfg
+
+
 def expand(cfg: ExperimentConfig) -> list[Cell]:
-    """The grid's cells, in a stable order: size, then token budget, ratio and seed."""
+    """The grid's cells, in a stable order: size, then token budget, ratio and seed (`tensor_parallel: auto`
+    resolved; the memory check is resolve_layouts' with check=True, which the CLI runs first)."""
+    cfg = resolve_layouts(cfg, check=False)
     presets = cfg.presets
     g = cfg.grid
     return [

@@ -34,6 +34,7 @@ from megatron.core.models.gpt import GPTModel
 from . import checkpoint
 from .config import TrainConfig
 from .distributed import DistContext, TrainError, seed_all
+from .estimate import flops_per_token
 from .model import build_model, count_parameters, padded_vocab_size, resolve_precision
 from .plan import Cell
 
@@ -363,11 +364,9 @@ class Trainer:
         return self._mfu(tokens_per_s) if self._peak is not None else None
 
     def _mfu(self, tokens_per_s: float) -> float:
-        """Model FLOPs utilisation: 6 x (non-embedding + output-layer) params + attention, per token."""
-        m = self.cell.model
-        flops_per_token = 6 * (self.params["non_embedding"] + self.vocab_size * m.hidden_size) \
-            + 12 * m.num_layers * m.hidden_size * m.seq_length
-        return tokens_per_s * flops_per_token / (self._peak * self.dist.world_size)
+        """Model FLOPs utilisation, with kislurm.estimate.flops_per_token."""
+        flops = flops_per_token(self.cell.model, self.vocab_size)  # the plan's GPU-hours count the same FLOPs
+        return tokens_per_s * flops / (self._peak * self.dist.world_size)
 
     def _log_line(self) -> None:
         if not self._pending:

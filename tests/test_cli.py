@@ -10,7 +10,7 @@ from kislurm.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("command", ["plan", "submit", "status", "aggregate", "fit", "demo"])
+@pytest.mark.parametrize("command", ["plan", "submit", "preflight", "status", "aggregate", "fit", "demo"])
 def test_every_command_has_help(command):
     out = CliRunner().invoke(main, [command, "--help"])
     assert out.exit_code == 0 and "Usage:" in out.output and len(out.output.splitlines()) > 4
@@ -24,12 +24,14 @@ def test_plan_prints_one_row_per_cell():
 
 
 def test_plan_shows_nodes_and_tasks_per_node():
-    out = CliRunner().invoke(main, ["plan", str(REPO / "configs" / "paper.yaml")])
+    out = CliRunner().invoke(main, ["plan", str(REPO / "configs" / "paper.yaml"), "--set",
+                                    "grid.sizes=[760M-llama, 3B-llama]", "--set", "models.760M-llama.tensor_parallel=2",
+                                    "--set", "models.3B-llama.tensor_parallel=4"])
     assert out.exit_code == 0, out.output
     header, *rows = [line.split() for line in out.output.splitlines() if line.startswith(("cell ", "760M", "3B"))]
     col = {name: header.index(name) for name in ("nodes", "tasks_per_node", "gpus_per_node")}
     placed = {row[0].split("_")[0]: tuple(int(row[col[c]]) for c in col) for row in rows}
-    assert placed == {"760M": (2, 8, 8), "3B": (4, 8, 8)}  # TP 2 x DP 8 and TP 4 x DP 8 on 8-GPU nodes
+    assert placed == {"760M-llama": (2, 8, 8), "3B-llama": (4, 8, 8)}  # TP 2 x DP 8, TP 4 x DP 8 on 8-GPU nodes
     cpu = CliRunner().invoke(main, ["plan", str(REPO / "configs" / "tiny.yaml"), "--set", "grid.sizes=[m]",
                                     "--set", "train.micro_batch_size=8", "--set", "executor.tasks_per_node=2",
                                     "--set", "models.m={num_layers: 1, hidden_size: 8, num_attention_heads: 2, "
@@ -77,3 +79,20 @@ def test_fit_csv_end_to_end(tmp_path):
     assert out.exit_code == 0, out.output
     assert (tmp_path / "rep" / "collapse_points.csv").exists() and (tmp_path / "rep" / "law.png").exists()
     assert "big" in (tmp_path / "rep" / "law.txt").read_text()
+
+
+def test_plan_shows_memory_gpu_hours_and_chosen_tp_for_the_paper_grid():
+    out = CliRunner().invoke(main, ["plan", str(REPO / "configs" / "paper.yaml")])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    header = lines[0].split()
+    assert header[-3:] == ["tp", "mem_gib_per_gpu", "gpu_hours"]
+    rows = [line.split() for line in lines[1:] if "-llama_r" in line]
+    assert len(rows) == 80 and {r[-3] for r in rows} == {"1"}  # TP=1 fits 80 GB for every size
+    assert all(0 < float(r[-2]) < 72 for r in rows)
+    total = next(line for line in lines if line.startswith("estimated "))
+    hours = float(total.split()[1].replace(",", ""))
+    assert hours == pytest.approx(sum(float(r[-1].replace(",", "")) for r in rows), rel=0.01)
+    assert "fits 90% of executor.gpu_memory_gb 80 GiB" in total
+    code, err = run(["plan", str(REPO / "configs" / "paper.yaml"), "--set", "executor.gpu_memory_gb=4"])
+    assert code == 2 and len(err) == 1 and "does not fit executor.gpu_memory_gb 4" in err[0]

@@ -122,3 +122,21 @@ def test_config_from_dict_round_trip():
 
     cfg = config_from_dict({"grid": {"ratios": [0.3]}})
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_architecture_options_are_checked():
+    def model(**kw):
+        return {"grid": {"sizes": ["m"]}, "models": {"m": {"num_layers": 2, "hidden_size": 32,
+                                                            "num_attention_heads": 4, **kw}}}
+
+    cfg = config_from_dict(model(activation="swiglu", num_query_groups=2, tensor_parallel="auto"))
+    assert cfg.presets["m"].tensor_parallel == "auto" and cfg.presets["m"].query_groups == 2
+    for kw, message in (({"activation": "relu"}, "models.m.activation: expected one of 'gelu', 'swiglu'"),
+                        ({"num_query_groups": 3}, "num_query_groups 3 does not divide num_attention_heads 4"),
+                        ({"num_query_groups": 2, "tensor_parallel": 4}, "tensor_parallel 4 does not divide "
+                                                                        "num_query_groups 2"),
+                        ({"tensor_parallel": "most"}, "models.m.tensor_parallel: expected an integer or one of "
+                                                      "'auto', got 'most'")):
+        with pytest.raises(ConfigError, match=message) as e:
+            config_from_dict(model(**kw))
+        assert "\n" not in str(e.value)

@@ -335,3 +335,21 @@ def test_tensor_parallel_2_gives_tp1_results(model, probes, tmp_path, monkeypatc
         for name, value in reference.metrics.items():
             assert result.metrics[name] == pytest.approx(value, abs=1e-6, nan_ok=True)
     np.testing.assert_array_equal(results[0][1].scores, results[1][1].scores)  # ranks agree exactly
+
+
+def test_llama_model_batched_scores_equal_naive_loop():
+    """RoPE, SwiGLU, RMSNorm, GQA and an untied output layer (which the scoring pre-hook then selects on)."""
+    ctx = init_model_parallel(1)
+    try:
+        seed_all(SEED)
+        gpt = build_model(BUILTIN_PRESETS["cpu-s-llama"], VOCAB, 0.02, "fp32")
+        assert gpt.output_layer.weight is not None  # untied
+        probes = random_probes(gpt, np.random.default_rng(0), n_facts=12, n_probes=30, n_choices=4)
+        ref_scores, ref_exact = score_candidates_naive(gpt, probes)
+        for project_scored_only in (True, False):
+            scores, exact = score_candidates(gpt, probes, batch_size=16, project_scored_only=project_scored_only)
+            np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-5)
+            np.testing.assert_array_equal(exact, ref_exact)
+        np.testing.assert_array_equal(exact, np.arange(30) % 3 == 0)  # only greedy continuations match
+    finally:
+        teardown(ctx)

@@ -133,3 +133,20 @@ def test_cpu_shims_stay_off_and_fused_attention_matches_megatrons(ctx):
     pos = torch.arange(SEQ, device="cuda").expand(4, SEQ)
     a, b = a_model(tokens, pos, None), b_model(tokens, pos, None)
     assert (a - b).abs().max() < 1e-3, float((a - b).abs().max())
+
+
+def test_llama_1_3b_preflight_at_tp1_on_one_gpu(tmp_path):
+    """The preflight of the Llama-style 1.3B at TP=1 on one GPU (bench_gpu.py's batch: micro 8, global 32):
+    resume exact under the math attention kernel, MFU recorded. Not yet run on a GPU (written without one)."""
+    from kislurm.config import BUILTIN_PRESETS, config_from_dict, config_to_dict
+    from kislurm.preflight import distinct_layouts, run_preflight, summary_line
+
+    preset = {**config_to_dict(BUILTIN_PRESETS["1.3B-llama"]), "tensor_parallel": 1, "data_parallel": 1}
+    cfg = config_from_dict({"output_root": str(tmp_path), "grid": {"sizes": ["llama"], "ratios": [0.5]},
+                            "models": {"llama": preset}, "train": {"micro_batch_size": 8, "global_batch_size": 32},
+                            "executor": {"gpus_per_node": 1, "array_parallelism": 1}})
+    [report] = run_preflight(cfg, distinct_layouts(cfg, expand(cfg)), steps=6, folder=tmp_path / "pf")
+    print(summary_line(report))
+    assert report["passed"], report
+    assert report["checks"]["tp_matches_tp1"]["ok"] is None  # TP=1: nothing to compare
+    assert 0.1 < report["mfu"] < 1.0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 
 import pytest
 import torch
@@ -86,6 +88,38 @@ def test_param_counts_match_for_explicit_ffn_and_longer_sequences(tp1):
     counts = count_parameters(model)
     assert counts == preset.param_counts(padded_vocab_size(300))
     assert counts["total"] == sum(p.numel() for p in model.parameters())  # TP=1: every tensor is whole
+
+
+ARCHITECTURES = list(itertools.product(["learned", "rope"], ["gelu", "swiglu"], ["layernorm", "rmsnorm"], [None, 2],
+                                       [True, False]))
+
+
+@pytest.mark.parametrize("pos,act,norm,groups,tie", ARCHITECTURES, ids=["-".join(map(str, a)) for a in ARCHITECTURES])
+def test_param_formula_matches_built_model_for_every_architecture(tp1, pos, act, norm, groups, tie):
+    """ModelPreset.param_counts (the one formula) against megatron's own GPTModel, every option combination."""
+    preset = ModelPreset(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, position_embedding=pos,
+                         activation=act, normalization=norm, num_query_groups=groups, tie_embeddings=tie)
+    distributed.seed_all(0)
+    model = build_model(preset, vocab_size=100, init_std=0.02, precision="fp32")
+    assert count_parameters(model) == preset.param_counts(padded_vocab_size(100))
+    # the options reached megatron: norm class, gated MLP width, positions, K/V width, output layer
+    layer = model.decoder.layers[0]
+    assert type(layer.input_layernorm) is (torch.nn.RMSNorm if norm == "rmsnorm" else torch.nn.LayerNorm)
+    assert layer.mlp.linear_fc1.weight.shape[0] == preset.ffn * (2 if act == "swiglu" else 1)
+    assert hasattr(model, "rotary_pos_emb") == (pos == "rope")
+    assert hasattr(model.embedding, "position_embeddings") == (pos == "learned")
+    assert layer.self_attention.linear_qkv.weight.shape[0] == 32 + 2 * (groups or 4) * 8
+    assert (model.output_layer.weight is None) == tie  # tied: the output layer reads the embedding's weight
+    tokens, pos_ids = _batch(100, 2, 16)
+    loss = model(tokens, pos_ids, None, labels=tokens)
+    assert loss.shape == (2, 16) and abs(loss.mean().item() - math.log(128)) < 1.0  # near chance at init
+
+
+def test_swiglu_default_width_follows_llama():
+    llama7b = ModelPreset(num_layers=32, hidden_size=4096, num_attention_heads=32, activation="swiglu")
+    assert llama7b.ffn == 11008  # Llama 2 7B's MLP width
+    assert ModelPreset(num_layers=1, hidden_size=32, num_attention_heads=4, activation="swiglu").ffn == 88
+    assert ModelPreset(num_layers=1, hidden_size=32, num_attention_heads=4).ffn == 128
 
 
 def test_vocab_padding():

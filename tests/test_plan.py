@@ -45,3 +45,25 @@ def test_steps_and_eval_steps():
     assert c.eval_steps[-1] == c.steps and c.eval_steps[0] == 40
     assert all(b > a for a, b in zip(c.eval_steps, c.eval_steps[1:]))
     assert c.n_samples == c.steps * 32
+
+
+def test_architecture_fields_enter_the_id_only_when_not_default():
+    """GPT-2-shaped cells keep the ids they had before the architecture fields existed (pinned), and each
+    non-default architecture option makes a new id."""
+    from pathlib import Path
+
+    from kislurm.config import load_config
+
+    demo = expand(load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"))
+    assert (demo[0].cell_id, demo[-1].cell_id) == ("cda9fad86c", "ad03372be9")
+    base = {"grid": {"sizes": ["m"], "ratios": [0.1]},
+            "models": {"m": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4}}}
+    ids = {expand(config_from_dict(base))[0].cell_id}
+    for key, value in (("position_embedding", "rope"), ("activation", "swiglu"), ("normalization", "rmsnorm"),
+                       ("num_query_groups", 2), ("tie_embeddings", False)):
+        variant = {**base, "models": {"m": {**base["models"]["m"], key: value}}}
+        ids.add(expand(config_from_dict(variant))[0].cell_id)
+    assert len(ids) == 6
+    explicit = {**base, "models": {"m": {**base["models"]["m"], "position_embedding": "learned",
+                                         "tie_embeddings": True}}}
+    assert expand(config_from_dict(explicit))[0].cell_id == expand(config_from_dict(base))[0].cell_id

@@ -2,6 +2,7 @@
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def test_paper_dry_run_matches_reference(tmp_path, monkeypatch):
 def test_resources_from_parallel_layout():
     presets = load_config(REPO / "configs" / "paper.yaml").presets
     ex = config_from_dict({"executor": {"gpus_per_node": 8}}).executor
-    r = resources_for(presets["760M"], ex)  # TP 2 x DP 8 = 16 GPUs = 2 nodes of 8
+    r = resources_for(replace(presets["760M-llama"], tensor_parallel=2), ex)  # TP 2 x DP 8 = 16 GPUs = 2 nodes
     assert (r.nodes, r.tasks_per_node, r.gpus_per_node) == (2, 8, 8)
     cpu = config_from_dict({"models": {"t": {"num_layers": 1, "hidden_size": 8, "num_attention_heads": 2,
                                              "tensor_parallel": 2}}, "grid": {"sizes": ["t"]}})

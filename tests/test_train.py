@@ -106,8 +106,12 @@ def test_sample_ids_partition_each_step_exactly(gbs, mbs, dp):
 # -- one process --------------------------------------------------------------------------------------------------
 
 
-def test_loss_is_masked_mean_and_decreases(tp1, tmp_path):
-    cell = make_cell(40)
+ARCHS = pytest.mark.parametrize("size", ["cpu-s", "cpu-s-llama"])  # GPT-2 and Llama (RoPE, SwiGLU, RMSNorm, GQA)
+
+
+@ARCHS
+def test_loss_is_masked_mean_and_decreases(tp1, tmp_path, size):
+    cell = make_cell(40, size=size)
     data = SyntheticLM(cell.n_samples)
     lines: list[str] = []
     trainer = Trainer(cell, data, tmp_path, VOCAB, tp1, log=lines.append)
@@ -134,8 +138,9 @@ def test_same_seed_same_losses_other_seed_differs(tp1, tmp_path):
     assert a == b and a != c
 
 
-def test_checkpoint_resume_is_exact_and_keeps_two(tp1, tmp_path):
-    cell = make_cell(12)
+@ARCHS
+def test_checkpoint_resume_is_exact_and_keeps_two(tp1, tmp_path, size):
+    cell = make_cell(12, size=size)
     reference = train_losses(cell, tmp_path / "ref", tp1)
     ck = tmp_path / "ck"
     first = train_losses(cell, ck, tp1, upto=9, save_at=(3, 6, 9))
@@ -229,25 +234,26 @@ def _run_two_tasks(tmp_path: Path, cell: Cell, ckpt_dir: Path, save_at: tuple[in
     return job.results()
 
 
-def test_tp2_and_dp2_over_two_processes_match_one_process(tp1, tmp_path):
+@ARCHS
+def test_tp2_and_dp2_over_two_processes_match_one_process(tp1, tmp_path, size):
     steps = 50
-    reference = train_losses(make_cell(steps), tmp_path / "ref", tp1)
+    reference = train_losses(make_cell(steps, size=size), tmp_path / "ref", tp1)
 
-    tp2 = _run_two_tasks(tmp_path, make_cell(steps, tp=2), tmp_path / "tp2", save_at=(25,))
+    tp2 = _run_two_tasks(tmp_path, make_cell(steps, size=size, tp=2), tmp_path / "tp2", save_at=(25,))
     assert [(r["tp"], r["dp"], r["task"]) for r in tp2] == [(2, 1, 0), (2, 1, 1)]
-    counts = BUILTIN_PRESETS["cpu-s"].param_counts(padded_vocab_size(VOCAB))
+    counts = dataclasses.replace(BUILTIN_PRESETS[size], seq_length=SEQ).param_counts(padded_vocab_size(VOCAB))
     assert all(r["params"] == counts and r["threads"] == 1 for r in tp2)  # whole-model counts from a TP shard
     for r in tp2:
         assert len(r["losses"]) == steps
         assert max(abs(a - b) for a, b in zip(r["losses"], reference)) < 1e-5
 
-    dp2 = _run_two_tasks(tmp_path, make_cell(steps, dp=2), tmp_path / "dp2")
+    dp2 = _run_two_tasks(tmp_path, make_cell(steps, size=size, dp=2), tmp_path / "dp2")
     assert sorted(r["dp_rank"] for r in dp2) == [0, 1]
     for r in dp2:
         assert max(abs(a - b) for a, b in zip(r["losses"], reference)) < 1e-5
 
     # the TP=2 checkpoint of step 25 resumes in one process (resharded) and continues on the same curve
-    resumed = train_losses(make_cell(steps), tmp_path / "tp2", tp1)
+    resumed = train_losses(make_cell(steps, size=size), tmp_path / "tp2", tp1)
     assert max(abs(a - b) for a, b in zip(resumed[25:], reference[25:])) < 1e-5
 
 

@@ -1,0 +1,72 @@
+"""Preflight: the grid's distinct layouts, placement refusals, and a real TP=2 CPU preflight job through submitit's
+local executor (gloo), with its report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kislurm.cli import main
+from kislurm.config import config_from_dict, load_config
+from kislurm.plan import expand, resolve_layouts
+from kislurm.preflight import PreflightError, distinct_layouts, run_preflight, summary_line
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA = {"position_embedding": "rope", "activation": "swiglu", "normalization": "rmsnorm", "tie_embeddings": False}
+
+
+def test_paper_grid_has_one_layout_per_size():
+    cfg = resolve_layouts(load_config(REPO / "configs" / "paper.yaml"))
+    layouts = distinct_layouts(cfg, expand(cfg))
+    assert [x.name for x in layouts] == [f"{s}_tp1_pp1_dp8_gpu" for s in cfg.grid.sizes]
+    assert all((x.cells, x.nodes, x.tasks_per_node) == (16, 1, 8) for x in layouts)
+
+
+def test_a_tp_group_spanning_nodes_is_refused_in_one_line():
+    cfg = config_from_dict({"grid": {"sizes": ["wide"]}, "executor": {"gpus_per_node": 4},
+                            "models": {"wide": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 8,
+                                                "device": "gpu", "tensor_parallel": 8}}})
+    with pytest.raises(PreflightError, match="a TP group of 8 ranks would span nodes of 4 tasks; fix:") as e:
+        distinct_layouts(cfg, expand(cfg))
+    assert "\n" not in str(e.value)
+
+
+def _cpu_config(tmp_path: Path, **model) -> dict:
+    return {"name": "pf", "output_root": str(tmp_path), "grid": {"sizes": ["l2"], "ratios": [0.5, 0.9]},
+            "train": {"micro_batch_size": 4, "global_batch_size": 8}, "executor": {"array_parallelism": 1},
+            "models": {"l2": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
+                              "seq_length": 32, **LLAMA, **model}}}
+
+
+def test_tp2_llama_preflight_on_cpu_through_the_local_executor(tmp_path):
+    cfg = config_from_dict(_cpu_config(tmp_path, tensor_parallel=2))
+    layouts = distinct_layouts(cfg, expand(cfg))
+    assert [(x.name, x.cells) for x in layouts] == [("l2_tp2_pp1_dp1_cpu", 2)]
+    [report] = run_preflight(cfg, layouts, steps=6, folder=tmp_path / "pf")
+    assert report["passed"], report
+    checks = report["checks"]
+    assert checks["tp_groups_on_one_host"]["ok"] and len(checks["tp_groups_on_one_host"]["hosts"]) == 1
+    assert checks["resume_exact"]["max_abs_diff"] == 0.0 and checks["resume_exact"]["saved_at"] == 3
+    assert checks["tp_matches_tp1"]["ok"] and checks["tp_matches_tp1"]["max_abs_diff"] < 1e-5
+    assert len(report["losses"]) == 6 and report["tokens_per_s"] > 0 and report["mfu"] is None
+    on_disk = json.loads((tmp_path / "pf" / "preflight" / "l2_tp2_pp1_dp1_cpu" / "report.json").read_text())
+    assert on_disk == report
+    line = summary_line(report)
+    assert line.startswith("l2_tp2_pp1_dp1_cpu: passed; tp_groups_on_one_host ok; resume_exact ok") and "\n" not in line
+
+
+def test_preflight_dry_run_lists_layouts_and_refusals_exit_2(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps(_cpu_config(tmp_path, tensor_parallel=2)))
+    out = CliRunner().invoke(main, ["preflight", str(cfg), "--dry-run"])
+    assert out.exit_code == 0 and out.output.strip() == "l2_tp2_pp1_dp1_cpu: 2 cells, 1 node(s) x 2 tasks"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({"grid": {"sizes": ["wide"]}, "executor": {"gpus_per_node": 4},
+                               "models": {"wide": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 8,
+                                                   "device": "gpu", "tensor_parallel": 8}}}))
+    out = CliRunner().invoke(main, ["preflight", str(bad), "--dry-run"])
+    lines = [x for x in out.output.splitlines() if x.strip()]
+    assert out.exit_code == 2 and len(lines) == 1 and "would span nodes" in lines[0]
