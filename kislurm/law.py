@@ -10,7 +10,17 @@ floored at a quarter of the median so one very narrow interval cannot carry the 
     log u = log a + b log N + c log D          (only with >= 2 budgets and >= 5 points: few points, few parameters)
 Only collapses flagged 'ok' enter. Intervals: bootstrap over the per-size bootstrap samples of r* (each replicate
 takes one random r* sample of every size, independently, and refits), so r* is re-detected on resampled facts and
-seeds and the law refitted. They reflect r* uncertainty, not lack of fit: compare chi2_red with 1.
+seeds and the law refitted. The coefficient intervals (coef_lo/coef_hi, b_interval) reflect r* uncertainty only.
+Prediction intervals also carry the law's lack of fit: when the sizes scatter about the line more than their r*
+intervals allow (reduced chi2 > 1), the between-size scatter is estimated as an extra variance tau^2 of log u
+(DerSimonian-Laird moment estimator of meta-regression: tau^2 = (Q - dof) / sum_i w_i (1 - h_i), Q the weighted
+residual sum of squares, h_i the leverages; 0 when Q <= dof) and added in quadrature to the bootstrap half-widths,
+twice: to the fitted line (tau^2 x'Mx, M = (X'WX)^-1 X'W^2X (X'WX)^-1, the coefficients' extra sampling variance)
+and to the new size itself (tau^2: its own departure from the line), with a Student t quantile on dof degrees
+of freedom (tau^2 comes from few sizes). With reduced chi2 <= 1 the intervals are the bootstrap's alone. The
+bootstrap-only interval stays in Prediction.fit_lo / fit_hi. A held-out observation counts as covered when
+prediction minus observation lies within both intervals combined (half-widths added in quadrature, each on its
+own side), so the observation's own r* interval counts too.
 Validation: leave-largest-out (fit on the smaller sizes, predict the largest, relative error of r* and of u).
 Capacity: knowledge bits infused at r* per parameter, flagged beyond `capacity_bits` (about 2 bits/param,
 Allen-Zhu and Li, Physics of LMs 3.3).
@@ -61,6 +71,8 @@ class Prediction:
     r_star: float | None              # None for unit 'exposures' (no way back to r without the data recipe)
     r_lo: float | None
     r_hi: float | None
+    fit_lo: float = math.nan          # the unit's interval from the bootstrap alone (no lack of fit)
+    fit_hi: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,10 @@ class LeaveOut:
     observed_unit: float
     rel_err_r: float | None
     rel_err_unit: float
-    covered: bool | None              # observation inside the prediction interval (None without bootstrap)
+    covered: bool | None              # observation within the prediction interval combined with its own (None
+    # without bootstrap)
+    observed_lo: float = math.nan     # the observation's own r* interval
+    observed_hi: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,9 @@ class LawFit:
     leave_largest_out: tuple[LeaveOut, ...] = ()
     leave_out_reason: str = ""
     chi2_red: float = math.nan
+    dof: int = 0                                  # fitted points minus coefficients
+    tau2: float = 0.0                             # between-size variance of log u beyond the r* intervals
+    extra_cov: np.ndarray = field(default_factory=lambda: np.empty((0, 0)), compare=False)  # M (p, p): see top
     capacity_bits: float = 2.0
     n_boot: int = 0
     notes: tuple[str, ...] = ()
@@ -238,13 +256,52 @@ def _boot_log_units(collapses: list[CollapseResult], idx: list[int], unit: str, 
     return np.stack(cols, axis=1)
 
 
-def _predict(coef: np.ndarray, boot: np.ndarray, unit: str, confidence: float, name: str, params: float,
-             tokens: float) -> Prediction:
-    x = _design(np.array([params]), np.array([tokens]), coef.size > 2)[0]
-    u = float(math.exp(x @ coef))
-    ulo, uhi = (math.exp(v) for v in percentile_interval(boot @ x, confidence)) if boot.size else (math.nan,) * 2
+@dataclass(frozen=True)
+class _Fit:
+    """One weighted fit: coefficients, their bootstrap, and its lack of fit (see the module docstring)."""
+
+    coef: np.ndarray
+    boot: np.ndarray
+    chi2_red: float
+    dof: int
+    tau2: float
+    extra_cov: np.ndarray
+
+
+def t_quantile(confidence: float, dof: int) -> float:
+    """Two-sided Student t quantile (the normal one for dof < 1, where nothing better is known)."""
+    from scipy.special import ndtri, stdtrit
+
+    p = 0.5 + confidence / 2
+    return float(stdtrit(dof, p)) if dof >= 1 else float(ndtri(p))
+
+
+def _predict(fit: _Fit, unit: str, confidence: float, name: str, params: float, tokens: float) -> Prediction:
+    x = _design(np.array([params]), np.array([tokens]), fit.coef.size > 2)[0]
+    c = float(x @ fit.coef)
+    u = math.exp(c)
+    lo_b, hi_b = percentile_interval(fit.boot @ x, confidence) if fit.boot.size else (math.nan, math.nan)
+    extra = fit.tau2 * (float(x @ fit.extra_cov @ x) + 1.0) if fit.tau2 > 0 else 0.0
+    q = t_quantile(confidence, fit.dof)
+    lo = c - math.hypot(max(c - lo_b, 0.0), q * math.sqrt(extra))
+    hi = c + math.hypot(max(hi_b - c, 0.0), q * math.sqrt(extra))
+    ulo, uhi = math.exp(lo), math.exp(hi)
     r, rlo, rhi = (ratio_of_unit(v, unit, tokens) for v in (u, ulo, uhi))
-    return Prediction(name, params, tokens, u, ulo, uhi, r, rlo, rhi)
+    return Prediction(name, params, tokens, u, ulo, uhi, r, rlo, rhi, fit_lo=math.exp(lo_b), fit_hi=math.exp(hi_b))
+
+
+def covers(pred: Prediction, unit_value: float, unit_lo: float, unit_hi: float) -> bool | None:
+    """Is an observation consistent with a prediction, counting both intervals? The log difference must lie within
+    the two facing half-widths added in quadrature (None when either interval is unknown)."""
+    vals = (pred.unit_value, pred.unit_lo, pred.unit_hi, unit_value, unit_lo, unit_hi)
+    if not all(math.isfinite(v) and v > 0 for v in vals):
+        return None
+    d = math.log(unit_value) - math.log(pred.unit_value)
+    if d >= 0:
+        allowed = math.hypot(math.log(pred.unit_hi / pred.unit_value), math.log(unit_value / unit_lo))
+    else:
+        allowed = math.hypot(math.log(pred.unit_value / pred.unit_lo), math.log(unit_hi / unit_value))
+    return abs(d) <= allowed
 
 
 def predict_law(law: LawFit, params: float, tokens: float | None = None, name: str = "") -> Prediction:
@@ -255,10 +312,11 @@ def predict_law(law: LawFit, params: float, tokens: float | None = None, name: s
         raise ValueError(f"no law to predict from: {law.reason}")
     if tokens is None:
         tokens = max((p.tokens for p in law.points if p.used), default=math.nan)
-    return _predict(np.array(law.coef), law.boot, law.unit, law.confidence, name, params, tokens)
+    fit = _Fit(np.array(law.coef), law.boot, law.chi2_red, law.dof, law.tau2, law.extra_cov)
+    return _predict(fit, law.unit, law.confidence, name, params, tokens)
 
 
-def _fit(points: list[LawPoint], log_u_boot: np.ndarray | None, with_d: bool) -> tuple[np.ndarray, np.ndarray, float]:
+def _fit(points: list[LawPoint], log_u_boot: np.ndarray | None, with_d: bool) -> _Fit:
     n = np.array([p.params for p in points])
     t = np.array([p.tokens for p in points])
     x = _design(n, t, with_d)
@@ -266,9 +324,15 @@ def _fit(points: list[LawPoint], log_u_boot: np.ndarray | None, with_d: bool) ->
     w = _weights(np.array([p.sigma for p in points]))
     coef = wls(x, y, w)[0]
     dof = len(points) - x.shape[1]
-    chi2 = float(np.sum(w * (y - x @ coef) ** 2) / dof) if dof > 0 else math.nan
+    q = float(np.sum(w * (y - x @ coef) ** 2))
+    chi2 = q / dof if dof > 0 else math.nan
     boot = wls(x, log_u_boot, w) if log_u_boot is not None else np.empty((0, x.shape[1]))
-    return coef, boot, chi2
+    inv = np.linalg.inv(x.T @ (x * w[:, None]))
+    extra_cov = inv @ (x.T @ (x * (w ** 2)[:, None])) @ inv
+    leverage = w * np.einsum("ij,jk,ik->i", x, inv, x)
+    denom = float(np.sum(w * (1.0 - leverage)))
+    tau2 = max(0.0, (q - dof) / denom) if dof > 0 and denom > 0 else 0.0
+    return _Fit(coef, boot, chi2, dof, tau2, extra_cov)
 
 
 def _leave_largest_out(points: list[LawPoint], log_u_boot: np.ndarray | None, with_d: bool, unit: str,
@@ -278,17 +342,17 @@ def _leave_largest_out(points: list[LawPoint], log_u_boot: np.ndarray | None, wi
     if len({points[i].params for i in train}) < 2 or (with_d and len(train) < MIN_POINTS_D_TERM):
         return (), "needs >= 2 smaller sizes (and enough points for the D term)"
     boot = log_u_boot[:, train] if log_u_boot is not None else None
-    coef, cboot, _ = _fit([points[i] for i in train], boot, with_d)
-    out = []
-    for p in points:
-        if p.params != largest:
-            continue
-        pred = _predict(coef, cboot, unit, confidence, p.size, p.params, p.tokens)
-        err_r = (pred.r_star - p.r_star) / p.r_star if pred.r_star is not None else None
-        covered = pred.unit_lo <= p.unit_value <= pred.unit_hi if cboot.size else None
-        out.append(LeaveOut(pred, p.r_star, p.unit_value, err_r, (pred.unit_value - p.unit_value) / p.unit_value,
-                            covered))
+    fit = _fit([points[i] for i in train], boot, with_d)
+    out = [compare(_predict(fit, unit, confidence, p.size, p.params, p.tokens), p)
+           for p in points if p.params == largest]
     return tuple(out), ""
+
+
+def compare(pred: Prediction, p: LawPoint) -> LeaveOut:
+    """A prediction against the observed collapse of the same size: signed errors and coverage."""
+    err_r = (pred.r_star - p.r_star) / p.r_star if pred.r_star is not None else None
+    return LeaveOut(pred, p.r_star, p.unit_value, err_r, (pred.unit_value - p.unit_value) / p.unit_value,
+                    covers(pred, p.unit_value, p.unit_lo, p.unit_hi), observed_lo=p.lo, observed_hi=p.hi)
 
 
 def fit_law(collapses: list[CollapseResult], *, unit: str = "odds", n_boot: int, confidence: float,
@@ -312,7 +376,8 @@ def fit_law(collapses: list[CollapseResult], *, unit: str = "odds", n_boot: int,
     if n_boot > 0 and log_u_boot is None:
         notes.append("some collapse has no bootstrap samples: no intervals on the law")
     fitted = [points[i] for i in used]
-    coef, boot, chi2 = _fit(fitted, log_u_boot, with_d)
+    fit = _fit(fitted, log_u_boot, with_d)
+    coef, boot = fit.coef, fit.boot
     ci = np.array([percentile_interval(col, confidence) for col in boot.T]) if boot.size else \
         np.full((coef.size, 2), math.nan)
     loo, loo_reason = _leave_largest_out(fitted, log_u_boot, with_d, unit, confidence)
@@ -322,7 +387,8 @@ def fit_law(collapses: list[CollapseResult], *, unit: str = "odds", n_boot: int,
                      "the exposure accounting or the retention metric")
     law = LawFit(**base, ok=True, reason="", coef=tuple(map(float, coef)), coef_lo=tuple(map(float, ci[:, 0])),
                  coef_hi=tuple(map(float, ci[:, 1])), boot=boot, points=tuple(points), leave_largest_out=loo,
-                 leave_out_reason=loo_reason, chi2_red=chi2, notes=tuple(notes))
+                 leave_out_reason=loo_reason, chi2_red=fit.chi2_red, dof=fit.dof, tau2=fit.tau2,
+                 extra_cov=fit.extra_cov, notes=tuple(notes))
     preds = tuple(predict_law(law, n, target_tokens, name) for name, n in (targets or {}).items())
     beyond = [p.name for p in preds if unit == "tokens" and p.r_star is None]
     if beyond:

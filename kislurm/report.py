@@ -154,8 +154,25 @@ def _law_line(law: LawFit) -> str:
     d_term = f" * D^{law.c:.3f}" if law.c is not None else ""
     c_int = f", c [{_fmt(law.coef_lo[2])}, {_fmt(law.coef_hi[2])}]" if law.c is not None and law.coef_lo else ""
     return (f"{law.unit}(r*) = {law.a:.4g} * N^{law.b:.3f}{d_term}; {law.confidence:.0%} intervals: b "
-            f"[{_fmt(lo)}, {_fmt(hi)}]{c_int}; reduced chi2 {_fmt(law.chi2_red)} (>> 1: sizes scatter more than "
-            "their r* intervals)\n")
+            f"[{_fmt(lo)}, {_fmt(hi)}]{c_int}; {fit_quality(law)}\n")
+
+
+def fit_quality(law: LawFit) -> str:
+    """What this fit's reduced chi2 means, in words: consistent with the r* intervals, or not (and what the
+    prediction intervals do about it). 'Clearly above 1': its chi2 tail probability on dof is below 5%."""
+    if law.dof < 1 or not math.isfinite(law.chi2_red):
+        return "no degrees of freedom left to check the fit against the r* intervals"
+    from scipy.special import chdtrc
+
+    p = float(chdtrc(law.dof, law.chi2_red * law.dof))
+    head = f"reduced chi2 {_fmt(law.chi2_red)} on {law.dof} dof"
+    if law.chi2_red <= 1:
+        return f"{head}: consistent with the r* intervals (prediction intervals from the bootstrap alone)"
+    widened = (f"prediction intervals widened by a between-size scatter of sd {math.sqrt(law.tau2):.3g} in "
+               f"log {law.unit}")
+    if p >= 0.05:
+        return f"{head}: within sampling of 1 (p={p:.2f}), consistent with the r* intervals; {widened}"
+    return f"{head}: sizes scatter more than their r* intervals (p={p:.2g}); {widened}"
 
 
 def law_text(law: LawFit) -> str:
@@ -294,7 +311,7 @@ def plot_law(ax: Axes, law: LawFit, n_grid: int = 60) -> Figure:
             ax.plot(grid, [p.unit_value for p in preds], color=f"C{k + 1}", lw=2, label=lab)
             if law.boot.size:
                 ax.fill_between(grid, [p.unit_lo for p in preds], [p.unit_hi for p in preds], color=f"C{k + 1}",
-                                alpha=0.18, lw=0, label=f"{law.confidence:.0%} band" if k == 0 else None)
+                                alpha=0.18, lw=0, label=f"{law.confidence:.0%} prediction band" if k == 0 else None)
         errors = ", ".join(f"{lo.rel_err_unit:+.0%}" for lo in law.leave_largest_out)
         for k, lo in enumerate(law.leave_largest_out):
             q = lo.predicted
