@@ -349,9 +349,19 @@ class AnalysisConfig:
     """Seed of the bootstrap resampling."""
     target_sizes: dict[str, float] = field(default_factory=dict)
     """Named non-embedding parameter counts to predict r* for, e.g. {7B: 6.5e9}."""
+    safe_drop: float = 0.05
+    """The safe infusion ratio reported per size and target: the largest r at which the fitted collapse curve has
+    lost at most this fraction of its drop from plateau to floor."""
+    validate_sizes: list[str] = field(default_factory=list)
+    """Sizes (presets) that are trained but never fitted: each one's observed r* is reported against the law's
+    prediction from the other sizes (`kislurm validate RUN --size NAME` plans and submits its cells)."""
 
     def __post_init__(self) -> None:
         _check(self.bootstrap >= 0, "bootstrap", "expected >= 0 resamples")
+        _check(0 < self.safe_drop < 0.5, "safe_drop", f"expected a fraction in (0, 0.5), got {self.safe_drop}; "
+               "fix: e.g. 0.05 for 5% of the drop")
+        _check(len(set(self.validate_sizes)) == len(self.validate_sizes), "validate_sizes",
+               "duplicate sizes; fix: list each size once")
         _check(0.5 <= self.confidence < 1, "confidence", f"expected a coverage in [0.5, 1), got {self.confidence}")
         for name, n in self.target_sizes.items():
             _check(n > 0, f"target_sizes.{name}", f"expected a positive parameter count, got {n}")
@@ -378,6 +388,9 @@ class ExperimentConfig:
         _check(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name)), "name",
                f"'{self.name}' is not a usable folder name; fix: use letters, digits, '.', '_' and '-'")
         presets = self.presets
+        for i, size in enumerate(self.analysis.validate_sizes):
+            _check(size in presets, f"analysis.validate_sizes[{i}]",
+                   f"unknown model preset '{size}'; fix: use one of {sorted(presets)} or define it under models:")
         for i, size in enumerate(self.grid.sizes):
             _check(size in presets, f"grid.sizes[{i}]",
                    f"unknown model preset '{size}'; fix: use one of {sorted(presets)} or define it under models:")

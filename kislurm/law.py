@@ -22,6 +22,12 @@ bootstrap-only interval stays in Prediction.fit_lo / fit_hi. A held-out observat
 prediction minus observation lies within both intervals combined (half-widths added in quadrature, each on its
 own side), so the observation's own r* interval counts too.
 Validation: leave-largest-out (fit on the smaller sizes, predict the largest, relative error of r* and of u).
+Safe ratio at a target size (see kislurm.collapse for fitted sizes): the logistic's width 1/steepness (in log-odds of
+r) is extrapolated by a line log(1/steepness) = alpha + beta log N fitted by least squares over the fitted sizes'
+curves (its interval: the bootstrap of that line over per-size steepness replicates, widened by the line's residual
+scatter as an ordinary least-squares prediction interval), and logit r_safe = logit r* + logit(safe_drop) * width.
+The interval combines the r* prediction interval and the width interval in quadrature on the log-odds axis (the
+wider width pairs with the lower r*: both lower the safe ratio).
 Capacity: knowledge bits infused at r* per parameter, flagged beyond `capacity_bits` (about 2 bits/param,
 Allen-Zhu and Li, Physics of LMs 3.3).
 """
@@ -33,7 +39,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .collapse import CollapseResult, percentile_interval
+from .collapse import CollapseResult, axis_ratio, percentile_interval, ratio_axis
 
 UNITS = ("odds", "tokens", "exposures")
 MIN_POINTS_D_TERM = 5
@@ -58,6 +64,10 @@ class LawPoint:
     sigma: float = math.nan           # sd of log u used for the weight
     bits_per_param: float | None = None
     capacity_flag: str | None = None  # 'ok' | 'over-capacity' | None (unknown)
+    safe_r: float = math.nan          # the collapse's safe ratio and interval (kislurm.collapse)
+    safe_lo: float = math.nan
+    safe_hi: float = math.nan
+    infused_at_safe: float | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,21 @@ class Prediction:
     r_hi: float | None
     fit_lo: float = math.nan          # the unit's interval from the bootstrap alone (no lack of fit)
     fit_hi: float = math.nan
+    safe_r: float | None = None       # predicted safe ratio and interval (None without r* or a width line)
+    safe_lo: float | None = None
+    safe_hi: float | None = None
+    width: float | None = None        # predicted logistic width 1/steepness (log-odds of r)
+
+
+@dataclass(frozen=True)
+class WidthLine:
+    """log(1/steepness) = coef[0] + coef[1] log N over the fitted sizes: how the collapse's width extrapolates."""
+
+    coef: tuple[float, float]
+    s2: float                         # residual variance (0 without degrees of freedom)
+    dof: int
+    xtx_inv: np.ndarray = field(compare=False)
+    boot: np.ndarray = field(default_factory=lambda: np.empty((0, 2)), compare=False)
 
 
 @dataclass(frozen=True)
@@ -109,6 +134,8 @@ class LawFit:
     dof: int = 0                                  # fitted points minus coefficients
     tau2: float = 0.0                             # between-size variance of log u beyond the r* intervals
     extra_cov: np.ndarray = field(default_factory=lambda: np.empty((0, 0)), compare=False)  # M (p, p): see top
+    safe_drop: float = 0.05
+    width: WidthLine | None = None
     capacity_bits: float = 2.0
     n_boot: int = 0
     notes: tuple[str, ...] = ()
@@ -193,7 +220,8 @@ def law_points(collapses: list[CollapseResult], unit: str, confidence: float,
             reason = f"unit {unit!r} unknown for this cell (needs {'tokens' if unit == 'tokens' else 'exposures'})"
         bpp, cap = _capacity(c, capacity_bits)
         out.append(LawPoint(c.size, c.params, c.tokens, c.flag, c.r_star, c.lo, c.hi, u, ulo, uhi,
-                            used=not reason, reason=reason, sigma=sigma, bits_per_param=bpp, capacity_flag=cap))
+                            used=not reason, reason=reason, sigma=sigma, bits_per_param=bpp, capacity_flag=cap,
+                            safe_r=c.safe_r, safe_lo=c.safe_lo, safe_hi=c.safe_hi, infused_at_safe=c.infused_at_safe))
     return out
 
 
@@ -304,8 +332,10 @@ def covers(pred: Prediction, unit_value: float, unit_lo: float, unit_hi: float) 
     return abs(d) <= allowed
 
 
-def predict_law(law: LawFit, params: float, tokens: float | None = None, name: str = "") -> Prediction:
-    """Prediction (with the bootstrap interval) of the unit, and r where the unit allows, at size N and budget D.
+def predict_law(law: LawFit, params: float, tokens: float | None = None, name: str = "",
+                safe: bool = False) -> Prediction:
+    """Prediction (with the bootstrap interval) of the unit, and r where the unit allows, at size N and budget D;
+    with safe=True also the safe ratio (from the width line).
 
     D defaults to the largest budget among the fitted points."""
     if not law.ok:
@@ -313,7 +343,51 @@ def predict_law(law: LawFit, params: float, tokens: float | None = None, name: s
     if tokens is None:
         tokens = max((p.tokens for p in law.points if p.used), default=math.nan)
     fit = _Fit(np.array(law.coef), law.boot, law.chi2_red, law.dof, law.tau2, law.extra_cov)
-    return _predict(fit, law.unit, law.confidence, name, params, tokens)
+    pred = _predict(fit, law.unit, law.confidence, name, params, tokens)
+    return _with_safe(pred, law.width, law.safe_drop, law.confidence) if safe and law.width is not None else pred
+
+
+def width_line(collapses: list[CollapseResult], n_boot: int, rng: np.random.Generator) -> WidthLine | None:
+    """The width line over these collapses (None with fewer than two sizes with a fitted curve)."""
+    cs = [c for c in collapses if c.logistic is not None and c.logistic.steepness > 0]
+    if len({c.params for c in cs}) < 2:
+        return None
+    x = np.stack([np.ones(len(cs)), np.log([c.params for c in cs])], axis=1)
+    y = -np.log([c.logistic.steepness for c in cs])
+    xtx_inv = np.linalg.inv(x.T @ x)
+    coef = xtx_inv @ x.T @ y
+    dof = len(cs) - 2
+    s2 = float(np.sum((y - x @ coef) ** 2) / dof) if dof > 0 else 0.0
+    boot = np.empty((0, 2))
+    if n_boot > 0 and all(c.boot_steepness.size for c in cs):
+        ys = np.stack([-np.log(c.boot_steepness[rng.integers(0, c.boot_steepness.size, n_boot)]) for c in cs], 1)
+        boot = (xtx_inv @ x.T @ ys.T).T
+    return WidthLine((float(coef[0]), float(coef[1])), s2, dof, xtx_inv, boot)
+
+
+def predict_width(line: WidthLine, params: float, confidence: float) -> tuple[float, float, float]:
+    """Width 1/steepness at N with its interval (bootstrap of the line and residual scatter, in quadrature)."""
+    x = np.array([1.0, math.log(params)])
+    c = float(x @ np.array(line.coef))
+    lo_b, hi_b = percentile_interval(line.boot @ x, confidence) if line.boot.size else (c, c)
+    extra = t_quantile(confidence, line.dof) * math.sqrt(line.s2 * (1.0 + float(x @ line.xtx_inv @ x)))
+    lo, hi = c - math.hypot(max(c - lo_b, 0.0), extra), c + math.hypot(max(hi_b - c, 0.0), extra)
+    return math.exp(c), math.exp(lo), math.exp(hi)
+
+
+def _with_safe(pred: Prediction, line: WidthLine, safe_drop: float, confidence: float) -> Prediction:
+    if pred.r_star is None or not 0 < pred.r_star < 1:
+        return pred
+    w, wlo, whi = predict_width(line, pred.params, confidence)
+    g = math.log(safe_drop / (1 - safe_drop))          # < 0
+    mid = float(ratio_axis(pred.r_star))
+    centre = mid + g * w
+    r_ok = pred.r_lo is not None and pred.r_hi is not None and 0 < pred.r_lo and pred.r_hi < 1
+    lo_r, hi_r = (float(ratio_axis(pred.r_lo)), float(ratio_axis(pred.r_hi))) if r_ok else (mid, mid)
+    lo = centre - math.hypot(mid - lo_r, -g * (whi - w))
+    hi = centre + math.hypot(hi_r - mid, -g * (w - wlo))
+    safe, slo, shi = (float(axis_ratio(v)) for v in (centre, lo, hi))
+    return replace(pred, safe_r=safe, safe_lo=slo if r_ok else None, safe_hi=shi if r_ok else None, width=w)
 
 
 def _fit(points: list[LawPoint], log_u_boot: np.ndarray | None, with_d: bool) -> _Fit:
@@ -357,13 +431,14 @@ def compare(pred: Prediction, p: LawPoint) -> LeaveOut:
 
 def fit_law(collapses: list[CollapseResult], *, unit: str = "odds", n_boot: int, confidence: float,
             rng: np.random.Generator, targets: dict[str, float] | None = None, target_tokens: float | None = None,
-            capacity_bits: float = 2.0) -> LawFit:
+            capacity_bits: float = 2.0, safe_drop: float = 0.05) -> LawFit:
     """Fit the law on the 'ok' collapses; with fewer than two sizes, a LawFit with ok=False and the reason."""
     if unit not in UNITS:
         raise ValueError(f"unknown law unit {unit!r}; fix: use one of {', '.join(UNITS)}")
     points, with_d, notes = _choose_points(law_points(collapses, unit, confidence, capacity_bits))
     form = "a*N^b*D^c" if with_d else "a*N^b"
-    base = dict(unit=unit, confidence=confidence, form=form, capacity_bits=capacity_bits, n_boot=n_boot)
+    base = dict(unit=unit, confidence=confidence, form=form, capacity_bits=capacity_bits, n_boot=n_boot,
+                safe_drop=safe_drop)
     used = [i for i, p in enumerate(points) if p.used]
     sizes = sorted({points[i].size for i in used})
     if len({points[i].params for i in used}) < 2:
@@ -389,7 +464,9 @@ def fit_law(collapses: list[CollapseResult], *, unit: str = "odds", n_boot: int,
                  coef_hi=tuple(map(float, ci[:, 1])), boot=boot, points=tuple(points), leave_largest_out=loo,
                  leave_out_reason=loo_reason, chi2_red=fit.chi2_red, dof=fit.dof, tau2=fit.tau2,
                  extra_cov=fit.extra_cov, notes=tuple(notes))
-    preds = tuple(predict_law(law, n, target_tokens, name) for name, n in (targets or {}).items())
+    # drawn last: the law's own numbers do not depend on whether a width line could be fitted
+    law = replace(law, width=width_line([collapses[i] for i in used], n_boot, rng))
+    preds = tuple(predict_law(law, n, target_tokens, name, safe=True) for name, n in (targets or {}).items())
     beyond = [p.name for p in preds if unit == "tokens" and p.r_star is None]
     if beyond:
         notes.append(f"predicted knowledge tokens exceed the budget D for {', '.join(beyond)}: no ratio r < 1 "

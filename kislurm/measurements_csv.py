@@ -17,7 +17,8 @@ class MeasurementError(ValueError):
 
 
 CSV_REQUIRED = ("params", "ratio", "retention")
-CSV_OPTIONAL = ("tokens", "seed", "n_facts", "size", "n_choices", "exposures_per_fact", "knowledge_bits")
+CSV_OPTIONAL = ("tokens", "seed", "n_facts", "size", "n_choices", "exposures_per_fact", "knowledge_bits",
+                "infused_retention")
 _INTEGER = ("seed", "n_facts", "n_choices")
 
 
@@ -59,7 +60,7 @@ def _row(path: Path, line: int, row: dict[str, str]) -> dict:
 
 def measurements_from_csv(path: str | Path) -> list[Measurement]:
     """Read a plain table: params, ratio, retention, and optionally tokens, seed, n_facts, size, n_choices,
-    exposures_per_fact, knowledge_bits (other columns are ignored; lines starting with '#' are comments).
+    exposures_per_fact, knowledge_bits, infused_retention (other columns are ignored; lines starting with '#' are comments).
 
     Missing size: named after params. Missing tokens: nan (unknown). Missing seed: rows repeating a
     (size, tokens, ratio) are numbered 0, 1, ... as replicate seeds. There are no per-fact scores in a table, so
@@ -114,5 +115,6 @@ def _measurements(path: Path, rows: list[tuple[int, dict]]) -> list[Measurement]
             size=size, params=v["params"], ratio=v["ratio"], tokens=tokens, seed=seed, retention=v["retention"],
             n_choices=int(v["n_choices"]) if "n_choices" in v else None,
             exposures_per_fact=v.get("exposures_per_fact"),
-            n_facts=int(v["n_facts"]) if "n_facts" in v else None, knowledge_bits=v.get("knowledge_bits")))
+            n_facts=int(v["n_facts"]) if "n_facts" in v else None, knowledge_bits=v.get("knowledge_bits"),
+            infused_retention=v.get("infused_retention")))
     return out

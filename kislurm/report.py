@@ -31,7 +31,7 @@ FILES = ("collapse_points.md", "collapse_points.csv", "collapse_points.json", "l
          "retention_vs_ratio.png", "law.png", "curves.png")
 TABLE_COLUMNS = ("size", "params", "tokens", "r_star", "lo", "hi", "flag", "bracketed", "r_star_segmented",
                  "r_star_largest_drop", "plateau", "floor", "steepness", "n_ratios", "n_cells", "boot_method",
-                 "n_boot", "confidence", "reason")
+                 "n_boot", "confidence", "reason", "safe_r", "safe_lo", "safe_hi", "safe_drop", "infused_at_safe")
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,9 @@ def collapse_row(c: CollapseResult) -> dict[str, Any]:
             "r_star_largest_drop": c.r_star_largest_drop, "plateau": lg.plateau if lg else None,
             "floor": lg.floor if lg else None, "steepness": lg.steepness if lg else None,
             "n_ratios": int(c.ratios.size), "n_cells": c.n_cells, "boot_method": c.boot_method,
-            "n_boot": int(c.boot.size), "confidence": c.confidence, "reason": c.reason}
+            "n_boot": int(c.boot.size), "confidence": c.confidence, "reason": c.reason, "safe_r": c.safe_r,
+            "safe_lo": c.safe_lo, "safe_hi": c.safe_hi, "safe_drop": c.options.safe_drop,
+            "infused_at_safe": c.infused_at_safe}
 
 
 def definitions(collapses: Sequence[CollapseResult], law: LawFit | None) -> dict[str, Any]:
@@ -91,6 +93,11 @@ def definitions(collapses: Sequence[CollapseResult], law: LawFit | None) -> dict
                     "resampled within a ratio; without per-fact data binomial (n_facts) or residual",
         "r_star_segmented": "midpoint of a plateau / linear ramp in log-odds / floor regression",
         "r_star_largest_drop": "geometric mean of the neighbouring ratios with the largest fall",
+        "safe_r": f"largest r at which the fitted logistic has lost at most {opts.safe_drop:g} of its drop from "
+                  "plateau to floor (logit r_safe = midpoint + logit(safe_drop) / steepness), interval from the same "
+                  "bootstrap; for targets the width 1/steepness is extrapolated by a line in log N (kislurm.law)",
+        "infused_at_safe": "infused-fact retention at safe_r, linear in log-odds between measured grid ratios "
+                           "(empty outside the grid)",
         "options": asdict(opts),
     }
     if law is not None:
@@ -116,12 +123,14 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def collapse_table_md(collapses: Sequence[CollapseResult]) -> str:
     header = ("size", "params", "tokens", "r*", "interval", "flag", "segmented r*", "largest-drop r*", "cells",
-              "bootstrap")
+              "bootstrap", "safe r", "safe interval", "infused at safe r")
     rows = [(c.size, c.params, c.tokens, c.r_star, f"[{_fmt(c.lo)}, {_fmt(c.hi)}]", c.flag, c.r_star_segmented,
-             c.r_star_largest_drop, c.n_cells, f"{c.boot_method} x{c.boot.size}") for c in collapses]
+             c.r_star_largest_drop, c.n_cells, f"{c.boot_method} x{c.boot.size}", c.safe_r,
+             f"[{_fmt(c.safe_lo)}, {_fmt(c.safe_hi)}]", c.infused_at_safe) for c in collapses]
     conf = f"{collapses[0].confidence:.0%}" if collapses else "-"
-    return f"# Collapse points\n\nInterval: {conf} bootstrap. Flags other than 'ok' stay out of the law.\n\n" + \
-        _md_table(header, rows)
+    drop = f"{collapses[0].options.safe_drop:.0%}" if collapses else "-"
+    return (f"# Collapse points\n\nInterval: {conf} bootstrap. Flags other than 'ok' stay out of the law. Safe r: the "
+            f"largest ratio losing at most {drop} of the plateau-to-floor drop.\n\n") + _md_table(header, rows)
 
 
 def collapse_table_csv(collapses: Sequence[CollapseResult]) -> str:
@@ -142,7 +151,10 @@ def collapse_json(collapses: Sequence[CollapseResult], law: LawFit | None) -> di
 
 
 def law_json(law: LawFit, summary: Mapping[str, Any]) -> dict[str, Any]:
-    d = {k: v for k, v in law.__dict__.items() if k != "boot"}
+    d = {k: v for k, v in law.__dict__.items() if k not in ("boot", "width")}
+    if law.width is not None:
+        d["width"] = {"form": "log(1/steepness) = coef[0] + coef[1] log N", "coef": law.width.coef,
+                      "residual_variance": law.width.s2, "dof": law.width.dof}
     d.update(a=law.a, b=law.b, c=law.c, b_interval=law.b_interval, n_boot_fits=int(law.boot.shape[0]))
     return jsonable({"law": d, "summary": dict(summary)})
 
@@ -181,7 +193,7 @@ def law_text(law: LawFit) -> str:
     lines += [f"leave-largest-out {lo.predicted.name}: r* predicted {_fmt(lo.predicted.r_star)}, observed "
               f"{_fmt(lo.observed_r)}, unit error {lo.rel_err_unit:+.1%}" for lo in law.leave_largest_out]
     lines += [f"{p.name}: {law.unit} {_fmt(p.unit_value)} [{_fmt(p.unit_lo)}, {_fmt(p.unit_hi)}], r* {_fmt(p.r_star)}"
-              for p in law.predictions]
+              f", safe r {_fmt(p.safe_r)} [{_fmt(p.safe_lo)}, {_fmt(p.safe_hi)}]" for p in law.predictions]
     return "\n".join(lines + [f"note: {n}" for n in law.notes]) + "\n"
 
 
@@ -195,9 +207,10 @@ def summary_md(collapses: Sequence[CollapseResult], law: LawFit, summary: Mappin
     if run:
         out += ["## Run\n", _md_table(("key", "value"), run)]
     out += ["## Collapse points\n", _md_table(
-        ("size", "params", "tokens", "r*", "interval", "flag", "in law", "why not"),
+        ("size", "params", "tokens", "r*", "interval", "flag", "in law", "why not", "safe r", "safe interval",
+         "infused at safe r"),
         [(p.size, p.params, p.tokens, p.r_star, f"[{_fmt(p.lo)}, {_fmt(p.hi)}]", p.flag, "yes" if p.used else "no",
-          p.reason) for p in law.points])]
+          p.reason, p.safe_r, f"[{_fmt(p.safe_lo)}, {_fmt(p.safe_hi)}]", p.infused_at_safe) for p in law.points])]
     excluded = summary.get("excluded_cells") or {}
     if excluded:
         items = excluded.items() if isinstance(excluded, Mapping) else excluded
@@ -216,9 +229,12 @@ def summary_md(collapses: Sequence[CollapseResult], law: LawFit, summary: Mappin
             out.append(f"Not done: {law.leave_out_reason}\n")
         if law.predictions:
             out += ["\n### Predictions\n\n", _md_table(
-                ("target", "params", "tokens", law.unit, "interval", "r*", "r* interval"),
+                ("target", "params", "tokens", law.unit, "interval", "r*", "r* interval", "safe r", "safe interval"),
                 [(p.name, p.params, p.tokens, p.unit_value, f"[{_fmt(p.unit_lo)}, {_fmt(p.unit_hi)}]", p.r_star,
-                  f"[{_fmt(p.r_lo)}, {_fmt(p.r_hi)}]") for p in law.predictions])]
+                  f"[{_fmt(p.r_lo)}, {_fmt(p.r_hi)}]", p.safe_r, f"[{_fmt(p.safe_lo)}, {_fmt(p.safe_hi)}]")
+                 for p in law.predictions])]
+            out.append(f"\nSafe r at targets: the collapse width 1/steepness extrapolated by a line in log N over "
+                       f"the fitted sizes' curves (safe drop {law.safe_drop:g}).\n")
     cap = [(p.size, p.bits_per_param, p.capacity_flag) for p in law.points if p.bits_per_param is not None]
     if cap:
         out += [f"\n## Capacity (flag beyond {law.capacity_bits:g} bits/parameter)\n\n",

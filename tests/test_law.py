@@ -229,3 +229,17 @@ def test_coverage_counts_the_observations_own_interval():
     assert covers(pred, 4.5, 2.5, 8.0) is True           # outside the prediction, but its own interval reaches
     assert covers(pred, 3.0, 2.9, 3.1) is True and covers(pred, 0.9, 0.5, 2.0) is True
     assert covers(pred, 3.0, math.nan, 3.1) is None
+
+
+def test_safe_ratio_at_a_target_from_the_extrapolated_width(fitted):
+    """Every simulated size has steepness 3: the width line is flat at 1/3 and the target's safe ratio is the true
+    curve's, inside its interval."""
+    cs, law = fitted
+    (pred,) = law.predictions
+    assert law.width is not None and law.width.coef[1] == pytest.approx(0.0, abs=0.05)
+    assert pred.width == pytest.approx(1 / 3, rel=0.15)
+    logit_true = math.log(A * 1e9 ** B) + math.log(0.05 / 0.95) / 3.0
+    true = 1 / (1 + math.exp(-logit_true))
+    assert pred.safe_lo <= true <= pred.safe_hi and pred.safe_lo <= pred.safe_r <= pred.safe_hi < pred.r_star
+    for p, c in zip(law.points, cs):
+        assert p.safe_r == c.safe_r < c.r_star

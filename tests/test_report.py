@@ -61,18 +61,25 @@ def test_reports_written_and_parse(tmp_path, results):
     rows = list(csv.DictReader((tmp_path / "reports/collapse_points.csv").open()))
     assert [r["size"] for r in rows] == [c.size for c in cs] and rows[0]["flag"] == "ok"
     assert float(rows[0]["r_star"]) == pytest.approx(cs[0].r_star)
+    assert list(rows[0])[-5:] == ["safe_r", "safe_lo", "safe_hi", "safe_drop", "infused_at_safe"]
+    assert float(rows[0]["safe_lo"]) <= float(rows[0]["safe_r"]) <= float(rows[0]["safe_hi"]) < cs[0].r_star
     data = json.loads((tmp_path / "reports/collapse_points.json").read_text())
     assert len(data["collapses"]) == len(cs) and "r_star" in data["definitions"]
     assert len(data["collapses"][0]["boot"]) == 50 and data["collapses"][0]["logistic"]["plateau"] > 0.8
     lj = json.loads((tmp_path / "reports/law.json").read_text())
     assert lj["law"]["b"] == pytest.approx(law.b) and lj["law"]["unit"] == "odds" and lj["summary"]["run"] == "r1"
     assert lj["law"]["predictions"][0]["name"] == "1B" and lj["definitions"]["law"]["unit"] == "odds"
+    pred = lj["law"]["predictions"][0]
+    assert pred["safe_lo"] <= pred["safe_r"] <= pred["safe_hi"] and pred["safe_r"] < pred["r_star"] and len(lj["law"]["width"]["coef"]) == 2
+    assert pred["unit_lo"] <= pred["fit_lo"] and lj["law"]["points"][0]["safe_r"] == pytest.approx(cs[0].safe_r)
 
     md = (tmp_path / "reports/summary.md").read_text()
     for needle in ("# test run", "general_acc", "odds(r*) =", "Leave-largest-out", "Predictions", "1B",
                    "s_r0.5_s1", "FAILED", "xl", "Capacity"):
         assert needle in md, needle
-    assert "| xl |" in (tmp_path / "reports/collapse_points.md").read_text()
+    table = (tmp_path / "reports/collapse_points.md").read_text()
+    assert "| xl |" in table and "| safe r | safe interval | infused at safe r |" in table
+    assert "safe r" in md and "reduced chi2" in md and ">> 1" not in md
     for png in ("retention_vs_ratio.png", "law.png", "curves.png"):
         img = imread(tmp_path / "reports" / png)
         assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500 and img.std() > 0.05
