@@ -70,7 +70,8 @@ def test_reports_written_and_parse(tmp_path, results):
     assert lj["law"]["b"] == pytest.approx(law.b) and lj["law"]["unit"] == "odds" and lj["summary"]["run"] == "r1"
     assert lj["law"]["predictions"][0]["name"] == "1B" and lj["definitions"]["law"]["unit"] == "odds"
     pred = lj["law"]["predictions"][0]
-    assert pred["safe_lo"] <= pred["safe_r"] <= pred["safe_hi"] and pred["safe_r"] < pred["r_star"] and len(lj["law"]["width"]["coef"]) == 2
+    assert pred["safe_lo"] <= pred["safe_r"] <= pred["safe_hi"] and pred["safe_r"] < pred["r_star"]
+    assert len(lj["law"]["width"]["coef"]) == 2
     assert pred["unit_lo"] <= pred["fit_lo"] and lj["law"]["points"][0]["safe_r"] == pytest.approx(cs[0].safe_r)
 
     md = (tmp_path / "reports/summary.md").read_text()
