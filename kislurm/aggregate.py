@@ -361,7 +361,7 @@ def analyse(ms: list, cfg: AnalysisConfig, out: Path, summary: dict, curves: lis
                                  options=CollapseOptions(safe_drop=cfg.safe_drop),
                                  executor=executor if len(ms) >= 20 else None)
     law = fit_law(collapses, unit=cfg.unit, n_boot=cfg.bootstrap, confidence=cfg.confidence, rng=rng,
-                  targets=cfg.target_sizes, safe_drop=cfg.safe_drop)
+                  targets=cfg.target_sizes, safe_drop=cfg.safe_drop, validate=cfg.validate_sizes)
     write_reports(out, collapses, law, summary, curves, executor=executor)
     return AggregateResult(out=out, collapses=collapses, law=law, table_markdown=collapse_table_md(collapses),
                            law_text=law_text(law))
@@ -448,10 +448,11 @@ def _save_result(out: Path, print_: str, result: AggregateResult) -> None:
 def fit_measurements_csv(csv: Path, out: Path, unit: str = "odds", targets: Optional[dict[str, float]] = None,
                          bootstrap: int = 200) -> AggregateResult:
     """`kislurm fit`: the same analysis on a plain table of results produced elsewhere."""
-    from .measurements_csv import measurements_from_csv
+    from .measurements_csv import read_measurements_csv
 
-    ms = measurements_from_csv(csv)
-    cfg = AnalysisConfig(unit=unit, target_sizes=targets or {}, bootstrap=bootstrap)  # type: ignore[arg-type]
+    ms, validate = read_measurements_csv(csv)
+    cfg = AnalysisConfig(unit=unit, target_sizes=targets or {}, bootstrap=bootstrap,  # type: ignore[arg-type]
+                         validate_sizes=validate)
     summary = {"title": f"kislurm fit: {csv.name}", "source": str(csv), "rows used": len(ms),
                "metric": "retention"}
     return analyse(ms, cfg, out, summary, [])

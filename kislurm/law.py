@@ -21,7 +21,8 @@ of freedom (tau^2 comes from few sizes). With reduced chi2 <= 1 the intervals ar
 bootstrap-only interval stays in Prediction.fit_lo / fit_hi. A held-out observation counts as covered when
 prediction minus observation lies within both intervals combined (half-widths added in quadrature, each on its
 own side), so the observation's own r* interval counts too.
-Validation: leave-largest-out (fit on the smaller sizes, predict the largest, relative error of r* and of u).
+Validation: leave-largest-out (fit on the smaller sizes, predict the largest, relative error of r* and of u), and
+validation sizes (`validate`): sizes trained but never fitted, each one's observed r* set against the prediction.
 Safe ratio at a target size (see kislurm.collapse for fitted sizes): the logistic's width 1/steepness (in log-odds of
 r) is extrapolated by a line log(1/steepness) = alpha + beta log N fitted by least squares over the fitted sizes'
 curves (its interval: the bootstrap of that line over per-size steepness replicates, widened by the line's residual
@@ -35,6 +36,7 @@ Allen-Zhu and Li, Physics of LMs 3.3).
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -68,6 +70,7 @@ class LawPoint:
     safe_lo: float = math.nan
     safe_hi: float = math.nan
     infused_at_safe: float | None = None
+    role: str = "fit"                 # 'fit' | 'validate' (held out: never fitted, compared with the prediction)
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,12 @@ class LeaveOut:
     # without bootstrap)
     observed_lo: float = math.nan     # the observation's own r* interval
     observed_hi: float = math.nan
+    observed_flag: str = "ok"         # the observation's collapse flag (not 'ok': no coverage judged)
+
+    @property
+    def err_r(self) -> float | None:
+        """Predicted minus observed r* (absolute, in r)."""
+        return self.predicted.r_star - self.observed_r if self.predicted.r_star is not None else None
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,7 @@ class LawFit:
     predictions: tuple[Prediction, ...] = ()
     leave_largest_out: tuple[LeaveOut, ...] = ()
     leave_out_reason: str = ""
+    validations: tuple[LeaveOut, ...] = ()      # one per validation size with a collapse
     chi2_red: float = math.nan
     dof: int = 0                                  # fitted points minus coefficients
     tau2: float = 0.0                             # between-size variance of log u beyond the r* intervals
@@ -423,19 +433,27 @@ def _leave_largest_out(points: list[LawPoint], log_u_boot: np.ndarray | None, wi
 
 
 def compare(pred: Prediction, p: LawPoint) -> LeaveOut:
-    """A prediction against the observed collapse of the same size: signed errors and coverage."""
-    err_r = (pred.r_star - p.r_star) / p.r_star if pred.r_star is not None else None
-    return LeaveOut(pred, p.r_star, p.unit_value, err_r, (pred.unit_value - p.unit_value) / p.unit_value,
-                    covers(pred, p.unit_value, p.unit_lo, p.unit_hi), observed_lo=p.lo, observed_hi=p.hi)
+    """A prediction against the observed collapse of the same size: signed errors and coverage (None unless the
+    observation is flagged 'ok': an unbracketed r* is not a measurement to judge the law by)."""
+    finite = math.isfinite(p.r_star) and p.r_star > 0
+    err_r = (pred.r_star - p.r_star) / p.r_star if pred.r_star is not None and finite else None
+    err_u = (pred.unit_value - p.unit_value) / p.unit_value if math.isfinite(p.unit_value) and p.unit_value > 0 \
+        else math.nan
+    covered = covers(pred, p.unit_value, p.unit_lo, p.unit_hi) if p.flag == "ok" else None
+    return LeaveOut(pred, p.r_star, p.unit_value, err_r, err_u, covered, observed_lo=p.lo, observed_hi=p.hi,
+                    observed_flag=p.flag)
 
 
 def fit_law(collapses: list[CollapseResult], *, unit: str = "odds", n_boot: int, confidence: float,
             rng: np.random.Generator, targets: dict[str, float] | None = None, target_tokens: float | None = None,
-            capacity_bits: float = 2.0, safe_drop: float = 0.05) -> LawFit:
-    """Fit the law on the 'ok' collapses; with fewer than two sizes, a LawFit with ok=False and the reason."""
+            capacity_bits: float = 2.0, safe_drop: float = 0.05, validate: Collection[str] = ()) -> LawFit:
+    """Fit the law on the 'ok' collapses of every size not in `validate`; with fewer than two sizes, a LawFit with
+    ok=False and the reason. Sizes in `validate` never enter the fit: each is compared with its prediction."""
     if unit not in UNITS:
         raise ValueError(f"unknown law unit {unit!r}; fix: use one of {', '.join(UNITS)}")
-    points, with_d, notes = _choose_points(law_points(collapses, unit, confidence, capacity_bits))
+    points = [replace(p, used=False, role="validate", reason="validation size: held out of the fit")
+              if p.size in validate else p for p in law_points(collapses, unit, confidence, capacity_bits)]
+    points, with_d, notes = _choose_points(points)
     form = "a*N^b*D^c" if with_d else "a*N^b"
     base = dict(unit=unit, confidence=confidence, form=form, capacity_bits=capacity_bits, n_boot=n_boot,
                 safe_drop=safe_drop)
@@ -467,6 +485,9 @@ def fit_law(collapses: list[CollapseResult], *, unit: str = "odds", n_boot: int,
     # drawn last: the law's own numbers do not depend on whether a width line could be fitted
     law = replace(law, width=width_line([collapses[i] for i in used], n_boot, rng))
     preds = tuple(predict_law(law, n, target_tokens, name, safe=True) for name, n in (targets or {}).items())
+    checks = tuple(compare(predict_law(law, p.params, p.tokens, p.size, safe=True), p)
+                   for p in points if p.role == "validate")
+    law = replace(law, validations=checks)
     beyond = [p.name for p in preds if unit == "tokens" and p.r_star is None]
     if beyond:
         notes.append(f"predicted knowledge tokens exceed the budget D for {', '.join(beyond)}: no ratio r < 1 "

@@ -192,9 +192,30 @@ def law_text(law: LawFit) -> str:
     lines = [_law_line(law).replace("**", "").strip()]
     lines += [f"leave-largest-out {lo.predicted.name}: r* predicted {_fmt(lo.predicted.r_star)}, observed "
               f"{_fmt(lo.observed_r)}, unit error {lo.rel_err_unit:+.1%}" for lo in law.leave_largest_out]
+    lines += [f"validation {v.predicted.name}: r* predicted {_fmt(v.predicted.r_star)} [{_fmt(v.predicted.r_lo)}, "
+              f"{_fmt(v.predicted.r_hi)}], observed {_fmt(v.observed_r)} [{_fmt(v.observed_lo)}, {_fmt(v.observed_hi)}]"
+              f" ({v.observed_flag}), {_covered_word(v.covered)}" for v in law.validations]
     lines += [f"{p.name}: {law.unit} {_fmt(p.unit_value)} [{_fmt(p.unit_lo)}, {_fmt(p.unit_hi)}], r* {_fmt(p.r_star)}"
               f", safe r {_fmt(p.safe_r)} [{_fmt(p.safe_lo)}, {_fmt(p.safe_hi)}]" for p in law.predictions]
     return "\n".join(lines + [f"note: {n}" for n in law.notes]) + "\n"
+
+
+def _covered_word(covered: bool | None) -> str:
+    return {True: "covered", False: "NOT covered", None: "coverage not judged"}[covered]
+
+
+def validation_rows(law: LawFit) -> list[tuple[Any, ...]]:
+    """One row per validation size: prediction and observation with their intervals, errors, coverage."""
+    return [(v.predicted.name, v.predicted.params, v.predicted.r_star,
+             f"[{_fmt(v.predicted.r_lo)}, {_fmt(v.predicted.r_hi)}]", v.observed_r,
+             f"[{_fmt(v.observed_lo)}, {_fmt(v.observed_hi)}]", v.observed_flag,
+             f"{v.err_r:+.3f}" if v.err_r is not None and math.isfinite(v.err_r) else "-",
+             f"{v.rel_err_unit:+.1%}" if math.isfinite(v.rel_err_unit) else "-", _covered_word(v.covered),
+             v.predicted.safe_r) for v in law.validations]
+
+
+VALIDATION_HEADER = ("size", "params", "predicted r*", "prediction interval", "observed r*", "observed interval",
+                     "flag", "r* error (pred - obs)", "unit error", "covered", "predicted safe r")
 
 
 def summary_md(collapses: Sequence[CollapseResult], law: LawFit, summary: Mapping[str, Any]) -> str:
@@ -227,6 +248,11 @@ def summary_md(collapses: Sequence[CollapseResult], law: LawFit, summary: Mappin
                 for lo in law.leave_largest_out]))
         else:
             out.append(f"Not done: {law.leave_out_reason}\n")
+        if law.validations:
+            out += ["\n### Validation (held-out sizes, never fitted)\n\n", _md_table(VALIDATION_HEADER,
+                                                                                 validation_rows(law)),
+                    "\nCovered: prediction minus observation within both intervals combined (the observation's own "
+                    "r* interval counts; kislurm.law).\n"]
         if law.predictions:
             out += ["\n### Predictions\n\n", _md_table(
                 ("target", "params", "tokens", law.unit, "interval", "r*", "r* interval", "safe r", "safe interval"),
@@ -304,7 +330,8 @@ def plot_retention_vs_ratio(ax: Axes, collapses: Sequence[CollapseResult], metri
 def plot_law(ax: Axes, law: LawFit, n_grid: int = 60) -> Figure:
     """r* in the law's unit vs parameters (log-log): points, the law and its band, leave-largest-out, predictions."""
     used = [p for p in law.points if p.used]
-    other = [p for p in law.points if not p.used and math.isfinite(p.unit_value) and p.unit_value > 0]
+    other = [p for p in law.points if not p.used and p.role != "validate" and math.isfinite(p.unit_value)
+             and p.unit_value > 0]
     for pts, style, label, off in ((used, dict(fmt="o", color="C0"), "r* (in the fit)" if law.ok else "r* (flag ok)",
                                     (6, -14)),
                                    (other, dict(fmt="o", color="0.55", mfc="white"), "r* (excluded: flag)", (6, 4))):
@@ -334,6 +361,7 @@ def plot_law(ax: Axes, law: LawFit, n_grid: int = 60) -> Figure:
             ax.errorbar([q.params], [q.unit_value], yerr=[[q.unit_value - q.unit_lo], [q.unit_hi - q.unit_value]]
                         if math.isfinite(q.unit_lo) else None, fmt="D", color="C3", mfc="white", capsize=3, ms=7,
                         label=None if k else f"leave-largest-out ({errors})")
+        _plot_validations(ax, law)
         for q in law.predictions:
             ax.errorbar([q.params], [q.unit_value], yerr=[[q.unit_value - q.unit_lo], [q.unit_hi - q.unit_value]]
                         if math.isfinite(q.unit_lo) else None, fmt="*", color="C4", ms=13, capsize=3)
@@ -364,6 +392,27 @@ def plot_law(ax: Axes, law: LawFit, n_grid: int = 60) -> Figure:
         # one the top holds the reason
         ax.legend(fontsize=9, loc="upper left" if law.ok else "best")
     return ax.figure
+
+
+def _plot_validations(ax: Axes, law: LawFit) -> None:
+    """Validation sizes: the observation (filled red square, its interval) beside the prediction (hollow red
+    square, its prediction interval, drawn a little to the right), labelled covered or not."""
+    for k, v in enumerate(law.validations):
+        q, n = v.predicted, v.predicted.params
+        if math.isfinite(q.unit_lo):
+            ax.errorbar([n * 1.08], [q.unit_value], yerr=[[q.unit_value - q.unit_lo], [q.unit_hi - q.unit_value]],
+                        fmt="s", color="C3", mfc="white", capsize=3, ms=7, zorder=4,
+                        label=None if k else "validation: predicted")
+        u = v.observed_unit
+        if math.isfinite(u) and u > 0:
+            pts = [p for p in law.points if p.role == "validate" and p.size == q.name and p.params == n]
+            err = None
+            if pts and math.isfinite(pts[0].unit_lo) and math.isfinite(pts[0].unit_hi):
+                err = [[u - pts[0].unit_lo], [pts[0].unit_hi - u]]
+            ax.errorbar([n], [u], yerr=err, fmt="s", color="C3", capsize=3, ms=7, zorder=4,
+                        label=None if k else "validation: observed (never fitted)")
+            ax.annotate(f"{q.name} (validation)\n{_covered_word(v.covered)}", (n, u), textcoords="offset points",
+                        xytext=(8, -18), fontsize=8, color="C3")
 
 
 def _one_per_size(points: Sequence[Any]) -> list[Any]:

@@ -122,3 +122,11 @@ def test_config_from_dict_round_trip():
 
     cfg = config_from_dict({"grid": {"ratios": [0.3]}})
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_validation_and_safe_ratio_settings(tmp_path):
+    cfg = load_config(write(tmp_path, "analysis: {validate_sizes: [cpu-xl], safe_drop: 0.1}\n"))
+    assert cfg.analysis.validate_sizes == ["cpu-xl"] and cfg.analysis.safe_drop == 0.1
+    assert load_config(write(tmp_path, "name: x\n")).analysis.safe_drop == 0.05
+    assert "unknown model preset 'huge'" in error_of(tmp_path, "analysis: {validate_sizes: [huge]}\n")
+    assert "expected a fraction in (0, 0.5)" in error_of(tmp_path, "analysis: {safe_drop: 0.7}\n")

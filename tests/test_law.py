@@ -243,3 +243,21 @@ def test_safe_ratio_at_a_target_from_the_extrapolated_width(fitted):
     assert pred.safe_lo <= true <= pred.safe_hi and pred.safe_lo <= pred.safe_r <= pred.safe_hi < pred.r_star
     for p, c in zip(law.points, cs):
         assert p.safe_r == c.safe_r < c.r_star
+
+
+def test_validation_size_never_enters_the_fit_and_is_compared(fitted):
+    cs, _ = fitted
+    held = max(cs, key=lambda c: c.params).size
+    rng = np.random.default_rng(8)
+    law = fit_law(cs, unit="odds", n_boot=200, confidence=0.9, rng=rng, validate=[held])
+    without = fit_law([c for c in cs if c.size != held], unit="odds", n_boot=200, confidence=0.9,
+                      rng=np.random.default_rng(8))
+    assert law.coef == without.coef and law.dof == without.dof == 2
+    (p,) = [p for p in law.points if p.size == held]
+    assert not p.used and p.role == "validate" and "validation" in p.reason
+    (v,) = law.validations
+    assert v.predicted.name == held and v.observed_r == p.r_star and v.observed_flag == "ok"
+    assert v.predicted.r_lo < v.predicted.r_star < v.predicted.r_hi and v.predicted.safe_r < v.predicted.r_star
+    assert v.err_r == pytest.approx(v.predicted.r_star - p.r_star) and abs(v.err_r) < 0.01
+    assert v.covered is True and (v.observed_lo, v.observed_hi) == (p.lo, p.hi)
+    assert without.validations == ()

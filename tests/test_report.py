@@ -154,3 +154,42 @@ def test_curves_average_seeds_and_cap_the_panels():
     fig = curves_figure(many, "general_acc")
     shown = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
     assert len(shown) == 8 <= MAX_CURVE_PANELS and all("D=1e+07" in ax.get_title() for ax in shown)
+
+
+def test_fit_csv_role_column_holds_a_size_out_and_reports_it(tmp_path):
+    """`kislurm fit` with role=validate rows: that size never enters the law; the summary, law.txt and law.json
+    set its observed r* against the prediction; the law plot draws it."""
+    from kislurm.aggregate import fit_measurements_csv
+
+    rng = np.random.default_rng(4)
+    ms, _ = simulate(rng, {"s": (0.5, 1e5), "m": (0.7, 4e5), "l": (0.85, 1.6e6), "v": (0.9, 3.2e6)}, n_facts=300)
+    lines = ["size,params,tokens,ratio,retention,n_facts,role"] + \
+        [f"{m.size},{m.params:g},{m.tokens:g},{m.ratio},{m.retention},300,{'validate' if m.size == 'v' else ''}"
+         for m in ms]
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    result = fit_measurements_csv(tmp_path / "t.csv", tmp_path / "out", bootstrap=60)
+    law = result.law
+    assert law.ok and [p.size for p in law.points if p.used] == ["s", "m", "l"]
+    (v,) = law.validations
+    assert v.predicted.name == "v" and v.covered is not None
+    md = (tmp_path / "out/summary.md").read_text()
+    assert "### Validation (held-out sizes, never fitted)" in md and "| v |" in md.split("### Validation")[1]
+    assert "validation v: r* predicted" in result.law_text
+    lj = json.loads((tmp_path / "out/law.json").read_text())
+    assert lj["law"]["validations"][0]["predicted"]["name"] == "v"
+    fig = plot_law(Figure().subplots(), law)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "validation: observed (never fitted)" in labels and "validation: predicted" in labels
+
+
+@pytest.mark.parametrize("rows, needle", [
+    (["1e5,0.1,0.9,fit", "1e5,0.2,0.8,validate"], "either fitted or validated"),
+    (["1e5,0.1,0.9,held"], "neither 'fit' nor 'validate'"),
+])
+def test_fit_csv_role_errors_are_one_line(tmp_path, rows, needle):
+    from kislurm.measurements_csv import MeasurementError
+
+    (tmp_path / "t.csv").write_text("\n".join(["params,ratio,retention,role", *rows]) + "\n")
+    with pytest.raises(MeasurementError, match=needle) as e:
+        measurements_from_csv(tmp_path / "t.csv")
+    assert "\n" not in str(e.value) and "fix:" in str(e.value)
