@@ -35,7 +35,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors = list(_USER_ERRORS)
     for module, name in (("submit", "SubmitError"), ("store", "StoreError"), ("knowledge", "DataError"),
                          ("distributed", "TrainError"), ("aggregate", "AggregateError"),
-                         ("measurements_csv", "MeasurementError"), ("evaluate", "EvalError")):
+                         ("measurements_csv", "MeasurementError"), ("evaluate", "EvalError"),
+                         ("validate", "ValidationError")):
         try:
             errors.append(getattr(importlib.import_module(f"kislurm.{module}"), name))
         except (ImportError, AttributeError):
@@ -124,14 +125,16 @@ def load_cell_job():
     return module.CellJob()
 
 
-def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wait: bool = True) -> RunPaths:
-    """Write the plan, prepare shared data, submit what is not done, and (locally) wait with a progress bar."""
+def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wait: bool = True,
+               planned: list[Cell] | None = None) -> RunPaths:
+    """Write the plan (`planned`, default `cells`), prepare shared data, submit what of `cells` is not done, and
+    (locally) wait with a progress bar."""
     from tqdm import tqdm
 
     from .submit import RESUBMIT, cells_to_run, check_cluster, submit_cells, write_plan
 
     check_cluster(cfg.executor)
-    run = write_plan(cfg, cells, force=force)
+    run = write_plan(cfg, planned if planned is not None else cells, force=force)
     states = cells_to_run(run, cells)
     todo = [c for c, s in states if s in RESUBMIT]
     skipped = {s: sum(1 for _, t in states if t == s) for s in {t for _, t in states} if s not in RESUBMIT}
@@ -247,6 +250,41 @@ def fit(csv: str, out: str, unit: str, targets: tuple[str, ...]) -> None:
     click.echo(result.table_markdown)
     click.echo(result.law_text)
     click.echo(f"reports written to {result.out}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--size", required=True, help="The validation size (listed under analysis.validate_sizes).")
+@click.option("--points", type=int, default=5, show_default=True, help="Ratios to train (>= 4).")
+@click.option("--dry-run", is_flag=True, help="Show the cells and their estimated GPU-hours; submit nothing.")
+def validate(run: str, size: str, points: int, dry_run: bool) -> None:
+    """Train a held-out SIZE of RUN at ratios placed around the law's predicted r* (spaced in log-odds, widened so
+    the collapse is bracketed), submitted as `kislurm submit` does; aggregate afterwards for the comparison."""
+    from .aggregate import aggregate_runs
+    from .validate import ValidationError, full_sweep, gpu_hours, validation_cells
+
+    paths = RunPaths(Path(run))
+    if not paths.config.exists():
+        raise FileNotFoundError(f"{paths.config}: not a run folder; fix: pass a folder made by `kislurm submit`")
+    if not (paths.reports / "law.json").exists():
+        raise ValidationError(f"{run} has no law yet (no reports/law.json); fix: run `kislurm aggregate {run}` "
+                              "once the fitted sizes are done")
+    cfg = load_config(paths.config)
+    law = aggregate_runs([paths.root], echo=lambda *_: None).law
+    vp = validation_cells(cfg, law, size, points)
+    p = vp.prediction
+    click.echo(f"{size} (N={vp.params:.3g}): predicted r* {p.r_star:.3g} [{p.r_lo:.3g}, {p.r_hi:.3g}], width "
+               f"{p.width if p.width is not None else float('nan'):.3g}; ratios {', '.join(f'{r:g}' for r in vp.ratios)}")
+    vocab = cfg.data.vocab_size
+    if dry_run:
+        for c in vp.cells:
+            click.echo(f"  {c.name}  steps {c.steps}  ~{gpu_hours(c, vocab):.3g} GPU-h")
+        sweep = full_sweep(cfg, size)
+        click.echo(f"{len(vp.cells)} cells, ~{sum(gpu_hours(c, vocab) for c in vp.cells):.3g} GPU-h; a full sweep "
+                   f"of {size} on the grid: {len(sweep)} cells, ~{sum(gpu_hours(c, vocab) for c in sweep):.3g} GPU-h "
+                   "(estimate: trainer FLOPs per token x tokens at 40% MFU of an H100's bf16 peak)")
+        return
+    submit_run(cfg, vp.cells, planned=expand(cfg) + vp.cells)
 
 
 @main.command()

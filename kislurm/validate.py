@@ -1,0 +1,106 @@
+"""Validation planning: where to spend a held-out size's compute, from the law fitted on the other sizes.
+
+`plan_ratios` (pure) turns a predicted r* interval into infusion ratios spaced evenly in log-odds (the axis the
+collapse curve is fitted on), widened so that the collapse is bracketed wherever in the interval it falls: the
+two lowest ratios lie at least `margin` x ln 3 x width below the interval (where the curve keeps >= 75% of its
+drop: kislurm.collapse's bracketing rule, with a 50% safety margin at the default 1.5), the two highest as far
+above it, the rest evenly between; `width` is the predicted 1/steepness (kislurm.law's width line).
+`validation_cells` builds the cells (ids as usual) for `kislurm validate`, and `gpu_hours` estimates their cost.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import ExperimentConfig
+from .law import LawFit, Prediction, predict_law
+from .plan import Cell
+
+MIN_POINTS = 4           # the collapse fit's minimum: two ratios on each side of r*
+DEFAULT_WIDTH = 1 / 3.0  # 1/steepness when the law has no width line (a typical curve in log-odds)
+PEAK_FLOPS = 989e12      # dense bf16 peak of an H100/H200 (kislurm.train.PEAK_BF16_FLOPS), for GPU-hours
+MFU = 0.4
+
+
+class ValidationError(ValueError):
+    """A validation request that cannot be planned; one line with the fix."""
+
+
+def _logit(r: float) -> float:
+    return math.log(r / (1.0 - r))
+
+
+def _round_ratio(r: float) -> float:
+    """Three significant digits of r, or of 1 - r near 1 (so 0.99731 stays 0.997, not 1.0)."""
+    if r <= 0.5:
+        return float(f"{r:.3g}")
+    return 1.0 - float(f"{1.0 - r:.3g}")
+
+
+def plan_ratios(r_lo: float, r_hi: float, width: float | None, points: int = 5, margin: float = 1.5) -> list[float]:
+    """`points` ratios spanning [r_lo, r_hi] in log-odds, widened to bracket the collapse (see the module doc)."""
+    if points < MIN_POINTS:
+        raise ValidationError(f"{points} validation ratios: the collapse fit needs >= {MIN_POINTS} (two on each side "
+                              f"of r*); fix: --points {MIN_POINTS} or more")
+    if not (0.0 < r_lo <= r_hi < 1.0):
+        raise ValidationError(f"predicted r* interval [{r_lo:g}, {r_hi:g}] is not inside (0, 1); fix: check the law "
+                              "(a unit without a ratio, or a prediction beyond r = 1)")
+    w = width if width is not None and math.isfinite(width) and width > 0 else DEFAULT_WIDTH
+    g = margin * math.log(3.0) * w
+    inner_lo, inner_hi = _logit(r_lo) - g, _logit(r_hi) + g
+    step = (inner_hi - inner_lo) / (points - 3)
+    xs = [inner_lo - step + k * step for k in range(points)]
+    out = sorted({_round_ratio(1.0 / (1.0 + math.exp(-x))) for x in xs})
+    return [r for r in out if 0.0 < r < 1.0]
+
+
+@dataclass(frozen=True)
+class ValidationPlan:
+    size: str
+    params: float
+    prediction: Prediction
+    ratios: list[float]
+    cells: list[Cell]
+
+
+def validation_cells(cfg: ExperimentConfig, law: LawFit, size: str, points: int = 5) -> ValidationPlan:
+    """The cells (every token budget and seed of the grid) that validate `size` against `law`."""
+    presets = cfg.presets
+    if size not in presets:
+        raise ValidationError(f"unknown size {size!r}; fix: use one of {sorted(presets)} or define it under models:")
+    if size not in cfg.analysis.validate_sizes:
+        where = "is fitted (in grid.sizes)" if size in cfg.grid.sizes else "is not a validation size"
+        raise ValidationError(f"size {size!r} {where}; fix: list it under analysis.validate_sizes in the run's "
+                              "config.yaml so that it never enters the fit, then re-aggregate")
+    if not law.ok:
+        raise ValidationError(f"the run has no law to validate: {law.reason}")
+    if any(p.used and p.size == size for p in law.points):
+        raise ValidationError(f"size {size!r} is in the law's fit; fix: re-aggregate after adding it to "
+                              "analysis.validate_sizes")
+    model = presets[size]
+    params = float(model.param_counts(cfg.data.vocab_size)["non_embedding"])
+    pred = predict_law(law, params, name=size, safe=True)
+    if pred.r_lo is None or pred.r_hi is None:
+        raise ValidationError(f"the law's unit {law.unit!r} gives no ratio interval at {size}; fix: fit in odds "
+                              "(analysis.unit: odds) to plan validation ratios")
+    ratios = plan_ratios(pred.r_lo, pred.r_hi, pred.width, points)
+    cells = [Cell(size=size, ratio=r, tokens=t, seed=s, model=model, data=cfg.data, train=cfg.train, eval=cfg.eval)
+             for t in cfg.grid.token_budgets for r in ratios for s in cfg.grid.seeds]
+    return ValidationPlan(size, params, pred, ratios, cells)
+
+
+def gpu_hours(cell: Cell, vocab_size: int, mfu: float = MFU, peak: float = PEAK_FLOPS) -> float:
+    """Estimated GPU-hours of one cell: the trainer's FLOPs per token (6 x (non-embedding + output-layer) params
+    + attention, kislurm.train) x tokens, at `mfu` of `peak`. An estimate for planning, not a measurement."""
+    m = cell.model
+    per_token = 6 * (m.param_counts(vocab_size)["non_embedding"] + vocab_size * m.hidden_size) \
+        + 12 * m.num_layers * m.hidden_size * m.seq_length
+    return per_token * cell.steps * cell.train.global_batch_size * m.seq_length / (mfu * peak) / 3600.0
+
+
+def full_sweep(cfg: ExperimentConfig, size: str) -> list[Cell]:
+    """The cells the fixed grid would give `size` (every grid ratio, budget and seed): what validation saves."""
+    model = cfg.presets[size]
+    return [Cell(size=size, ratio=r, tokens=t, seed=s, model=model, data=cfg.data, train=cfg.train, eval=cfg.eval)
+            for t in cfg.grid.token_budgets for r in sorted(cfg.grid.ratios) for s in cfg.grid.seeds]
