@@ -382,6 +382,10 @@ def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optiona
         with worker_pool() as readers:
             readers.submit(int).result()  # every reader is forked now, before the import thread starts
             keys = store_keys(find_stores(runs), readers)
+            if not keys:
+                raise AggregateError(f"no retention stores under {', '.join(map(str, runs))}: nothing has written "
+                                     "an evaluation yet; fix: check the folder, or wait for cells to run "
+                                     "(`kislurm status RUN`)")
             print_ = fingerprint(keys, cfg)
             previous = _load_result(out, print_)
             if previous is not None:
@@ -412,8 +416,6 @@ def _aggregate(runs: list[Path], keys: dict[str, tuple[int, int]], cfg: Analysis
 
     curves = [Curve(size=s.size, ratio=s.ratio, tokens=s.tokens, seed=s.seed, step=s.step, retention=s.series)
               for s in summaries if s.series is not None]
-    if not keys:
-        echo(f"kislurm: no retention stores under {', '.join(map(str, runs))} (nothing has run yet?)")
     result = analyse(ms, cfg, out, summary, curves, executor=pool)
     result.excluded, result.unreadable, result.n_read = excluded, unreadable, n_read
     return result

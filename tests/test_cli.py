@@ -34,6 +34,8 @@ def test_known_errors_are_one_line_exit_2(tmp_path):
     bad_csv.write_text("params,ratio\n1e5,0.5\n")
     bad_yaml = tmp_path / "c.yaml"
     bad_yaml.write_text("grid: {ratios: [2]}\n")
+    empty_run = tmp_path / "empty"
+    (empty_run / "cells").mkdir(parents=True)
     cases = [
         (["fit", str(bad_csv)], "missing column 'retention'"),
         (["aggregate", str(tmp_path / "nope")], "no such run folder"),
@@ -41,6 +43,7 @@ def test_known_errors_are_one_line_exit_2(tmp_path):
         (["plan", str(bad_yaml)], "grid.ratios[0]: expected a ratio strictly between 0 and 1"),
         (["plan", str(tmp_path / "absent.yaml")], "config file not found"),
         (["submit", str(REPO / "configs" / "tiny.yaml"), "--set", "oops"], "expected KEY=VALUE"),
+        (["aggregate", str(empty_run)], "no retention stores under"),
     ]
     for args, expected in cases:
         code, lines = run(args)
