@@ -11,6 +11,7 @@ above it, the rest evenly between; `width` is the predicted 1/steepness (kislurm
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import ExperimentConfig
@@ -104,3 +105,80 @@ def full_sweep(cfg: ExperimentConfig, size: str) -> list[Cell]:
     model = cfg.presets[size]
     return [Cell(size=size, ratio=r, tokens=t, seed=s, model=model, data=cfg.data, train=cfg.train, eval=cfg.eval)
             for t in cfg.grid.token_budgets for r in sorted(cfg.grid.ratios) for s in cfg.grid.seeds]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The adaptive ladder: each further size's ratios placed from the law fitted on the sizes already done
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def next_rung_ratios(law: LawFit, params: float, points: int = 5) -> list[float]:
+    """The ratios for the next size of a ladder: the validation planner around the law's prediction there."""
+    if not law.ok:
+        raise ValidationError(f"no law to place the next rung from: {law.reason}; fix: widen the starting grid so "
+                              "the two smallest sizes' collapses are bracketed")
+    pred = predict_law(law, params, safe=True)
+    if pred.r_lo is None or pred.r_hi is None:
+        raise ValidationError(f"the law's unit {law.unit!r} gives no ratio interval; fix: analysis.unit: odds")
+    return plan_ratios(pred.r_lo, pred.r_hi, pred.width, points)
+
+
+@dataclass(frozen=True)
+class Rung:
+    size: str
+    params: float
+    ratios: list[float]     # every ratio trained at this size (the planned ones, then any added)
+
+
+def _extend(ratios: list[float], flag: str, n: int = 2) -> list[float]:
+    """n more ratios beyond the side a collapse was not bracketed on (both sides when no collapse was seen), at the
+    rung's own log-odds spacing."""
+    x = sorted(_logit(r) for r in ratios)
+    step = float(sorted(b - a for a, b in zip(x, x[1:]))[len(x) // 2 - 1]) if len(x) > 1 else 1.0
+    new = []
+    if flag in ("unbracketed-high", "absent", "too-few-points", "non-monotone"):
+        new += [x[-1] + k * step for k in range(1, n + 1)]
+    if flag in ("unbracketed-low", "absent", "too-few-points", "non-monotone"):
+        new += [x[0] - k * step for k in range(1, n + 1)]
+    out = {_round_ratio(1.0 / (1.0 + math.exp(-v))) for v in new}
+    return sorted(r for r in out if 0.0 < r < 1.0 and r not in ratios)
+
+
+def adaptive_ladder(sizes: dict[str, float], start: list[float], measure: Callable[[str, float, list[float]], list],
+                    fit: Callable[[list], tuple[list, LawFit]], points: int = 5, target_width: float | None = None,
+                    max_rounds: int = 3) -> tuple[list[Rung], LawFit]:
+    """Run a ladder: the two smallest sizes on `start`, each further size (by params) on `points` ratios placed from
+    the law of the sizes before it (next_rung_ratios). `measure(size, params, ratios)` trains (or simulates) those
+    cells and returns their measurements; `fit(measurements)` returns (collapses, law). A rung whose collapse is
+    not bracketed (the prediction missed: with two or three sizes the law's lack of fit is barely known) gets two
+    more ratios beyond the side it missed, at its own spacing; with `target_width`, a bracketed rung whose r*
+    interval is wider (in log-odds) gets `points` more placed across that interval. At most `max_rounds` additions
+    per rung."""
+    order = sorted(sizes, key=sizes.get)
+    if len(order) < 2 or len(start) < MIN_POINTS:
+        raise ValidationError(f"an adaptive ladder needs >= 2 sizes and >= {MIN_POINTS} starting ratios; fix: list "
+                              "more sizes or ratios")
+    ms: list = []
+    rungs: list[Rung] = []
+    law: LawFit | None = None
+    for k, size in enumerate(order):
+        n = sizes[size]
+        ratios = sorted(start) if k < 2 else next_rung_ratios(law, n, points)
+        ms += measure(size, n, ratios)
+        collapses, law = fit(ms)
+        for _ in range(max_rounds if k >= 2 else 0):
+            c = next(c for c in collapses if c.size == size)
+            if c.flag != "ok":
+                extra = _extend(ratios, c.flag)
+            elif target_width is not None and _logit(c.hi) - _logit(c.lo) > target_width:
+                width = 1.0 / c.logistic.steepness if c.logistic else None
+                extra = [r for r in plan_ratios(c.lo, c.hi, width, points) if r not in ratios]
+            else:
+                break
+            if not extra:
+                break
+            ms += measure(size, n, extra)
+            ratios = sorted(ratios + extra)
+            collapses, law = fit(ms)
+        rungs.append(Rung(size, n, ratios))
+    return rungs, law
