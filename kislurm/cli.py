@@ -105,8 +105,30 @@ def plan(config: str, overrides: tuple[str, ...]) -> None:
     for r in rows:
         click.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
     g = cfg.grid
+    if g.adaptive:
+        click.echo(_ladder_estimate(cfg, cells))
+        return
     click.echo(f"\n{len(cells)} cells = {len(g.sizes)} sizes x {len(g.ratios)} ratios x {len(g.token_budgets)} "
                f"token budgets x {len(g.seeds)} seeds; executor: {cfg.executor.cluster}; run folder: {run_dir(cfg)}")
+
+
+def _ladder_estimate(cfg: ExperimentConfig, first: list[Cell]) -> str:
+    """Expected cells and GPU-hours of an adaptive ladder (no added ratios) against the fixed grid of its start
+    ratios on every size."""
+    from .plan import ladder_order, size_cells
+    from .validate import full_sweep, gpu_hours
+
+    g, vocab = cfg.grid, cfg.data.vocab_size
+    one_ratio = [c for s in ladder_order(cfg)[2:] for c in size_cells(cfg, s, [0.5])]  # cost does not depend on r
+    n_rest = g.rung_points * len(one_ratio)
+    fixed = [c for s in g.sizes for c in full_sweep(cfg, s)]
+    hours = [sum(gpu_hours(c, vocab) for c in first) + g.rung_points * sum(gpu_hours(c, vocab) for c in one_ratio),
+             sum(gpu_hours(c, vocab) for c in fixed)]
+    return (f"\nadaptive ladder: {len(first)} cells now (the two smallest sizes on {len(g.start_ratios)} start "
+            f"ratios), {n_rest} more expected ({g.rung_points} ratios per further size, placed from the law as each "
+            f"rung finishes): {len(first) + n_rest} cells, ~{hours[0]:.3g} GPU-h, against {len(fixed)} cells, "
+            f"~{hours[1]:.3g} GPU-h for the start ratios on every size; executor: {cfg.executor.cluster}; run "
+            f"folder: {run_dir(cfg)}")
 
 
 def load_cell_job():
@@ -185,7 +207,34 @@ def submit(config: str, dry_run: bool, force: bool, overrides: tuple[str, ...]) 
     if dry_run:
         click.echo(render(cfg, cells))
         return
+    if cfg.grid.adaptive:
+        submit_ladder(cfg, force=force)
+        return
     submit_run(cfg, cells, force=force)
+
+
+def submit_ladder(cfg: ExperimentConfig, force: bool = False) -> None:
+    """An adaptive grid (grid.ratios: adaptive): submit what can be planned now; locally, wait for it, place the next
+    rung from the law so far (kislurm.validate.ladder_plan) and go on; on Slurm stop until the next `kislurm submit`
+    (or a cron job running it) finds the rung before done."""
+    from .aggregate import aggregate_runs
+    from .validate import ladder_plan
+
+    def law_of(run: RunPaths) -> Any:
+        return aggregate_runs([run.root], echo=lambda *_: None).law
+
+    paths = RunPaths(run_dir(cfg))
+    planned, why = ladder_plan(cfg, paths, law_of)
+    while True:
+        submit_run(cfg, planned, force=force)
+        if cfg.executor.cluster == "slurm":
+            break
+        more, why = ladder_plan(cfg, paths, law_of)
+        if len(more) == len(planned):
+            break
+        click.echo(why)
+        planned = more
+    click.echo(why)
 
 
 @main.command()
@@ -274,7 +323,8 @@ def validate(run: str, size: str, points: int, dry_run: bool) -> None:
     vp = validation_cells(cfg, law, size, points)
     p = vp.prediction
     click.echo(f"{size} (N={vp.params:.3g}): predicted r* {p.r_star:.3g} [{p.r_lo:.3g}, {p.r_hi:.3g}], width "
-               f"{p.width if p.width is not None else float('nan'):.3g}; ratios {', '.join(f'{r:g}' for r in vp.ratios)}")
+               f"{p.width if p.width is not None else float('nan'):.3g}; "
+               f"ratios {', '.join(f'{r:g}' for r in vp.ratios)}")
     vocab = cfg.data.vocab_size
     if dry_run:
         for c in vp.cells:

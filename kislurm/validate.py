@@ -10,13 +10,15 @@ above it, the rest evenly between; `width` is the predicted 1/steepness (kislurm
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import ExperimentConfig
 from .law import LawFit, Prediction, predict_law
-from .plan import Cell
+from .paths import RunPaths
+from .plan import Cell, expand, ladder_order, size_cells
 
 MIN_POINTS = 4           # the collapse fit's minimum: two ratios on each side of r*
 DEFAULT_WIDTH = 1 / 3.0  # 1/steepness when the law has no width line (a typical curve in log-odds)
@@ -86,9 +88,7 @@ def validation_cells(cfg: ExperimentConfig, law: LawFit, size: str, points: int 
         raise ValidationError(f"the law's unit {law.unit!r} gives no ratio interval at {size}; fix: fit in odds "
                               "(analysis.unit: odds) to plan validation ratios")
     ratios = plan_ratios(pred.r_lo, pred.r_hi, pred.width, points)
-    cells = [Cell(size=size, ratio=r, tokens=t, seed=s, model=model, data=cfg.data, train=cfg.train, eval=cfg.eval)
-             for t in cfg.grid.token_budgets for r in ratios for s in cfg.grid.seeds]
-    return ValidationPlan(size, params, pred, ratios, cells)
+    return ValidationPlan(size, params, pred, ratios, size_cells(cfg, size, ratios))
 
 
 def gpu_hours(cell: Cell, vocab_size: int, mfu: float = MFU, peak: float = PEAK_FLOPS) -> float:
@@ -101,10 +101,9 @@ def gpu_hours(cell: Cell, vocab_size: int, mfu: float = MFU, peak: float = PEAK_
 
 
 def full_sweep(cfg: ExperimentConfig, size: str) -> list[Cell]:
-    """The cells the fixed grid would give `size` (every grid ratio, budget and seed): what validation saves."""
-    model = cfg.presets[size]
-    return [Cell(size=size, ratio=r, tokens=t, seed=s, model=model, data=cfg.data, train=cfg.train, eval=cfg.eval)
-            for t in cfg.grid.token_budgets for r in sorted(cfg.grid.ratios) for s in cfg.grid.seeds]
+    """The cells the fixed grid would give `size` (every grid ratio, budget and seed; an adaptive grid's start
+    ratios): what validation or the ladder saves."""
+    return size_cells(cfg, size, cfg.grid.start_ratios if cfg.grid.adaptive else cfg.grid.ratios)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -182,3 +181,42 @@ def adaptive_ladder(sizes: dict[str, float], start: list[float], measure: Callab
             collapses, law = fit(ms)
         rungs.append(Rung(size, n, ratios))
     return rungs, law
+
+
+def existing_ratios(run: RunPaths, size: str) -> list[float]:
+    """Ratios of the cells of `size` already planned in the run folder (their cell.json files)."""
+    found = set()
+    if run.cells.is_dir():
+        for spec in run.cells.glob("*/cell.json"):
+            try:
+                d = json.loads(spec.read_text())
+            except (OSError, ValueError):
+                continue
+            if d.get("size") == size:
+                found.add(float(d["ratio"]))
+    return sorted(found)
+
+
+def ladder_plan(cfg: ExperimentConfig, run: RunPaths,
+                law_of: Callable[[RunPaths], LawFit]) -> tuple[list[Cell], str]:
+    """The cells an adaptive run can have now, and why it stops there: the two smallest sizes (expand), every
+    further rung already planned (its ratios read back from the run folder, so a resubmission never re-plans it),
+    and the next rung when every cell before it is done (its ratios from `law_of(run)`, the law of the sizes so
+    far). One new rung per call: it has to be trained before the next can be placed."""
+    from .submit import cells_to_run
+
+    cells = expand(cfg)
+    for size in ladder_order(cfg)[2:]:
+        ratios = existing_ratios(run, size)
+        if ratios:
+            cells += size_cells(cfg, size, ratios)
+            continue
+        waiting = [c for c, s in cells_to_run(run, cells) if s != "done"] if run.cells.is_dir() else cells
+        if waiting:
+            return cells, (f"adaptive ladder: {size} is placed once the {len(waiting)} unfinished cells of the smaller "
+                           "sizes are done; run `kislurm submit` again then")
+        n = float(cfg.presets[size].param_counts(cfg.data.vocab_size)["non_embedding"])
+        ratios = next_rung_ratios(law_of(run), n, cfg.grid.rung_points)
+        return cells + size_cells(cfg, size, ratios), (f"adaptive ladder: {size} placed at ratios "
+                                                       f"{', '.join(f'{r:g}' for r in ratios)} from the law so far")
+    return cells, "adaptive ladder: every size is planned"

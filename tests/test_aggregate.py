@@ -25,9 +25,9 @@ def _logit(r: float) -> float:
 
 
 def write_cell(run: RunPaths, size: str, params: float, mid: float, ratio: float, rng: np.random.Generator,
-               steps: tuple[int, ...] = (10, 20), complete: bool = True) -> Path:
+               steps: tuple[int, ...] = (10, 20), complete: bool = True, name: str | None = None) -> Path:
     """A store whose infused facts are retained following a logistic collapse at `mid` (per-probe bits drawn)."""
-    name = f"{size}_r{ratio}_s0_{size}{int(ratio * 100):08d}"
+    name = name or f"{size}_r{ratio}_s0_{size}{int(ratio * 100):08d}"
     path = run.cell(name).store
     meta = {"cell_id": name[-10:], "name": name, "size": size, "ratio": ratio, "tokens": 1000, "seed": 0,
             "config": {}, "params_total": params, "params_non_embedding": params, "n_choices": 4,

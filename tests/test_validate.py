@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -183,3 +184,68 @@ def test_adaptive_ladder_brackets_every_rung_with_fewer_cells_than_the_fixed_gri
             widths[k].append(lw.b_interval[1] - lw.b_interval[0])
     assert cells[0] < cells[1] and cells.tolist() == [339, 396]
     assert np.median(widths[0]) < np.median(widths[1])
+
+
+ADAPTIVE = {"name": "ladder", "grid": {"sizes": ["cpu-m", "cpu-xs", "cpu-s", "cpu-l"], "ratios": "adaptive",
+                                       "start_ratios": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+                                       "rung_points": 5},
+            "analysis": {"bootstrap": 30, "metric": "infused_acc"}}
+
+
+def test_adaptive_config_plans_the_two_smallest_first(tmp_path):
+    from kislurm.plan import expand, ladder_order
+
+    cfg = config_from_dict({**ADAPTIVE, "output_root": str(tmp_path)})
+    assert cfg.grid.adaptive and ladder_order(cfg) == ["cpu-xs", "cpu-s", "cpu-m", "cpu-l"]
+    cells = expand(cfg)
+    assert [(c.size, c.ratio) for c in cells][::9] == [("cpu-xs", 0.1), ("cpu-s", 0.1)] and len(cells) == 18
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**ADAPTIVE, "output_root": str(tmp_path)}))
+    out = CliRunner().invoke(main, ["plan", str(tmp_path / "c.yaml")])
+    assert out.exit_code == 0, out.output
+    assert "adaptive ladder: 18 cells now" in out.output and "10 more expected" in out.output
+    assert "28 cells" in out.output and "against 36 cells" in out.output
+    bad = {**ADAPTIVE, "grid": {**ADAPTIVE["grid"], "start_ratios": [0.1, 0.5, 0.9]}}
+    with pytest.raises(Exception, match="needs >= 4 start_ratios"):
+        config_from_dict(bad)
+    with pytest.raises(Exception, match="expected a list or one of 'adaptive'"):
+        config_from_dict({"grid": {"ratios": "some"}})
+
+
+def test_ladder_plan_places_each_rung_once_its_predecessors_are_done(tmp_path):
+    from test_aggregate import write_cell
+
+    from kislurm.aggregate import aggregate_runs
+    from kislurm.config import BUILTIN_PRESETS
+    from kislurm.plan import expand
+    from kislurm.validate import ladder_plan
+
+    cfg = config_from_dict({**ADAPTIVE, "output_root": str(tmp_path)})
+    run = RunPaths(tmp_path / "ladder")
+
+    def law_of(r):
+        return aggregate_runs([r.root], echo=lambda *_: None).law
+
+    cells, why = ladder_plan(cfg, run, law_of)
+    assert cells == expand(cfg) and "cpu-m is placed once the 18 unfinished cells" in why
+    run.cells.mkdir(parents=True)
+    run.config.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    rng = np.random.default_rng(0)
+    mid = {}
+    for c in cells:
+        n = BUILTIN_PRESETS[c.size].param_counts(512)["non_embedding"]
+        odds = 0.4 * n / 14496
+        mid[c.size] = odds / (1 + odds)
+        write_cell(run, c.size, n, mid[c.size], c.ratio, rng, name=c.name)
+    cells, why = ladder_plan(cfg, run, law_of)
+    rung = [c for c in cells if c.size == "cpu-m"]
+    assert len(cells) == 23 and len(rung) == 5 and "cpu-m placed at ratios" in why
+    n_m = BUILTIN_PRESETS["cpu-m"].param_counts(512)["non_embedding"]
+    truth = 0.4 * n_m / 14496 / (1 + 0.4 * n_m / 14496)
+    ratios = sorted(c.ratio for c in rung)
+    assert ratios[1] < truth < ratios[-2]
+    # once planned (cell.json written), a rung is read back, never re-placed; the next waits for it
+    for c in rung:
+        run.cell(c.name).root.mkdir(parents=True, exist_ok=True)
+        run.cell(c.name).spec.write_text(json.dumps(c.to_json()))
+    again, why = ladder_plan(cfg, run, law_of)
+    assert [c.cell_id for c in again] == [c.cell_id for c in cells] and "cpu-l is placed once the 5" in why
