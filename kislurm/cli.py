@@ -36,7 +36,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     for module, name in (("submit", "SubmitError"), ("store", "StoreError"), ("knowledge", "DataError"),
                          ("distributed", "TrainError"), ("aggregate", "AggregateError"),
                          ("measurements_csv", "MeasurementError"), ("evaluate", "EvalError"),
-                         ("validate", "ValidationError")):
+                         ("validate", "ValidationError"), ("pilot", "PilotError")):
         try:
             errors.append(getattr(importlib.import_module(f"kislurm.{module}"), name))
         except (ImportError, AttributeError):
@@ -335,6 +335,28 @@ def validate(run: str, size: str, points: int, dry_run: bool) -> None:
                    "(estimate: trainer FLOPs per token x tokens at 40% MFU of an H100's bf16 peak)")
         return
     submit_run(cfg, vp.cells, planned=expand(cfg) + vp.cells)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@_set_option
+def pilot(config: str, overrides: tuple[str, ...]) -> None:
+    """Before the grid: train the smallest size of CONFIG at the lowest and the highest ratio, and refuse the grid
+    (one line, exit 2) unless retention at the low ratio sits well above chance and the high ratio loses it."""
+    from .aggregate import CellDigest, summarise
+    from .pilot import PilotResult, chance_of, judge, pilot_cells
+
+    cfg, _ = _load(config, overrides)
+    cells = pilot_cells(cfg)
+    run = submit_run(cfg, cells)
+    got = [summarise(str(run.cell(c.name).store), cfg.analysis.metric) for c in cells]
+    if not all(isinstance(d, CellDigest) and d.complete and d.value is not None for d in got):
+        click.echo(f"pilot: {', '.join(c.name for c in cells)} not finished yet; run `kislurm pilot {config}` again "
+                   "when they are done")
+        return
+    low, high = got
+    click.echo(judge(PilotResult(cells[0].ratio, cells[1].ratio, float(low.value), float(high.value),
+                                 chance_of(cfg.analysis.metric, low.n_choices))))
 
 
 @main.command()

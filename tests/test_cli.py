@@ -10,7 +10,7 @@ from kislurm.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("command", ["plan", "submit", "status", "aggregate", "fit", "validate", "demo"])
+@pytest.mark.parametrize("command", ["plan", "submit", "status", "aggregate", "fit", "validate", "pilot", "demo"])
 def test_every_command_has_help(command):
     out = CliRunner().invoke(main, [command, "--help"])
     assert out.exit_code == 0 and "Usage:" in out.output and len(out.output.splitlines()) > 4
