@@ -220,16 +220,17 @@ def submit_ladder(cfg: ExperimentConfig, force: bool = False) -> None:
     from .aggregate import aggregate_runs
     from .validate import ladder_plan
 
-    def law_of(run: RunPaths) -> Any:
-        return aggregate_runs([run.root], echo=lambda *_: None).law
+    def analyse(run: RunPaths) -> Any:
+        result = aggregate_runs([run.root], echo=lambda *_: None)
+        return result.collapses, result.law
 
     paths = RunPaths(run_dir(cfg))
-    planned, why = ladder_plan(cfg, paths, law_of)
+    planned, why = ladder_plan(cfg, paths, analyse)
     while True:
         submit_run(cfg, planned, force=force)
         if cfg.executor.cluster == "slurm":
             break
-        more, why = ladder_plan(cfg, paths, law_of)
+        more, why = ladder_plan(cfg, paths, analyse)
         if len(more) == len(planned):
             break
         click.echo(why)

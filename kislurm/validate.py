@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import ExperimentConfig
+from .collapse import CollapseResult
 from .law import LawFit, Prediction, predict_law
 from .paths import RunPaths
 from .plan import Cell, expand, ladder_order, size_cells
@@ -143,6 +144,17 @@ def _extend(ratios: list[float], flag: str, n: int = 2) -> list[float]:
     return sorted(r for r in out if 0.0 < r < 1.0 and r not in ratios)
 
 
+def more_ratios(c: CollapseResult, ratios: list[float], points: int, target_width: float | None) -> list[float]:
+    """Ratios a finished rung still needs: beyond the side its collapse was missed on, or (with target_width)
+    `points` across its r* interval while that is wider than target_width in log-odds; [] when it is done."""
+    if c.flag != "ok":
+        return _extend(ratios, c.flag)
+    if target_width is not None and math.isfinite(c.lo) and _logit(c.hi) - _logit(c.lo) > target_width:
+        width = 1.0 / c.logistic.steepness if c.logistic else None
+        return [r for r in plan_ratios(c.lo, c.hi, width, points) if r not in ratios]
+    return []
+
+
 def adaptive_ladder(sizes: dict[str, float], start: list[float], measure: Callable[[str, float, list[float]], list],
                     fit: Callable[[list], tuple[list, LawFit]], points: int = 5, target_width: float | None = None,
                     max_rounds: int = 3) -> tuple[list[Rung], LawFit]:
@@ -166,14 +178,7 @@ def adaptive_ladder(sizes: dict[str, float], start: list[float], measure: Callab
         ms += measure(size, n, ratios)
         collapses, law = fit(ms)
         for _ in range(max_rounds if k >= 2 else 0):
-            c = next(c for c in collapses if c.size == size)
-            if c.flag != "ok":
-                extra = _extend(ratios, c.flag)
-            elif target_width is not None and _logit(c.hi) - _logit(c.lo) > target_width:
-                width = 1.0 / c.logistic.steepness if c.logistic else None
-                extra = [r for r in plan_ratios(c.lo, c.hi, width, points) if r not in ratios]
-            else:
-                break
+            extra = more_ratios(next(c for c in collapses if c.size == size), ratios, points, target_width)
             if not extra:
                 break
             ms += measure(size, n, extra)
@@ -198,25 +203,37 @@ def existing_ratios(run: RunPaths, size: str) -> list[float]:
 
 
 def ladder_plan(cfg: ExperimentConfig, run: RunPaths,
-                law_of: Callable[[RunPaths], LawFit]) -> tuple[list[Cell], str]:
+                analyse: Callable[[RunPaths], tuple[list[CollapseResult], LawFit]],
+                max_rounds: int = 3) -> tuple[list[Cell], str]:
     """The cells an adaptive run can have now, and why it stops there: the two smallest sizes (expand), every
     further rung already planned (its ratios read back from the run folder, so a resubmission never re-plans it),
-    and the next rung when every cell before it is done (its ratios from `law_of(run)`, the law of the sizes so
-    far). One new rung per call: it has to be trained before the next can be placed."""
+    and the next rung when every cell before it is done (its ratios from the law of the sizes so far:
+    `analyse(run)` gives the collapses and the law). A finished rung whose collapse was missed, or whose r* interval
+    is wider than analysis.target_width, first gets more ratios (more_ratios; at most max_rounds x rung_points in
+    all). One step per call: what it adds has to be trained before the next step can be placed."""
     from .submit import cells_to_run
 
     cells = expand(cfg)
+    points = cfg.grid.rung_points
     for size in ladder_order(cfg)[2:]:
         ratios = existing_ratios(run, size)
         if ratios:
             cells += size_cells(cfg, size, ratios)
+            if len(ratios) < (1 + max_rounds) * points and not [c for c, s in cells_to_run(run, cells)
+                                                                 if s != "done"]:
+                rung = [c for c in analyse(run)[0] if c.size == size]
+                extra = more_ratios(rung[-1], ratios, points, cfg.analysis.target_width) if rung else []
+                if extra:
+                    return cells + size_cells(cfg, size, extra), (
+                        f"adaptive ladder: {size} gets ratios {', '.join(f'{r:g}' for r in extra)} ({rung[-1].flag}, "
+                        f"r* interval [{rung[-1].lo:.3g}, {rung[-1].hi:.3g}])")
             continue
         waiting = [c for c, s in cells_to_run(run, cells) if s != "done"] if run.cells.is_dir() else cells
         if waiting:
             return cells, (f"adaptive ladder: {size} is placed once the {len(waiting)} unfinished cells of the smaller "
                            "sizes are done; run `kislurm submit` again then")
         n = float(cfg.presets[size].param_counts(cfg.data.vocab_size)["non_embedding"])
-        ratios = next_rung_ratios(law_of(run), n, cfg.grid.rung_points)
+        ratios = next_rung_ratios(analyse(run)[1], n, points)
         return cells + size_cells(cfg, size, ratios), (f"adaptive ladder: {size} placed at ratios "
                                                        f"{', '.join(f'{r:g}' for r in ratios)} from the law so far")
     return cells, "adaptive ladder: every size is planned"

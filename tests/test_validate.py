@@ -223,7 +223,8 @@ def test_ladder_plan_places_each_rung_once_its_predecessors_are_done(tmp_path):
     run = RunPaths(tmp_path / "ladder")
 
     def law_of(r):
-        return aggregate_runs([r.root], echo=lambda *_: None).law
+        result = aggregate_runs([r.root], echo=lambda *_: None)
+        return result.collapses, result.law
 
     cells, why = ladder_plan(cfg, run, law_of)
     assert cells == expand(cfg) and "cpu-m is placed once the 18 unfinished cells" in why
@@ -249,3 +250,30 @@ def test_ladder_plan_places_each_rung_once_its_predecessors_are_done(tmp_path):
         run.cell(c.name).spec.write_text(json.dumps(c.to_json()))
     again, why = ladder_plan(cfg, run, law_of)
     assert [c.cell_id for c in again] == [c.cell_id for c in cells] and "cpu-l is placed once the 5" in why
+    # the rung trained (60 facts: noisy): while its collapse is not bracketed, it gets ratios beyond the side it
+    # missed; once it is, cpu-l is placed
+    known, m_ratios = 23, set(ratios)
+    for c in rung:
+        write_cell(run, c.size, n_m, truth, c.ratio, rng, name=c.name)
+    for _ in range(3):
+        nxt, why = ladder_plan(cfg, run, law_of)
+        added = nxt[known:]
+        if "cpu-l placed at ratios" in why:
+            break
+        assert "cpu-m gets ratios" in why and "unbracketed" in why and {c.size for c in added} == {"cpu-m"}
+        side = max if "unbracketed-high" in why else min
+        assert all((c.ratio > max(m_ratios)) if side is max else (c.ratio < min(m_ratios)) for c in added)
+        for c in added:   # as submitting them would: cell.json, then (trained) the store
+            run.cell(c.name).root.mkdir(parents=True, exist_ok=True)
+            run.cell(c.name).spec.write_text(json.dumps(c.to_json()))
+            write_cell(run, c.size, n_m, truth, c.ratio, rng, name=c.name)
+            m_ratios.add(c.ratio)
+        known = len(nxt)
+    assert "cpu-l placed at ratios" in why and {c.size for c in added} == {"cpu-l"} and len(added) == 5
+    # asked for an r* interval narrower than it got, the bracketed cpu-m rung gets ratios across its interval first
+    strict = config_from_dict({**ADAPTIVE, "output_root": str(tmp_path),
+                               "analysis": {**ADAPTIVE["analysis"], "target_width": 0.01}})
+    more, why = ladder_plan(strict, run, law_of)
+    added = more[known:]
+    assert {c.size for c in added} == {"cpu-m"} and "cpu-m gets ratios" in why and "(ok," in why
+    assert added and not {c.ratio for c in added} & m_ratios
