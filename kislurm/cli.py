@@ -363,16 +363,29 @@ def pilot(config: str, overrides: tuple[str, ...]) -> None:
 @main.command()
 @click.option("--config", type=click.Path(dir_okay=False), default=str(DEMO_CONFIG), show_default=True)
 @_set_option
-def demo(config: str, overrides: tuple[str, ...]) -> None:
+@click.option("--validate", "validate_size", metavar="SIZE",
+              help="Then train SIZE (a larger preset, e.g. cpu-xl), never fitted, at 5 ratios placed around the "
+                   "law's prediction, and report predicted against observed.")
+def demo(config: str, overrides: tuple[str, ...], validate_size: Optional[str]) -> None:
     """Run the embedded default end to end on this machine (CPU, gloo, tiny models, submitit's local executor):
     train every cell, then aggregate. Interrupt with Ctrl-C and run again: finished cells are not re-run."""
     from .aggregate import aggregate_runs
 
+    if validate_size:  # held out of the fit from the start; the analysis settings change no cell id
+        overrides = (*overrides, f"analysis.validate_sizes=[{validate_size}]")
     cfg, cells = _load(config, overrides)
     t0 = time.time()
     run = submit_run(cfg, cells)
     click.echo(f"trained {len(cells)} cells in {time.time() - t0:.0f} s")
     result = aggregate_runs([run.root], echo=click.echo)
+    if validate_size:
+        from .validate import validation_cells
+
+        vp = validation_cells(cfg, result.law, validate_size, points=5)
+        click.echo(f"validation: {validate_size} predicted r* {vp.prediction.r_star:.3g} [{vp.prediction.r_lo:.3g}, "
+                   f"{vp.prediction.r_hi:.3g}]; training it at {', '.join(f'{r:g}' for r in vp.ratios)}")
+        submit_run(cfg, vp.cells, planned=cells + vp.cells)
+        result = aggregate_runs([run.root], echo=click.echo)
     click.echo(result.table_markdown)
     click.echo(result.law_text)
     click.echo(f"reports written to {result.out}  (total {time.time() - t0:.0f} s)")
