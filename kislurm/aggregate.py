@@ -29,7 +29,7 @@ from .paths import RunPaths
 from .store import StoreDigest, StoreError, read_digest
 
 CACHE_NAME = ".aggregate-cache.pkl"
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 _METRIC = re.compile(r"^(general|infused)_(seen_|heldout_)?acc(_cc)?$")
 
 
@@ -57,6 +57,7 @@ class CellDigest:
     metric: str                           # what value, series and fact_scores are of
     metric_names: tuple[str, ...]
     value: Optional[float]                # the metric at the last evaluation, full precision (None: not recorded)
+    infused_value: Optional[float]        # its infused-facts counterpart there (what the ratio buys), if recorded
     step: np.ndarray                      # (S,) int32
     series: Optional[np.ndarray]          # (S,) float32: the metric over training (the curves plot)
     fact_scores: Optional[np.ndarray]     # (F,) float64 per-fact accuracy behind the metric at the last evaluation
@@ -99,9 +100,15 @@ def summarise(path: str, metric: str) -> CellDigest | str:
         n_infused_facts=_num(stats.get("infused_facts"), int),
         values_per_relation=_num((data_cfg.get("knowledge") or {}).get("values_per_relation"), int),
         metric=metric, metric_names=_SHARED.setdefault(d.metric_names, d.metric_names),  # one copy per pickled batch
-        value=d.final.get(metric), step=np.asarray(d.step, np.int32),
+        value=d.final.get(metric), infused_value=d.final.get(infused_metric(metric)),
+        step=np.asarray(d.step, np.int32),
         series=None if column is None else np.array(d.series[:, column], np.float32),
         fact_scores=fact_scores(d, metric))
+
+
+def infused_metric(metric: str) -> str:
+    """The infused-facts counterpart of a retention metric (general_acc -> infused_acc); itself otherwise."""
+    return "infused_" + metric[len("general_"):] if metric.startswith("general_") else metric
 
 
 def _num(value: Any, kind: type = float) -> Any:
@@ -304,7 +311,8 @@ def measurements(summaries: list[CellDigest], metric: str) -> tuple[list, list[t
         out.append(Measurement(size=s.size, params=s.params, ratio=s.ratio, tokens=s.tokens, seed=s.seed,
                                retention=s.value, fact_correct=scores,
                                n_choices=s.n_choices, exposures_per_fact=s.exposures_per_fact,
-                               n_facts=None if scores is None else len(scores), knowledge_bits=bits))
+                               n_facts=None if scores is None else len(scores), knowledge_bits=bits,
+                               infused_retention=s.infused_value))
     return out, excluded
 
 
@@ -344,15 +352,16 @@ def analyse(ms: list, cfg: AnalysisConfig, out: Path, summary: dict, curves: lis
     executor, the collapse groups are fitted in its processes and then the three figures drawn in them at once
     (all cores busy to the end: drawing the curves plot during the fits left a core idle while the last figure
     was drawn)."""
-    from .collapse import detect_collapses
+    from .collapse import CollapseOptions, detect_collapses
     from .law import fit_law
     from .report import collapse_table_md, law_text, write_reports
 
     rng = np.random.default_rng(cfg.seed)
     collapses = detect_collapses(ms, n_boot=cfg.bootstrap, confidence=cfg.confidence, rng=rng,
+                                 options=CollapseOptions(safe_drop=cfg.safe_drop),
                                  executor=executor if len(ms) >= 20 else None)
     law = fit_law(collapses, unit=cfg.unit, n_boot=cfg.bootstrap, confidence=cfg.confidence, rng=rng,
-                  targets=cfg.target_sizes)
+                  targets=cfg.target_sizes, safe_drop=cfg.safe_drop, validate=cfg.validate_sizes)
     write_reports(out, collapses, law, summary, curves, executor=executor)
     return AggregateResult(out=out, collapses=collapses, law=law, table_markdown=collapse_table_md(collapses),
                            law_text=law_text(law))
@@ -373,6 +382,10 @@ def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optiona
         with worker_pool() as readers:
             readers.submit(int).result()  # every reader is forked now, before the import thread starts
             keys = store_keys(find_stores(runs), readers)
+            if not keys:
+                raise AggregateError(f"no retention stores under {', '.join(map(str, runs))}: nothing has written "
+                                     "an evaluation yet; fix: check the folder, or wait for cells to run "
+                                     "(`kislurm status RUN`)")
             print_ = fingerprint(keys, cfg)
             previous = _load_result(out, print_)
             if previous is not None:
@@ -403,8 +416,6 @@ def _aggregate(runs: list[Path], keys: dict[str, tuple[int, int]], cfg: Analysis
 
     curves = [Curve(size=s.size, ratio=s.ratio, tokens=s.tokens, seed=s.seed, step=s.step, retention=s.series)
               for s in summaries if s.series is not None]
-    if not keys:
-        echo(f"kislurm: no retention stores under {', '.join(map(str, runs))} (nothing has run yet?)")
     result = analyse(ms, cfg, out, summary, curves, executor=pool)
     result.excluded, result.unreadable, result.n_read = excluded, unreadable, n_read
     return result
@@ -439,10 +450,11 @@ def _save_result(out: Path, print_: str, result: AggregateResult) -> None:
 def fit_measurements_csv(csv: Path, out: Path, unit: str = "odds", targets: Optional[dict[str, float]] = None,
                          bootstrap: int = 200) -> AggregateResult:
     """`kislurm fit`: the same analysis on a plain table of results produced elsewhere."""
-    from .measurements_csv import measurements_from_csv
+    from .measurements_csv import read_measurements_csv
 
-    ms = measurements_from_csv(csv)
-    cfg = AnalysisConfig(unit=unit, target_sizes=targets or {}, bootstrap=bootstrap)  # type: ignore[arg-type]
+    ms, validate = read_measurements_csv(csv)
+    cfg = AnalysisConfig(unit=unit, target_sizes=targets or {}, bootstrap=bootstrap,  # type: ignore[arg-type]
+                         validate_sizes=validate)
     summary = {"title": f"kislurm fit: {csv.name}", "source": str(csv), "rows used": len(ms),
                "metric": "retention"}
     return analyse(ms, cfg, out, summary, [])

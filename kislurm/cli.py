@@ -40,7 +40,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors = list(_USER_ERRORS)
     for module, name in (("submit", "SubmitError"), ("store", "StoreError"), ("knowledge", "DataError"),
                          ("distributed", "TrainError"), ("aggregate", "AggregateError"),
-                         ("measurements_csv", "MeasurementError"), ("evaluate", "EvalError")):
+                         ("measurements_csv", "MeasurementError"), ("evaluate", "EvalError"),
+                         ("validate", "ValidationError"), ("pilot", "PilotError")):
         try:
             errors.append(getattr(importlib.import_module(f"kislurm.{module}"), name))
         except (ImportError, AttributeError):
@@ -113,6 +114,9 @@ def plan(config: str, overrides: tuple[str, ...]) -> None:
     for r in rows:
         click.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
     g = cfg.grid
+    if g.adaptive:
+        click.echo(_ladder_estimate(cfg, cells))
+        return
     click.echo(f"\n{len(cells)} cells = {len(g.sizes)} sizes x {len(g.ratios)} ratios x {len(g.token_budgets)} "
                f"token budgets x {len(g.seeds)} seeds; executor: {cfg.executor.cluster}; run folder: {run_dir(cfg)}")
     click.echo(_cost_summary(cfg, cells))
@@ -148,6 +152,25 @@ def _cost_summary(cfg: ExperimentConfig, cells: list[Cell]) -> str:
             f"(executor.mfu, gpu_peak_tflops); memory per GPU (vocabulary {vocab}): {limit}")
 
 
+def _ladder_estimate(cfg: ExperimentConfig, first: list[Cell]) -> str:
+    """Expected cells and GPU-hours of an adaptive ladder (no added ratios) against the fixed grid of its start
+    ratios on every size."""
+    from .plan import ladder_order, size_cells
+    from .validate import full_sweep, gpu_hours
+
+    g, vocab = cfg.grid, cfg.data.vocab_size
+    one_ratio = [c for s in ladder_order(cfg)[2:] for c in size_cells(cfg, s, [0.5])]  # cost does not depend on r
+    n_rest = g.rung_points * len(one_ratio)
+    fixed = [c for s in g.sizes for c in full_sweep(cfg, s)]
+    hours = [sum(gpu_hours(c, vocab) for c in first) + g.rung_points * sum(gpu_hours(c, vocab) for c in one_ratio),
+             sum(gpu_hours(c, vocab) for c in fixed)]
+    return (f"\nadaptive ladder: {len(first)} cells now (the two smallest sizes on {len(g.start_ratios)} start "
+            f"ratios), {n_rest} more expected ({g.rung_points} ratios per further size, placed from the law as each "
+            f"rung finishes): {len(first) + n_rest} cells, ~{hours[0]:.3g} GPU-h, against {len(fixed)} cells, "
+            f"~{hours[1]:.3g} GPU-h for the start ratios on every size; executor: {cfg.executor.cluster}; run "
+            f"folder: {run_dir(cfg)}")
+
+
 def load_cell_job():
     """The compute-node entry (kislurm.cell_job.CellJob): nodes import it from the installed package."""
     from .cell_job import CellJob
@@ -167,14 +190,16 @@ def _job_failure(job: Any) -> Optional[str]:
     return "; ".join(problems) or None
 
 
-def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wait: bool = True) -> RunPaths:
-    """Write the plan, prepare shared data, submit what is not done, and (locally) wait with a progress bar."""
+def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wait: bool = True,
+               planned: list[Cell] | None = None) -> RunPaths:
+    """Write the plan (`planned`, default `cells`), prepare shared data, submit what of `cells` is not done, and
+    (locally) wait with a progress bar."""
     from tqdm import tqdm
 
     from .submit import RESUBMIT, cells_to_run, check_cluster, submit_cells, write_plan
 
     check_cluster(cfg.executor)
-    run = write_plan(cfg, cells, force=force)
+    run = write_plan(cfg, planned if planned is not None else cells, force=force)
     states = cells_to_run(run, cells)
     todo = [c for c, s in states if s in RESUBMIT]
     skipped = {s: sum(1 for _, t in states if t == s) for s in {t for _, t in states} if s not in RESUBMIT}
@@ -223,7 +248,35 @@ def submit(config: str, dry_run: bool, force: bool, overrides: tuple[str, ...]) 
     if dry_run:
         click.echo(render(cfg, cells))
         return
+    if cfg.grid.adaptive:
+        submit_ladder(cfg, force=force)
+        return
     submit_run(cfg, cells, force=force)
+
+
+def submit_ladder(cfg: ExperimentConfig, force: bool = False) -> None:
+    """An adaptive grid (grid.ratios: adaptive): submit what can be planned now; locally, wait for it, place the next
+    rung from the law so far (kislurm.validate.ladder_plan) and go on; on Slurm stop until the next `kislurm submit`
+    (or a cron job running it) finds the rung before done."""
+    from .aggregate import aggregate_runs
+    from .validate import ladder_plan
+
+    def analyse(run: RunPaths) -> Any:
+        result = aggregate_runs([run.root], echo=lambda *_: None)
+        return result.collapses, result.law
+
+    paths = RunPaths(run_dir(cfg))
+    planned, why = ladder_plan(cfg, paths, analyse)
+    while True:
+        submit_run(cfg, planned, force=force)
+        if cfg.executor.cluster == "slurm":
+            break
+        more, why = ladder_plan(cfg, paths, analyse)
+        if len(more) == len(planned):
+            break
+        click.echo(why)
+        planned = more
+    click.echo(why)
 
 
 @main.command()
@@ -321,18 +374,89 @@ def fit(csv: str, out: str, unit: str, targets: tuple[str, ...]) -> None:
 
 
 @main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--size", required=True, help="The validation size (listed under analysis.validate_sizes).")
+@click.option("--points", type=int, default=5, show_default=True, help="Ratios to train (>= 4).")
+@click.option("--dry-run", is_flag=True, help="Show the cells and their estimated GPU-hours; submit nothing.")
+def validate(run: str, size: str, points: int, dry_run: bool) -> None:
+    """Train a held-out SIZE of RUN at ratios placed around the law's predicted r* (spaced in log-odds, widened so
+    the collapse is bracketed), submitted as `kislurm submit` does; aggregate afterwards for the comparison."""
+    from .aggregate import aggregate_runs
+    from .validate import ValidationError, full_sweep, gpu_hours, validation_cells
+
+    paths = RunPaths(Path(run))
+    if not paths.config.exists():
+        raise FileNotFoundError(f"{paths.config}: not a run folder; fix: pass a folder made by `kislurm submit`")
+    if not (paths.reports / "law.json").exists():
+        raise ValidationError(f"{run} has no law yet (no reports/law.json); fix: run `kislurm aggregate {run}` "
+                              "once the fitted sizes are done")
+    cfg = load_config(paths.config)
+    law = aggregate_runs([paths.root], echo=lambda *_: None).law
+    vp = validation_cells(cfg, law, size, points)
+    p = vp.prediction
+    click.echo(f"{size} (N={vp.params:.3g}): predicted r* {p.r_star:.3g} [{p.r_lo:.3g}, {p.r_hi:.3g}], width "
+               f"{p.width if p.width is not None else float('nan'):.3g}; "
+               f"ratios {', '.join(f'{r:g}' for r in vp.ratios)}")
+    vocab = cfg.data.vocab_size
+    if dry_run:
+        for c in vp.cells:
+            click.echo(f"  {c.name}  steps {c.steps}  ~{gpu_hours(c, vocab):.3g} GPU-h")
+        sweep = full_sweep(cfg, size)
+        click.echo(f"{len(vp.cells)} cells, ~{sum(gpu_hours(c, vocab) for c in vp.cells):.3g} GPU-h; a full sweep "
+                   f"of {size} on the grid: {len(sweep)} cells, ~{sum(gpu_hours(c, vocab) for c in sweep):.3g} GPU-h "
+                   "(estimate: trainer FLOPs per token x tokens at 40% MFU of an H100's bf16 peak)")
+        return
+    submit_run(cfg, vp.cells, planned=expand(cfg) + vp.cells)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@_set_option
+def pilot(config: str, overrides: tuple[str, ...]) -> None:
+    """Before the grid: train the smallest size of CONFIG at the lowest and the highest ratio, and refuse the grid
+    (one line, exit 2) unless retention at the low ratio sits well above chance and the high ratio loses it."""
+    from .aggregate import CellDigest, summarise
+    from .pilot import PilotResult, chance_of, judge, pilot_cells
+
+    cfg, _ = _load(config, overrides)
+    cells = pilot_cells(cfg)
+    run = submit_run(cfg, cells)
+    got = [summarise(str(run.cell(c.name).store), cfg.analysis.metric) for c in cells]
+    if not all(isinstance(d, CellDigest) and d.complete and d.value is not None for d in got):
+        click.echo(f"pilot: {', '.join(c.name for c in cells)} not finished yet; run `kislurm pilot {config}` again "
+                   "when they are done")
+        return
+    low, high = got
+    click.echo(judge(PilotResult(cells[0].ratio, cells[1].ratio, float(low.value), float(high.value),
+                                 chance_of(cfg.analysis.metric, low.n_choices))))
+
+
+@main.command()
 @click.option("--config", type=click.Path(dir_okay=False), default=str(DEMO_CONFIG), show_default=True)
 @_set_option
-def demo(config: str, overrides: tuple[str, ...]) -> None:
+@click.option("--validate", "validate_size", metavar="SIZE",
+              help="Then train SIZE (a larger preset, e.g. cpu-xl), never fitted, at 5 ratios placed around the "
+                   "law's prediction, and report predicted against observed.")
+def demo(config: str, overrides: tuple[str, ...], validate_size: Optional[str]) -> None:
     """Run the embedded default end to end on this machine (CPU, gloo, tiny models, submitit's local executor):
     train every cell, then aggregate. Interrupt with Ctrl-C and run again: finished cells are not re-run."""
     from .aggregate import aggregate_runs
 
+    if validate_size:  # held out of the fit from the start; the analysis settings change no cell id
+        overrides = (*overrides, f"analysis.validate_sizes=[{validate_size}]")
     cfg, cells = _load(config, overrides)
     t0 = time.time()
     run = submit_run(cfg, cells)
     click.echo(f"trained {len(cells)} cells in {time.time() - t0:.0f} s")
     result = aggregate_runs([run.root], echo=click.echo)
+    if validate_size:
+        from .validate import validation_cells
+
+        vp = validation_cells(cfg, result.law, validate_size, points=5)
+        click.echo(f"validation: {validate_size} predicted r* {vp.prediction.r_star:.3g} [{vp.prediction.r_lo:.3g}, "
+                   f"{vp.prediction.r_hi:.3g}]; training it at {', '.join(f'{r:g}' for r in vp.ratios)}")
+        submit_run(cfg, vp.cells, planned=cells + vp.cells)
+        result = aggregate_runs([run.root], echo=click.echo)
     click.echo(result.table_markdown)
     click.echo(result.law_text)
     click.echo(f"reports written to {result.out}  (total {time.time() - t0:.0f} s)")

@@ -22,6 +22,10 @@ Definitions (each recorded in every output through `CollapseOptions` and `Collap
   box bounds (`_bounds`) when the optimum leaves the box; started from the best points of a
   (midpoint, steepness) grid whose plateau and drop are solved exactly; the bootstrap replicates also start from
   the point estimate, and polish only their best start (one scipy fit per replicate).
+- Safe ratio (the ratio to use): the largest r at which the fitted curve has lost at most `safe_drop` (5%) of its
+  drop from plateau to floor, logit r_safe = midpoint + logit(safe_drop) / steepness; its interval from the same
+  bootstrap replicates (each replicate's midpoint and steepness). Beside it, the infused-fact retention at r_safe,
+  interpolated in log-odds between the grid ratios where it was measured (None outside the grid).
 - Cross-checks: a segmented regression (plateau, linear ramp in log-odds, floor; its r* is the ramp's midpoint, the
   analogue of the logistic midpoint) and the largest single drop between neighbouring grid points (the baseline).
 """
@@ -79,6 +83,7 @@ class Measurement:
     exposures_per_fact: float | None = None   # for unit="exposures"
     n_facts: int | None = None                # probe facts behind `retention` (binomial bootstrap without fact_correct)
     knowledge_bits: float | None = None       # bits infused: n_infused_facts * log2(values per relation)
+    infused_retention: float | None = None    # the infused facts' counterpart of `retention` (what r buys)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class CollapseOptions:
     min_rise: float = 0.1        # a rise with r larger than this (and than rise_z SEs) is 'non-monotone'
     rise_z: float = 3.0
     min_side_points: int = 2     # clear grid points needed on each side of r* (one can be absorbed by the fit)
+    safe_drop: float = 0.05      # the safe ratio loses at most this fraction of the plateau-to-floor drop
 
 
 def ratio_axis(r: Any) -> np.ndarray:
@@ -146,6 +152,12 @@ class CollapseResult:
     knowledge_bits: np.ndarray | None = field(default=None, compare=False)  # (K,) bits infused
     n_choices: int | None = None
     options: CollapseOptions = CollapseOptions()
+    boot_steepness: np.ndarray = field(default_factory=lambda: np.empty(0), compare=False)  # (B,) with boot
+    infused: np.ndarray | None = field(default=None, compare=False)     # (K,) mean infused retention per ratio
+    safe_r: float = math.nan         # largest r losing at most options.safe_drop of the drop (see the top)
+    safe_lo: float = math.nan        # its bootstrap interval
+    safe_hi: float = math.nan
+    infused_at_safe: float | None = None   # infused retention at safe_r, where the grid measured it
 
     @property
     def ok(self) -> bool:
@@ -329,6 +341,18 @@ def largest_drop(r: np.ndarray, y: np.ndarray) -> float | None:
     return float(math.sqrt(r[i] * r[i + 1]))
 
 
+def safe_logit(midpoint: Any, steepness: Any, safe_drop: float) -> Any:
+    """Log-odds of the largest ratio at which the logistic has lost at most `safe_drop` of its drop."""
+    return midpoint + math.log(safe_drop / (1.0 - safe_drop)) / np.asarray(steepness, float)
+
+
+def interp_logodds(ratios: np.ndarray, values: np.ndarray | None, r: float) -> float | None:
+    """values (K,) at ratio r, linear in log-odds between grid ratios; None outside the grid or without values."""
+    if values is None or not math.isfinite(r) or not ratios[0] <= r <= ratios[-1]:
+        return None
+    return float(np.interp(ratio_axis(r), ratio_axis(ratios), values))
+
+
 def percentile_interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
     s = np.asarray(samples, float)
     s = s[np.isfinite(s)]
@@ -448,6 +472,7 @@ def detect_collapse(ms: list[Measurement], *, n_boot: int, confidence: float, rn
                 ratios=ratios, retention=y, n_seeds=np.array([len(c) for c in cells]), confidence=confidence,
                 exposures=_per_ratio([m.exposures_per_fact for m in ms], cells),
                 knowledge_bits=_per_ratio([m.knowledge_bits for m in ms], cells),
+                infused=_per_ratio([m.infused_retention for m in ms], cells),
                 n_choices=ms[0].n_choices, options=options)
     empty = dict(r_star=math.nan, lo=math.nan, hi=math.nan, bracketed=False, logistic=None,
                  r_star_segmented=None, r_star_largest_drop=None, boot=np.empty(0), retention_se=np.zeros(y.size))
@@ -467,8 +492,9 @@ def detect_collapse(ms: list[Measurement], *, n_boot: int, confidence: float, rn
     # sampling SE per ratio; residual replicates would fold lack of fit into it (and hide a non-monotone dip)
     se = reps.std(0, ddof=1) if reps.shape[0] > 1 and method != "residual" else np.zeros(y.size)
     # one scipy fit per replicate, from the best of its grid starts and the point estimate
-    boot = axis_ratio(fit_logistic(x, reps, start=point, bounds=(lo_b, hi_b), n_starts=2, n_polish=1)[0][:, 2]) \
-        if reps.shape[0] else np.empty(0)
+    bth = fit_logistic(x, reps, start=point, bounds=(lo_b, hi_b), n_starts=2, n_polish=1)[0] \
+        if reps.shape[0] else np.empty((0, 4))
+    boot = axis_ratio(bth[:, 2])
 
     r_star = float(axis_ratio(point[2]))
     lo, hi = percentile_interval(boot, confidence)
@@ -485,11 +511,16 @@ def detect_collapse(ms: list[Measurement], *, n_boot: int, confidence: float, rn
         flag, reason = _unbracketed(has_high, has_low, x, point[2], r_star, options.min_side_points)
     else:
         flag, reason = "ok", f"bracketed between grid ratios; interval by {method} bootstrap"
+    safe = float(axis_ratio(safe_logit(point[2], point[3], options.safe_drop)))
+    safe_lo, safe_hi = percentile_interval(axis_ratio(safe_logit(bth[:, 2], bth[:, 3], options.safe_drop)),
+                                           confidence)
     return CollapseResult(
         **base, r_star=r_star, lo=lo, hi=hi, bracketed=has_high and has_low, flag=flag, reason=reason,
         logistic=Logistic(float(point[0]), float(point[0] - point[1]), float(point[2]), float(point[3])),
         r_star_segmented=float(axis_ratio(seg[0])) if seg else None,
-        r_star_largest_drop=largest_drop(ratios, y), retention_se=se, boot=boot, boot_method=method)
+        r_star_largest_drop=largest_drop(ratios, y), retention_se=se, boot=boot, boot_method=method,
+        boot_steepness=bth[:, 3], safe_r=safe, safe_lo=safe_lo, safe_hi=safe_hi,
+        infused_at_safe=interp_logodds(ratios, base["infused"], safe))
 
 
 def token_key(tokens: float) -> float | None:

@@ -203,20 +203,38 @@ class GridConfig:
 
     sizes: list[str] = field(default_factory=lambda: ["cpu-s", "cpu-l"])
     """Model presets by name (built in, or defined under `models:`)."""
-    ratios: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
-    """Infusion ratios r in (0, 1): the share of training samples drawn from the knowledge stream."""
+    ratios: list[float] | Literal["adaptive"] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    """Infusion ratios r in (0, 1): the share of training samples drawn from the knowledge stream. Or `adaptive`:
+    the two smallest sizes train on `start_ratios`, each further size (by parameters) on `rung_points` ratios
+    placed from the law fitted on the sizes before it (kislurm.validate), submitted when they are done."""
     token_budgets: list[int] = field(default_factory=lambda: [200_000])
     """Training tokens per cell."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Training seeds (model init and data order)."""
+    start_ratios: list[float] = field(default_factory=list)
+    """With `ratios: adaptive`: the starting grid of the two smallest sizes (>= 4 ratios bracketing their collapse)."""
+    rung_points: int = 5
+    """With `ratios: adaptive`: ratios per further size (>= 4)."""
+
+    @property
+    def adaptive(self) -> bool:
+        return self.ratios == "adaptive"
 
     def __post_init__(self) -> None:
         _check(len(self.sizes) > 0, "sizes", "expected at least one model size; fix: list preset names")
+        if self.adaptive:
+            _check(len(self.start_ratios) >= 4, "start_ratios", "ratios: adaptive needs >= 4 start_ratios for the "
+                   "two smallest sizes; fix: e.g. start_ratios: [0.1, 0.3, 0.5, 0.7, 0.9]")
+            _check(len(self.sizes) >= 2, "sizes", "ratios: adaptive needs >= 2 sizes; fix: list more sizes")
+            _check(self.rung_points >= 4, "rung_points", f"expected >= 4 ratios per rung (two on each side of r*), "
+                   f"got {self.rung_points}")
         _check(len(self.ratios) > 0, "ratios", "expected at least one infusion ratio; fix: e.g. [0.1, 0.5, 0.9]")
-        for i, r in enumerate(self.ratios):
-            _check(0.0 < r < 1.0, f"ratios[{i}]", f"expected a ratio strictly between 0 and 1, got {r}; "
-                   "fix: write fractions, e.g. 0.1 for 10%")
-        _check(len(set(self.ratios)) == len(self.ratios), "ratios", "duplicate ratios; fix: list each ratio once")
+        for name in ("start_ratios",) if self.adaptive else ("ratios",):
+            values = getattr(self, name)
+            for i, r in enumerate(values):
+                _check(0.0 < r < 1.0, f"{name}[{i}]", f"expected a ratio strictly between 0 and 1, got {r}; "
+                       "fix: write fractions, e.g. 0.1 for 10%")
+            _check(len(set(values)) == len(values), name, "duplicate ratios; fix: list each ratio once")
         _check(len(self.token_budgets) > 0, "token_budgets", "expected at least one token budget")
         for i, t in enumerate(self.token_budgets):
             _check(t >= 1, f"token_budgets[{i}]", f"expected a positive number of tokens, got {t}")
@@ -436,9 +454,23 @@ class AnalysisConfig:
     """Seed of the bootstrap resampling."""
     target_sizes: dict[str, float] = field(default_factory=dict)
     """Named non-embedding parameter counts to predict r* for, e.g. {7B: 6.5e9}."""
+    safe_drop: float = 0.05
+    """The safe infusion ratio reported per size and target: the largest r at which the fitted collapse curve has
+    lost at most this fraction of its drop from plateau to floor."""
+    target_width: float | None = None
+    """Adaptive ladders (kislurm.validate.adaptive_ladder): add ratios to a rung until its r* interval is narrower
+    than this, in log-odds (None: never)."""
+    validate_sizes: list[str] = field(default_factory=list)
+    """Sizes (presets) that are trained but never fitted: each one's observed r* is reported against the law's
+    prediction from the other sizes (`kislurm validate RUN --size NAME` plans and submits its cells)."""
 
     def __post_init__(self) -> None:
         _check(self.bootstrap >= 0, "bootstrap", "expected >= 0 resamples")
+        _check(0 < self.safe_drop < 0.5, "safe_drop", f"expected a fraction in (0, 0.5), got {self.safe_drop}; "
+               "fix: e.g. 0.05 for 5% of the drop")
+        _check(self.target_width is None or self.target_width > 0, "target_width", "expected a positive width")
+        _check(len(set(self.validate_sizes)) == len(self.validate_sizes), "validate_sizes",
+               "duplicate sizes; fix: list each size once")
         _check(0.5 <= self.confidence < 1, "confidence", f"expected a coverage in [0.5, 1), got {self.confidence}")
         for name, n in self.target_sizes.items():
             _check(n > 0, f"target_sizes.{name}", f"expected a positive parameter count, got {n}")
@@ -465,6 +497,9 @@ class ExperimentConfig:
         _check(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name)), "name",
                f"'{self.name}' is not a usable folder name; fix: use letters, digits, '.', '_' and '-'")
         presets = self.presets
+        for i, size in enumerate(self.analysis.validate_sizes):
+            _check(size in presets, f"analysis.validate_sizes[{i}]",
+                   f"unknown model preset '{size}'; fix: use one of {sorted(presets)} or define it under models:")
         for i, size in enumerate(self.grid.sizes):
             _check(size in presets, f"grid.sizes[{i}]",
                    f"unknown model preset '{size}'; fix: use one of {sorted(presets)} or define it under models:")
@@ -504,12 +539,17 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        for tp_ in inner:
+        if len(inner) == 1:
+            return _convert(inner[0], value, key)
+        errors = []
+        for a in inner:  # the first alternative that takes the value
             try:
-                return _convert(tp_, value, key)
-            except _FieldError:
-                if len(inner) == 1:
-                    raise
+                return _convert(a, value, key)
+            except _FieldError as e:
+                errors.append((a, e))
+        for a, e in errors:  # a list with a bad item: that item's error, not the list's
+            if isinstance(value, list) and typing.get_origin(a) is list:
+                raise e
         raise _FieldError(key, f"expected {' or '.join(_type_name(a) for a in inner)}, got {value!r}")
     if origin is Literal:
         if value not in args:

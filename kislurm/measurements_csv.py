@@ -17,7 +17,9 @@ class MeasurementError(ValueError):
 
 
 CSV_REQUIRED = ("params", "ratio", "retention")
-CSV_OPTIONAL = ("tokens", "seed", "n_facts", "size", "n_choices", "exposures_per_fact", "knowledge_bits")
+CSV_OPTIONAL = ("tokens", "seed", "n_facts", "size", "n_choices", "exposures_per_fact", "knowledge_bits",
+                "infused_retention", "role")
+ROLES = ("fit", "validate")
 _INTEGER = ("seed", "n_facts", "n_choices")
 
 
@@ -40,6 +42,11 @@ def _row(path: Path, line: int, row: dict[str, str]) -> dict:
         text = (text or "").strip()
         if col == "size":
             vals[col] = text or None
+        elif col == "role":
+            if text.lower() not in ROLES + ("",):
+                raise MeasurementError(f"{path}:{line}: column 'role' value {text!r} is neither 'fit' nor 'validate'; "
+                                       "fix: write fit (enters the law) or validate (held out, compared with it)")
+            vals[col] = text.lower() or "fit"
         elif text:
             vals[col] = _number(path, line, col, text)
         elif col in CSV_REQUIRED:
@@ -58,12 +65,20 @@ def _row(path: Path, line: int, row: dict[str, str]) -> dict:
 
 
 def measurements_from_csv(path: str | Path) -> list[Measurement]:
+    """The measurements of a table (see read_measurements_csv), whatever their role."""
+    return read_measurements_csv(path)[0]
+
+
+def read_measurements_csv(path: str | Path) -> tuple[list[Measurement], list[str]]:
     """Read a plain table: params, ratio, retention, and optionally tokens, seed, n_facts, size, n_choices,
-    exposures_per_fact, knowledge_bits (other columns are ignored; lines starting with '#' are comments).
+    exposures_per_fact, knowledge_bits, infused_retention (other columns are ignored; lines starting with '#' are comments).
 
     Missing size: named after params. Missing tokens: nan (unknown). Missing seed: rows repeating a
     (size, tokens, ratio) are numbered 0, 1, ... as replicate seeds. There are no per-fact scores in a table, so
-    the bootstrap is parametric: binomial with n_facts, else residual (the CollapseResult says which)."""
+    the bootstrap is parametric: binomial with n_facts, else residual (the CollapseResult says which).
+
+    Returns the measurements and the sizes whose rows have role 'validate' (held out of the law's fit; every row
+    of a size must have the same role)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -90,8 +105,9 @@ def measurements_from_csv(path: str | Path) -> list[Measurement]:
     return _measurements(path, rows)
 
 
-def _measurements(path: Path, rows: list[tuple[int, dict]]) -> list[Measurement]:
+def _measurements(path: Path, rows: list[tuple[int, dict]]) -> tuple[list[Measurement], list[str]]:
     params_of: dict[str, tuple[float, int]] = {}
+    role_of: dict[str, tuple[str, int]] = {}
     repeat: dict[tuple, int] = defaultdict(int)
     first_line: dict[tuple, int] = {}
     out = []
@@ -101,6 +117,10 @@ def _measurements(path: Path, rows: list[tuple[int, dict]]) -> list[Measurement]
         if seen[0] != v["params"]:
             raise MeasurementError(f"{path}:{line}: size {size!r} has params {v['params']:g} here but {seen[0]:g} "
                                    f"on line {seen[1]}; fix: one parameter count per size")
+        role = role_of.setdefault(size, (v.get("role", "fit"), line))
+        if role[0] != v.get("role", "fit"):
+            raise MeasurementError(f"{path}:{line}: size {size!r} has role {v.get('role', 'fit')!r} here but "
+                                   f"{role[0]!r} on line {role[1]}; fix: a size is either fitted or validated, not both")
         tokens = v.get("tokens", math.nan)
         key = (size, token_key(tokens), v["ratio"])
         seed = int(v["seed"]) if "seed" in v else repeat[key]
@@ -114,5 +134,6 @@ def _measurements(path: Path, rows: list[tuple[int, dict]]) -> list[Measurement]
             size=size, params=v["params"], ratio=v["ratio"], tokens=tokens, seed=seed, retention=v["retention"],
             n_choices=int(v["n_choices"]) if "n_choices" in v else None,
             exposures_per_fact=v.get("exposures_per_fact"),
-            n_facts=int(v["n_facts"]) if "n_facts" in v else None, knowledge_bits=v.get("knowledge_bits")))
-    return out
+            n_facts=int(v["n_facts"]) if "n_facts" in v else None, knowledge_bits=v.get("knowledge_bits"),
+            infused_retention=v.get("infused_retention")))
+    return out, sorted(s for s, (r, _) in role_of.items() if r == "validate")

@@ -125,16 +125,30 @@ def resolve_layouts(cfg: ExperimentConfig, check: bool = True) -> ExperimentConf
 
 
 def expand(cfg: ExperimentConfig) -> list[Cell]:
-    """The grid's cells, in a stable order: size, then token budget, ratio and seed (`tensor_parallel: auto`
-    resolved; the memory check is resolve_layouts' with check=True, which the CLI runs first)."""
-    cfg = resolve_layouts(cfg, check=False)
-    presets = cfg.presets
+    """The grid's cells, in a stable order: size, then token budget, ratio and seed. With `grid.ratios: adaptive`,
+    the cells known before any law: the two smallest sizes (ladder_order) on `grid.start_ratios`."""
     g = cfg.grid
-    return [
-        Cell(size=size, ratio=ratio, tokens=tokens, seed=seed, model=presets[size], data=cfg.data,
-             train=cfg.train, eval=cfg.eval)
-        for size, tokens, ratio, seed in itertools.product(g.sizes, g.token_budgets, sorted(g.ratios), g.seeds)
-    ]
+    if g.adaptive:
+        return [c for size in ladder_order(cfg)[:2] for c in size_cells(cfg, size, g.start_ratios)]
+    return [c for size in g.sizes for c in size_cells(cfg, size, g.ratios)]
+
+
+def size_cells(cfg: ExperimentConfig, size: str, ratios: list[float]) -> list[Cell]:
+    """One size's cells at these ratios (every token budget and seed of the grid), in expand's order
+    (`tensor_parallel: auto` resolved; the memory check is resolve_layouts' with check=True, which the CLI runs
+    first)."""
+    cfg = resolve_layouts(cfg, check=False)
+    g = cfg.grid
+    return [Cell(size=size, ratio=ratio, tokens=tokens, seed=seed, model=cfg.presets[size], data=cfg.data,
+                 train=cfg.train, eval=cfg.eval)
+            for tokens, ratio, seed in itertools.product(g.token_budgets, sorted(ratios), g.seeds)]
+
+
+def ladder_order(cfg: ExperimentConfig) -> list[str]:
+    """The grid's sizes by non-embedding parameters, smallest first: the rungs of an adaptive ladder."""
+    presets = cfg.presets
+    return sorted(cfg.grid.sizes,
+                  key=lambda s: presets[s].param_counts(cfg.data.vocab_size)["non_embedding"])
 
 
 def run_dir(cfg: ExperimentConfig) -> Path:

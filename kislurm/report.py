@@ -31,7 +31,7 @@ FILES = ("collapse_points.md", "collapse_points.csv", "collapse_points.json", "l
          "retention_vs_ratio.png", "law.png", "curves.png")
 TABLE_COLUMNS = ("size", "params", "tokens", "r_star", "lo", "hi", "flag", "bracketed", "r_star_segmented",
                  "r_star_largest_drop", "plateau", "floor", "steepness", "n_ratios", "n_cells", "boot_method",
-                 "n_boot", "confidence", "reason")
+                 "n_boot", "confidence", "reason", "safe_r", "safe_lo", "safe_hi", "safe_drop", "infused_at_safe")
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,9 @@ def collapse_row(c: CollapseResult) -> dict[str, Any]:
             "r_star_largest_drop": c.r_star_largest_drop, "plateau": lg.plateau if lg else None,
             "floor": lg.floor if lg else None, "steepness": lg.steepness if lg else None,
             "n_ratios": int(c.ratios.size), "n_cells": c.n_cells, "boot_method": c.boot_method,
-            "n_boot": int(c.boot.size), "confidence": c.confidence, "reason": c.reason}
+            "n_boot": int(c.boot.size), "confidence": c.confidence, "reason": c.reason, "safe_r": c.safe_r,
+            "safe_lo": c.safe_lo, "safe_hi": c.safe_hi, "safe_drop": c.options.safe_drop,
+            "infused_at_safe": c.infused_at_safe}
 
 
 def definitions(collapses: Sequence[CollapseResult], law: LawFit | None) -> dict[str, Any]:
@@ -91,6 +93,11 @@ def definitions(collapses: Sequence[CollapseResult], law: LawFit | None) -> dict
                     "resampled within a ratio; without per-fact data binomial (n_facts) or residual",
         "r_star_segmented": "midpoint of a plateau / linear ramp in log-odds / floor regression",
         "r_star_largest_drop": "geometric mean of the neighbouring ratios with the largest fall",
+        "safe_r": f"largest r at which the fitted logistic has lost at most {opts.safe_drop:g} of its drop from "
+                  "plateau to floor (logit r_safe = midpoint + logit(safe_drop) / steepness), interval from the same "
+                  "bootstrap; for targets the width 1/steepness is extrapolated by a line in log N (kislurm.law)",
+        "infused_at_safe": "infused-fact retention at safe_r, linear in log-odds between measured grid ratios "
+                           "(empty outside the grid)",
         "options": asdict(opts),
     }
     if law is not None:
@@ -116,12 +123,14 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def collapse_table_md(collapses: Sequence[CollapseResult]) -> str:
     header = ("size", "params", "tokens", "r*", "interval", "flag", "segmented r*", "largest-drop r*", "cells",
-              "bootstrap")
+              "bootstrap", "safe r", "safe interval", "infused at safe r")
     rows = [(c.size, c.params, c.tokens, c.r_star, f"[{_fmt(c.lo)}, {_fmt(c.hi)}]", c.flag, c.r_star_segmented,
-             c.r_star_largest_drop, c.n_cells, f"{c.boot_method} x{c.boot.size}") for c in collapses]
+             c.r_star_largest_drop, c.n_cells, f"{c.boot_method} x{c.boot.size}", c.safe_r,
+             f"[{_fmt(c.safe_lo)}, {_fmt(c.safe_hi)}]", c.infused_at_safe) for c in collapses]
     conf = f"{collapses[0].confidence:.0%}" if collapses else "-"
-    return f"# Collapse points\n\nInterval: {conf} bootstrap. Flags other than 'ok' stay out of the law.\n\n" + \
-        _md_table(header, rows)
+    drop = f"{collapses[0].options.safe_drop:.0%}" if collapses else "-"
+    return (f"# Collapse points\n\nInterval: {conf} bootstrap. Flags other than 'ok' stay out of the law. Safe r: the "
+            f"largest ratio losing at most {drop} of the plateau-to-floor drop.\n\n") + _md_table(header, rows)
 
 
 def collapse_table_csv(collapses: Sequence[CollapseResult]) -> str:
@@ -142,7 +151,10 @@ def collapse_json(collapses: Sequence[CollapseResult], law: LawFit | None) -> di
 
 
 def law_json(law: LawFit, summary: Mapping[str, Any]) -> dict[str, Any]:
-    d = {k: v for k, v in law.__dict__.items() if k != "boot"}
+    d = {k: v for k, v in law.__dict__.items() if k not in ("boot", "width")}
+    if law.width is not None:
+        d["width"] = {"form": "log(1/steepness) = coef[0] + coef[1] log N", "coef": law.width.coef,
+                      "residual_variance": law.width.s2, "dof": law.width.dof}
     d.update(a=law.a, b=law.b, c=law.c, b_interval=law.b_interval, n_boot_fits=int(law.boot.shape[0]))
     return jsonable({"law": d, "summary": dict(summary)})
 
@@ -154,8 +166,25 @@ def _law_line(law: LawFit) -> str:
     d_term = f" * D^{law.c:.3f}" if law.c is not None else ""
     c_int = f", c [{_fmt(law.coef_lo[2])}, {_fmt(law.coef_hi[2])}]" if law.c is not None and law.coef_lo else ""
     return (f"{law.unit}(r*) = {law.a:.4g} * N^{law.b:.3f}{d_term}; {law.confidence:.0%} intervals: b "
-            f"[{_fmt(lo)}, {_fmt(hi)}]{c_int}; reduced chi2 {_fmt(law.chi2_red)} (>> 1: sizes scatter more than "
-            "their r* intervals)\n")
+            f"[{_fmt(lo)}, {_fmt(hi)}]{c_int}; {fit_quality(law)}\n")
+
+
+def fit_quality(law: LawFit) -> str:
+    """What this fit's reduced chi2 means, in words: consistent with the r* intervals, or not (and what the
+    prediction intervals do about it). 'Clearly above 1': its chi2 tail probability on dof is below 5%."""
+    if law.dof < 1 or not math.isfinite(law.chi2_red):
+        return "no degrees of freedom left to check the fit against the r* intervals"
+    from scipy.special import chdtrc
+
+    p = float(chdtrc(law.dof, law.chi2_red * law.dof))
+    head = f"reduced chi2 {_fmt(law.chi2_red)} on {law.dof} dof"
+    if law.chi2_red <= 1:
+        return f"{head}: consistent with the r* intervals (prediction intervals from the bootstrap alone)"
+    widened = (f"prediction intervals widened by a between-size scatter of sd {math.sqrt(law.tau2):.3g} in "
+               f"log {law.unit}")
+    if p >= 0.05:
+        return f"{head}: within sampling of 1 (p={p:.2f}), consistent with the r* intervals; {widened}"
+    return f"{head}: sizes scatter more than their r* intervals (p={p:.2g}); {widened}"
 
 
 def law_text(law: LawFit) -> str:
@@ -163,9 +192,30 @@ def law_text(law: LawFit) -> str:
     lines = [_law_line(law).replace("**", "").strip()]
     lines += [f"leave-largest-out {lo.predicted.name}: r* predicted {_fmt(lo.predicted.r_star)}, observed "
               f"{_fmt(lo.observed_r)}, unit error {lo.rel_err_unit:+.1%}" for lo in law.leave_largest_out]
+    lines += [f"validation {v.predicted.name}: r* predicted {_fmt(v.predicted.r_star)} [{_fmt(v.predicted.r_lo)}, "
+              f"{_fmt(v.predicted.r_hi)}], observed {_fmt(v.observed_r)} [{_fmt(v.observed_lo)}, {_fmt(v.observed_hi)}]"
+              f" ({v.observed_flag}), {_covered_word(v.covered)}" for v in law.validations]
     lines += [f"{p.name}: {law.unit} {_fmt(p.unit_value)} [{_fmt(p.unit_lo)}, {_fmt(p.unit_hi)}], r* {_fmt(p.r_star)}"
-              for p in law.predictions]
+              f", safe r {_fmt(p.safe_r)} [{_fmt(p.safe_lo)}, {_fmt(p.safe_hi)}]" for p in law.predictions]
     return "\n".join(lines + [f"note: {n}" for n in law.notes]) + "\n"
+
+
+def _covered_word(covered: bool | None) -> str:
+    return {True: "covered", False: "NOT covered", None: "coverage not judged"}[covered]
+
+
+def validation_rows(law: LawFit) -> list[tuple[Any, ...]]:
+    """One row per validation size: prediction and observation with their intervals, errors, coverage."""
+    return [(v.predicted.name, v.predicted.params, v.predicted.r_star,
+             f"[{_fmt(v.predicted.r_lo)}, {_fmt(v.predicted.r_hi)}]", v.observed_r,
+             f"[{_fmt(v.observed_lo)}, {_fmt(v.observed_hi)}]", v.observed_flag,
+             f"{v.err_r:+.3f}" if v.err_r is not None and math.isfinite(v.err_r) else "-",
+             f"{v.rel_err_unit:+.1%}" if math.isfinite(v.rel_err_unit) else "-", _covered_word(v.covered),
+             v.predicted.safe_r) for v in law.validations]
+
+
+VALIDATION_HEADER = ("size", "params", "predicted r*", "prediction interval", "observed r*", "observed interval",
+                     "flag", "r* error (pred - obs)", "unit error", "covered", "predicted safe r")
 
 
 def summary_md(collapses: Sequence[CollapseResult], law: LawFit, summary: Mapping[str, Any]) -> str:
@@ -178,9 +228,10 @@ def summary_md(collapses: Sequence[CollapseResult], law: LawFit, summary: Mappin
     if run:
         out += ["## Run\n", _md_table(("key", "value"), run)]
     out += ["## Collapse points\n", _md_table(
-        ("size", "params", "tokens", "r*", "interval", "flag", "in law", "why not"),
+        ("size", "params", "tokens", "r*", "interval", "flag", "in law", "why not", "safe r", "safe interval",
+         "infused at safe r"),
         [(p.size, p.params, p.tokens, p.r_star, f"[{_fmt(p.lo)}, {_fmt(p.hi)}]", p.flag, "yes" if p.used else "no",
-          p.reason) for p in law.points])]
+          p.reason, p.safe_r, f"[{_fmt(p.safe_lo)}, {_fmt(p.safe_hi)}]", p.infused_at_safe) for p in law.points])]
     excluded = summary.get("excluded_cells") or {}
     if excluded:
         items = excluded.items() if isinstance(excluded, Mapping) else excluded
@@ -197,11 +248,19 @@ def summary_md(collapses: Sequence[CollapseResult], law: LawFit, summary: Mappin
                 for lo in law.leave_largest_out]))
         else:
             out.append(f"Not done: {law.leave_out_reason}\n")
+        if law.validations:
+            out += ["\n### Validation (held-out sizes, never fitted)\n\n", _md_table(VALIDATION_HEADER,
+                                                                                 validation_rows(law)),
+                    "\nCovered: prediction minus observation within both intervals combined (the observation's own "
+                    "r* interval counts; kislurm.law).\n"]
         if law.predictions:
             out += ["\n### Predictions\n\n", _md_table(
-                ("target", "params", "tokens", law.unit, "interval", "r*", "r* interval"),
+                ("target", "params", "tokens", law.unit, "interval", "r*", "r* interval", "safe r", "safe interval"),
                 [(p.name, p.params, p.tokens, p.unit_value, f"[{_fmt(p.unit_lo)}, {_fmt(p.unit_hi)}]", p.r_star,
-                  f"[{_fmt(p.r_lo)}, {_fmt(p.r_hi)}]") for p in law.predictions])]
+                  f"[{_fmt(p.r_lo)}, {_fmt(p.r_hi)}]", p.safe_r, f"[{_fmt(p.safe_lo)}, {_fmt(p.safe_hi)}]")
+                 for p in law.predictions])]
+            out.append(f"\nSafe r at targets: the collapse width 1/steepness extrapolated by a line in log N over "
+                       f"the fitted sizes' curves (safe drop {law.safe_drop:g}).\n")
     cap = [(p.size, p.bits_per_param, p.capacity_flag) for p in law.points if p.bits_per_param is not None]
     if cap:
         out += [f"\n## Capacity (flag beyond {law.capacity_bits:g} bits/parameter)\n\n",
@@ -271,7 +330,8 @@ def plot_retention_vs_ratio(ax: Axes, collapses: Sequence[CollapseResult], metri
 def plot_law(ax: Axes, law: LawFit, n_grid: int = 60) -> Figure:
     """r* in the law's unit vs parameters (log-log): points, the law and its band, leave-largest-out, predictions."""
     used = [p for p in law.points if p.used]
-    other = [p for p in law.points if not p.used and math.isfinite(p.unit_value) and p.unit_value > 0]
+    other = [p for p in law.points if not p.used and p.role != "validate" and math.isfinite(p.unit_value)
+             and p.unit_value > 0]
     for pts, style, label, off in ((used, dict(fmt="o", color="C0"), "r* (in the fit)" if law.ok else "r* (flag ok)",
                                     (6, -14)),
                                    (other, dict(fmt="o", color="0.55", mfc="white"), "r* (excluded: flag)", (6, 4))):
@@ -294,13 +354,14 @@ def plot_law(ax: Axes, law: LawFit, n_grid: int = 60) -> Figure:
             ax.plot(grid, [p.unit_value for p in preds], color=f"C{k + 1}", lw=2, label=lab)
             if law.boot.size:
                 ax.fill_between(grid, [p.unit_lo for p in preds], [p.unit_hi for p in preds], color=f"C{k + 1}",
-                                alpha=0.18, lw=0, label=f"{law.confidence:.0%} band" if k == 0 else None)
+                                alpha=0.18, lw=0, label=f"{law.confidence:.0%} prediction band" if k == 0 else None)
         errors = ", ".join(f"{lo.rel_err_unit:+.0%}" for lo in law.leave_largest_out)
         for k, lo in enumerate(law.leave_largest_out):
             q = lo.predicted
             ax.errorbar([q.params], [q.unit_value], yerr=[[q.unit_value - q.unit_lo], [q.unit_hi - q.unit_value]]
                         if math.isfinite(q.unit_lo) else None, fmt="D", color="C3", mfc="white", capsize=3, ms=7,
                         label=None if k else f"leave-largest-out ({errors})")
+        _plot_validations(ax, law)
         for q in law.predictions:
             ax.errorbar([q.params], [q.unit_value], yerr=[[q.unit_value - q.unit_lo], [q.unit_hi - q.unit_value]]
                         if math.isfinite(q.unit_lo) else None, fmt="*", color="C4", ms=13, capsize=3)
@@ -331,6 +392,27 @@ def plot_law(ax: Axes, law: LawFit, n_grid: int = 60) -> Figure:
         # one the top holds the reason
         ax.legend(fontsize=9, loc="upper left" if law.ok else "best")
     return ax.figure
+
+
+def _plot_validations(ax: Axes, law: LawFit) -> None:
+    """Validation sizes: the observation (filled red square, its interval) beside the prediction (hollow red
+    square, its prediction interval, drawn a little to the right), labelled covered or not."""
+    for k, v in enumerate(law.validations):
+        q, n = v.predicted, v.predicted.params
+        if math.isfinite(q.unit_lo):
+            ax.errorbar([n * 1.08], [q.unit_value], yerr=[[q.unit_value - q.unit_lo], [q.unit_hi - q.unit_value]],
+                        fmt="s", color="C3", mfc="white", capsize=3, ms=7, zorder=4,
+                        label=None if k else "validation: predicted")
+        u = v.observed_unit
+        if math.isfinite(u) and u > 0:
+            pts = [p for p in law.points if p.role == "validate" and p.size == q.name and p.params == n]
+            err = None
+            if pts and math.isfinite(pts[0].unit_lo) and math.isfinite(pts[0].unit_hi):
+                err = [[u - pts[0].unit_lo], [pts[0].unit_hi - u]]
+            ax.errorbar([n], [u], yerr=err, fmt="s", color="C3", capsize=3, ms=7, zorder=4,
+                        label=None if k else "validation: observed (never fitted)")
+            ax.annotate(f"{q.name} (validation)\n{_covered_word(v.covered)}", (n, u), textcoords="offset points",
+                        xytext=(8, -18), fontsize=8, color="C3")
 
 
 def _one_per_size(points: Sequence[Any]) -> list[Any]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kislurm import digest
-from kislurm.aggregate import CACHE_NAME, aggregate_runs
+from kislurm.aggregate import CACHE_NAME, AggregateError, aggregate_runs
 from kislurm.paths import RunPaths
 from kislurm.store import RetentionWriter
 
@@ -25,9 +25,9 @@ def _logit(r: float) -> float:
 
 
 def write_cell(run: RunPaths, size: str, params: float, mid: float, ratio: float, rng: np.random.Generator,
-               steps: tuple[int, ...] = (10, 20), complete: bool = True) -> Path:
+               steps: tuple[int, ...] = (10, 20), complete: bool = True, name: str | None = None) -> Path:
     """A store whose infused facts are retained following a logistic collapse at `mid` (per-probe bits drawn)."""
-    name = f"{size}_r{ratio}_s0_{size}{int(ratio * 100):08d}"
+    name = name or f"{size}_r{ratio}_s0_{size}{int(ratio * 100):08d}"
     path = run.cell(name).store
     meta = {"cell_id": name[-10:], "name": name, "size": size, "ratio": ratio, "tokens": 1000, "seed": 0,
             "config": {}, "params_total": params, "params_non_embedding": params, "n_choices": 4,
@@ -102,13 +102,22 @@ def test_damaged_and_unfinished_cells_are_listed_and_counted(run):
     assert [c.flag for c in result.collapses] == ["ok"] * 3  # the rest still gives the answer
 
 
-def test_empty_run_still_writes_every_report(tmp_path):
+def test_a_run_without_stores_is_an_error_and_writes_nothing(tmp_path):
     run = RunPaths(tmp_path / "empty")
-    run.cells.mkdir(parents=True)
-    messages: list[str] = []
-    result = aggregate_runs([run.root], echo=messages.append)
-    assert any("no retention stores" in m for m in messages)
-    assert not result.collapses and not result.law.ok
+    run.cell("planned_but_never_started").root.mkdir(parents=True)
+    with pytest.raises(AggregateError, match="no retention stores under") as e:
+        aggregate_runs([run.root], echo=lambda *_: None)
+    assert "\n" not in str(e.value) and "fix:" in str(e.value) and not run.reports.exists()
+
+
+def test_no_law_still_writes_every_report(tmp_path):
+    run = RunPaths(tmp_path / "one")
+    rng = np.random.default_rng(0)
+    for r in RATIOS:
+        write_cell(run, "s", 1e5, 0.3, r, rng)
+    run.config.write_text("analysis: {bootstrap: 10, metric: infused_acc}\n")
+    result = aggregate_runs([run.root], echo=lambda *_: None)
+    assert len(result.collapses) == 1 and not result.law.ok
     for name in ("collapse_points.csv", "summary.md", "law.json", "law.png", "retention_vs_ratio.png"):
         assert (run.reports / name).exists(), name
 

@@ -10,7 +10,8 @@ from kislurm.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("command", ["plan", "submit", "preflight", "status", "aggregate", "fit", "demo"])
+@pytest.mark.parametrize("command", ["plan", "submit", "preflight", "status", "aggregate", "fit", "validate", "pilot",
+                                     "demo"])
 def test_every_command_has_help(command):
     out = CliRunner().invoke(main, [command, "--help"])
     assert out.exit_code == 0 and "Usage:" in out.output and len(out.output.splitlines()) > 4
@@ -51,6 +52,8 @@ def test_known_errors_are_one_line_exit_2(tmp_path):
     bad_csv.write_text("params,ratio\n1e5,0.5\n")
     bad_yaml = tmp_path / "c.yaml"
     bad_yaml.write_text("grid: {ratios: [2]}\n")
+    empty_run = tmp_path / "empty"
+    (empty_run / "cells").mkdir(parents=True)
     cases = [
         (["fit", str(bad_csv)], "missing column 'retention'"),
         (["aggregate", str(tmp_path / "nope")], "no such run folder"),
@@ -58,6 +61,7 @@ def test_known_errors_are_one_line_exit_2(tmp_path):
         (["plan", str(bad_yaml)], "grid.ratios[0]: expected a ratio strictly between 0 and 1"),
         (["plan", str(tmp_path / "absent.yaml")], "config file not found"),
         (["submit", str(REPO / "configs" / "tiny.yaml"), "--set", "oops"], "expected KEY=VALUE"),
+        (["aggregate", str(empty_run)], "no retention stores under"),
     ]
     for args, expected in cases:
         code, lines = run(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -266,3 +267,44 @@ def test_csv_errors_are_one_line_with_location_and_fix(tmp_path, text, needle):
 def test_csv_missing_file(tmp_path):
     with pytest.raises(MeasurementError, match="cannot read"):
         measurements_from_csv(tmp_path / "nope.csv")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The safe ratio
+# ---------------------------------------------------------------------------------------------------------------------
+
+RAMP_GRID = tuple(float(r) for r in np.round(1 / (1 + np.exp(-np.linspace(-2.5, 2.5, 11))), 3))
+
+
+@pytest.mark.parametrize("r_star", [0.5, 0.7])
+def test_safe_ratio_recovers_the_known_curve_within_its_interval(r_star):
+    """20 seeded fact-noise simulations of a known curve (steepness 3, grid points on its ramp): the safe ratio's
+    90% interval holds the curve's true value in 17 of 20 (at least 15 asked: P(< 15) is ~4% at nominal), and
+    the estimate is unbiased."""
+    true = 1 / (1 + math.exp(-(math.log(r_star / (1 - r_star)) + math.log(0.05 / 0.95) / 3.0)))
+    covered, errors = 0, []
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        c = detect_collapse(simulate(rng, r_star, ratios=RAMP_GRID, steepness=3.0), n_boot=100, confidence=0.9,
+                            rng=rng)
+        assert c.flag == "ok" and c.safe_lo <= c.safe_r <= c.safe_hi < c.r_star
+        covered += c.safe_lo <= true <= c.safe_hi
+        errors.append(c.safe_r - true)
+    assert covered >= 15 and abs(float(np.median(errors))) < 0.02
+
+
+def test_safe_ratio_follows_safe_drop_and_reports_infused_retention():
+    rng = np.random.default_rng(3)
+    ms = [replace(m, infused_retention=m.ratio) for m in simulate(rng, 0.5, ratios=RAMP_GRID, steepness=3.0)]
+    strict = detect_collapse(ms, n_boot=20, confidence=0.9, rng=np.random.default_rng(0),
+                             options=CollapseOptions(safe_drop=0.01))
+    loose = detect_collapse(ms, n_boot=20, confidence=0.9, rng=np.random.default_rng(0),
+                            options=CollapseOptions(safe_drop=0.2))
+    assert strict.r_star == loose.r_star and strict.safe_r < loose.safe_r < loose.r_star
+    lg = loose.logistic
+    lost = (lg.plateau - lg(np.array([loose.safe_r]))[0]) / (lg.plateau - lg.floor)
+    assert lost == pytest.approx(0.2)
+    # infused retention = r at every grid ratio: interpolated in log-odds, so close to (not exactly) r
+    assert loose.infused_at_safe == pytest.approx(loose.safe_r, abs=0.02)
+    assert detect_collapse([replace(m, infused_retention=None) for m in ms], n_boot=0, confidence=0.9,
+                           rng=rng).infused_at_safe is None

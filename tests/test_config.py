@@ -140,3 +140,11 @@ def test_architecture_options_are_checked():
         with pytest.raises(ConfigError, match=message) as e:
             config_from_dict(model(**kw))
         assert "\n" not in str(e.value)
+
+
+def test_validation_and_safe_ratio_settings(tmp_path):
+    cfg = load_config(write(tmp_path, "analysis: {validate_sizes: [cpu-xl], safe_drop: 0.1}\n"))
+    assert cfg.analysis.validate_sizes == ["cpu-xl"] and cfg.analysis.safe_drop == 0.1
+    assert load_config(write(tmp_path, "name: x\n")).analysis.safe_drop == 0.05
+    assert "unknown model preset 'huge'" in error_of(tmp_path, "analysis: {validate_sizes: [huge]}\n")
+    assert "expected a fraction in (0, 0.5)" in error_of(tmp_path, "analysis: {safe_drop: 0.7}\n")

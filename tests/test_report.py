@@ -61,18 +61,26 @@ def test_reports_written_and_parse(tmp_path, results):
     rows = list(csv.DictReader((tmp_path / "reports/collapse_points.csv").open()))
     assert [r["size"] for r in rows] == [c.size for c in cs] and rows[0]["flag"] == "ok"
     assert float(rows[0]["r_star"]) == pytest.approx(cs[0].r_star)
+    assert list(rows[0])[-5:] == ["safe_r", "safe_lo", "safe_hi", "safe_drop", "infused_at_safe"]
+    assert float(rows[0]["safe_lo"]) <= float(rows[0]["safe_r"]) <= float(rows[0]["safe_hi"]) < cs[0].r_star
     data = json.loads((tmp_path / "reports/collapse_points.json").read_text())
     assert len(data["collapses"]) == len(cs) and "r_star" in data["definitions"]
     assert len(data["collapses"][0]["boot"]) == 50 and data["collapses"][0]["logistic"]["plateau"] > 0.8
     lj = json.loads((tmp_path / "reports/law.json").read_text())
     assert lj["law"]["b"] == pytest.approx(law.b) and lj["law"]["unit"] == "odds" and lj["summary"]["run"] == "r1"
     assert lj["law"]["predictions"][0]["name"] == "1B" and lj["definitions"]["law"]["unit"] == "odds"
+    pred = lj["law"]["predictions"][0]
+    assert pred["safe_lo"] <= pred["safe_r"] <= pred["safe_hi"] and pred["safe_r"] < pred["r_star"]
+    assert len(lj["law"]["width"]["coef"]) == 2
+    assert pred["unit_lo"] <= pred["fit_lo"] and lj["law"]["points"][0]["safe_r"] == pytest.approx(cs[0].safe_r)
 
     md = (tmp_path / "reports/summary.md").read_text()
     for needle in ("# test run", "general_acc", "odds(r*) =", "Leave-largest-out", "Predictions", "1B",
                    "s_r0.5_s1", "FAILED", "xl", "Capacity"):
         assert needle in md, needle
-    assert "| xl |" in (tmp_path / "reports/collapse_points.md").read_text()
+    table = (tmp_path / "reports/collapse_points.md").read_text()
+    assert "| xl |" in table and "| safe r | safe interval | infused at safe r |" in table
+    assert "safe r" in md and "reduced chi2" in md and ">> 1" not in md
     for png in ("retention_vs_ratio.png", "law.png", "curves.png"):
         img = imread(tmp_path / "reports" / png)
         assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500 and img.std() > 0.05
@@ -146,3 +154,42 @@ def test_curves_average_seeds_and_cap_the_panels():
     fig = curves_figure(many, "general_acc")
     shown = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
     assert len(shown) == 8 <= MAX_CURVE_PANELS and all("D=1e+07" in ax.get_title() for ax in shown)
+
+
+def test_fit_csv_role_column_holds_a_size_out_and_reports_it(tmp_path):
+    """`kislurm fit` with role=validate rows: that size never enters the law; the summary, law.txt and law.json
+    set its observed r* against the prediction; the law plot draws it."""
+    from kislurm.aggregate import fit_measurements_csv
+
+    rng = np.random.default_rng(4)
+    ms, _ = simulate(rng, {"s": (0.5, 1e5), "m": (0.7, 4e5), "l": (0.85, 1.6e6), "v": (0.9, 3.2e6)}, n_facts=300)
+    lines = ["size,params,tokens,ratio,retention,n_facts,role"] + \
+        [f"{m.size},{m.params:g},{m.tokens:g},{m.ratio},{m.retention},300,{'validate' if m.size == 'v' else ''}"
+         for m in ms]
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    result = fit_measurements_csv(tmp_path / "t.csv", tmp_path / "out", bootstrap=60)
+    law = result.law
+    assert law.ok and [p.size for p in law.points if p.used] == ["s", "m", "l"]
+    (v,) = law.validations
+    assert v.predicted.name == "v" and v.covered is not None
+    md = (tmp_path / "out/summary.md").read_text()
+    assert "### Validation (held-out sizes, never fitted)" in md and "| v |" in md.split("### Validation")[1]
+    assert "validation v: r* predicted" in result.law_text
+    lj = json.loads((tmp_path / "out/law.json").read_text())
+    assert lj["law"]["validations"][0]["predicted"]["name"] == "v"
+    fig = plot_law(Figure().subplots(), law)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "validation: observed (never fitted)" in labels and "validation: predicted" in labels
+
+
+@pytest.mark.parametrize("rows, needle", [
+    (["1e5,0.1,0.9,fit", "1e5,0.2,0.8,validate"], "either fitted or validated"),
+    (["1e5,0.1,0.9,held"], "neither 'fit' nor 'validate'"),
+])
+def test_fit_csv_role_errors_are_one_line(tmp_path, rows, needle):
+    from kislurm.measurements_csv import MeasurementError
+
+    (tmp_path / "t.csv").write_text("\n".join(["params,ratio,retention,role", *rows]) + "\n")
+    with pytest.raises(MeasurementError, match=needle) as e:
+        measurements_from_csv(tmp_path / "t.csv")
+    assert "\n" not in str(e.value) and "fix:" in str(e.value)
