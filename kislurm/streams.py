@@ -33,7 +33,7 @@ import numpy as np
 
 from .knowledge import DataError
 
-PASS_UNITS = 16   # at most this many distinct pass units per knowledge stream (neighbour sharing ~ 1 / units)
+PASS_UNITS = 64   # at most this many distinct pass units per knowledge stream (see neighbour_sharing)
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,7 @@ def stream_layout(s: Sentences, plan: StreamPlan, seq_length: int, seed: int) ->
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def neighbour_sharing(fact: np.ndarray, bounds: np.ndarray, passes: int, anchors: int = 2000,
+def neighbour_sharing(fact: np.ndarray, bounds: np.ndarray, passes: int, anchors: int = 1000,
                       seed: int = 0) -> dict:
     """How often two facts share a document, relative to their exposures, over one epoch of a stream.
 
