@@ -110,6 +110,8 @@ PHASES = {"base": phase_base, "prep": phase_prep, "cell": phase_cell, "megatron"
 def _child(phase: str, args: list) -> None:
     import logging
     import torch
+    import torch.distributed  # noqa: F401  (imports are not preparation: every phase loads them before timing)
+    from megatron.core.datasets import blended_megatron_dataset_builder, gpt_dataset, indexed_dataset  # noqa: F401
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
     t = time.perf_counter()
