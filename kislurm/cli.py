@@ -1,4 +1,4 @@
-"""The `kislurm` command line: plan, submit, status, aggregate, fit, demo.
+"""The `kislurm` command line: plan, prepare, submit, status, aggregate, fit, demo.
 
 Every command turns a known failure (bad config, missing file, no Slurm, corrupt store) into one line on stderr
 and a non-zero exit; a traceback means a bug in kislurm.
@@ -141,9 +141,7 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
         return run
     from . import data
 
-    for seq in sorted({c.model.seq_length for c in todo}):
-        prepared = data.prepare(cfg.data, run.data, seq)  # shared by every cell; cells then only read it
-        data.prepare_cells(prepared, [c for c in todo if c.model.seq_length == seq])  # fail here, not in a job
+    data.prepare_run(cfg, todo)   # the shared data's one writer, before any job: cells then only read it
     job = load_cell_job()
     if cfg.executor.cluster == "local":
         bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not wait)
@@ -183,6 +181,25 @@ def submit(config: str, dry_run: bool, force: bool, overrides: tuple[str, ...]) 
         click.echo(render(cfg, cells))
         return
     submit_run(cfg, cells, force=force)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@_set_option
+def prepare(config: str, overrides: tuple[str, ...]) -> None:
+    """Build everything the cells of CONFIG read (tokenizer, knowledge bases, probes, streams) and check every cell's
+    blend. Cells never build shared data: they read what this published."""
+    from tqdm import tqdm
+
+    from .data import prepare_run
+
+    cfg, cells = _load(config, overrides)
+    with tqdm(total=len(cells), desc="prepare", unit="cell") as bar:
+        summary = prepare_run(cfg, cells, progress=bar.update)
+    built = summary["built"]
+    click.echo(f"{summary['data']}: {summary['cells']} cells, {summary['streams']} knowledge streams; "
+               f"{len(built)} published now ({summary['bytes_written'] / 1e6:.1f} MB) in {summary['seconds']:.1f} s"
+               + (": " + ", ".join(built) if built else " (everything was already prepared)"))
 
 
 @main.command()

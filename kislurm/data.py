@@ -26,9 +26,13 @@ Probes: `prepared.probes` covers every general fact then every knowledge fact, i
 probes (`cell_probes`) are all general facts plus its infused facts; under fixed_exposures that is a prefix of the
 knowledge facts, so the general block is identical in every cell and infused ids agree wherever they overlap.
 
-Concurrency: builds take an exclusive fcntl lock on DATA/.lock, write into a hidden temporary folder and publish it
-with one rename; a published folder is complete. Megatron's index caches (DATA/prep-*/cache) are written under the
-same lock and listed in a manifest once complete, so a crash never leaves a half-written cache that looks valid.
+Concurrency: shared data has one writer, preparation (`prepare_run`, i.e. `kislurm prepare`), which writes into a
+private temporary folder (named by host and pid) and publishes it with one atomic rename; a published folder is
+complete and never rewritten. Correctness does not rest on flock (node-local on Lustre with localflock): the lock
+only spares builders on one machine a duplicate build, and a temporary folder is removed only by its writer, or when
+its writer ran on this machine and is gone. Cells read (`load_prepared`) and never build shared data. Each cell's
+megatron index cache is a folder of its own (DATA/prep-*/cache/cell-ID, one writer: the cell's rank 0), listed in a
+manifest once complete, so a crash never leaves a half-written cache that looks valid.
 """
 
 from __future__ import annotations
@@ -41,10 +45,12 @@ import json
 import math
 import os
 import shutil
+import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -80,6 +86,12 @@ class PreparedData:
     general_prefix: str        # megatron prefix of the general stream (ours, or the user's corpus)
     general_is_facts: bool     # the general stream is built from the general base (exposures countable)
     manifest: dict
+    readonly: bool = False     # loaded by a cell (load_prepared): a missing stream is an error, never built
+
+    def cell_cache(self, cell) -> Path:
+        """Megatron's index cache of one cell: a folder of its own, so each cache has one writer (the cell's rank
+        0) and no lock is needed across nodes."""
+        return self.cache / f"cell-{cell.cell_id}"
 
     @property
     def cache(self) -> Path:
@@ -93,30 +105,57 @@ class PreparedData:
 
 @contextlib.contextmanager
 def _locked(data_dir: Path) -> Iterator[None]:
-    """Exclusive lock on data_dir/.lock (one builder at a time across processes); stale temp folders are removed."""
+    """Exclusive lock on data_dir/.lock: spares concurrent builders on one machine a duplicate build. Correctness
+    never depends on it (flock may be node-local on Lustre, and varies on NFS): publishing is an atomic rename of a
+    private temporary folder, and only this machine's temporary folders of dead processes are removed."""
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / ".lock", "a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
-            for stale in data_dir.glob("**/.tmp-*"):  # holders of the lock always clean up: these are from crashes
-                shutil.rmtree(stale, ignore_errors=True)
+            for stale in data_dir.glob("**/.tmp-*"):
+                if _abandoned(stale.name):
+                    shutil.rmtree(stale, ignore_errors=True)
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _abandoned(tmp_name: str) -> bool:
+    """A temporary folder (.tmp-NAME-HOST-PID-RANDOM) whose writer ran on this machine and is gone. Folders of
+    other machines, or not named so, are never touched: their writer may still be running."""
+    parts = tmp_name.rsplit("-", 3)
+    if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 @contextlib.contextmanager
 def _publish(final: Path, data_dir: Path) -> Iterator[Path]:
-    """A temporary folder renamed to `final` on success and removed on error (call under the lock).
+    """A private temporary folder renamed to `final` on success (one atomic rename; if another writer published
+    `final` first, that copy is kept and ours discarded) and removed on error: only our own is ever removed.
 
     Each publication appends a line to data_dir/builds.log: the record that shows a build was reused, not redone.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / f".tmp-{final.name}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            return            # published by another writer meanwhile: identical content (same inputs, seeded)
         with open(data_dir / "builds.log", "a") as log:
             log.write(f"{final.relative_to(data_dir)} pid={os.getpid()}\n")
     finally:
@@ -190,6 +229,18 @@ def prepare(data: DataConfig, data_dir: Path, seq_length: int) -> PreparedData:
                 with _publish(gen_dir, data_dir) as tmp:
                     _build_general_stream(root, tmp, seq_length)
     return _load(root, data, seq_length)
+
+
+def load_prepared(data: DataConfig, data_dir: Path, seq_length: int) -> PreparedData:
+    """What a cell reads: the prepared data, never built here. Anything missing is a one-line error naming
+    `kislurm prepare`; the cell's knowledge stream is checked too when the cell asks for it."""
+    root = Path(data_dir) / f"prep-{fingerprint(data)}"
+    missing = [p for p in (root / "manifest.json", root / f"general-L{seq_length}" / "info.json")
+               if not p.is_file() and not (data.general_prefix is not None and "general-L" in str(p))]
+    if missing:
+        raise DataError(f"{missing[0]}: the run's data is not prepared; fix: run `kislurm prepare CONFIG` "
+                        "(the same config and --set options) before the cells")
+    return dataclasses.replace(_load(root, data, seq_length), readonly=True)
 
 
 def _bases(data: DataConfig) -> tuple[KnowledgeBase, KnowledgeBase, Templates]:
@@ -328,6 +379,9 @@ def knowledge_stream(prepared: PreparedData, cell) -> dict:
     'prefix'. Streams are shared by every cell that needs the same facts, units and documents."""
     plan = knowledge_plan(prepared, cell)
     out = prepared.root / f"knowledge-L{prepared.seq_length}" / plan.name
+    if not out.is_dir() and prepared.readonly:
+        raise DataError(f"{out}: cell {cell.name}'s knowledge stream is not prepared; fix: run `kislurm prepare "
+                        "CONFIG` (the same config and --set options) before the cells")
     if not out.is_dir():
         with _locked(prepared.root.parent):
             if not out.is_dir():
@@ -347,6 +401,43 @@ def prepare_cells(prepared: PreparedData, cells: list) -> None:
     for cell in cells:
         if cell.model.seq_length == prepared.seq_length:
             knowledge_stream(prepared, cell)
+
+
+def prepare_run(cfg, cells: Optional[list] = None, progress: Optional[Callable[[int], None]] = None) -> dict:
+    """Build everything a run's cells read, as the one writer of the run's shared data: tokenizer, bases, probes and
+    general stream per seq_length, every cell's knowledge stream, and a check of every cell's blend (megatron's
+    own arithmetic gives exactly the planned samples). Idempotent: what is published is reused. `progress(1)` after
+    each cell. Returns a JSON-able summary: what was built, bytes written, seconds. On a cluster this is the body of
+    one CPU preparation job that the cell arrays wait on."""
+    from .paths import RunPaths
+    from .plan import expand, run_dir
+
+    t0 = time.perf_counter()
+    cells = expand(cfg) if cells is None else cells
+    data_dir = RunPaths(run_dir(cfg)).data
+    log = data_dir / "builds.log"
+    seen = len(log.read_text().splitlines()) if log.is_file() else 0
+    size = _tree_bytes(data_dir)
+    streams: set[str] = set()
+    blends: set[tuple[int, int]] = set()
+    for seq in sorted({c.model.seq_length for c in cells}):
+        prepared = prepare(cfg.data, data_dir, seq)
+        for cell in (c for c in cells if c.model.seq_length == seq):
+            info = knowledge_stream(prepared, cell)
+            streams.add(info["prefix"])
+            if (cell.n_samples, info["k_docs"]) not in blends:
+                blend_weights(cell.n_samples, info["k_docs"])
+                blends.add((cell.n_samples, info["k_docs"]))
+            if progress is not None:
+                progress(1)
+    built = log.read_text().splitlines()[seen:] if log.is_file() else []
+    return {"data": str(data_dir), "cells": len(cells), "streams": len(streams),
+            "built": [line.split()[0] for line in built], "bytes_written": max(0, _tree_bytes(data_dir) - size),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def cell_probes(prepared: PreparedData, cell) -> ProbeSet:
@@ -391,9 +482,10 @@ def blend_weights(n: int, k: int) -> list[float]:
 
 
 @contextlib.contextmanager
-def _megatron_builder_context(prepared: PreparedData) -> Iterator[None]:
+def _megatron_builder_context(cache: Path) -> Iterator[None]:
     """What megatron's builder needs with a cache path: a process group (a one-process gloo group, only if the caller
-    has none, destroyed afterwards) and, on rank 0, the data lock with incomplete cache files cleared first."""
+    has none, destroyed afterwards) and, on rank 0 (the cache's only writer: the cache is the cell's own), incomplete
+    cache files cleared first and the complete ones listed after."""
     import torch.distributed as dist
 
     own = not dist.is_initialized()
@@ -403,18 +495,17 @@ def _megatron_builder_context(prepared: PreparedData) -> Iterator[None]:
         if dist.get_rank() != 0:
             yield
             return
-        with _locked(prepared.root.parent):
-            cache, listing = prepared.cache, prepared.cache / "complete.json"
-            cache.mkdir(exist_ok=True)
-            done = set(json.loads(listing.read_text())) if listing.is_file() else set()
-            for f in cache.iterdir():
-                if f.name not in done and f.name != listing.name:
-                    f.unlink()     # left by a crashed build: megatron would take it for a complete cache
-            yield
-            names = sorted(f.name for f in cache.iterdir() if f.name != listing.name)
-            tmp = cache / f".complete.{uuid.uuid4().hex[:8]}"
-            tmp.write_text(json.dumps(names))
-            os.replace(tmp, listing)
+        listing = cache / "complete.json"
+        cache.mkdir(parents=True, exist_ok=True)
+        done = set(json.loads(listing.read_text())) if listing.is_file() else set()
+        for f in cache.iterdir():
+            if f.name not in done and f.name != listing.name:
+                f.unlink()     # left by a crashed build of this cell: megatron would take it for a complete cache
+        yield
+        names = sorted(f.name for f in cache.iterdir() if f.name != listing.name)
+        tmp = cache / f".complete.{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps(names))
+        os.replace(tmp, listing)
     finally:
         if own:
             dist.destroy_process_group()
@@ -439,12 +530,12 @@ def cell_dataset(prepared: PreparedData, cell) -> tuple[Any, dict]:
     config = GPTDatasetConfig(
         random_seed=int(cell.seed), sequence_length=prepared.seq_length,
         blend=([prepared.general_prefix, kinfo["prefix"]], weights), split="1,0,0",
-        path_to_cache=str(prepared.cache), tokenizer=prepared.tokenizer, reset_position_ids=False,
+        path_to_cache=str(prepared.cell_cache(cell)), tokenizer=prepared.tokenizer, reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=True, create_attention_mask=False,
         add_extra_token_to_sequence=False, mid_level_dataset_surplus=0.0)
     if dist.is_initialized():
-        dist.barrier()   # every rank is past its own locking before rank 0 holds the lock inside the build
-    with _megatron_builder_context(prepared):
+        dist.barrier()   # every rank has its stream before rank 0 builds (the others load after megatron's barrier)
+    with _megatron_builder_context(prepared.cell_cache(cell)):
         dataset = BlendedMegatronDatasetBuilder(GPTDataset, [n, 0, 0], lambda: True, config).build()[0]
     return dataset, blend_stats(prepared, dataset, n, cell.ratio, kinfo, weights)
 

@@ -10,7 +10,7 @@ from kislurm.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("command", ["plan", "submit", "status", "aggregate", "fit", "demo"])
+@pytest.mark.parametrize("command", ["plan", "prepare", "submit", "status", "aggregate", "fit", "demo"])
 def test_every_command_has_help(command):
     out = CliRunner().invoke(main, [command, "--help"])
     assert out.exit_code == 0 and "Usage:" in out.output and len(out.output.splitlines()) > 4
@@ -62,3 +62,12 @@ def test_fit_csv_end_to_end(tmp_path):
     assert out.exit_code == 0, out.output
     assert (tmp_path / "rep" / "collapse_points.csv").exists() and (tmp_path / "rep" / "law.png").exists()
     assert "big" in (tmp_path / "rep" / "law.txt").read_text()
+
+
+def test_prepare_reports_what_it_wrote(tmp_path):
+    args = ["prepare", str(REPO / "configs" / "tiny.yaml"), "--set", f"output_root={tmp_path}"]
+    code, lines = run(args)
+    assert code == 0, lines
+    assert "4 cells" in lines[-1] and "published now" in lines[-1] and "knowledge-L" in lines[-1]
+    code, lines = run(args)
+    assert code == 0 and "everything was already prepared" in lines[-1]
