@@ -202,7 +202,9 @@ class DataConfig:
     policy: Literal["fixed_facts", "fixed_exposures"] = "fixed_facts"
     """fixed_facts: one knowledge base, exposures grow with r; fixed_exposures: facts grow with r at set exposures."""
     exposures_per_fact: int = 100
-    """fixed_exposures: training exposures of each infused fact."""
+    """fixed_exposures: training exposures of each infused fact (exact). The knowledge stream cycles the largest
+    divisor of it up to 64 as distinct pass units, so a value with a divisor near 64 (e.g. 64, 96, 128) keeps the
+    neighbour sharing low; a prime above 64 gives one unit, whose facts keep their neighbours every epoch."""
     tokenizer: Optional[str] = None
     """Path to a tokenizer.json; if unset a BPE tokenizer is trained on the run's own corpus."""
     vocab_size: int = 512

@@ -11,9 +11,10 @@ The cell's choice (pure arithmetic on the packing, no megatron here):
 - fixed_exposures: u = the largest divisor of E not above PASS_UNITS, M = E / u; F = the longest prefix of the base
   whose u units fit K // M documents; the units' documents are split (the ones holding most sentences first) until
   there are exactly D = K // M of them.
-- fixed_facts: F = every fact; among u in [ceil(U/2), U] (or fewer units when the base packs into more documents than
-  the cell has), M = K // D_u and D = K // M, choosing the u with the fewest samples lost to the remainder and to
-  split documents. A cell that holds less than one pass gets the first K documents of unit 0 (0 or 1 exposure each).
+- fixed_facts: F = every fact; for each u <= PASS_UNITS whose units fit, M = K // D_u and D = K // M; the u chosen
+  loses the fewest samples to the remainder and to split documents, with a small premium on more units (less
+  neighbour sharing). A cell that holds less than one pass gets the first K documents of unit 0 (0 or 1 exposure
+  each).
 In both, K' = M x D <= K with K - K' < M (the remainder goes to the general stream; M is at most K / D_1, so the
 realised share is below r by less than 1 / D_1, one over the documents of one pass). Streams are named by what they
 hold (facts, units, documents), so cells that need the same one share it; each holds at most PASS_UNITS passes of its
@@ -34,6 +35,7 @@ import numpy as np
 from .knowledge import DataError
 
 PASS_UNITS = 64   # at most this many distinct pass units per knowledge stream (see neighbour_sharing)
+SHARING_WEIGHT = 0.1   # fixed_facts: one unit instead of many is worth about 10% of the samples in split documents
 
 
 @dataclass(frozen=True)
@@ -218,24 +220,23 @@ def plan_fixed_exposures(s: Sentences, k_docs: int, seq_length: int, seed: int, 
 
 def plan_fixed_facts(s: Sentences, k_docs: int, seq_length: int, seed: int) -> StreamPlan:
     """Every fact, u units drawn M whole times: the (u, M) that loses the fewest samples to the remainder (which goes
-    to the general stream) and to split documents, preferring at least half of PASS_UNITS distinct units."""
+    to the general stream) and to split documents, plus SHARING_WEIGHT / u (more distinct units share less)."""
     n_facts = s.n_facts
     _, bounds = pack_units(s, n_facts, PASS_UNITS, seq_length, seed)
     unit_end = np.searchsorted(bounds, np.arange(1, PASS_UNITS + 1) * n_facts)   # docs of the first u units
     docs_u = {u: int(unit_end[u - 1]) for u in range(1, PASS_UNITS + 1)}
     if k_docs < docs_u[1]:
         return StreamPlan(n_facts, 1, k_docs, 1, True)
-    fitting = [u for u in docs_u if docs_u[u] <= k_docs]
-    preferred = [u for u in fitting if 2 * u >= PASS_UNITS] or fitting
-    best: Optional[tuple[int, int, int]] = None
-    for u in preferred:
+    best: Optional[tuple[float, int, int]] = None
+    for u in (u for u in docs_u if docs_u[u] <= k_docs):
         m = k_docs // docs_u[u]
         d = k_docs // m
         if d > u * n_facts:
             continue                              # cannot split into that many documents
-        lost = 2 * (k_docs - m * d) + m * (d - docs_u[u])
-        if best is None or (lost, -u) < (best[0], -best[1]):
-            best = (lost, u, m)
+        lost = 4 * (k_docs - m * d) + m * (d - docs_u[u])   # samples to the general stream (x4), split documents
+        score = lost / k_docs + SHARING_WEIGHT / u
+        if best is None or score < best[0]:
+            best = (score, u, m)
     if best is None:
         raise DataError(f"only {n_facts * PASS_UNITS} knowledge sentences for {k_docs} samples; fix: lower the "
                         "ratio or token budget")
