@@ -354,13 +354,27 @@ def knowledge_samples(n_samples: int, ratio: float) -> int:
 
 
 def knowledge_plan(prepared: PreparedData, cell) -> StreamPlan:
-    """The cell's knowledge stream plan (facts, units, documents, epochs): arithmetic on the packing, no writing."""
+    """The cell's knowledge stream plan (facts, units, documents, epochs), decided once by preparation and kept in
+    knowledge-L<seq>/plans/ (a few bytes per distinct K), so a cell reads it instead of repacking the base."""
     data, L = prepared.data, prepared.seq_length
     k_docs = knowledge_samples(cell.n_samples, cell.ratio)
+    name = f"{data.policy}-K{k_docs}" + (f"-E{data.exposures_per_fact}" if data.policy == "fixed_exposures" else "")
+    path = prepared.root / f"knowledge-L{L}" / "plans" / f"{name}.json"
+    if path.is_file():
+        return StreamPlan(**json.loads(path.read_text()))
+    if prepared.readonly:
+        raise DataError(f"{path}: cell {cell.name}'s knowledge plan is not prepared; fix: run `kislurm prepare "
+                        "CONFIG` (the same config and --set options) before the cells")
     s = _sentences(prepared)
     if data.policy == "fixed_facts":
-        return plan_fixed_facts(s, k_docs, L, data.seed)
-    return plan_fixed_exposures(s, k_docs, L, data.seed, data.exposures_per_fact, cell.ratio)
+        plan = plan_fixed_facts(s, k_docs, L, data.seed)
+    else:
+        plan = plan_fixed_exposures(s, k_docs, L, data.seed, data.exposures_per_fact, cell.ratio)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(dataclasses.asdict(plan)))
+    os.replace(tmp, path)          # atomic; every writer writes the same plan (same base and arithmetic)
+    return plan
 
 
 def _sentences(prepared: PreparedData) -> Sentences:

@@ -189,7 +189,7 @@ def main() -> None:
                           f"{prep['facts']} facts x {prep['units']} units, {prep['epochs']} epochs | "
                           f"{prep['seconds']:.1f} / {prep['rss_gb']:.2f} / {prep['bytes'] / 1e6:.1f} | "
                           f"{cell['seconds']:.1f} / {cell['rss_gb']:.2f} / {cell['bytes'] / 1e6:.0f} | "
-                          f"{mega['build_s']:.1f} / {mega['rss_gb']:.2f} / {mega['bytes'] / 1e6:.0f} | "
+                          f"{mega['build_s']:.2f} / {mega['rss_gb']:.2f} / {mega['bytes'] / 1e6:.0f} | "
                           f"{cell['seconds'] / mega['build_s']:.2f}, {cell['rss_gb'] / mega['rss_gb']:.2f}, "
                           f"{cell['bytes'] / max(mega['bytes'], 1):.2f} | {share:+.2e} | "
                           f"{cell['exposures_per_fact_min']}-{cell['exposures_per_fact_max']} | "
