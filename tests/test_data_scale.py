@@ -87,3 +87,17 @@ def test_1b_token_cells_byte_identical_per_seed(prepared, tmp_path):
     assert all(torch.equal(a[int(i)]["tokens"], b[int(i)]["tokens"]) for i in picks)
     c, _ = D.cell_dataset(other, _cell(BASE, 0.3, seed=1))
     assert any(not torch.equal(a[int(i)]["tokens"], c[int(i)]["tokens"]) for i in picks)
+
+
+def test_neighbour_sharing_counts_pairs_per_pass():
+    # 4 facts, 2 passes: {0,1} {2,3} then {0,2} {1,3}: every sharing pair shares 1 of 2 exposures
+    fact = np.array([0, 1, 2, 3, 0, 2, 1, 3])
+    sharing = streams.neighbour_sharing(fact, np.array([0, 2, 4, 6, 8]), passes=2)
+    assert sharing["max"] == 0.5 and sharing["mean_sharing_pairs"] == 0.5
+    assert sharing["mean_all_pairs"] == pytest.approx(8 / 2 / (4 * 3))     # 8 (fact, neighbour) incidences
+    repeated = streams.neighbour_sharing(np.array([0, 1, 2, 3, 0, 1, 2, 3]), np.array([0, 2, 4, 6, 8]), passes=2)
+    assert repeated["max"] == 1.0                                         # one packing repeated: always together
+
+
+def test_fixed_exposures_units_divide_e():
+    assert [streams.units_for(e) for e in (8, 64, 100, 128, 101)] == [8, 64, 50, 64, 1]
