@@ -1,8 +1,9 @@
 """Prepared data: knowledge bases, tokenizer, probes and megatron-core indexed datasets, mixed per cell.
 
 `prepare` builds what every cell of a run shares, once, under RUN/data: the bases, the tokenizer, the probes and the
-general stream. `cell_dataset` builds (or reuses) the cell's knowledge stream and mixes the two streams at the
-cell's ratio with megatron-core's BlendedMegatronDatasetBuilder over GPTDataset.
+general stream; `prepare_run` (`kislurm prepare`) adds every cell's knowledge stream and blend check, as the shared
+data's one writer. A cell reads it (`load_prepared`), and `cell_dataset` mixes the two streams at the cell's ratio
+with megatron-core's BlendedMegatronDatasetBuilder over GPTDataset.
 
 Exactness (measured with megatron-core 0.16.1): whole fact sentences, each followed by EOD, are packed greedily
 into documents of exactly seq_length tokens and padded with a distinct pad id (loss_mask 0 there). With
