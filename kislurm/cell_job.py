@@ -256,7 +256,7 @@ def run_cell(run: RunPaths, cell: Cell) -> dict[str, Any]:
         sig = _TimeLimitSignal(dist)
         if dist.is_main:
             write_status(paths, "RUNNING", step=0)
-        prepared = data.prepare(cell.data, run.data, cell.model.seq_length)
+        prepared = data.load_prepared(cell.data, run.data, cell.model.seq_length)  # built by kislurm prepare
         dataset, data_stats = data.cell_dataset(prepared, cell)
         trainer = Trainer(cell, dataset, paths.checkpoints, prepared.tokenizer.vocab_size, dist, log=log)
         probes = data.cell_probes(prepared, cell)  # under fixed_exposures: the facts this cell infuses
@@ -337,6 +337,36 @@ class CellJob(submitit.helpers.Checkpointable):
             print(f"requeue refused: cell {cell.name} resubmitted as job {new} (starts after job {old})", flush=True)
             raise RequeueRefused(0)
         return super().checkpoint(run_root, cell)
+
+
+class PrepareJob:
+    """submitit entry of the preparation job, the run's one writer of shared data (kislurm.data.prepare_run). It
+    records its state in RUN/prepare.json; when it fails it records the one-line error that `kislurm status`
+    shows and cancels the cell arrays waiting on it (afterok could never be satisfied)."""
+
+    def __call__(self, run_root: str, cfg: Any, cells: list[Cell]) -> dict[str, Any]:
+        from . import data
+
+        run = RunPaths(Path(run_root))
+        job = os.environ.get("SLURM_JOB_ID", "")
+        atomic_write_json(run.preparation, {"job": job, "state": "running", "node": node_name(), "time": time.time()})
+        try:
+            summary = data.prepare_run(cfg, cells)
+        except Exception as e:
+            atomic_write_json(run.preparation, {"job": job, "state": "failed", "error": _error_line(e),
+                                                "time": time.time()})
+            _cancel_waiting_cells(run, job)
+            raise
+        atomic_write_json(run.preparation, {"job": job, "state": "done", "summary": summary, "time": time.time()})
+        return summary
+
+
+def _cancel_waiting_cells(run: RunPaths, job: str) -> None:
+    from .status import latest_submissions
+
+    from .submit import cancel_jobs
+
+    cancel_jobs(sorted({s.job_id.split("_")[0] for s in latest_submissions(run).values() if job and s.after == job}))
 
 
 def main(argv: list[str]) -> int:

@@ -1,4 +1,4 @@
-"""The `kislurm` command line: plan, submit, status, aggregate, fit, demo.
+"""The `kislurm` command line: plan, prepare, submit, status, aggregate, fit, demo.
 
 Every command turns a known failure (bad config, missing file, no Slurm, corrupt store) into one line on stderr
 and a non-zero exit; a traceback means a bug in kislurm.
@@ -196,7 +196,8 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
     (locally) wait with a progress bar."""
     from tqdm import tqdm
 
-    from .submit import RESUBMIT, cells_to_run, check_cluster, submit_cells, write_plan
+    from .submit import (RESUBMIT, cancel_jobs, cells_to_run, check_cluster, release, submit_cells, submit_preparation,
+                         write_plan)
 
     check_cluster(cfg.executor)
     run = write_plan(cfg, planned if planned is not None else cells, force=force)
@@ -209,28 +210,39 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
         return run
     from . import data
 
-    for seq in sorted({c.model.seq_length for c in todo}):
-        prepared = data.prepare(cfg.data, run.data, seq)  # shared by every cell; cells then only read it
-        data.prepare_cells(prepared, [c for c in todo if c.model.seq_length == seq])  # fail here, not in a job
     job = load_cell_job()
+    if cfg.executor.cluster == "slurm":
+        # the login node does no heavy work: preparation is one CPU job the arrays wait on, unless it is done
+        prep = None if data.is_prepared(cfg, todo) else submit_preparation(cfg, run, todo)
+        try:
+            jobs = submit_cells(cfg, run, todo, job, after=prep)
+        except BaseException:
+            if prep:  # never leave a held preparation job behind
+                cancel_jobs([prep])
+            raise
+        if prep:
+            release(prep)
+            click.echo(f"queued preparation job {prep}; the cells wait on it (afterok)")
+        click.echo(f"submitted {len(jobs)} cells: job ids {', '.join(sorted({j.job_id.split('_')[0] for j in jobs}))}")
+        return run
+    data.prepare_run(cfg, todo)   # the shared data's one writer, before any job: cells then only read it
     if cfg.executor.cluster == "local":
         bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not wait)
         jobs = submit_cells(cfg, run, todo, job, progress=bar.update)
         bar.close()
     else:
         jobs = submit_cells(cfg, run, todo, job)
-        click.echo(f"submitted {len(jobs)} cells: job ids {', '.join(sorted({j.job_id.split('_')[0] for j in jobs}))}")
-    if cfg.executor.cluster != "slurm":
-        from .status import rank_reports_summary
+    # local and debug cells have finished here: report every failed one
+    from .status import rank_reports_summary
 
-        failed = [f"{cell.name}: {rank_reports_summary(run.cell(cell.name), cell.model.world_size) or problem}"
-                  for cell, j in zip(todo, jobs) if (problem := _job_failure(j))]
-        if failed:
-            for line in failed:
-                click.echo(f"kislurm: cell failed: {line}", err=True)
-            click.echo(f"kislurm: error: {len(failed)} of {len(todo)} cells failed; see their log.txt under "
-                       f"{run.cells}; rerun `kislurm submit` to retry only those", err=True)
-            sys.exit(1)
+    failed = [f"{cell.name}: {rank_reports_summary(run.cell(cell.name), cell.model.world_size) or problem}"
+              for cell, j in zip(todo, jobs) if (problem := _job_failure(j))]
+    if failed:
+        for line in failed:
+            click.echo(f"kislurm: cell failed: {line}", err=True)
+        click.echo(f"kislurm: error: {len(failed)} of {len(todo)} cells failed; see their log.txt under "
+                   f"{run.cells}; rerun `kislurm submit` to retry only those", err=True)
+        sys.exit(1)
     return run
 
 
@@ -306,11 +318,30 @@ def preflight(config: str, steps: int, dry_run: bool, overrides: tuple[str, ...]
 
 
 @main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@_set_option
+def prepare(config: str, overrides: tuple[str, ...]) -> None:
+    """Build everything the cells of CONFIG read (tokenizer, knowledge bases, probes, streams) and check every cell's
+    blend. Cells never build shared data: they read what this published."""
+    from tqdm import tqdm
+
+    from .data import prepare_run
+
+    cfg, cells = _load(config, overrides)
+    with tqdm(total=len(cells), desc="prepare", unit="cell") as bar:
+        summary = prepare_run(cfg, cells, progress=bar.update)
+    built = summary["built"]
+    click.echo(f"{summary['data']}: {summary['cells']} cells, {summary['streams']} knowledge streams; "
+               f"{len(built)} published now ({summary['bytes_written'] / 1e6:.1f} MB) in {summary['seconds']:.1f} s"
+               + (": " + ", ".join(built) if built else " (everything was already prepared)"))
+
+
+@main.command()
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per cell, for scripts.")
 def status(run: str, as_json: bool) -> None:
     """One row per cell of RUN: state, step, last retention (sacct polled once for all cells)."""
-    from .status import run_status
+    from .status import preparation_state, run_status
 
     rows = run_status(RunPaths(Path(run)))
     if as_json:
@@ -324,6 +355,10 @@ def status(run: str, as_json: bool) -> None:
     click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for t in table:
         click.echo("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+    prep = preparation_state(RunPaths(Path(run)))
+    if prep:
+        click.echo(f"preparation job {prep.get('job')}: {prep.get('state')}"
+                   + (f": {prep['error']}" if prep.get("error") else ""))
     for r in rows:  # what a failed cell said, and why a cell was resubmitted
         for key in ("error", "note"):
             if r.get(key):

@@ -287,7 +287,9 @@ class DataConfig:
     policy: Literal["fixed_facts", "fixed_exposures"] = "fixed_facts"
     """fixed_facts: one knowledge base, exposures grow with r; fixed_exposures: facts grow with r at set exposures."""
     exposures_per_fact: int = 100
-    """fixed_exposures: training exposures of each infused fact."""
+    """fixed_exposures: training exposures of each infused fact (exact). The knowledge stream cycles the largest
+    divisor of it up to 64 as distinct pass units, so a value with a divisor near 64 (e.g. 64, 96, 128) keeps the
+    neighbour sharing low; a prime above 64 gives one unit, whose facts keep their neighbours every epoch."""
     tokenizer: Optional[str] = None
     """Path to a tokenizer.json; if unset a BPE tokenizer is trained on the run's own corpus."""
     vocab_size: int = 512
@@ -412,6 +414,13 @@ class ExecutorConfig:
     """Split arrays above this many tasks (unset: read MaxArraySize from the cluster)."""
     max_requeues: int = 20
     """Times a cell may be requeued after its time limit or a preemption (it resumes from its last checkpoint)."""
+    prepare_partition: Optional[str] = None
+    """Slurm partition of the preparation job (the one CPU job that builds the data every cell reads; the cell
+    arrays wait on it). Unset: the cells' partition, with no GPU requested."""
+    prepare_cpus: int = 4
+    """CPUs of the preparation job."""
+    prepare_time: str = "2:00:00"
+    """Time limit of the preparation job, in Slurm format."""
     sbatch_extra: dict[str, str] = field(default_factory=dict)
     """Extra sbatch options passed through as is, e.g. {mail-type: END}."""
     setup: list[str] = field(default_factory=list)
@@ -431,6 +440,9 @@ class ExecutorConfig:
         _check(self.array_parallelism >= 1, "array_parallelism", "expected >= 1 task at once")
         _check(self.max_array_size is None or self.max_array_size >= 1, "max_array_size", "expected >= 1")
         _check(self.max_requeues >= 0, "max_requeues", "expected >= 0 requeues")
+        _check(self.prepare_cpus >= 1, "prepare_cpus", "expected >= 1 CPU")
+        _check(bool(_SLURM_TIME.match(self.prepare_time)), "prepare_time",
+               f"'{self.prepare_time}' is not a Slurm time; fix: use MM, HH:MM:SS or D-HH:MM:SS, e.g. 2:00:00")
         _check(self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "gpu_memory_gb", "expected GiB > 0 per GPU")
         _check(0 < self.mfu <= 1, "mfu", f"expected a utilisation in (0, 1], got {self.mfu}")
         _check(self.gpu_peak_tflops > 0, "gpu_peak_tflops", "expected a positive peak TFLOP/s")

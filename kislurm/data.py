@@ -1,36 +1,43 @@
 """Prepared data: knowledge bases, tokenizer, probes and megatron-core indexed datasets, mixed per cell.
 
 `prepare` builds what every cell of a run shares, once, under RUN/data: the bases, the tokenizer, the probes and the
-general stream. `cell_dataset` builds (or reuses) the cell's knowledge stream and mixes the two streams at the
-cell's ratio with megatron-core's BlendedMegatronDatasetBuilder over GPTDataset.
+general stream; `prepare_run` (`kislurm prepare`) adds every cell's knowledge stream and blend check, as the shared
+data's one writer. A cell reads it (`load_prepared`), and `cell_dataset` mixes the two streams at the cell's ratio
+with megatron-core's BlendedMegatronDatasetBuilder over GPTDataset.
 
 Exactness (measured with megatron-core 0.16.1): whole fact sentences, each followed by EOD, are packed greedily
 into documents of exactly seq_length tokens and padded with a distinct pad id (loss_mask 0 there). With
-add_extra_token_to_sequence=False one sample is one document, so no fact is ever cut. The knowledge stream of a
-cell holds exactly its K = round(r * n_samples) samples (one epoch, mid_level_dataset_surplus=0 and blend weights
-chosen so megatron draws exactly K), so realised exposures equal the planned ones; they are nevertheless counted
-from megatron's own indices and recorded.
+add_extra_token_to_sequence=False one sample is one document, so no fact is ever cut. A cell's knowledge stream
+holds a few pass units over its facts (kislurm.streams): it follows the knowledge base, not the token budget, and
+megatron's GPTDataset repeats it for the cell's K' = M x D samples, M whole epochs (K' <= K = round(r * n) and
+K - K' < M; mid_level_dataset_surplus=0 and blend weights chosen so megatron draws exactly K'). Every fact of the
+stream is therefore trained exactly M x units times; exposures are nevertheless counted from megatron's own indices
+and recorded.
 
 Loss mask: eod_mask_loss=True. Without it megatron-core 0.16 caches the loss mask of the first sample it serves
 after zeroing that sample's padding in place, so every later sample loses the loss at those positions
 (Megatron-LM issue 1711, fix pending in PR 6981); with it masks are recomputed per sample. The only loss it drops is
 the target right after an EOD: the first token of the next (randomly ordered) fact sentence.
 
-Policies. fixed_facts: one knowledge base; K documents are filled with passes over all facts (a fresh seeded order
-each pass, templates rotating), so exposures per fact differ by at most one. fixed_exposures: the infused facts are
-the longest prefix of the base (in base order) whose facts all fit K documents at exactly exposures_per_fact each.
+Policies. fixed_facts: one knowledge base, every fact in the stream; exposures grow with r (in steps of the
+units, or of one pass below one epoch) and never differ between facts by more than one. fixed_exposures: the
+infused facts are the longest prefix of the base (in base order) whose units fit K samples at exactly
+exposures_per_fact each. The base (and its fingerprint) does not depend on the policy or exposures_per_fact.
 Probes: `prepared.probes` covers every general fact then every knowledge fact, ids "base:index:relation". A cell's
 probes (`cell_probes`) are all general facts plus its infused facts; under fixed_exposures that is a prefix of the
 knowledge facts, so the general block is identical in every cell and infused ids agree wherever they overlap.
 
-Concurrency: builds take an exclusive fcntl lock on DATA/.lock, write into a hidden temporary folder and publish it
-with one rename; a published folder is complete. Megatron's index caches (DATA/prep-*/cache) are written under the
-same lock and listed in a manifest once complete, so a crash never leaves a half-written cache that looks valid.
+Concurrency: shared data has one writer, preparation (`prepare_run`, i.e. `kislurm prepare`), which writes into a
+private temporary folder (named by host and pid) and publishes it with one atomic rename; a published folder is
+complete and never rewritten. Correctness does not rest on flock (node-local on Lustre with localflock): the lock
+only spares builders on one machine a duplicate build, and a temporary folder is removed only by its writer, or when
+its writer ran on this machine and is gone. Cells read (`load_prepared`) and never build shared data. Each cell's
+megatron index cache is a folder of its own (DATA/prep-*/cache/cell-ID, one writer: the cell's rank 0), listed in a
+manifest once complete, so a crash never leaves a half-written cache that looks valid.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import dataclasses
 import fcntl
@@ -39,10 +46,12 @@ import json
 import math
 import os
 import shutil
+import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -50,12 +59,18 @@ from .config import DataConfig, config_to_dict
 from .knowledge import (DataError, KnowledgeBase, ProbeSet, RelationTemplates, Templates, build_probes,
                         check_distractors, check_templates, load_base, load_probes, read_templates, read_triplets,
                         save_base, save_probes, subset_probes, synthetic_bases)
+from .streams import (PASS_UNITS, Sentences, StreamPlan, _passes, neighbour_sharing, pack, plan_fixed_exposures,
+                      plan_fixed_facts, stream_layout)
 from .tokenizer import (Tokenizer, corpus_texts, encode_facts, load_tokenizer, ragged_rows, train_bpe,
                         training_sentences)
+
+_Sentences, _pack = Sentences, pack   # the names tools/bench_data.py uses
 
 FORMAT_VERSION = 1
 TOKENIZER_SENTENCES = 100_000   # the BPE is trained on at most this many corpus sentences (a seeded sample)
 _CHUNK_DOCS = 1 << 17
+_CHUNK_SAMPLES = 1 << 22   # megatron indices are counted in chunks of this many samples (bounded memory)
+_NOT_BASE = ("policy", "exposures_per_fact")   # data fields that change the streams a cell draws, not the base
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,12 @@ class PreparedData:
     general_prefix: str        # megatron prefix of the general stream (ours, or the user's corpus)
     general_is_facts: bool     # the general stream is built from the general base (exposures countable)
     manifest: dict
+    readonly: bool = False     # loaded by a cell (load_prepared): a missing stream is an error, never built
+
+    def cell_cache(self, cell) -> Path:
+        """Megatron's index cache of one cell: a folder of its own, so each cache has one writer (the cell's rank
+        0) and no lock is needed across nodes."""
+        return self.cache / f"cell-{cell.cell_id}"
 
     @property
     def cache(self) -> Path:
@@ -85,30 +106,57 @@ class PreparedData:
 
 @contextlib.contextmanager
 def _locked(data_dir: Path) -> Iterator[None]:
-    """Exclusive lock on data_dir/.lock (one builder at a time across processes); stale temp folders are removed."""
+    """Exclusive lock on data_dir/.lock: spares concurrent builders on one machine a duplicate build. Correctness
+    never depends on it (flock may be node-local on Lustre, and varies on NFS): publishing is an atomic rename of a
+    private temporary folder, and only this machine's temporary folders of dead processes are removed."""
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / ".lock", "a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
-            for stale in data_dir.glob("**/.tmp-*"):  # holders of the lock always clean up: these are from crashes
-                shutil.rmtree(stale, ignore_errors=True)
+            for stale in data_dir.glob("**/.tmp-*"):
+                if _abandoned(stale.name):
+                    shutil.rmtree(stale, ignore_errors=True)
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _abandoned(tmp_name: str) -> bool:
+    """A temporary folder (.tmp-NAME-HOST-PID-RANDOM) whose writer ran on this machine and is gone. Folders of
+    other machines, or not named so, are never touched: their writer may still be running."""
+    parts = tmp_name.rsplit("-", 3)
+    if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 @contextlib.contextmanager
 def _publish(final: Path, data_dir: Path) -> Iterator[Path]:
-    """A temporary folder renamed to `final` on success and removed on error (call under the lock).
+    """A private temporary folder renamed to `final` on success (one atomic rename; if another writer published
+    `final` first, that copy is kept and ours discarded) and removed on error: only our own is ever removed.
 
     Each publication appends a line to data_dir/builds.log: the record that shows a build was reused, not redone.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / f".tmp-{final.name}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            return            # published by another writer meanwhile: identical content (same inputs, seeded)
         with open(data_dir / "builds.log", "a") as log:
             log.write(f"{final.relative_to(data_dir)} pid={os.getpid()}\n")
     finally:
@@ -136,8 +184,14 @@ def fingerprint(data: DataConfig) -> str:
         _check_prefix(data.general_prefix)
         st = os.stat(data.general_prefix + ".idx")
         inputs["general_prefix"] = [st.st_size, st.st_mtime_ns]
-    blob = json.dumps({"format": FORMAT_VERSION, "data": config_to_dict(data), "inputs": inputs}, sort_keys=True)
+    blob = json.dumps({"format": FORMAT_VERSION, "data": _base_config(data), "inputs": inputs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _base_config(data: DataConfig) -> dict:
+    """The data config without the fields that only choose a cell's knowledge stream (one base serves both
+    policies and every exposures_per_fact; the streams are named by what they hold)."""
+    return {k: v for k, v in config_to_dict(data).items() if k not in _NOT_BASE}
 
 
 def _check_prefix(prefix: str) -> None:
@@ -156,7 +210,7 @@ def prepare(data: DataConfig, data_dir: Path, seq_length: int) -> PreparedData:
     """Build (or reuse) everything a run's cells share: idempotent, process-safe, atomic.
 
     Layout: DATA/prep-<fingerprint>/{manifest.json, tokenizer.json, *.json, probes.npz, *_sentences.npz,
-    general-L<seq>/stream.{bin,idx,npz}, knowledge-L<seq>/<policy>-K<k>/..., cache/}.
+    general-L<seq>/stream.{bin,idx,npz}, knowledge-L<seq>/units-F<facts>-U<units>-D<docs>/..., cache/}.
     """
     data_dir = Path(data_dir)
     if seq_length < 2:
@@ -176,6 +230,18 @@ def prepare(data: DataConfig, data_dir: Path, seq_length: int) -> PreparedData:
                 with _publish(gen_dir, data_dir) as tmp:
                     _build_general_stream(root, tmp, seq_length)
     return _load(root, data, seq_length)
+
+
+def load_prepared(data: DataConfig, data_dir: Path, seq_length: int) -> PreparedData:
+    """What a cell reads: the prepared data, never built here. Anything missing is a one-line error naming
+    `kislurm prepare`; the cell's knowledge stream is checked too when the cell asks for it."""
+    root = Path(data_dir) / f"prep-{fingerprint(data)}"
+    missing = [p for p in (root / "manifest.json", root / f"general-L{seq_length}" / "info.json")
+               if not p.is_file() and not (data.general_prefix is not None and "general-L" in str(p))]
+    if missing:
+        raise DataError(f"{missing[0]}: the run's data is not prepared; fix: run `kislurm prepare CONFIG` "
+                        "(the same config and --set options) before the cells")
+    return dataclasses.replace(_load(root, data, seq_length), readonly=True)
 
 
 def _bases(data: DataConfig) -> tuple[KnowledgeBase, KnowledgeBase, Templates]:
@@ -212,7 +278,7 @@ def _build_base(data: DataConfig, out: Path) -> None:
     for name, base, enc in (("general", gen, enc_g), ("knowledge", kb, enc_k)):
         flat, off, fact, first = training_sentences(base, enc, tok)
         np.savez(out / f"{name}_sentences.npz", flat=flat, off=off, fact=fact, first=first)
-    manifest = {"format": FORMAT_VERSION, "data": config_to_dict(data), "vocab_size": tok.vocab_size,
+    manifest = {"format": FORMAT_VERSION, "data": _base_config(data), "vocab_size": tok.vocab_size,
                 "tokenizer": tok.source, "general_facts": len(gen.facts), "knowledge_facts": len(kb.facts),
                 "probes": len(probes.prompt), "n_choices": probes.n_choices}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -238,67 +304,6 @@ def load_templates(prepared: PreparedData) -> Templates:
 # ----------------------------------------------------------------------------------------------------------------------
 # Streams: packing whole sentences into documents of exactly seq_length tokens
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Sentences:
-    flat: np.ndarray     # int32 tokens of every training sentence (EOD included)
-    off: np.ndarray      # (S+1,)
-    fact: np.ndarray     # (S,) fact of each sentence
-    first: np.ndarray    # (F+1,) first sentence of each fact; its training templates follow
-
-    @classmethod
-    def load(cls, path: Path) -> "_Sentences":
-        z = np.load(path)
-        return cls(z["flat"], z["off"], z["fact"], z["first"])
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.off)
-
-    @property
-    def n_train(self) -> np.ndarray:
-        return np.diff(self.first)
-
-
-def _passes(s: _Sentences, facts: int, passes: int, seed: int, tag: int) -> np.ndarray:
-    """Sentence ids of `passes` passes over facts [0, facts): a fresh seeded order each pass; at pass p fact f
-    uses its training template (p + f) mod T_f, so its exposures cycle through its templates evenly."""
-    rng = np.random.default_rng([seed, tag, facts])
-    order = rng.permuted(np.tile(np.arange(facts, dtype=np.int64), (passes, 1)), axis=1)
-    n_train = s.n_train[order]
-    ids = s.first[order] + (np.arange(passes)[:, None] + order) % n_train
-    return ids.ravel()
-
-
-def _pack(lengths: np.ndarray, seq_length: int, max_docs: Optional[int] = None) -> np.ndarray:
-    """Greedy packing: document boundaries (positions into the sentence sequence) of whole sentences <= seq_length."""
-    cum = [0, *np.cumsum(lengths).tolist()]
-    n, a, bounds = len(lengths), 0, [0]
-    while a < n and (max_docs is None or len(bounds) <= max_docs):
-        b = bisect.bisect_right(cum, cum[a] + seq_length, lo=a) - 1
-        if b == a:
-            raise DataError(f"a fact sentence has {int(lengths[a])} tokens (EOD included), more than seq_length "
-                            f"{seq_length}; fix: use a longer seq_length, shorter names/templates or a bigger vocab")
-        bounds.append(b)
-        a = b
-    return np.asarray(bounds, dtype=np.int64)
-
-
-def _split_to(bounds: np.ndarray, docs: int) -> np.ndarray:
-    """Split the documents holding the most sentences until there are exactly `docs` of them."""
-    import heapq
-    heap = [(-(int(e) - int(b)), int(b), int(e)) for b, e in zip(bounds[:-1], bounds[1:])]
-    heapq.heapify(heap)
-    while len(heap) < docs:
-        size, b, e = heapq.heappop(heap)
-        if -size < 2:
-            raise DataError(f"only {bounds[-1]} knowledge sentences for {docs} samples; fix: lower the ratio or "
-                            "token budget, or raise data.exposures_per_fact")
-        m = b + (e - b) // 2
-        heapq.heappush(heap, (-(m - b), b, m))
-        heapq.heappush(heap, (-(e - m), m, e))
-    return np.array([0, *sorted(e for _, _, e in heap)], dtype=np.int64)
 
 
 def _write_stream(out: Path, s: _Sentences, ids: np.ndarray, bounds: np.ndarray, seq_length: int,
@@ -349,88 +354,61 @@ def knowledge_samples(n_samples: int, ratio: float) -> int:
     return min(max(int(round(ratio * n_samples)), 1), n_samples - 1)
 
 
-def _plan_fixed_facts(s: _Sentences, k_docs: int, seq_length: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
-    n_facts = len(s.first) - 1
-    per_doc = seq_length // max(int(s.lengths.min()), 1)
-    passes = math.ceil(k_docs * per_doc / n_facts) + 1
-    ids = _passes(s, n_facts, passes, seed, 2)
-    bounds = _pack(s.lengths[ids], seq_length, max_docs=k_docs)
-    return ids, bounds, n_facts
-
-
-def _plan_fixed_exposures(s: _Sentences, k_docs: int, seq_length: int, seed: int, exposures: int,
-                          ratio: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """The most facts (a prefix of the base) that fit k_docs documents at exactly `exposures` each."""
-    n_facts = len(s.first) - 1
-
-    def attempt(facts: int) -> tuple[bool, np.ndarray, np.ndarray]:
-        ids = _passes(s, facts, exposures, seed, 3)
-        bounds = _pack(s.lengths[ids], seq_length, max_docs=k_docs)
-        return bool(bounds[-1] == len(ids)), ids, bounds
-
-    cost = np.zeros(n_facts + 1)   # tokens of each fact's exposures (independent of the pass order)
-    np.cumsum(_exposure_tokens(s, exposures), out=cost[1:])
-    hi = min(n_facts, int(np.searchsorted(cost, k_docs * seq_length, side="right")) - 1)  # more cannot fit
-    # A closed greedy document holds at least L - maxlen + 1 tokens: this many facts surely fit (checked anyway).
-    sure = (k_docs - 1) * (seq_length - int(s.lengths.max()) + 1)
-    lo = min(hi, max(0, int(np.searchsorted(cost, sure, side="right")) - 1))
-    if lo > 0 and not attempt(lo)[0]:
-        lo = 0
-    while hi > lo:                               # largest feasible prefix (feasibility is checked by packing)
-        mid = (lo + hi + 1) // 2
-        if attempt(mid)[0]:
-            lo = mid
-        else:
-            hi = mid - 1
-    if lo == 0:
-        need = math.ceil(cost[1] / seq_length)
-        raise DataError(f"ratio {ratio}: {k_docs} knowledge samples cannot hold one fact at exposures_per_fact="
-                        f"{exposures} (needs about {need}); fix: raise the ratio or token budget, or lower "
-                        "data.exposures_per_fact")
-    ok, ids, bounds = attempt(lo)
-    slack = k_docs - (len(bounds) - 1)
-    one_fact = math.ceil((cost[-1] / n_facts) / max(seq_length - int(s.lengths.max()) + 1, 1)) + 1
-    if lo == n_facts and slack > one_fact:
-        need = int(n_facts * k_docs / max(len(bounds) - 1, 1))
-        raise DataError(f"ratio {ratio}: the knowledge base has {n_facts} facts but {k_docs} samples at "
-                        f"exposures_per_fact={exposures} need about {need}; fix: raise data.knowledge.entities "
-                        "(or add triplets), raise exposures_per_fact, or lower the ratio")
-    return ids, _split_to(bounds, k_docs), lo
-
-
-def _exposure_tokens(s: _Sentences, exposures: int) -> np.ndarray:
-    """Tokens of `exposures` sentences of each fact, templates cycling as in _passes (fact f, pass p: (p+f) mod T)."""
-    n_facts = len(s.first) - 1
-    f = np.arange(n_facts)
-    t, lens = s.n_train, s.lengths
-    full = np.add.reduceat(lens, s.first[:-1]) if n_facts else np.zeros(0)
-    total = (exposures // t) * full
-    rest = exposures % t
-    for p in range(int(rest.max(initial=0))):
-        m = p < rest
-        total[m] += lens[s.first[:-1][m] + (p + f[m]) % t[m]]
-    return total.astype(np.float64)
-
-
-def knowledge_stream(prepared: PreparedData, cell) -> dict:
-    """Build (or reuse) the cell's knowledge stream: exactly K documents. Returns its info (incl. 'prefix')."""
+def knowledge_plan(prepared: PreparedData, cell) -> StreamPlan:
+    """The cell's knowledge stream plan (facts, units, documents, epochs), decided once by preparation and kept in
+    knowledge-L<seq>/plans/ (a few bytes per distinct K), so a cell reads it instead of repacking the base."""
     data, L = prepared.data, prepared.seq_length
     k_docs = knowledge_samples(cell.n_samples, cell.ratio)
     name = f"{data.policy}-K{k_docs}" + (f"-E{data.exposures_per_fact}" if data.policy == "fixed_exposures" else "")
-    out = prepared.root / f"knowledge-L{L}" / name
+    path = prepared.root / f"knowledge-L{L}" / "plans" / f"{name}.json"
+    if path.is_file():
+        return StreamPlan(**json.loads(path.read_text()))
+    if prepared.readonly:
+        raise DataError(f"{path}: cell {cell.name}'s knowledge plan is not prepared; fix: run `kislurm prepare "
+                        "CONFIG` (the same config and --set options) before the cells")
+    s = _sentences(prepared)
+    if data.policy == "fixed_facts":
+        plan = plan_fixed_facts(s, k_docs, L, data.seed)
+    else:
+        plan = plan_fixed_exposures(s, k_docs, L, data.seed, data.exposures_per_fact, cell.ratio)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(dataclasses.asdict(plan)))
+    os.replace(tmp, path)          # atomic; every writer writes the same plan (same base and arithmetic)
+    return plan
+
+
+def _sentences(prepared: PreparedData) -> Sentences:
+    key = str(prepared.root)
+    if _SENTENCES.get("key") != key:   # one base per process at a time: planning many cells loads it once
+        _SENTENCES.update(key=key, value=Sentences.load(prepared.root / "knowledge_sentences.npz"))
+    return _SENTENCES["value"]
+
+
+_SENTENCES: dict = {}
+
+
+def knowledge_stream(prepared: PreparedData, cell) -> dict:
+    """Build (or reuse) the cell's knowledge stream: u pass units over its facts in D documents, which the cell
+    draws M whole times (K' = M x D samples). Returns the stream's info plus the cell's 'epochs', 'k_docs' and
+    'prefix'. Streams are shared by every cell that needs the same facts, units and documents."""
+    plan = knowledge_plan(prepared, cell)
+    out = prepared.root / f"knowledge-L{prepared.seq_length}" / plan.name
+    if not out.is_dir() and prepared.readonly:
+        raise DataError(f"{out}: cell {cell.name}'s knowledge stream is not prepared; fix: run `kislurm prepare "
+                        "CONFIG` (the same config and --set options) before the cells")
     if not out.is_dir():
         with _locked(prepared.root.parent):
             if not out.is_dir():
-                s = _Sentences.load(prepared.root / "knowledge_sentences.npz")
-                if data.policy == "fixed_facts":
-                    ids, bounds, facts = _plan_fixed_facts(s, k_docs, L, data.seed)
-                else:
-                    ids, bounds, facts = _plan_fixed_exposures(s, k_docs, L, data.seed, data.exposures_per_fact,
-                                                               cell.ratio)
+                s = _sentences(prepared)
+                ids, bounds = stream_layout(s, plan, prepared.seq_length, prepared.data.seed)
+                sharing = neighbour_sharing(s.fact[ids], bounds, plan.units, seed=prepared.data.seed)
                 with _publish(out, prepared.root.parent) as tmp:
-                    _write_stream(tmp, s, ids, bounds, L, prepared.tokenizer,
-                                  {"kind": "knowledge", "policy": data.policy, "k_docs": k_docs, "facts": facts})
-    return {**json.loads((out / "info.json").read_text()), "prefix": str(out / "stream")}
+                    _write_stream(tmp, s, ids, bounds, prepared.seq_length, prepared.tokenizer,
+                                  {"kind": "knowledge", "facts": plan.facts, "units": plan.units,
+                                   "partial_pass": plan.partial, "neighbour_sharing": sharing})
+    info = json.loads((out / "info.json").read_text())
+    return {**info, "epochs": plan.epochs, "k_docs": plan.k_docs, "prefix": str(out / "stream")}
 
 
 def prepare_cells(prepared: PreparedData, cells: list) -> None:
@@ -438,6 +416,60 @@ def prepare_cells(prepared: PreparedData, cells: list) -> None:
     for cell in cells:
         if cell.model.seq_length == prepared.seq_length:
             knowledge_stream(prepared, cell)
+
+
+def prepare_run(cfg, cells: Optional[list] = None, progress: Optional[Callable[[int], None]] = None) -> dict:
+    """Build everything a run's cells read, as the one writer of the run's shared data: tokenizer, bases, probes and
+    general stream per seq_length, every cell's knowledge stream, and a check of every cell's blend (megatron's
+    own arithmetic gives exactly the planned samples). Idempotent: what is published is reused. `progress(1)` after
+    each cell. Returns a JSON-able summary: what was built, bytes written, seconds. On a cluster this is the body of
+    one CPU preparation job that the cell arrays wait on."""
+    from .paths import RunPaths
+    from .plan import expand, run_dir
+
+    t0 = time.perf_counter()
+    cells = expand(cfg) if cells is None else cells
+    data_dir = RunPaths(run_dir(cfg)).data
+    log = data_dir / "builds.log"
+    seen = len(log.read_text().splitlines()) if log.is_file() else 0
+    size = _tree_bytes(data_dir)
+    streams: set[str] = set()
+    blends: set[tuple[int, int]] = set()
+    for seq in sorted({c.model.seq_length for c in cells}):
+        prepared = prepare(cfg.data, data_dir, seq)
+        for cell in (c for c in cells if c.model.seq_length == seq):
+            info = knowledge_stream(prepared, cell)
+            streams.add(info["prefix"])
+            if (cell.n_samples, info["k_docs"]) not in blends:
+                blend_weights(cell.n_samples, info["k_docs"])
+                blends.add((cell.n_samples, info["k_docs"]))
+            if progress is not None:
+                progress(1)
+    built = log.read_text().splitlines()[seen:] if log.is_file() else []
+    return {"data": str(data_dir), "cells": len(cells), "streams": len(streams),
+            "built": [line.split()[0] for line in built], "bytes_written": max(0, _tree_bytes(data_dir) - size),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def is_prepared(cfg, cells: list) -> bool:
+    """Whether everything these cells read is already published (then a cluster submission needs no preparation
+    job and its arrays no dependency). Reads what a cell would read; builds nothing."""
+    from .paths import RunPaths
+    from .plan import run_dir
+
+    data_dir = RunPaths(run_dir(cfg)).data
+    try:
+        for seq in sorted({c.model.seq_length for c in cells}):
+            prepared = load_prepared(cfg.data, data_dir, seq)
+            for cell in (c for c in cells if c.model.seq_length == seq):
+                knowledge_stream(prepared, cell)
+    except DataError:
+        return False
+    return True
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def cell_probes(prepared: PreparedData, cell) -> ProbeSet:
@@ -482,9 +514,10 @@ def blend_weights(n: int, k: int) -> list[float]:
 
 
 @contextlib.contextmanager
-def _megatron_builder_context(prepared: PreparedData) -> Iterator[None]:
+def _megatron_builder_context(cache: Path) -> Iterator[None]:
     """What megatron's builder needs with a cache path: a process group (a one-process gloo group, only if the caller
-    has none, destroyed afterwards) and, on rank 0, the data lock with incomplete cache files cleared first."""
+    has none, destroyed afterwards) and, on rank 0 (the cache's only writer: the cache is the cell's own), incomplete
+    cache files cleared first and the complete ones listed after."""
     import torch.distributed as dist
 
     own = not dist.is_initialized()
@@ -494,18 +527,17 @@ def _megatron_builder_context(prepared: PreparedData) -> Iterator[None]:
         if dist.get_rank() != 0:
             yield
             return
-        with _locked(prepared.root.parent):
-            cache, listing = prepared.cache, prepared.cache / "complete.json"
-            cache.mkdir(exist_ok=True)
-            done = set(json.loads(listing.read_text())) if listing.is_file() else set()
-            for f in cache.iterdir():
-                if f.name not in done and f.name != listing.name:
-                    f.unlink()     # left by a crashed build: megatron would take it for a complete cache
-            yield
-            names = sorted(f.name for f in cache.iterdir() if f.name != listing.name)
-            tmp = cache / f".complete.{uuid.uuid4().hex[:8]}"
-            tmp.write_text(json.dumps(names))
-            os.replace(tmp, listing)
+        listing = cache / "complete.json"
+        cache.mkdir(parents=True, exist_ok=True)
+        done = set(json.loads(listing.read_text())) if listing.is_file() else set()
+        for f in cache.iterdir():
+            if f.name not in done and f.name != listing.name:
+                f.unlink()     # left by a crashed build of this cell: megatron would take it for a complete cache
+        yield
+        names = sorted(f.name for f in cache.iterdir() if f.name != listing.name)
+        tmp = cache / f".complete.{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps(names))
+        os.replace(tmp, listing)
     finally:
         if own:
             dist.destroy_process_group()
@@ -525,31 +557,39 @@ def cell_dataset(prepared: PreparedData, cell) -> tuple[Any, dict]:
         raise DataError(f"cell {cell.name}: seq_length {cell.model.seq_length} but the data was prepared for "
                         f"{prepared.seq_length}; fix: call prepare() with the cell's seq_length")
     n = cell.n_samples
-    k = knowledge_samples(n, cell.ratio)
     kinfo = knowledge_stream(prepared, cell)
-    weights = blend_weights(n, k)
+    weights = blend_weights(n, kinfo["k_docs"])
     config = GPTDatasetConfig(
         random_seed=int(cell.seed), sequence_length=prepared.seq_length,
         blend=([prepared.general_prefix, kinfo["prefix"]], weights), split="1,0,0",
-        path_to_cache=str(prepared.cache), tokenizer=prepared.tokenizer, reset_position_ids=False,
+        path_to_cache=str(prepared.cell_cache(cell)), tokenizer=prepared.tokenizer, reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=True, create_attention_mask=False,
         add_extra_token_to_sequence=False, mid_level_dataset_surplus=0.0)
     if dist.is_initialized():
-        dist.barrier()   # every rank is past its own locking before rank 0 holds the lock inside the build
-    with _megatron_builder_context(prepared):
+        dist.barrier()   # every rank has its stream before rank 0 builds (the others load after megatron's barrier)
+    with _megatron_builder_context(prepared.cell_cache(cell)):
         dataset = BlendedMegatronDatasetBuilder(GPTDataset, [n, 0, 0], lambda: True, config).build()[0]
     return dataset, blend_stats(prepared, dataset, n, cell.ratio, kinfo, weights)
 
 
-def _stream_usage(gpt, n_docs: Optional[int], seq_length: int, used: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Times each document of a GPTDataset is drawn by the samples `used`, and whether each is exactly one document."""
-    idx = np.asarray(gpt.shuffle_index)[used].astype(np.int64)
-    sample_index = np.asarray(gpt.sample_index)
-    end = sample_index[idx + 1]
-    start = sample_index[idx]
-    whole = bool(np.all(end[:, 1] == seq_length) and np.all((end[:, 0] - start[:, 0] == 1) | (idx == 0)))
-    docs = np.asarray(gpt.document_index)[end[:, 0]]
-    return np.bincount(docs, minlength=n_docs or 0), whole
+def _usage(dataset, n: int, seq_length: int, n_docs: list[int]) -> tuple[list[np.ndarray], list[bool], list[int]]:
+    """Per stream of the blend: times each of its documents is drawn by the first n samples, whether every drawn
+    sample is exactly one document, and how many samples it serves; read from megatron's own indices in chunks of
+    _CHUNK_SAMPLES samples, so memory stays bounded at any token budget."""
+    counts = [np.zeros(d, dtype=np.int64) for d in n_docs]
+    whole, used = [True] * len(n_docs), [0] * len(n_docs)
+    for c0 in range(0, n, _CHUNK_SAMPLES):
+        which = np.asarray(dataset.dataset_index[c0: min(n, c0 + _CHUNK_SAMPLES)])
+        within = np.asarray(dataset.dataset_sample_index[c0: c0 + len(which)])
+        for d, gpt in enumerate(dataset.datasets):
+            idx = np.asarray(gpt.shuffle_index)[within[which == d]].astype(np.int64)
+            sample_index = gpt.sample_index
+            end, start = np.asarray(sample_index[idx + 1]), np.asarray(sample_index[idx])
+            whole[d] &= bool(np.all(end[:, 1] == seq_length) and np.all((end[:, 0] - start[:, 0] == 1) | (idx == 0)))
+            docs = np.asarray(gpt.document_index)[end[:, 0]]
+            counts[d] += np.bincount(docs, minlength=n_docs[d])[: n_docs[d]]
+            used[d] += len(idx)
+    return counts, whole, used
 
 
 def _exposures(stream_dir: Path, doc_counts: np.ndarray, n_facts: int) -> tuple[np.ndarray, int]:
@@ -569,33 +609,31 @@ def _summary(x: np.ndarray, prefix: str) -> dict:
 def blend_stats(prepared: PreparedData, dataset, n: int, ratio: float, kinfo: dict, weights: list[float]) -> dict:
     """Realised data statistics of the first n samples (the trained ones), JSON-able."""
     L = prepared.seq_length
-    which = np.asarray(dataset.dataset_index[:n])
-    within = np.asarray(dataset.dataset_sample_index[:n])
-    k_used = within[which == 1]
-    k_counts, k_whole = _stream_usage(dataset.datasets[1], kinfo["docs"], L, k_used)
+    gdir = Path(prepared.general_prefix).parent
+    g_docs = json.loads((gdir / "info.json").read_text())["docs"] if prepared.general_is_facts else 0
+    (g_counts, k_counts), (g_whole, k_whole), (g_used, k_used) = _usage(dataset, n, L, [g_docs, kinfo["docs"]])
     exposures, k_tokens = _exposures(Path(kinfo["prefix"]).parent, k_counts, len(prepared.knowledge.facts))
     infused = exposures[: kinfo["facts"]]
     stats: dict[str, Any] = {
         "policy": prepared.data.policy, "ratio": ratio, "n_samples": n, "blend_size": len(dataset),
-        "seq_length": L, "knowledge_samples": int(len(k_used)), "general_samples": int(n - len(k_used)),
-        "knowledge_share_positions": len(k_used) / n, "blend_weights": weights,
+        "seq_length": L, "knowledge_samples": int(k_used), "general_samples": int(n - k_used),
+        "knowledge_share_positions": k_used / n, "blend_weights": weights,
         "infused_facts": int(kinfo["facts"]), "infused_facts_exposed": int((infused > 0).sum()),
         **_summary(infused, "exposures_per_fact"),
         "exposures_per_fact_target": (prepared.data.exposures_per_fact
                                       if prepared.data.policy == "fixed_exposures" else None),
         "knowledge_stream": str(Path(kinfo["prefix"]).relative_to(prepared.root)),
         "knowledge_docs": int(kinfo["docs"]), "knowledge_tokens": k_tokens,
+        "knowledge_pass_units": int(kinfo["units"]), "knowledge_epochs": int(kinfo["epochs"]),
+        "neighbour_sharing_max": kinfo["neighbour_sharing"]["max"],
+        "neighbour_sharing_mean": kinfo["neighbour_sharing"]["mean_all_pairs"],
     }
-    g_used = within[which == 0]
     if prepared.general_is_facts:
-        gdir = Path(prepared.general_prefix).parent
-        g_docs = json.loads((gdir / "info.json").read_text())["docs"]
-        g_counts, g_whole = _stream_usage(dataset.datasets[0], g_docs, L, g_used)
         g_exp, g_tokens = _exposures(gdir, g_counts, len(prepared.general.facts))
         stats.update(_summary(g_exp, "general_exposures_per_fact"),
                      general_facts_exposed=int((g_exp > 0).sum()), general_tokens_assumed_unpadded=False)
     else:
-        g_whole, g_tokens = True, int(len(g_used) * L)   # a user's corpus: packed without padding
+        g_whole, g_tokens = True, int(g_used * L)   # a user's corpus: packed without padding
         stats.update(general_exposures_per_fact_min=None, general_exposures_per_fact_mean=None,
                      general_exposures_per_fact_max=None, general_facts_exposed=None,
                      general_tokens_assumed_unpadded=True)

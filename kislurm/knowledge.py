@@ -3,8 +3,9 @@
 A knowledge base is a list of (subject, relation, object) facts plus the possible objects of each relation. It is
 either generated (seeded, fictional syllable-built names that no pretrained model could know; the general and the
 domain base draw from one name pool, so their names are disjoint) or imported from a JSONL/TSV triplet file with a
-YAML file of relation templates. A template turns a fact into a sentence with the object last; training templates
-appear in the training text, held-out ones only in probes. A probe asks one fact with one template: the prompt is
+YAML file of relation templates. A template turns a fact into a sentence; training templates appear in the training
+text (the object anywhere), held-out ones only in probes. Probes need the object last: held-out templates and the
+training templates probed as seen ones end with it. A probe asks one fact with one template: the prompt is
 the sentence up to the object, the candidates are the right object and k distractor objects of the same relation.
 
 Token ids are not computed here (see kislurm.tokenizer.encode_facts); `build_probes` only assembles them, so that
@@ -14,6 +15,7 @@ probes and training text share one encoding.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -70,7 +72,9 @@ class ProbeSet:
 
 @dataclass(frozen=True)
 class RelationTemplates:
-    """Sentence templates of one relation: `{subject}` somewhere, `{object}` last (punctuation may follow)."""
+    """Sentence templates of one relation, each with one `{subject}` and one `{object}`. Training templates may put
+    the object anywhere; those with the object last (punctuation may follow) are also probed as seen templates.
+    Held-out templates exist only to be probed, so they must end with the object."""
 
     train: list[str]
     heldout: list[str]
@@ -105,6 +109,7 @@ class TemplateParts:
     suffix: str          # punctuation after the object ("" for most templates)
 
 
+@functools.lru_cache(maxsize=4096)
 def split_template(template: str, where: str = "template") -> TemplateParts:
     """Check a template (one `{subject}`, one `{object}` at the end) and cut it into its parts."""
     if template.count("{subject}") != 1 or template.count("{object}") != 1:
@@ -120,21 +125,45 @@ def split_template(template: str, where: str = "template") -> TemplateParts:
     return TemplateParts(before, stripped, prefix, m.group(1).rstrip())
 
 
+def probeable(template: str) -> bool:
+    """A probe asks for the object after a prompt, so only a template that ends with `{object}` can be probed."""
+    return _OBJECT_LAST.search(template) is not None
+
+
 def render(template: str, fact: Fact) -> str:
     """The training sentence of a fact under a template (what the tokenizer is trained on)."""
+    if not probeable(template):
+        return template.replace("{subject}", fact.subject).replace("{object}", fact.object)
     p = split_template(template)
     return f"{p.before_subject}{fact.subject}{p.after_subject}{p.object_prefix}{fact.object}{p.suffix}"
 
 
+def check_relation_templates(rel: str, t: RelationTemplates, where: str) -> None:
+    """One `{subject}` and one `{object}` per template; held-out templates and at least one template per relation
+    must be probeable (object last), or the relation's facts could not be measured."""
+    for text in t.all:
+        if text.count("{subject}") != 1 or text.count("{object}") != 1:
+            raise DataError(f"{where}: relation '{rel}': template '{text}' needs exactly one {{subject}} and one "
+                            "{object}; fix: write e.g. 'The capital of {subject} is {object}'")
+    for text in t.heldout:
+        if not probeable(text):
+            raise DataError(f"{where}: relation '{rel}': held-out template '{text}' cannot be probed (a probe "
+                            "needs {object} last); fix: put the object last (only punctuation may follow), e.g. "
+                            "'{subject} was born in {object}.', or make it a training template")
+    if t.all and not any(probeable(text) for text in t.all):
+        raise DataError(f"{where}: relation '{rel}': no template ends with {{object}} (e.g. '{t.all[0]}'), so its "
+                        "facts cannot be probed; fix: add a template with the object last, e.g. "
+                        "'{subject} was born in {object}.'")
+
+
 def check_templates(kb: KnowledgeBase, templates: Templates, where: str) -> None:
-    """Every relation of the base has a training template and every template parses."""
+    """Every relation of the base has a training template and every template is usable."""
     for rel in kb.relation_values:
         t = templates.get(rel)
         if t is None or not t.train:
             raise DataError(f"{where}: relation '{rel}' (used by the {kb.name} facts) has no training templates; "
                             f"fix: add '{rel}: {{train: [...], heldout: [...]}}' to the templates file")
-        for text in t.all:
-            split_template(text, f"{where}: relation '{rel}'")
+        check_relation_templates(rel, t, where)
 
 
 def read_templates(path: str | Path) -> Templates:
@@ -156,9 +185,8 @@ def read_templates(path: str | Path) -> Templates:
         train, heldout = spec.get("train") or [], spec.get("heldout") or []
         if not all(isinstance(t, str) for t in [*train, *heldout]):
             raise DataError(f"{path}: relation '{rel}': templates must be strings; fix: quote each template")
-        for text in [*train, *heldout]:
-            split_template(text, f"{path}: relation '{rel}'")
         out[str(rel)] = RelationTemplates(list(train), list(heldout))
+        check_relation_templates(str(rel), out[str(rel)], str(path))
     return out
 
 
@@ -360,6 +388,9 @@ class EncodedFacts:
     slot_start: np.ndarray      # (F+1,) int64
     n_train: np.ndarray         # (F,) int64: training templates of each fact's relation
     object_tokens: dict[str, np.ndarray]   # every object string of the base (right objects and distractors)
+    probe: Optional[np.ndarray] = None     # (S,) bool: the slot's template ends with the object (None: every slot).
+    # A slot that cannot be probed (a training template with the object elsewhere) holds its whole training
+    # sentence as its prompt, with an empty object and suffix.
 
     def prompt(self, slot: int) -> np.ndarray:
         return self.prompt_flat[self.prompt_off[slot]: self.prompt_off[slot + 1]]
@@ -422,10 +453,14 @@ def build_probes(bases: list[tuple[KnowledgeBase, EncodedFacts, int]], k: int, s
         group.append(np.full(len(kb.facts), grp, dtype=np.int8))
         per_fact = np.diff(enc.slot_start)
         slot_fact = np.repeat(np.arange(len(kb.facts)), per_fact)
+        slots = np.arange(len(slot_fact)) if enc.probe is None else np.flatnonzero(enc.probe)
+        held = slots - enc.slot_start[slot_fact[slots]] >= enc.n_train[slot_fact[slots]]
+        slot_fact = slot_fact[slots]
         fact_index.append(base + slot_fact)
-        heldout.append(np.arange(len(slot_fact)) - enc.slot_start[slot_fact] >= enc.n_train[slot_fact])
+        heldout.append(held)
         answer.append(right[slot_fact])
-        prompts.extend(_slices(enc.prompt_flat, enc.prompt_off))
+        all_prompts = _slices(enc.prompt_flat, enc.prompt_off)
+        prompts.extend(all_prompts[i] for i in slots.tolist())
         tokens = {rel: [enc.object_tokens[v] for v in vals] for rel, vals in kb.relation_values.items()}
         lists = [[tokens[f.relation][j] for j in row] for f, row in zip(kb.facts, cand_idx.tolist())]
         cands.extend(lists[f] for f in slot_fact.tolist())

@@ -3,6 +3,7 @@
     RUN/run.json                  the plan: config, cells, kislurm version (rewritten atomically at each submit)
     RUN/config.yaml               the experiment file as submitted
     RUN/data/                     prepared data shared by the run's cells (knowledge bases, tokenizer, indexed datasets)
+    RUN/prepare.json              the preparation job's state (on a cluster, where it is a job the cells wait on)
     RUN/cells/NAME/cell.json      one cell's effective config and id
     RUN/cells/NAME/STATUS         one word (PENDING, RUNNING, DONE, FAILED) plus a heartbeat line
     RUN/cells/NAME/retention.h5   the retention store (kislurm.store)
@@ -50,6 +51,11 @@ class RunPaths:
     @property
     def reports(self) -> Path:
         return self.root / "reports"
+
+    @property
+    def preparation(self) -> Path:
+        """The preparation job's state on a cluster: job id, running / done / failed, its error."""
+        return self.root / "prepare.json"
 
     def cell(self, name: str) -> "CellPaths":
         return CellPaths(self.cells / name)

@@ -85,6 +85,8 @@ class Submission:
     cluster: str
     time: float
     note: str = ""
+    after: str = ""
+    """The job this one waits on (afterok): the run's preparation job, when one was queued."""
 
 
 def record_submissions(run: RunPaths, subs: Iterable[Submission]) -> None:
@@ -174,6 +176,14 @@ def cell_state(cell: CellPaths, complete: bool, scheduler_word: Optional[str], n
     return "failed"  # DONE without a complete store means the store was lost or damaged: rerun
 
 
+def preparation_state(run: RunPaths) -> dict:
+    """The preparation job's last recorded state (RUN/prepare.json), or {} when the run never queued one."""
+    try:
+        return json.loads(run.preparation.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def run_status(run: RunPaths, names: Optional[list[str]] = None) -> list[dict]:
     """One row per cell of a run (all cells with a cell.json, or `names`): state, step, last retention, job id.
 
@@ -187,6 +197,7 @@ def run_status(run: RunPaths, names: Optional[list[str]] = None) -> list[dict]:
     if names is None:
         names = sorted(p.parent.name for p in run.cells.glob("*/cell.json"))
     subs = latest_submissions(run)
+    prep = preparation_state(run)
     sched = slurm_states([s.job_id for s in subs.values() if s.cluster == "slurm"])
     known_arrays = {job.split("_")[0] for job in sched}
     now = time.time()
@@ -223,5 +234,10 @@ def run_status(run: RunPaths, names: Optional[list[str]] = None) -> list[dict]:
         if row["state"] == "failed":
             row["error"] = rank_reports_summary(cp) or info.get("error") or row["error"]
         row["note"] = sub.note if sub and sub.note else None
+        if sub and sub.after and sub.after == prep.get("job"):
+            if prep.get("state") == "failed" and row["state"] != "done":
+                row["error"] = f"preparation job {sub.after} failed: {prep.get('error')}"
+            elif prep.get("state") in ("queued", "running"):
+                row["note"] = f"waits on preparation job {sub.after} ({prep['state']})"
         rows.append(row)
     return rows

@@ -217,12 +217,59 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def preparation_parameters(ex: ExecutorConfig, name: str) -> dict[str, Any]:
+    """sbatch options of the preparation job: one CPU task, no GPU, the cells' partition unless told otherwise.
+    It is submitted held and released once the cell arrays that wait on it are queued (and recorded), so a
+    preparation that fails early can always find and cancel them."""
+    params: dict[str, Any] = {"job_name": f"{name}-prepare", "time": _slurm_minutes(ex.prepare_time), "nodes": 1,
+                              "ntasks_per_node": 1, "cpus_per_task": ex.prepare_cpus,
+                              "additional_parameters": {**_sbatch_extra(ex), "hold": True}}
+    partition = ex.prepare_partition or ex.partition
+    if partition:
+        params["partition"] = partition
+    for key in ("account", "qos"):
+        if getattr(ex, key):
+            params[key] = getattr(ex, key)
+    if ex.setup:
+        params["setup"] = list(ex.setup)
+    return params
+
+
+def submit_preparation(cfg: ExperimentConfig, run: RunPaths, cells: list[Cell]) -> str:
+    """Queue the run's data preparation as one held CPU job (kislurm.cell_job.PrepareJob); returns its id."""
+    from .cell_job import PrepareJob
+
+    executor = submitit.AutoExecutor(folder=run.submitit / "%j", cluster="slurm")
+    params = preparation_parameters(cfg.executor, f"kislurm-{cfg.name}")
+    executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
+    job = executor.submit(PrepareJob(), str(run.root), cfg, cells)
+    atomic_write_json(run.preparation, {"job": job.job_id, "state": "queued", "time": time.time()})
+    return job.job_id
+
+
+def release(job_id: str) -> None:
+    """Let a held job start."""
+    subprocess.run(["scontrol", "release", job_id], check=True, capture_output=True, timeout=60)
+
+
+def cancel_jobs(job_ids: list[str]) -> None:
+    """scancel these jobs (array ids cancel the whole array); a job already gone is no error."""
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], capture_output=True, timeout=60)
+
+
 def dry_run(cfg: ExperimentConfig, cells: list[Cell]) -> str:
-    """The sbatch scripts that `submit` would send, one per array (rendered by submitit itself)."""
+    """The sbatch scripts that `submit` would send, one per array (rendered by submitit itself), after the
+    preparation job's (sent only while the run's data is not yet published; the arrays then wait on it)."""
     run = RunPaths(run_dir(cfg))
     size = max_array_size(cfg.executor)
     command = " ".join([sys.executable, "-u -m submitit.core._submit", str(run.submitit / "%j")])
     texts = []
+    if cfg.executor.cluster == "slurm":
+        prep = _make_sbatch_string(command=command, folder=run.submitit / "%j",
+                                   **preparation_parameters(cfg.executor, f"kislurm-{cfg.name}"))
+        texts.append("# preparation job (only while the data is not published; the arrays get "
+                     f"--dependency=afterok on it)\n{prep}")
     for res, group in group_by_resources(cells, cfg.executor).items():
         for chunk in chunks(group, size):
             params = sbatch_parameters(res, cfg.executor, f"kislurm-{cfg.name}")
@@ -251,9 +298,10 @@ def make_executor(cfg: ExperimentConfig, run: RunPaths, res: Resources) -> submi
 
 
 def submit_cells(cfg: ExperimentConfig, run: RunPaths, cells: list[Cell], job_fn: Callable[..., Any],
-                 progress: Optional[Callable[[int], Any]] = None) -> list:
-    """Submit cells as job arrays; returns submitit jobs. Local jobs are throttled to array_parallelism (and this
-    call returns when they have all finished, calling `progress(1)` as each one does)."""
+                 progress: Optional[Callable[[int], Any]] = None, after: Optional[str] = None) -> list:
+    """Submit cells as job arrays; returns submitit jobs. On Slurm, `after` is a job the arrays wait on (afterok:
+    the preparation job). Local jobs are throttled to array_parallelism (and this call returns when they have all
+    finished, calling `progress(1)` as each one does)."""
     ex = cfg.executor
     jobs: list = []
     subs: list[Submission] = []
@@ -261,11 +309,15 @@ def submit_cells(cfg: ExperimentConfig, run: RunPaths, cells: list[Cell], job_fn
     for res, group in group_by_resources(cells, ex).items():
         executor = make_executor(cfg, run, res)
         if ex.cluster == "slurm":
+            if after:
+                executor.update_parameters(slurm_additional_parameters={**_sbatch_extra(ex),
+                                                                        "dependency": f"afterok:{after}"})
             for chunk in chunks(group, limit):
                 with executor.batch():
                     batch = [executor.submit(job_fn, str(run.root), cell) for cell in chunk]
                 jobs += batch
-                subs += [Submission(c.name, j.job_id, ex.cluster, time.time()) for c, j in zip(chunk, batch)]
+                subs += [Submission(c.name, j.job_id, ex.cluster, time.time(), after=after or "")
+                         for c, j in zip(chunk, batch)]
         else:
             jobs += _submit_throttled(executor, run, group, job_fn, ex, subs, progress)
     record_submissions(run, subs)

@@ -16,7 +16,8 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .knowledge import DataError, EncodedFacts, KnowledgeBase, Templates, ragged, split_template
+from .knowledge import (DataError, EncodedFacts, KnowledgeBase, TemplateParts, Templates, probeable, ragged, render,
+                        split_template)
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -148,7 +149,8 @@ def encode_facts(tokenizer: Tokenizer, kb: KnowledgeBase, templates: Templates, 
     piece once, which is exact for pre-tokenizers that split at spaces (our byte-level BPE). `check` sampled prompts
     are compared with whole-string encoding; if any differs (some user tokenizers), every prompt is encoded whole.
     """
-    parts = {t: split_template(t) for rel in kb.relation_values for t in templates[rel].all}
+    parts = {t: split_template(t) if probeable(t) else _WHOLE for rel in kb.relation_values
+             for t in templates[rel].all}
     rel_tpls = {rel: templates[rel].all for rel in kb.relation_values}
     counts = np.fromiter((len(rel_tpls[f.relation]) for f in kb.facts), dtype=np.int64, count=len(kb.facts))
     slot_start = np.zeros(len(kb.facts) + 1, dtype=np.int64)
@@ -172,7 +174,8 @@ def encode_facts(tokenizer: Tokenizer, kb: KnowledgeBase, templates: Templates, 
                            count=int(slot_start[-1]))
     slot_fact = np.repeat(np.arange(len(kb.facts)), counts)
     ids = [t_pre[slot_tpl], subj[slot_fact, t_glue[slot_tpl]], t_post[slot_tpl], t_suffix[slot_tpl]]
-    objects = {o: pieces.id(parts_prefix + o) for o, parts_prefix in _object_strings(kb, parts, rel_tpls)}
+    probe_parts = {t: p for t, p in parts.items() if p is not _WHOLE}
+    objects = {o: pieces.id(parts_prefix + o) for o, parts_prefix in _object_strings(kb, probe_parts, rel_tpls)}
     flat, off = pieces.encode(tokenizer)
     prompt_flat, prompt_off = ragged_rows([(flat, off, ids[0]), (flat, off, ids[1]), (flat, off, ids[2])])
     suffix_flat, suffix_off = ragged_rows([(flat, off, ids[3])])
@@ -182,13 +185,37 @@ def encode_facts(tokenizer: Tokenizer, kb: KnowledgeBase, templates: Templates, 
         texts = [f"{parts[t].before_subject}{f.subject}{parts[t].after_subject}"
                  for f in kb.facts for t in rel_tpls[f.relation]]
         prompt_flat, prompt_off = ragged(tokenizer.encode_batch(texts))
-        enc = EncodedFacts(prompt_flat, prompt_off, suffix_flat, suffix_off, slot_start, n_train, object_tokens)
-    return enc
+    probe = np.fromiter((parts[t] is not _WHOLE for f in kb.facts for t in rel_tpls[f.relation]), dtype=bool,
+                        count=int(slot_start[-1]))
+    if not probe.all():
+        prompt_flat, prompt_off = _whole_sentences(tokenizer, kb, rel_tpls, probe, prompt_flat, prompt_off)
+    return EncodedFacts(prompt_flat, prompt_off, suffix_flat, suffix_off, slot_start, n_train, object_tokens,
+                        None if probe.all() else probe)
+
+
+_WHOLE = TemplateParts("", "", "", "")   # a training template with the object not last: encoded as a whole sentence
+
+
+def _with_empty_row(flat: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    return flat, np.append(off, off[-1]), len(off) - 1
+
+
+def _whole_sentences(tokenizer: Tokenizer, kb: KnowledgeBase, rel_tpls: dict, probe: np.ndarray,
+                     prompt_flat: np.ndarray, prompt_off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts where every slot that cannot be probed holds its whole training sentence (tokenized whole)."""
+    texts = [render(t, f) for f in kb.facts for t in rel_tpls[f.relation] if not probeable(t)]
+    w_flat, w_off = ragged(tokenizer.encode_batch(texts))
+    p_flat, p_off, p_empty = _with_empty_row(prompt_flat, prompt_off)
+    w_flat, w_off, w_empty = _with_empty_row(w_flat, w_off)
+    slots = np.arange(len(probe))
+    whole_row = np.cumsum(~probe) - 1
+    return ragged_rows([(p_flat, p_off, np.where(probe, slots, p_empty)),
+                        (w_flat, w_off, np.where(probe, w_empty, whole_row))])
 
 
 def _object_strings(kb: KnowledgeBase, parts: dict, rel_tpls: dict) -> list[tuple[str, str]]:
     """(object, whitespace before it) for every value of every relation; one prefix per base is required."""
-    prefixes = {parts[t].object_prefix for tpls in rel_tpls.values() for t in tpls}
+    prefixes = {parts[t].object_prefix for tpls in rel_tpls.values() for t in tpls if t in parts}
     if len(prefixes) != 1:
         raise DataError(f"{kb.name} templates: some put a space before {{object}} and some do not; fix: write "
                         "every template with the same spacing before {object} (candidates are tokenized once)")
@@ -202,13 +229,16 @@ def _prompts_agree(tokenizer: Tokenizer, kb: KnowledgeBase, rel_tpls: dict, enc:
     n_slots = len(enc.prompt_off) - 1
     slots = np.unique(np.concatenate([np.arange(min(n_slots, check)), rng.integers(0, n_slots, size=check)]))
     fact_of = np.searchsorted(enc.slot_start, slots, side="right") - 1
-    texts = []
+    texts, checked = [], []
     for s, fi in zip(slots.tolist(), fact_of.tolist()):
         f = kb.facts[fi]
         t = rel_tpls[f.relation][s - int(enc.slot_start[fi])]
-        texts.append(f"{parts[t].before_subject}{f.subject}{parts[t].after_subject}")
+        if parts[t] is not _WHOLE:
+            texts.append(f"{parts[t].before_subject}{f.subject}{parts[t].after_subject}")
+            checked.append(s)
+    slots = checked
     whole = tokenizer.encode_batch(texts)
-    return all(np.array_equal(w, enc.prompt(s)) for w, s in zip(whole, slots.tolist()))
+    return all(np.array_equal(w, enc.prompt(s)) for w, s in zip(whole, slots))
 
 
 def training_sentences(kb: KnowledgeBase, enc: EncodedFacts, tok: Tokenizer
@@ -221,12 +251,15 @@ def training_sentences(kb: KnowledgeBase, enc: EncodedFacts, tok: Tokenizer
     within = np.arange(len(fact_of_slot)) - enc.slot_start[fact_of_slot]
     train = np.flatnonzero(within < enc.n_train[fact_of_slot])
     objects = list(enc.object_tokens)
-    obj_flat, obj_off = ragged([enc.object_tokens[o] for o in objects])
+    obj_flat, obj_off, no_object = _with_empty_row(*ragged([enc.object_tokens[o] for o in objects]))
     obj_id = {o: i for i, o in enumerate(objects)}
     fact_obj = np.fromiter((obj_id[f.object] for f in kb.facts), dtype=np.int64, count=len(kb.facts))
+    train_obj = fact_obj[fact_of_slot[train]]
+    if enc.probe is not None:   # whole sentences sit in the prompt of slots that cannot be probed
+        train_obj = np.where(enc.probe[train], train_obj, no_object)
     eod_flat, eod_off = np.array([tok.eod], np.int32), np.array([0, 1], np.int64)
     flat, off = ragged_rows([(enc.prompt_flat, enc.prompt_off, train),
-                             (obj_flat, obj_off, fact_obj[fact_of_slot[train]]),
+                             (obj_flat, obj_off, train_obj),
                              (enc.suffix_flat, enc.suffix_off, train),
                              (eod_flat, eod_off, np.zeros(len(train), np.int64))])
     first = np.zeros(len(kb.facts) + 1, dtype=np.int64)
@@ -257,10 +290,8 @@ def corpus_texts(kbs: Sequence[KnowledgeBase], templates: Templates, max_sentenc
         yield "".join(sorted(chars))
     i = 0
     for kb in kbs:
-        parts = {t: split_template(t) for rel in kb.relation_values for t in templates[rel].all}
         for f in kb.facts:
             for t in templates[f.relation].all:
                 if keep is None or keep[i]:
-                    p = parts[t]
-                    yield f"{p.before_subject}{f.subject}{p.after_subject}{p.object_prefix}{f.object}{p.suffix}"
+                    yield render(t, f)
                 i += 1

@@ -10,8 +10,8 @@ from kislurm.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("command", ["plan", "submit", "preflight", "status", "aggregate", "fit", "validate", "pilot",
-                                     "demo"])
+@pytest.mark.parametrize("command", ["plan", "prepare", "submit", "preflight", "status", "aggregate", "fit",
+                                     "validate", "pilot", "demo"])
 def test_every_command_has_help(command):
     out = CliRunner().invoke(main, [command, "--help"])
     assert out.exit_code == 0 and "Usage:" in out.output and len(out.output.splitlines()) > 4
@@ -100,3 +100,12 @@ def test_plan_shows_memory_gpu_hours_and_chosen_tp_for_the_paper_grid():
     assert "fits 90% of executor.gpu_memory_gb 80 GiB" in total
     code, err = run(["plan", str(REPO / "configs" / "paper.yaml"), "--set", "executor.gpu_memory_gb=4"])
     assert code == 2 and len(err) == 1 and "does not fit executor.gpu_memory_gb 4" in err[0]
+
+
+def test_prepare_reports_what_it_wrote(tmp_path):
+    args = ["prepare", str(REPO / "configs" / "tiny.yaml"), "--set", f"output_root={tmp_path}"]
+    code, lines = run(args)
+    assert code == 0, lines
+    assert "4 cells" in lines[-1] and "published now" in lines[-1] and "knowledge-L" in lines[-1]
+    code, lines = run(args)
+    assert code == 0 and "everything was already prepared" in lines[-1]

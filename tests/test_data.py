@@ -156,11 +156,13 @@ def test_cells_reuse_the_shared_build(tmp_path):
         D.cell_dataset(again, _cell(TINY, ratio))          # second time: every megatron index is a cache hit
     assert stream.stat().st_mtime_ns == mtime
     log = (tmp_path / "builds.log").read_text().splitlines()
+    streams = [str(Path(D.knowledge_stream(first, _cell(TINY, r))["prefix"]).parent.relative_to(tmp_path))
+               for r in (0.2, 0.4)]
     assert [line.split()[0] for line in log] == [
-        first.root.name, f"{first.root.name}/general-L32",
-        f"{first.root.name}/knowledge-L32/fixed_facts-K640", f"{first.root.name}/knowledge-L32/fixed_facts-K1280"]
-    cache = json.loads((first.cache / "complete.json").read_text())
-    assert len(cache) == len(os.listdir(first.cache)) - 1 > 0
+        first.root.name, f"{first.root.name}/general-L32", *dict.fromkeys(streams)]   # each stream published once
+    for ratio in (0.2, 0.4):                                # each cell's megatron cache: its own, listed complete
+        cell_cache = first.cell_cache(_cell(TINY, ratio))
+        assert len(json.loads((cell_cache / "complete.json").read_text())) == len(os.listdir(cell_cache)) - 1 > 0
 
 
 def _prepare_in_child(args):
@@ -189,13 +191,56 @@ def test_error_midway_leaves_nothing_and_a_retry_works(tmp_path, monkeypatch):
     root = next(tmp_path.glob("prep-*"))                    # the base was published before the stream failed
     assert not (root / "general-L32").exists() and not list(tmp_path.glob("**/.tmp-*"))
     monkeypatch.undo()
-    (root / ".tmp-general-L32-crashed").mkdir()               # as a SIGKILLed builder would leave it
+    dead = multiprocessing.get_context("fork").Process(target=int)
+    dead.start()
+    dead.join()
+    (root / f".tmp-general-L32-{D._HOST}-{dead.pid}-deadbeef").mkdir()   # as a SIGKILLed builder here leaves it
+    elsewhere = root / ".tmp-general-L32-othernode-1-cafecafe"            # another node's: may still be writing
+    elsewhere.mkdir()
     p = D.prepare(TINY, tmp_path, SEQ)
-    assert (p.root / "general-L32" / "stream.idx").is_file() and not list(tmp_path.glob("**/.tmp-*"))
-    (p.cache).mkdir(exist_ok=True)
-    (p.cache / "deadbeef-GPTDataset-train-shuffle_index.npy").write_bytes(b"half")   # a crashed cache write
-    D.cell_dataset(p, _cell(TINY, 0.5))
-    assert not (p.cache / "deadbeef-GPTDataset-train-shuffle_index.npy").exists()
+    assert (p.root / "general-L32" / "stream.idx").is_file()
+    assert list(tmp_path.glob("**/.tmp-*")) == [elsewhere]
+    cell = _cell(TINY, 0.5)
+    p.cell_cache(cell).mkdir(parents=True)
+    (p.cell_cache(cell) / "deadbeef-GPTDataset-train-shuffle_index.npy").write_bytes(b"half")   # a crashed write
+    D.cell_dataset(p, cell)
+    assert not (p.cell_cache(cell) / "deadbeef-GPTDataset-train-shuffle_index.npy").exists()
+
+
+def test_a_lost_publication_race_keeps_the_published_copy(tmp_path):
+    p = D.prepare(TINY, tmp_path, SEQ)
+    target = p.root / "general-L32"
+    before = (target / "stream.bin").read_bytes()
+    with D._publish(target, tmp_path) as tmp:                # another writer published first (no lock shared)
+        (tmp / "stream.bin").write_bytes(b"other")
+    assert (target / "stream.bin").read_bytes() == before and not list(tmp_path.glob("**/.tmp-*"))
+
+
+def test_cells_only_read_prepared_data(tmp_path):
+    from kislurm.config import load_config
+    from kislurm.plan import expand
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", {"output_root": str(tmp_path)})
+    cells = expand(cfg)
+    data_dir, seq = tmp_path / "tiny" / "data", cells[0].model.seq_length
+    with pytest.raises(DataError) as e:
+        D.load_prepared(cfg.data, data_dir, seq)
+    assert "kislurm prepare" in str(e.value) and "\n" not in str(e.value)
+    D.prepare(cfg.data, data_dir, seq)                      # base only: the cells' streams are still missing
+    readonly = D.load_prepared(cfg.data, data_dir, seq)
+    with pytest.raises(DataError) as e:
+        D.cell_dataset(readonly, cells[0])
+    assert "kislurm prepare" in str(e.value) and cells[0].name in str(e.value)
+    assert not list((readonly.root).glob("knowledge-L*/*"))
+    ticks = []
+    summary = D.prepare_run(cfg, progress=ticks.append)
+    assert summary["cells"] == len(cells) == len(ticks) and summary["streams"] >= 1
+    assert summary["built"] and all(b.startswith(readonly.root.name + "/knowledge-L") for b in summary["built"])
+    assert summary["bytes_written"] > 0
+    _, stats = D.cell_dataset(D.load_prepared(cfg.data, data_dir, seq), cells[0])
+    assert stats["knowledge_samples"] > 0
+    again = D.prepare_run(cfg)
+    assert again["built"] == [] and again["streams"] == summary["streams"]
 
 
 def _assert_clean(data_dir: Path) -> None:

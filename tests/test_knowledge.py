@@ -235,3 +235,42 @@ def test_tokenizer_corpus_sample_keeps_every_character(small):
     tok = train_bpe(iter(sample), 300)
     for text in full[::7]:
         assert tok.decode(tok.encode(text)) == text
+
+
+def test_training_templates_may_put_the_object_anywhere(small, tmp_path):
+    _, kb, _, _ = small
+    rel = next(iter(kb.relation_values))
+    path = tmp_path / "t.yaml"
+    path.write_text(f"{rel}:\n  train: ['{{object}} is the capital of {{subject}}.', 'In {{subject}}, {{object}} rules',"
+                    " '{subject} is ruled from {object}.']\n  heldout: ['{subject} answers to {object}']\n")
+    templates = read_templates(path)
+    facts = [f for f in kb.facts if f.relation == rel]
+    one = KnowledgeBase("knowledge", facts, {rel: kb.relation_values[rel]})
+    tok = train_bpe(corpus_texts([one], templates), 300)
+    enc = encode_facts(tok, one, templates)
+    flat, off, _, first = training_sentences(one, enc, tok)
+    for i, f in enumerate(facts):                  # every training sentence is the whole text, tokenized whole
+        for j, t in enumerate(templates[rel].train):
+            assert flat[off[first[i] + j]: off[first[i] + j + 1]].tolist() == tok.encode(render(t, f)) + [tok.eod]
+    assert render(templates[rel].train[0], facts[0]) == f"{facts[0].object} is the capital of {facts[0].subject}."
+    probes = build_probes([(one, enc, 1)], k=3, seed=0)
+    assert len(probes.prompt) == 2 * len(facts)    # object-last templates only: one seen, one held out
+    assert int(probes.heldout.sum()) == len(facts)
+    seen = np.flatnonzero(~probes.heldout)[0]
+    assert tok.decode(probes.prompt[seen]) == f"{facts[0].subject} is ruled from"
+    assert probes.candidates[seen][probes.answer[seen]].tolist() == tok.encode(" " + facts[0].object)
+
+
+def test_templates_that_cannot_be_probed_are_refused_naming_relation_and_text(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("capital:\n  train: ['{subject} has the capital {object}']\n"
+                    "  heldout: ['{object} is the capital of {subject}']\n")
+    with pytest.raises(DataError) as e:
+        read_templates(path)
+    msg = _one_line_error(e)
+    assert "'capital'" in msg and "{object} is the capital of {subject}" in msg and str(path) in msg
+    path.write_text("capital:\n  train: ['{object} is the capital of {subject}']\n")
+    with pytest.raises(DataError) as e:
+        read_templates(path)
+    msg = _one_line_error(e)
+    assert "'capital'" in msg and "{object} is the capital of {subject}" in msg
