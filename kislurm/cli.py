@@ -250,8 +250,11 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="Print the sbatch script(s) that would be submitted; submit nothing.")
 @click.option("--force", is_flag=True, help="Add cells even where the same coordinates exist with another config.")
+@click.option("--after-preflight", is_flag=True,
+              help="Submit only once every distinct layout of the cells has a passing preflight report; layouts "
+                   "without one are preflighted first (as `kislurm preflight` does), and a failure submits nothing.")
 @_set_option
-def submit(config: str, dry_run: bool, force: bool, overrides: tuple[str, ...]) -> None:
+def submit(config: str, dry_run: bool, force: bool, after_preflight: bool, overrides: tuple[str, ...]) -> None:
     """Submit every cell of CONFIG that is not done, pending or running (job arrays on Slurm; local processes
     otherwise, waiting for them). Resubmitting reruns only missing, failed and cancelled cells."""
     from .submit import dry_run as render
@@ -260,6 +263,12 @@ def submit(config: str, dry_run: bool, force: bool, overrides: tuple[str, ...]) 
     if dry_run:
         click.echo(render(cfg, cells))
         return
+    if after_preflight:
+        from .preflight import ensure_preflights, summary_line
+
+        for report in ensure_preflights(cfg, cells):
+            click.echo(summary_line(report))
+        click.echo("preflight: every layout passed")
     if cfg.grid.adaptive:
         submit_ladder(cfg, force=force)
         return

@@ -278,3 +278,30 @@ def summary_line(report: dict) -> str:
     speed = f"{report['tokens_per_s']:,.0f} tokens/s" if report.get("tokens_per_s") else ""
     mfu = f", MFU {report['mfu']:.1%}" if report.get("mfu") else ""
     return f"{report['layout']}: {'passed' if report['passed'] else 'FAILED'}; {'; '.join(parts)}; {speed}{mfu}"
+
+
+def passed_report(folder: Path, layout: Layout) -> Optional[dict]:
+    """The layout's preflight report in the run folder, if it exists and passed."""
+    try:
+        report = json.loads((folder / "preflight" / layout.name / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return report if report.get("passed") else None
+
+
+def ensure_preflights(cfg: ExperimentConfig, cells: list[Cell], steps: int = 20) -> list[dict]:
+    """`kislurm submit --after-preflight`: every distinct layout of `cells` must have a passing preflight report;
+    layouts without one are preflighted now (waiting for their jobs). Raises PreflightError naming the layouts
+    that failed, so nothing is submitted on a layout that did not pass."""
+    from .plan import run_dir
+
+    folder = run_dir(cfg)
+    layouts = distinct_layouts(cfg, cells)
+    missing = [layout for layout in layouts if passed_report(folder, layout) is None]
+    reports = run_preflight(cfg, missing, steps, folder) if missing else []
+    failed = [r["layout"] for r in reports if not r["passed"]]
+    if failed:
+        raise PreflightError(f"preflight failed for {', '.join(failed)} (reports in {folder / 'preflight'}); fix: "
+                             "read the failed checks, change the layout, then submit again")
+    return reports
+

@@ -70,3 +70,22 @@ def test_preflight_dry_run_lists_layouts_and_refusals_exit_2(tmp_path):
     out = CliRunner().invoke(main, ["preflight", str(bad), "--dry-run"])
     lines = [x for x in out.output.splitlines() if x.strip()]
     assert out.exit_code == 2 and len(lines) == 1 and "would span nodes" in lines[0]
+
+
+def test_submit_after_preflight_runs_missing_preflights_then_submits(tmp_path):
+    sets = ["--set", f"output_root={tmp_path}", "--set", "grid.sizes=[cpu-xxs]", "--set", "grid.ratios=[0.5]"]
+    tiny = str(REPO / "configs" / "tiny.yaml")
+    out = CliRunner().invoke(main, ["submit", tiny, "--after-preflight", *sets])
+    assert out.exit_code == 0, out.output
+    assert "cpu-xxs_tp1_pp1_dp1_cpu: passed" in out.output and "preflight: every layout passed" in out.output
+    assert "1 of 1 cells to submit" in out.output
+    again = CliRunner().invoke(main, ["submit", tiny, "--after-preflight", *sets])
+    assert again.exit_code == 0 and ": passed" not in again.output, again.output  # the passing report is kept
+    split = CliRunner().invoke(main, ["submit", tiny, "--after-preflight", *sets, "--set", "grid.sizes=[m]",
+                                      "--set", "executor.tasks_per_node=1", "--set", "train.micro_batch_size=16",
+                                      "--set", "models.m={num_layers: 1, hidden_size: 16, num_attention_heads: 2, "
+                                               "seq_length: 32, tensor_parallel: 2}"])
+    assert split.exit_code == 2, split.output
+    err = [line for line in split.output.splitlines() if line.startswith("kislurm: error:")]
+    assert len(err) == 1 and "a TP group of 2 ranks would span nodes of 1 tasks" in err[0]
+    assert "cells to submit" not in split.output  # refused before anything was planned or submitted

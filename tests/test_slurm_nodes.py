@@ -190,3 +190,18 @@ def test_tp_group_across_nodes_is_refused_with_one_line(two_nodes, tmp_path):
     assert rows[0]["state"] == "failed", rows
     assert "tensor-parallel group of ranks 0-1 spans nodes kn1, kn2; fix: set executor.tasks_per_node" in \
         rows[0]["error"], rows[0]["error"]
+
+
+def test_preflight_of_a_tp2_dp2_layout_across_two_nodes(two_nodes, tmp_path):
+    out = CliRunner().invoke(main, ["preflight", str(TINY), "--steps", "6", "--set", f"output_root={tmp_path}",
+                                    "--set", "executor.cluster=slurm", "--set", "executor.time=10",
+                                    "--set", "executor.tasks_per_node=2", "--set", "grid.sizes=[m]",
+                                    "--set", "train.micro_batch_size=8",
+                                    "--set", f"models.m={{{', '.join(f'{k}: {v}' for k, v in SHAPE.items())}, "
+                                             "tensor_parallel: 2, data_parallel: 2}"])
+    assert out.exit_code == 0, out.output
+    report = json.loads((tmp_path / "tiny" / "preflight" / "m_tp2_pp1_dp2_cpu" / "report.json").read_text())
+    assert report["passed"] and report["nodes"] == 2, report
+    assert report["checks"]["tp_groups_on_one_host"]["hosts"] == [["kn1", "kn1"], ["kn2", "kn2"]]
+    assert report["checks"]["resume_exact"]["max_abs_diff"] == 0.0
+    print(f"\npreflight across two nodes: {out.output.strip().splitlines()[-1]}")
