@@ -223,16 +223,7 @@ def _hand_over(sig: _TimeLimitSignal, step: int, log: Callable[[str], None]) -> 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _allow_tp_across_nodes(run: RunPaths) -> bool:
-    from .config import load_config
-
-    try:
-        return load_config(run.config).executor.allow_tp_across_nodes
-    except (OSError, ValueError):
-        return False
-
-
-def run_cell(run: RunPaths, cell: Cell) -> dict[str, Any]:
+def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> dict[str, Any]:
     """Train and evaluate one cell to completion (or resume it); returns its final metrics."""
     from . import data, distributed
     from .cpu_shims import apply_cpu_shims
@@ -252,7 +243,7 @@ def run_cell(run: RunPaths, cell: Cell) -> dict[str, Any]:
     writer, heartbeat = None, None
     try:
         _write_rank_report(paths, dist.rank, state="running")  # replaces this rank's report of an earlier session
-        check_tp_placement(_gather_nodes(dist), dist.tp, _allow_tp_across_nodes(run))
+        check_tp_placement(_gather_nodes(dist), dist.tp, allow_tp_across_nodes)
         sig = _TimeLimitSignal(dist)
         if dist.is_main:
             write_status(paths, "RUNNING", step=0)
@@ -319,10 +310,14 @@ def run_cell(run: RunPaths, cell: Cell) -> dict[str, Any]:
 
 
 class CellJob(submitit.helpers.Checkpointable):
-    """submitit entry: run a cell; on the timeout/preemption signal, requeue it (state is saved at that step)."""
+    """submitit entry: run a cell; on the timeout/preemption signal, requeue it (state is saved at that step).
+    The submitting side fixes the placement policy (executor.allow_tp_across_nodes) here, so no rank reads it."""
+
+    def __init__(self, allow_tp_across_nodes: bool = False):
+        self.allow_tp_across_nodes = allow_tp_across_nodes
 
     def __call__(self, run_root: str, cell: Cell) -> dict[str, Any]:
-        return run_cell(RunPaths(Path(run_root)), cell)
+        return run_cell(RunPaths(Path(run_root)), cell, self.allow_tp_across_nodes)
 
     def checkpoint(self, run_root: str, cell: Cell) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on rank 0 before it requeues the job. Where the cluster refuses requeue, submit the
@@ -382,7 +377,8 @@ def main(argv: list[str]) -> int:
     if spec["name"] not in cells:
         print(f"{argv[2]}: not a cell of {run.config}; fix: pick a folder under {run.cells}", file=sys.stderr)
         return 2
-    print(json.dumps(run_cell(run, cells[spec["name"]]), indent=2))
+    allow = load_config(run.config).executor.allow_tp_across_nodes
+    print(json.dumps(run_cell(run, cells[spec["name"]], allow), indent=2))
     return 0
 
 

@@ -171,11 +171,11 @@ def _ladder_estimate(cfg: ExperimentConfig, first: list[Cell]) -> str:
             f"folder: {run_dir(cfg)}")
 
 
-def load_cell_job():
+def load_cell_job(cfg: ExperimentConfig):
     """The compute-node entry (kislurm.cell_job.CellJob): nodes import it from the installed package."""
     from .cell_job import CellJob
 
-    return CellJob()
+    return CellJob(allow_tp_across_nodes=cfg.executor.allow_tp_across_nodes)
 
 
 def _job_failure(job: Any) -> Optional[str]:
@@ -210,7 +210,7 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
         return run
     from . import data
 
-    job = load_cell_job()
+    job = load_cell_job(cfg)
     if cfg.executor.cluster == "slurm":
         # the login node does no heavy work: preparation is one CPU job the arrays wait on, unless it is done
         prep = None if data.is_prepared(cfg, todo) else submit_preparation(cfg, run, todo)

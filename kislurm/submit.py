@@ -398,6 +398,6 @@ def resubmit_cell(run: RunPaths, cell: Cell, after: str, note: str) -> str:
     executor = make_executor(cfg, run, res)
     executor.update_parameters(slurm_additional_parameters={**_sbatch_extra(cfg.executor),
                                                             "dependency": f"afterany:{after}"})
-    job = executor.submit(CellJob(), str(run.root), cell)
+    job = executor.submit(CellJob(cfg.executor.allow_tp_across_nodes), str(run.root), cell)
     record_submissions(run, [Submission(cell.name, job.job_id, "slurm", time.time(), note=note)])
     return job.job_id
