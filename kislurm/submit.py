@@ -223,7 +223,8 @@ def preparation_parameters(ex: ExecutorConfig, name: str) -> dict[str, Any]:
     preparation that fails early can always find and cancel them."""
     params: dict[str, Any] = {"job_name": f"{name}-prepare", "time": _slurm_minutes(ex.prepare_time), "nodes": 1,
                               "ntasks_per_node": 1, "cpus_per_task": ex.prepare_cpus,
-                              "additional_parameters": {**_sbatch_extra(ex), "hold": True}}
+                              "additional_parameters": {**_sbatch_extra(ex), "hold": True},
+                              "srun_args": [*SRUN_ARGS, *ex.srun_args]}  # the same container as the cells
     partition = ex.prepare_partition or ex.partition
     if partition:
         params["partition"] = partition
