@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from kislurm.config import load_config
+from kislurm.data import prepare_run
 from kislurm.plan import expand
 from kislurm.store import read_cell
 from kislurm.submit import write_plan
@@ -27,7 +28,9 @@ def plan(root: Path):
                                                         "grid.ratios": [0.5], "grid.token_budgets": [40960],
                                                         "train.eval_interval": 10})
     cell = expand(cfg)[0]
-    return write_plan(cfg, [cell]), cell
+    run = write_plan(cfg, [cell])
+    prepare_run(cfg, [cell])  # cells only read prepared data (kislurm submit / kislurm prepare build it)
+    return run, cell
 
 
 def last_step(store: Path) -> int:
