@@ -21,7 +21,7 @@ import pytest
 
 __all__ = [
     "SlurmCluster", "SlurmUnavailable", "connect", "job_requeue", "max_array_size", "read_env_sh", "slurm_base",
-    "slurm_cluster", "wait_until_queue_empty",
+    "slurm_cluster", "wait_for_cells", "wait_until_queue_empty",
 ]
 
 DEFAULT_BASE = Path("/tmp/kislurm-slurm")
@@ -112,6 +112,20 @@ def wait_until_queue_empty(timeout_s: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"Slurm jobs still queued after {timeout_s:.0f} s: {queue.splitlines()}")
         time.sleep(1.0)
+
+
+def wait_for_cells(run, done, timeout_s: float = 600.0) -> list[dict]:
+    """Poll `kislurm status`'s rows of a run (sacct once per poll) until `done(rows)`; AssertionError after
+    `timeout_s` with every cell's state and error."""
+    from kislurm.status import run_status
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = run_status(run)
+        if done(rows):
+            return rows
+        time.sleep(1.0)
+    raise AssertionError(f"timed out; states: {[(r['cell'], r['state'], r.get('error')) for r in run_status(run)]}")
 
 
 def _restart(cluster: SlurmCluster, max_array: int, job_requeue: int = 1) -> None:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from kislurm.cli import main, submit_run
@@ -31,7 +30,7 @@ from kislurm.plan import expand
 from kislurm.status import latest_submissions, run_status, submissions_of
 from kislurm.store import read_cell
 from kislurm.train import MIN_STEP_ENV
-from slurm_fixtures import REQUIRE_ENV, job_requeue
+from slurm_fixtures import REQUIRE_ENV, job_requeue, wait_for_cells as wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]
@@ -56,16 +55,6 @@ def plan(root: Path, tp: int, dp: int, per_node: int, **overrides):
                              "train.micro_batch_size": 16 // dp,
                              "models.m": {**SHAPE, "tensor_parallel": tp, "data_parallel": dp}, **overrides})
     return cfg, expand(cfg)
-
-
-def wait_for(run: RunPaths, done, timeout: float = 600) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = run_status(run)
-        if done(rows):
-            return rows
-        time.sleep(1)
-    raise AssertionError(f"timed out; states: {[(r['cell'], r['state'], r.get('error')) for r in run_status(run)]}")
 
 
 def all_done(rows: list[dict]) -> bool:

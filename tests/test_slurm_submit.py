@@ -13,10 +13,9 @@ from click.testing import CliRunner
 from kislurm.aggregate import aggregate_runs
 from kislurm.cli import main, submit_run
 from kislurm.config import load_config
-from kislurm.paths import RunPaths
 from kislurm.plan import expand
-from kislurm.status import latest_submissions, run_status
-from slurm_fixtures import max_array_size
+from kislurm.status import latest_submissions
+from slurm_fixtures import max_array_size, wait_for_cells as wait_for
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]
@@ -27,16 +26,6 @@ def slurm_config(root: Path, **overrides):
     base = {"output_root": str(root), "executor.cluster": "slurm", "executor.time": "10"}
     cfg = load_config(TINY, {**base, **overrides})
     return cfg, expand(cfg)
-
-
-def wait_for(run: RunPaths, done: callable, timeout: float = 600) -> list[dict]:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        rows = run_status(run)
-        if done(rows):
-            return rows
-        time.sleep(3)
-    raise AssertionError(f"timed out; states: {[(r['cell'], r['state']) for r in run_status(run)]}")
 
 
 def test_array_status_cancel_resubmit_aggregate(slurm_cluster, tmp_path):
