@@ -20,3 +20,9 @@ def pytest_configure(config):
     import cell_speed
 
     cell_speed.apply(config.getoption("--cells"))
+
+
+def pytest_runtest_setup(item):
+    import cell_speed
+
+    cell_speed.HALVING["on"] = item.get_closest_marker("config_as_written") is None

@@ -1,5 +1,7 @@
 """Grid expansion: every combination once, stable ids that change exactly when the computation changes."""
 
+import pytest
+
 from kislurm.config import config_from_dict
 from kislurm.plan import expand
 
@@ -47,6 +49,7 @@ def test_steps_and_eval_steps():
     assert c.n_samples == c.steps * 32
 
 
+@pytest.mark.config_as_written  # pins the demo's cell ids: --cells fast would change its token budget
 def test_architecture_fields_enter_the_id_only_when_not_default():
     """GPT-2-shaped cells keep the ids they had before the architecture fields existed (pinned), and each
     non-default architecture option makes a new id."""
