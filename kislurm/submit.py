@@ -250,7 +250,15 @@ def submit_preparation(cfg: ExperimentConfig, run: RunPaths, cells: list[Cell]) 
 
 def release(job_id: str) -> None:
     """Let a held job start."""
-    subprocess.run(["scontrol", "release", job_id], check=True, capture_output=True, timeout=60)
+    out = subprocess.run(["scontrol", "release", job_id], capture_output=True, text=True, timeout=60)
+    if out.returncode:
+        raise SubmitError(f"could not release the held preparation job {job_id} ({out.stderr.strip() or out.returncode}"
+                          f"); fix: scontrol release {job_id}, or scancel it and run `kislurm submit` again")
+
+
+def _wait_on(executor: submitit.AutoExecutor, ex: ExecutorConfig, dependency: str) -> None:
+    """Make the executor's next jobs wait on `dependency` (e.g. afterok:123), keeping the configured extras."""
+    executor.update_parameters(slurm_additional_parameters={**_sbatch_extra(ex), "dependency": dependency})
 
 
 def cancel_jobs(job_ids: list[str]) -> None:
@@ -311,8 +319,7 @@ def submit_cells(cfg: ExperimentConfig, run: RunPaths, cells: list[Cell], job_fn
         executor = make_executor(cfg, run, res)
         if ex.cluster == "slurm":
             if after:
-                executor.update_parameters(slurm_additional_parameters={**_sbatch_extra(ex),
-                                                                        "dependency": f"afterok:{after}"})
+                _wait_on(executor, ex, f"afterok:{after}")
             for chunk in chunks(group, limit):
                 with executor.batch():
                     batch = [executor.submit(job_fn, str(run.root), cell) for cell in chunk]
@@ -397,8 +404,7 @@ def resubmit_cell(run: RunPaths, cell: Cell, after: str, note: str) -> str:
                           "then run `kislurm submit` again")
     res = resources_for(cell.model, cfg.executor)
     executor = make_executor(cfg, run, res)
-    executor.update_parameters(slurm_additional_parameters={**_sbatch_extra(cfg.executor),
-                                                            "dependency": f"afterany:{after}"})
+    _wait_on(executor, cfg.executor, f"afterany:{after}")
     job = executor.submit(CellJob(cfg.executor.allow_tp_across_nodes), str(run.root), cell)
     record_submissions(run, [Submission(cell.name, job.job_id, "slurm", time.time(), note=note)])
     return job.job_id
