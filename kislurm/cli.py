@@ -304,10 +304,15 @@ def submit_ladder(cfg: ExperimentConfig, force: bool = False) -> None:
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--steps", default=20, show_default=True, help="Training steps per check (a few minutes on a GPU).")
 @click.option("--dry-run", is_flag=True, help="List the distinct layouts and their jobs; run nothing.")
+@click.option("--min-baseline-ratio", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="Fail a layout whose megatron tokens/s per GPU is below this fraction of the plain-PyTorch "
+                   "GPT's on one GPU, same job (default: measured and reported, never checked).")
 @_set_option
-def preflight(config: str, steps: int, dry_run: bool, overrides: tuple[str, ...]) -> None:
+def preflight(config: str, steps: int, dry_run: bool, min_baseline_ratio: Optional[float],
+              overrides: tuple[str, ...]) -> None:
     """One short job per distinct layout of CONFIG, at that layout, on random tokens: TP groups on one host, exact
-    checkpoint-resume, TP=k against TP=1 losses (CPU), tokens/s and MFU. Reports: RUN/preflight/<layout>/."""
+    checkpoint-resume, TP=k against TP=1 losses (CPU), tokens/s and MFU, and the same-job ratio to a plain-PyTorch
+    GPT of identical shape. Reports: RUN/preflight/<layout>/."""
     from .preflight import distinct_layouts, run_preflight, summary_line
 
     cfg, cells = _load(config, overrides)
@@ -316,7 +321,7 @@ def preflight(config: str, steps: int, dry_run: bool, overrides: tuple[str, ...]
         click.echo(f"{layout.name}: {layout.cells} cells, {layout.nodes} node(s) x {layout.tasks_per_node} tasks")
     if dry_run or steps < 2:
         return
-    reports = run_preflight(cfg, layouts, steps, run_dir(cfg))
+    reports = run_preflight(cfg, layouts, steps, run_dir(cfg), min_baseline_ratio=min_baseline_ratio)
     for report in reports:
         click.echo(summary_line(report))
     failed = [r["layout"] for r in reports if not r["passed"]]

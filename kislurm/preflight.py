@@ -12,10 +12,15 @@ minutes on the real cluster, on random tokens, that checks what no single-GPU ma
   same N steps from the same seed: the losses must agree within a tolerance. CPU presets initialise weights the
   same way at every TP (kislurm.model); GPU presets initialise from per-TP-rank streams, so there the check is
   skipped and says so;
-- throughput: tokens/s and (on GPU) MFU at the layout.
-
-Not yet checked here (issue 15): DP-sharded evaluation against unsharded, and the plain-PyTorch baseline's
-tokens/s in the same job (tools/bench_gpu.py does that on one GPU).
+- throughput: tokens/s and (on GPU) MFU at the layout;
+- baseline (a measurement, not a check): after the megatron steps, rank 0 alone trains the plain-PyTorch GPT of
+  identical shape (kislurm.baseline) for the same steps on one device at TP=1, on one DP rank's share of each
+  global batch, while the other ranks wait. The report holds both throughputs per GPU (megatron's: the job's
+  tokens/s over its world size, so TP and DP communication count against it), their ratio megatron / plain and,
+  on GPU, both MFUs. Where the plain model does not fit one GPU (TP chosen for memory) it is skipped and says so.
+  With min_baseline_ratio (`kislurm preflight --min-baseline-ratio`; off by default) it becomes the check
+  baseline_ratio. On CPU the ratio compares megatron's ranks sharing the cores with one process alone;
+- dp_eval: a placeholder until kislurm/evaluate.py shards evaluation over DP (issue 14): reported as skipped.
 
 Each layout writes RUN/preflight/<layout>/report.json; `kislurm preflight CONFIG` prints one line per layout.
 """
@@ -161,7 +166,7 @@ def _hosts_of_tp_groups() -> list[list[str]]:
 
 
 def preflight_job(layout: Layout, train: TrainConfig, steps: int, vocab: int, folder: str,
-                  tolerance: float = 1e-5) -> Optional[dict]:
+                  tolerance: float = 1e-5, min_baseline_ratio: Optional[float] = None) -> Optional[dict]:
     """Run in every task of the layout's job; rank 0 writes and returns the report."""
     from . import distributed
 
@@ -176,10 +181,14 @@ def preflight_job(layout: Layout, train: TrainConfig, steps: int, vocab: int, fo
         reference, speed = _train(cell, data, root / "uninterrupted", vocab, ctx)
         checks["resume_exact"] = _resume_check(cell, data, root, vocab, ctx, reference, tolerance)
         checks["tp_matches_tp1"] = _tp1_check(layout, cell, data, root, vocab, ctx, reference, tolerance)
+        checks["dp_eval"] = _dp_eval_check()
+        baseline = _baseline(layout, cell, data, vocab, ctx, speed)
+        if min_baseline_ratio is not None:
+            checks["baseline_ratio"] = baseline_ratio_check(baseline, min_baseline_ratio)
         report = {"layout": layout.name, "size": layout.size, "tp": layout.model.tensor_parallel,
                   "dp": layout.model.data_parallel, "world": ctx.world_size, "nodes": layout.nodes,
                   "steps": steps, "losses": reference, "tokens_per_s": speed.get("tokens_per_s"),
-                  "mfu": speed.get("mfu"), "checks": checks,
+                  "mfu": speed.get("mfu"), "baseline": baseline, "checks": checks,
                   "passed": all(c["ok"] for c in checks.values() if c["ok"] is not None)}
         if ctx.is_main:
             (root / "report.json").write_text(json.dumps(report, indent=1))
@@ -241,7 +250,59 @@ def _tp1_check(layout: Layout, cell: Cell, data: RandomTokens, root: Path, vocab
     return {"ok": diff <= tolerance, "max_abs_diff": diff}
 
 
-def run_preflight(cfg: ExperimentConfig, layouts: list[Layout], steps: int, folder: Path) -> list[dict]:
+def _dp_eval_check() -> dict:
+    """DP-sharded evaluation against unsharded: waits for kislurm/evaluate.py's sharded evaluation (issue 14).
+
+    To plug it in: evaluate the trained model of the "uninterrupted" run with the layout's DP sharding and again
+    with every probe on every rank (dp=1 semantics), and return {"ok": max |difference| <= tolerance,
+    "max_abs_diff": ...} over the per-probe results (summary_line then prints the difference).
+    """
+    return {"ok": None, "skipped": "needs sharded evaluation (kislurm/evaluate.py, issue 14)"}
+
+
+def _baseline(layout: Layout, cell: Cell, data: RandomTokens, vocab: int, ctx: Any, speed: dict) -> dict:
+    """Rank 0 times the plain-PyTorch GPT of the same shape on one device (see the module docstring); every
+    rank gets the same answer (broadcast), so the report and the barrier agree."""
+    import torch
+    import torch.distributed as dist
+
+    from .baseline import plain_tokens_per_s
+    from .model import padded_vocab_size
+
+    m, t = layout.model, cell.train
+    share = t.global_batch_size // m.data_parallel  # samples one DP rank trains per step
+    result: list[Any] = [None]
+    if ctx.is_main:
+        try:
+            plain = plain_tokens_per_s(m, t, data, padded_vocab_size(vocab), max(1, cell.steps - 1), share,
+                                       ctx.device, warmup=1 if cell.steps > 1 else 0)
+            result = [{"tokens_per_s": plain}]
+        except torch.cuda.OutOfMemoryError:
+            result = [{"skipped": f"the plain model does not fit one GPU at micro batch {t.micro_batch_size}"}]
+        except Exception as e:  # noqa: BLE001 - a broken baseline is reported, never hangs the other ranks
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            result = [{"skipped": f"the plain model failed: {type(e).__name__} {first}".strip()}]
+        _free()
+    dist.broadcast_object_list(result, src=0)
+    out: dict[str, Any] = {"device": "rank 0, TP=1", "samples_per_step": share,
+                           "megatron_tokens_per_s_per_rank": speed.get("tokens_per_s", 0.0) / ctx.world_size,
+                           **result[0]}
+    if "tokens_per_s" in out:
+        out["ratio"] = out["megatron_tokens_per_s_per_rank"] / out["tokens_per_s"]
+        mfu = speed.get("mfu")  # megatron's per-GPU MFU; the plain model counts the same FLOPs per token
+        out["mfu"] = mfu / out["ratio"] if mfu is not None and out["ratio"] > 0 else None
+    return out
+
+
+def baseline_ratio_check(baseline: dict, minimum: float) -> dict:
+    """The optional check: megatron's per-GPU throughput at least `minimum` x the plain model's."""
+    if "ratio" not in baseline:
+        return {"ok": None, "skipped": baseline.get("skipped", "no baseline"), "minimum": minimum}
+    return {"ok": baseline["ratio"] >= minimum, "ratio": baseline["ratio"], "minimum": minimum}
+
+
+def run_preflight(cfg: ExperimentConfig, layouts: list[Layout], steps: int, folder: Path,
+                  min_baseline_ratio: Optional[float] = None) -> list[dict]:
     """Submit one job per layout (local executor or Slurm, as the config says), wait, return the reports."""
     from .paths import RunPaths
     from .submit import make_executor
@@ -255,7 +316,8 @@ def run_preflight(cfg: ExperimentConfig, layouts: list[Layout], steps: int, fold
         executor = make_executor(cfg, run, res)
         out = folder / "preflight" / layout.name
         out.mkdir(parents=True, exist_ok=True)
-        jobs.append((layout, executor.submit(preflight_job, layout, cfg.train, steps, vocab, str(out))))
+        jobs.append((layout, executor.submit(preflight_job, layout, cfg.train, steps, vocab, str(out),
+                                             min_baseline_ratio=min_baseline_ratio)))
     reports = []
     for layout, job in jobs:
         try:
@@ -277,7 +339,14 @@ def summary_line(report: dict) -> str:
         parts.append(f"{name} {state}{extra}")
     speed = f"{report['tokens_per_s']:,.0f} tokens/s" if report.get("tokens_per_s") else ""
     mfu = f", MFU {report['mfu']:.1%}" if report.get("mfu") else ""
-    return f"{report['layout']}: {'passed' if report['passed'] else 'FAILED'}; {'; '.join(parts)}; {speed}{mfu}"
+    base = report.get("baseline") or {}
+    if "ratio" in base:
+        plain = (f"; plain PyTorch {base['tokens_per_s']:,.0f} tokens/s on one device, ratio {base['ratio']:.2f} "
+                 "(megatron per rank / plain)")
+    else:
+        plain = f"; plain PyTorch skipped ({base['skipped']})" if "skipped" in base else ""
+    return (f"{report['layout']}: {'passed' if report['passed'] else 'FAILED'}; {'; '.join(parts)}; "
+            f"{speed}{mfu}{plain}")
 
 
 def passed_report(folder: Path, layout: Layout) -> Optional[dict]:

@@ -52,10 +52,17 @@ def test_tp2_llama_preflight_on_cpu_through_the_local_executor(tmp_path):
     assert checks["resume_exact"]["max_abs_diff"] == 0.0 and checks["resume_exact"]["saved_at"] == 3
     assert checks["tp_matches_tp1"]["ok"] and checks["tp_matches_tp1"]["max_abs_diff"] < 1e-5
     assert len(report["losses"]) == 6 and report["tokens_per_s"] > 0 and report["mfu"] is None
+    # the plain-PyTorch GPT of the same shape, same job: a measurement (never a speed assertion)
+    base = report["baseline"]
+    assert base["tokens_per_s"] > 0 and base["megatron_tokens_per_s_per_rank"] == report["tokens_per_s"] / 2
+    assert base["ratio"] > 0 and base["mfu"] is None and base["samples_per_step"] == 8
+    assert checks["dp_eval"] == {"ok": None, "skipped": "needs sharded evaluation (kislurm/evaluate.py, issue 14)"}
+    assert "baseline_ratio" not in checks  # off by default
     on_disk = json.loads((tmp_path / "pf" / "preflight" / "l2_tp2_pp1_dp1_cpu" / "report.json").read_text())
     assert on_disk == report
     line = summary_line(report)
     assert line.startswith("l2_tp2_pp1_dp1_cpu: passed; tp_groups_on_one_host ok; resume_exact ok") and "\n" not in line
+    assert f"ratio {base['ratio']:.2f} (megatron per rank / plain)" in line
 
 
 def test_preflight_dry_run_lists_layouts_and_refusals_exit_2(tmp_path):
@@ -89,3 +96,15 @@ def test_submit_after_preflight_runs_missing_preflights_then_submits(tmp_path):
     err = [line for line in split.output.splitlines() if line.startswith("kislurm: error:")]
     assert len(err) == 1 and "a TP group of 2 ranks would span nodes of 1 tasks" in err[0]
     assert "cells to submit" not in split.output  # refused before anything was planned or submitted
+
+
+def test_a_minimum_baseline_ratio_fails_a_layout_below_it(tmp_path):
+    """--min-baseline-ratio turns the measurement into a check: no megatron run is a million times faster than the
+    plain model, so this one fails (exit 1) and says which check."""
+    sets = ["--set", f"output_root={tmp_path}", "--set", "grid.sizes=[cpu-xxs]", "--set", "grid.ratios=[0.5]"]
+    tiny = str(REPO / "configs" / "tiny.yaml")
+    out = CliRunner().invoke(main, ["preflight", tiny, "--steps", "2", "--min-baseline-ratio", "1e6", *sets])
+    assert out.exit_code == 1, out.output
+    assert "cpu-xxs_tp1_pp1_dp1_cpu: FAILED;" in out.output and "baseline_ratio FAILED" in out.output
+    bad = CliRunner().invoke(main, ["preflight", tiny, "--min-baseline-ratio", "0", *sets])
+    assert bad.exit_code == 2 and "min-baseline-ratio" in bad.output
