@@ -2,9 +2,10 @@
 
 For each preset (TP=1 on one GPU) it trains kislurm's Trainer (megatron-core GPT, bf16, megatron's distributed
 optimizer, Transformer Engine layers when installed, else megatron's local layers with torch's fused attention) on
-random tokens, then a plain-PyTorch GPT of identical shape (bf16 autocast over fp32 weights, fused AdamW, torch's
-fused attention) on the same samples. Reports tokens/s, MFU (dense bf16 peak: 989 TFLOP/s on an H100/H200) and the
-ratio kislurm / plain.
+random tokens, then the plain-PyTorch GPT of identical shape of kislurm.baseline (bf16 autocast over fp32 weights,
+fused AdamW, torch's fused attention; the one `kislurm preflight` measures against) on the same samples. Reports
+tokens/s, MFU (dense bf16 peak: 989 TFLOP/s on an H100/H200), the ratio kislurm / plain, and the peak memory with
+what was still allocated when the preset started (a previous preset's leftovers would count in its peak).
 
     python tools/bench_gpu.py                               # 137M and 1.3B
     python tools/bench_gpu.py --presets 350M --mbs 8 --gbs 32 --json out.json
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import tempfile
 import time
@@ -23,50 +25,16 @@ from pathlib import Path
 
 import torch
 
-from bench_train import PlainGPT, RandomTokens
+from bench_train import RandomTokens
 from kislurm import distributed
+from kislurm.baseline import plain_tokens_per_s
 from kislurm.config import BUILTIN_PRESETS, DataConfig, EvalConfig, TrainConfig
 from kislurm.model import have_transformer_engine, padded_vocab_size
 from kislurm.plan import Cell
-from kislurm.train import Trainer, lr_at
+from kislurm.train import Trainer
 
 DEFAULT_BATCH = {"137M": (16, 64), "350M": (8, 32), "760M": (8, 32), "1.3B": (8, 32), "3B": (4, 16)}
 """(micro, global) batch per preset; on one GPU, several micro-batches per step as in a real cell."""
-
-
-def plain_tokens_per_s(cell: Cell, data: RandomTokens, vocab: int, warmup: int, steps: int) -> float:
-    """The same training step written plainly: bf16 autocast, fused AdamW, masked-mean loss, clipping."""
-    t, dev = cell.train, torch.device("cuda")
-    model = PlainGPT(cell.model, vocab).to(dev)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    plain = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": plain, "weight_decay": 0}],
-                            lr=t.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
-    start = 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cell.steps, t)
-        opt.zero_grad(set_to_none=True)
-        first = step * t.global_batch_size
-        batches = [{k: torch.stack([data[i][k] for i in range(j, j + t.micro_batch_size)]).to(dev)
-                    for k in ("tokens", "labels", "loss_mask", "position_ids")}
-                   for j in range(first, first + t.global_batch_size, t.micro_batch_size)]
-        n_tok = sum(b["loss_mask"].sum() for b in batches)
-        loss = torch.zeros((), device=dev)
-        for b in batches:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                per_token = model(b["tokens"], b["position_ids"], b["labels"])
-            summed = (per_token.float() * b["loss_mask"]).sum()
-            (summed / n_tok).backward()
-            loss += summed.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-        opt.step()
-        float(loss)  # the trainer reads its loss every step too
-    torch.cuda.synchronize()
-    return steps * t.global_batch_size * cell.model.seq_length / (time.perf_counter() - start)
 
 
 def bench(name: str, mbs: int, gbs: int, warmup: int, steps: int, vocab: int, plain: bool) -> dict:
@@ -76,7 +44,10 @@ def bench(name: str, mbs: int, gbs: int, warmup: int, steps: int, vocab: int, pl
                 data=DataConfig(), train=TrainConfig(micro_batch_size=mbs, global_batch_size=gbs), eval=EvalConfig())
     data = RandomTokens(cell.n_samples, preset.seq_length, vocab)
     ctx = distributed.init_model_parallel(tp=1, device="gpu")
-    torch.cuda.reset_peak_memory_stats()
+    gc.collect()  # megatron's DDP and optimizer hold reference cycles: a previous preset's only go with a collection
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()  # the peak restarts from what is still allocated: recorded below
+    at_start = torch.cuda.memory_allocated()
     try:
         with tempfile.TemporaryDirectory() as ckpt:
             trainer = Trainer(cell, data, Path(ckpt), vocab, ctx, log=lambda _m: None)
@@ -87,15 +58,18 @@ def bench(name: str, mbs: int, gbs: int, warmup: int, steps: int, vocab: int, pl
                    "params_non_embedding": trainer.params["non_embedding"], "micro_batch": mbs, "global_batch": gbs,
                    "seq": preset.seq_length, "vocab": padded_vocab_size(vocab), "steps": steps,
                    "tokens_per_s": out["tokens_per_s"], "mfu": out["mfu"], "loss": out["loss"],
-                   "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+                   "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+                   "allocated_at_start_gib": at_start / 2**30}
             del trainer  # free the GPU for the baseline
     finally:
         distributed.teardown(ctx)
         torch.cuda.empty_cache()
     print(f"{name}: {row['params_total'] / 1e6:,.0f}M params, mbs {mbs} gbs {gbs} seq {preset.seq_length}: "
-          f"{row['tokens_per_s']:,.0f} tokens/s, MFU {row['mfu']:.1%}, peak {row['peak_mem_gib']:.1f} GiB", flush=True)
+          f"{row['tokens_per_s']:,.0f} tokens/s, MFU {row['mfu']:.1%}, peak {row['peak_mem_gib']:.1f} GiB "
+          f"({row['allocated_at_start_gib']:.2f} GiB allocated before the model)", flush=True)
     if plain:
-        tps = plain_tokens_per_s(cell, data, padded_vocab_size(vocab), warmup, steps)
+        tps = plain_tokens_per_s(cell.model, cell.train, data, padded_vocab_size(vocab), steps, gbs, "cuda", warmup)
+        gc.collect()
         row.update(plain_tokens_per_s=tps, plain_mfu=row["mfu"] * tps / row["tokens_per_s"],
                    ratio=row["tokens_per_s"] / tps)
         torch.cuda.empty_cache()

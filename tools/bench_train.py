@@ -3,9 +3,10 @@
 Reports wall-clock tokens/s and tokens per CPU-second (one thread, so CPU time is what the step costs, insensitive
 to other processes on a shared machine).
 
-The baseline is a nanoGPT-style model (learned positions, pre-LN blocks with biases, GELU MLP, tied output layer)
-with the same layers, width, heads, MLP width, sequence length and padded vocabulary, trained with the same AdamW,
-batch sizes, masked-mean loss and gradient clipping, on the same samples. Rounds alternate between the two so
+The baseline is kislurm.baseline's nanoGPT-style model (here GPT-2-shaped: learned positions, pre-LN blocks with
+biases, GELU MLP, tied output layer) with the same layers, width, heads, MLP width, sequence length and padded
+vocabulary, trained with the same AdamW, batch sizes, masked-mean loss and gradient clipping, on the same samples
+(the implementation `kislurm preflight` measures against too). Rounds alternate between the two so
 machine load hits both alike; the medians are compared.
 
     python tools/bench_train.py                       # cpu-xl shape
@@ -24,14 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from kislurm import distributed
+from kislurm.baseline import PlainTrainer
 from kislurm.config import DataConfig, EvalConfig, ModelPreset, TrainConfig
 from kislurm.model import padded_vocab_size
 from kislurm.plan import Cell
-from kislurm.train import Trainer, lr_at
+from kislurm.train import Trainer
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -49,77 +49,6 @@ class RandomTokens(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = self.data[i]
         return {"tokens": row[:-1], "labels": row[1:], "loss_mask": self.mask, "position_ids": self.pos}
-
-
-# -- the plain-PyTorch baseline (nanoGPT-like) --------------------------------------------------------------------
-
-
-class Block(nn.Module):
-    def __init__(self, h: int, heads: int, ffn: int):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(h), nn.LayerNorm(h)
-        self.qkv, self.proj = nn.Linear(h, 3 * h), nn.Linear(h, h)
-        self.fc1, self.fc2 = nn.Linear(h, ffn), nn.Linear(ffn, h)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(h, dim=2)
-        q, k, v = (t.view(b, s, self.heads, h // self.heads).transpose(1, 2) for t in (q, k, v))
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, s, h))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
-class PlainGPT(nn.Module):
-    def __init__(self, p: ModelPreset, vocab: int):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, p.hidden_size), nn.Embedding(p.seq_length, p.hidden_size)
-        self.blocks = nn.ModuleList(Block(p.hidden_size, p.num_attention_heads, p.ffn) for _ in range(p.num_layers))
-        self.ln_f = nn.LayerNorm(p.hidden_size)
-        for w in self.parameters():
-            if w.dim() >= 2:
-                nn.init.normal_(w, std=0.02)
-
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x = self.wte(tokens) + self.wpe(pos)
-        for blk in self.blocks:
-            x = blk(x)
-        logits = self.ln_f(x) @ self.wte.weight.t()
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-
-
-class PlainTrainer:
-    def __init__(self, cell: Cell, dataset: RandomTokens, vocab: int):
-        self.cell, self.dataset, self.step = cell, dataset, 0
-        self.model = PlainGPT(cell.model, vocab)
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
-        plain = [p for n, p in self.model.named_parameters() if p.dim() < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cell.train.weight_decay},
-                                      {"params": plain, "weight_decay": 0.0}], lr=cell.train.lr,
-                                     betas=(0.9, 0.95), eps=1e-8, foreach=True)
-
-    def train_steps(self, n: int) -> float:
-        t = self.cell.train
-        start = time.perf_counter()
-        for _ in range(n):
-            for g in self.opt.param_groups:
-                g["lr"] = lr_at(self.step, self.cell.steps, t)
-            self.opt.zero_grad(set_to_none=True)
-            first = self.step * t.global_batch_size
-            mbs = [list(range(i, i + t.micro_batch_size))
-                   for i in range(first, first + t.global_batch_size, t.micro_batch_size)]
-            batches = [{k: torch.stack([self.dataset[i][k] for i in ids]) for k in ("tokens", "labels", "loss_mask",
-                                                                                    "position_ids")} for ids in mbs]
-            n_tok = sum(b["loss_mask"].sum() for b in batches)
-            for b in batches:
-                per_token = self.model(b["tokens"], b["position_ids"], b["labels"])
-                ((per_token * b["loss_mask"]).sum() / n_tok).backward()
-            if t.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
-            self.opt.step()
-            self.step += 1
-        return n * t.global_batch_size * self.cell.model.seq_length / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -147,7 +76,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as ckpt:
             ours = Trainer(cell, data, Path(ckpt), args.vocab, ctx, log=lambda _m: None)
-            plain = PlainTrainer(cell, data, padded_vocab_size(args.vocab))
+            plain = PlainTrainer(preset, cell.train, data, padded_vocab_size(args.vocab), cell.steps, args.gbs)
             n_plain = sum(p.numel() for p in plain.model.parameters())
             assert n_plain == ours.params["total"], (n_plain, ours.params)
             ours.train_steps(args.steps // 2)  # warm-up
