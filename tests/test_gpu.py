@@ -137,7 +137,8 @@ def test_cpu_shims_stay_off_and_fused_attention_matches_megatrons(ctx):
 
 def test_llama_1_3b_preflight_at_tp1_on_one_gpu(tmp_path):
     """The preflight of the Llama-style 1.3B at TP=1 on one GPU (bench_gpu.py's batch: micro 8, global 32):
-    resume exact under the math attention kernel, MFU and the same-job plain-PyTorch ratio recorded. Not yet run on a GPU (written without one)."""
+    resume exact under the math attention kernel, MFU and the same-job plain-PyTorch ratio recorded. Not yet run
+    on a GPU (written without one)."""
     from kislurm.config import BUILTIN_PRESETS, config_from_dict, config_to_dict
     from kislurm.preflight import distinct_layouts, run_preflight, summary_line
 
