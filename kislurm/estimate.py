@@ -23,7 +23,9 @@ from ModelPreset.param_counts):
 - logits: (2 + 4)*s*b*V/t in bf16 (the output layer's bf16 logits and the cross entropy's fp32 copy live together
   in the loss's forward, then the fp32 softmax and its bf16 gradient in its backward), 8sbV/t in fp32.
 
-Validated against the measured 1.3B run of README "On a GPU" (tests/test_estimate.py).
+Validated against the measured 1.3B run of README "On a GPU" (tests/test_estimate.py). Not against that table's
+137M row: it was measured after the 1.3B run in the same process, with the 1.3B's megatron buffers possibly still
+allocated (README "Memory, layouts and cost"), so it is no ground truth for this formula.
 """
 
 from __future__ import annotations

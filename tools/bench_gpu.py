@@ -20,7 +20,6 @@ import dataclasses
 import gc
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
