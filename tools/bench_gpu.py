@@ -43,7 +43,7 @@ def bench(name: str, mbs: int, gbs: int, warmup: int, steps: int, vocab: int, pl
                 data=DataConfig(), train=TrainConfig(micro_batch_size=mbs, global_batch_size=gbs), eval=EvalConfig())
     data = RandomTokens(cell.n_samples, preset.seq_length, vocab)
     ctx = distributed.init_model_parallel(tp=1, device="gpu")
-    gc.collect()  # megatron's DDP and optimizer hold reference cycles: a previous preset's only go with a collection
+    gc.collect()  # megatron's DDP sits in a reference cycle: a previous preset's buffers go only with a collection
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()  # the peak restarts from what is still allocated: recorded below
     at_start = torch.cuda.memory_allocated()
@@ -62,6 +62,7 @@ def bench(name: str, mbs: int, gbs: int, warmup: int, steps: int, vocab: int, pl
             del trainer  # free the GPU for the baseline
     finally:
         distributed.teardown(ctx)
+        gc.collect()  # the trainer's DDP buffers (the reference cycle above) before the baseline runs
         torch.cuda.empty_cache()
     print(f"{name}: {row['params_total'] / 1e6:,.0f}M params, mbs {mbs} gbs {gbs} seq {preset.seq_length}: "
           f"{row['tokens_per_s']:,.0f} tokens/s, MFU {row['mfu']:.1%}, peak {row['peak_mem_gib']:.1f} GiB "
