@@ -59,7 +59,7 @@ class Block(nn.Module):
         q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k, v = (t.view(b, s, self.groups, self.head_dim).transpose(1, 2) for t in (k, v))
         if rope is not None:
-            cos, sin = rope
+            cos, sin = (t.to(q.dtype) for t in rope)  # bf16 under autocast, as the projections' output
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.groups != self.heads)
         x = x + self.proj(att.transpose(1, 2).reshape(b, s, h))
@@ -103,7 +103,7 @@ class PlainGPT(nn.Module):
         rope = None
         if self.cos is not None:
             s = tokens.shape[1]
-            rope = (self.cos[:s].to(x.dtype), self.sin[:s].to(x.dtype))
+            rope = (self.cos[:s], self.sin[:s])
         for blk in self.blocks:
             x = blk(x, rope)
         x = self.ln_f(x)
