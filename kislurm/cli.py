@@ -6,6 +6,7 @@ and a non-zero exit; a traceback means a bug in kislurm.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import sys
@@ -113,6 +114,7 @@ def plan(config: str, overrides: tuple[str, ...]) -> None:
     click.echo("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         click.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    click.echo("".join(_override_lines(cfg)), nl=False)
     g = cfg.grid
     if g.adaptive:
         click.echo(_ladder_estimate(cfg, cells))
@@ -120,6 +122,18 @@ def plan(config: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"\n{len(cells)} cells = {len(g.sizes)} sizes x {len(g.ratios)} ratios x {len(g.token_budgets)} "
                f"token budgets x {len(g.seeds)} seeds; executor: {cfg.executor.cluster}; run folder: {run_dir(cfg)}")
     click.echo(_cost_summary(cfg, cells))
+
+
+def _override_lines(cfg: ExperimentConfig) -> list[str]:
+    """One line per grid size whose preset overrides training settings (ModelPreset.train)."""
+    out = []
+    for size in cfg.grid.sizes:
+        o = cfg.presets[size].train
+        changes = {k: v for k, v in dataclasses.asdict(o).items() if v is not None} if o else {}
+        if changes:
+            out.append(f"{size}: train overrides " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                                               for k, v in changes.items()) + "\n")
+    return out
 
 
 def _cost_columns(cfg: ExperimentConfig, cells: list[Cell]) -> list[dict[str, str]]:

@@ -79,6 +79,14 @@ class ModelPreset:
     Must divide num_attention_heads, and tensor_parallel must divide it."""
     tie_embeddings: bool = True
     """Share the input embedding with the output layer (GPT-2); false: a separate output layer (Llama)."""
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    """Layer implementation: local (megatron's pure-PyTorch layers, the tested path, on CPU and GPU) or
+    transformer_engine (Transformer Engine's fused layers: GPU only, opt-in, never run by this project's tests;
+    refused in one line when TE is not importable on the GPU node)."""
+    train: Optional["TrainOverrides"] = None
+    """Per-size training overrides: any train: field (lr, micro_batch_size, global_batch_size, warmup_frac, ...)
+    set for this size only, e.g. {lr: 1.0e-3, global_batch_size: 256}, since a size ladder tunes them per size.
+    They replace the run's train: values in this size's cells (and so enter those cells' ids); unset: none."""
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
@@ -111,6 +119,8 @@ class ModelPreset:
                    f"tensor_parallel {self.tensor_parallel} does not divide the MLP width {self.ffn}; "
                    "fix: choose a TP degree that divides ffn_hidden_size")
         _check(self.pipeline_parallel == 1, "pipeline_parallel", "only pipeline_parallel: 1 is supported; fix: set 1")
+        _check(self.transformer_impl == "local" or self.device == "gpu", "transformer_impl",
+               "transformer_engine layers run on GPU only; fix: set transformer_impl: local (or device: gpu)")
         _check(self.timeout_min >= 1, "timeout_min", f"expected minutes >= 1, got {self.timeout_min}")
 
     @property
@@ -361,6 +371,28 @@ class TrainConfig:
         _check(self.checkpoint_interval >= 0, "checkpoint_interval", "expected >= 0 (0 = at every evaluation)")
 
 
+def _train_overrides_class() -> type:
+    """TrainOverrides: every TrainConfig field, optional (None = the run's value), so none can be forgotten."""
+    hints = typing.get_type_hints(TrainConfig)
+    cls = dataclasses.make_dataclass(
+        "TrainOverrides", [(f.name, Optional[hints[f.name]], None) for f in dataclasses.fields(TrainConfig)],
+        frozen=True)
+    cls.__module__ = __name__  # pickles by reference (cells travel to compute nodes pickled)
+    cls.__doc__ = ("A model preset's per-size training overrides: any TrainConfig field (see there), unset fields "
+                   "keep the run's train: value (ModelPreset.train, effective_train).")
+    return cls
+
+
+TrainOverrides = _train_overrides_class()
+
+
+def effective_train(base: TrainConfig, preset: ModelPreset) -> TrainConfig:
+    """The TrainConfig a size's cells train with: the run's train: section with the preset's overrides applied.
+    Without overrides it is `base` itself, so those cells keep their ids."""
+    changes = {k: v for k, v in dataclasses.asdict(preset.train).items() if v is not None} if preset.train else {}
+    return dataclasses.replace(base, **changes) if changes else base
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Retention probing."""
@@ -489,6 +521,29 @@ class AnalysisConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """A Weights & Biases run per cell (rank 0 logs what TensorBoard gets); needs `pip install wandb` and a login
+    (WANDB_API_KEY, or `wandb login`) on the compute nodes."""
+
+    project: str
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (user or team); unset: the login's default."""
+    mode: Literal["online", "offline"] = "online"
+    """offline: write the W&B run under the cell folder only (upload later with `wandb sync`)."""
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """What a user can watch while cells train (kislurm.monitor); rank 0 of each cell writes it."""
+
+    tensorboard: bool = True
+    """TensorBoard event files per cell (RUN/cells/CELL/tensorboard/): `tensorboard --logdir RUN` shows every cell."""
+    wandb: Optional[WandbConfig] = None
+    """Weights & Biases, e.g. {project: kislurm, entity: my-team}; unset: off."""
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: a grid of cells sharing data, training, execution and analysis settings."""
 
@@ -504,6 +559,8 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    """TensorBoard and W&B (where and how cells show their training); not part of any cell id."""
 
     def __post_init__(self) -> None:
         _check(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name)), "name",
@@ -515,16 +572,25 @@ class ExperimentConfig:
         for i, size in enumerate(self.grid.sizes):
             _check(size in presets, f"grid.sizes[{i}]",
                    f"unknown model preset '{size}'; fix: use one of {sorted(presets)} or define it under models:")
+        for name, p in self.models.items():  # each preset's overrides, checked against this run's train:
+            try:
+                effective_train(self.train, p)
+            except _FieldError as e:
+                raise _FieldError(f"models.{name}.train.{e.key}", str(e)) from None
         for i, size in enumerate(self.grid.sizes):
-            p = presets[size]
-            _check(self.train.global_batch_size % (self.train.micro_batch_size * p.data_parallel) == 0,
-                   "train.global_batch_size",
-                   f"{self.train.global_batch_size} is not a multiple of micro_batch_size x data_parallel of "
-                   f"'{size}' ({self.train.micro_batch_size} x {p.data_parallel})")
+            p, t = presets[size], self.train_for(size)
+            _check(t.global_batch_size % (t.micro_batch_size * p.data_parallel) == 0,
+                   "train.global_batch_size" if p.train is None else f"models.{size}.train.global_batch_size",
+                   f"{t.global_batch_size} is not a multiple of micro_batch_size x data_parallel of "
+                   f"'{size}' ({t.micro_batch_size} x {p.data_parallel})")
 
     @property
     def presets(self) -> dict[str, ModelPreset]:
         return {**BUILTIN_PRESETS, **self.models}
+
+    def train_for(self, size: str) -> TrainConfig:
+        """The training settings of one size's cells: train: with that preset's overrides (effective_train)."""
+        return effective_train(self.train, self.presets[size])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -82,7 +82,8 @@ def _section_json(section: Any) -> str:
     return json.dumps(config_to_dict(section), sort_keys=True, separators=(",", ":"))
 
 
-_OMIT_IF_DEFAULT = ("position_embedding", "activation", "normalization", "num_query_groups", "tie_embeddings")
+_OMIT_IF_DEFAULT = ("position_embedding", "activation", "normalization", "num_query_groups", "tie_embeddings",
+                    "transformer_impl")
 """Architecture fields added after ids were first published: they enter the id only at a non-default value, so
 every GPT-2-shaped cell keeps the id it had before they existed."""
 
@@ -92,6 +93,7 @@ def _model_json(model: ModelPreset) -> str:
     d = config_to_dict(model)
     for key in ("timeout_min", "tensor_parallel", "pipeline_parallel", "data_parallel"):
         d.pop(key)  # layout and scheduling change neither the maths nor the identity
+    d.pop("train")  # per-size overrides enter the id through the cell's effective TrainConfig
     defaults = {f.name: f.default for f in dataclasses.fields(ModelPreset)}
     for key in _OMIT_IF_DEFAULT:
         if d[key] == defaults[key]:
@@ -119,7 +121,7 @@ def resolve_layouts(cfg: ExperimentConfig, check: bool = True) -> ExperimentConf
     if not any(presets[s].tensor_parallel == "auto" for s in sizes) and not (check and cfg.executor.gpu_memory_gb):
         return cfg
     vocab = plan_vocab_size(cfg.data)
-    resolved = {s: resolve_layout(s, presets[s], cfg.train, cfg.executor, vocab, check) for s in sizes}
+    resolved = {s: resolve_layout(s, presets[s], cfg.train_for(s), cfg.executor, vocab, check) for s in sizes}
     changed = {s: p for s, p in resolved.items() if p != presets[s]}
     return dataclasses.replace(cfg, models={**cfg.models, **changed}) if changed else cfg
 
@@ -136,11 +138,12 @@ def expand(cfg: ExperimentConfig) -> list[Cell]:
 def size_cells(cfg: ExperimentConfig, size: str, ratios: list[float]) -> list[Cell]:
     """One size's cells at these ratios (every token budget and seed of the grid), in expand's order
     (`tensor_parallel: auto` resolved; the memory check is resolve_layouts' with check=True, which the CLI runs
-    first)."""
+    first). The cells train with the run's train: section and the preset's per-size overrides (cfg.train_for)."""
     cfg = resolve_layouts(cfg, check=False)
     g = cfg.grid
+    train = cfg.train_for(size)
     return [Cell(size=size, ratio=ratio, tokens=tokens, seed=seed, model=cfg.presets[size], data=cfg.data,
-                 train=cfg.train, eval=cfg.eval)
+                 train=train, eval=cfg.eval)
             for tokens, ratio, seed in itertools.product(g.token_budgets, sorted(ratios), g.seeds)]
 
 

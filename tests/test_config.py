@@ -51,7 +51,7 @@ def test_custom_model_preset(tmp_path):
 BAD = [
     ("unknown top-level key", "grdi: {}\n",
      "grdi: unknown key (did you mean grid?); valid keys here: name, output_root, grid, models, data, train, eval, "
-     "executor, analysis"),
+     "executor, analysis, monitor"),
     ("unknown nested key", "train: {learning_rate: 0.1}\n",
      "train.learning_rate: unknown key; valid keys here: micro_batch_size, global_batch_size, lr, min_lr_ratio, "
      "warmup_frac, weight_decay, clip_grad, init_std, eval_interval, log_interval, checkpoint_interval, precision"),
