@@ -228,6 +228,7 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
     from . import data, distributed
     from .cpu_shims import apply_cpu_shims
     from .evaluate import evaluate_retention
+    from .monitor import CellMonitor
     from .store import RetentionWriter, read_cell
     from .train import Trainer
 
@@ -240,7 +241,7 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
     apply_cpu_shims()
     dist = distributed.setup(cell.model)
     log = _log_to(paths.log, dist.rank)
-    writer, heartbeat = None, None
+    writer, heartbeat, monitor = None, None, None
     try:
         _write_rank_report(paths, dist.rank, state="running")  # replaces this rank's report of an earlier session
         check_tp_placement(_gather_nodes(dist), dist.tp, allow_tp_across_nodes)
@@ -250,6 +251,8 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
         prepared = data.load_prepared(cell.data, run.data, cell.model.seq_length)  # built by kislurm prepare
         dataset, data_stats = data.cell_dataset(prepared, cell)
         trainer = Trainer(cell, dataset, paths.checkpoints, prepared.tokenizer.vocab_size, dist, log=log)
+        monitor = CellMonitor.open(run, cell, dist.rank, trainer.step, trainer.tokens_per_step)  # rank 0 writes
+        trainer.on_log = monitor.train
         probes = data.cell_probes(prepared, cell)  # under fixed_exposures: the facts this cell infuses
         if dist.is_main:
             counts = trainer.params  # counted on the real model (padded vocabulary), from any TP rank
@@ -286,6 +289,7 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                     tokens = trainer.step * cell.train.global_batch_size * cell.model.seq_length
                     writer.append(trainer.step, tokens, mean_loss, result.metrics, result.probe_correct,
                                   result.probe_exact, meta={"throughput": history})
+                    monitor.retention(trainer.step, tokens, result.metrics)
                     log(f"step {trainer.step}/{cell.steps} eval " + " ".join(
                         f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("_acc")))
             trainer.save_checkpoint()
@@ -305,6 +309,8 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
     finally:
         if writer is not None:
             writer.close()
+        if monitor is not None:
+            monitor.close()
         distributed.teardown()
     return _summary(paths.store) if dist.is_main else {}
 

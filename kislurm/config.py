@@ -65,7 +65,7 @@ class ModelPreset:
     data_parallel: int = 1
     """Data-parallel replicas; the world size of a cell is TP x PP x DP."""
     device: Literal["cpu", "gpu"] = "cpu"
-    """Where the cell trains: 'cpu' (gloo, fp32, local layers) or 'gpu' (NCCL, bf16, Transformer Engine if installed)."""
+    """Where the cell trains: 'cpu' (gloo, fp32, local layers) or 'gpu' (NCCL, bf16; see transformer_impl)."""
     timeout_min: int = 60
     """Slurm time limit of one cell of this size, in minutes (the cell checkpoints and requeues when it runs out)."""
     position_embedding: Literal["learned", "rope"] = "learned"

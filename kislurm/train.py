@@ -209,8 +209,11 @@ class Trainer:
     """Trains `cell` on `dataset` (megatron GPTDataset items), resuming from the latest checkpoint in `ckpt_dir`."""
 
     def __init__(self, cell: Cell, dataset: Any, ckpt_dir: Path, vocab_size: int, dist: DistContext,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, on_log: Callable[[dict[str, float]], None] | None = None):
         self.cell, self.dataset, self.ckpt_dir, self.dist = cell, dataset, Path(ckpt_dir), dist
+        self.on_log = on_log  # called at every log line with its numbers (kislurm.monitor: TensorBoard, W&B)
+        self.last_grad_norm = float("nan")  # of the latest step, before clipping
+        self.skipped_steps = 0  # updates the optimizer skipped (non-finite gradients), over the whole cell
         self._log = log if dist.is_main else (lambda _msg: None)
         self.precision = resolve_precision(cell.model, cell.train.precision)
         self._check_inputs(vocab_size)
@@ -303,7 +306,8 @@ class Trainer:
         if latest is not None and latest.step == self.step:
             return latest.path
         state = {"step": self.step, "lr": lr_at(max(0, self.step - 1), self.total_steps, self.cell.train),
-                 "losses": self.losses, "tokens": self.step * self.tokens_per_step}
+                 "losses": self.losses, "tokens": self.step * self.tokens_per_step,
+                 "skipped_steps": self.skipped_steps}
         return checkpoint.save(self.ckpt_dir, self.step, self.model, self.optimizer, self.cell.cell_id, state)
 
     # -- internals -------------------------------------------------------------------------------------------------
@@ -312,6 +316,7 @@ class Trainer:
         state = checkpoint.load(found, self.model, self.optimizer)
         self.step = int(state["step"])
         self.losses = [float(x) for x in state.get("losses", [])][: self.step]
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self._log(f"resumed {self.cell.name} from {found.path} at step {self.step}/{self.total_steps}")
 
     def _sample_ids(self, step: int) -> list[list[int]]:
@@ -351,8 +356,10 @@ class Trainer:
             loss_sum += summed.detach()
         if self.ddp is not None:
             self.ddp.finish_grad_sync()
-        ok, _norm, _ = self.optimizer.step()
+        ok, norm, _ = self.optimizer.step()
+        self.last_grad_norm = float("nan") if norm is None else float(norm)  # megatron's is None without clipping
         if not ok:
+            self.skipped_steps += 1
             self._log(f"step {self.step + 1}: optimizer skipped the update (non-finite gradients)")
         loss = float(self._dp_sum(loss_sum) / n_tokens)
         self.step += 1
@@ -379,3 +386,9 @@ class Trainer:
             line += f" mfu {self._mfu(tps):.1%}"
         self._log(line)
         self._pending = []
+        if self.on_log is not None:
+            lr = lr_at(self.step - 1, self.total_steps, self.cell.train)
+            self.on_log({"step": self.step, "tokens": self.step * self.tokens_per_step,
+                         "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": self.last_grad_norm,
+                         "skipped_steps": self.skipped_steps, "tokens_per_s": tps,
+                         **({"mfu": self._mfu(tps)} if self._peak is not None else {})})
