@@ -36,6 +36,7 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from .distributed import TrainError
 from .paths import atomic_write_json, atomic_write_text
+from .workarounds import require_megatron
 
 META_FILE = "kislurm.json"
 LATEST_FILE = "latest"
@@ -167,6 +168,11 @@ def _use_in_process_results_queue() -> None:
     """
     if filesystem_async._results_queue is None:
         filesystem_async._results_queue = queue.Queue()
+
+
+require_megatron("in-process-results-queue", "kislurm.checkpoint._use_in_process_results_queue",
+                 "dist_checkpointing's writer returns results through a spawn-context Manager process",
+                 tested_upto="0.16.1")
 
 
 def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: ShardedOptimizer, cell_id: str,

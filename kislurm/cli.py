@@ -42,7 +42,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     for module, name in (("submit", "SubmitError"), ("store", "StoreError"), ("knowledge", "DataError"),
                          ("distributed", "TrainError"), ("aggregate", "AggregateError"),
                          ("measurements_csv", "MeasurementError"), ("evaluate", "EvalError"),
-                         ("validate", "ValidationError"), ("pilot", "PilotError")):
+                         ("validate", "ValidationError"), ("pilot", "PilotError"),
+                         ("workarounds", "UntestedMegatronError")):
         try:
             errors.append(getattr(importlib.import_module(f"kislurm.{module}"), name))
         except (ImportError, AttributeError):

@@ -37,6 +37,7 @@ from .distributed import DistContext, TrainError, seed_all
 from .estimate import flops_per_token
 from .model import build_model, count_parameters, padded_vocab_size, resolve_precision
 from .plan import Cell
+from .workarounds import require_megatron
 
 __all__ = ["Trainer", "TrainError", "lr_at", "sample_ids", "CpuAdamW", "TorchAdamCheckpointFix", "PEAK_BF16_FLOPS"]
 
@@ -196,6 +197,11 @@ class TorchAdamCheckpointFix:
         getattr(opt, f"load_parameter_state_from_{kind}")(param_state)
         for p, step in steps.items():  # megatron gave every parameter one shared tensor, which torch's foreach
             opt.optimizer.state[p]["step"] = step.clone()  # AdamW would then advance once per parameter
+
+
+require_megatron("torch-adam-checkpoint", "kislurm.train.TorchAdamCheckpointFix",
+                 "megatron's distributed optimizer on torch AdamW (no TE, no Apex) cannot load its own checkpoint and "
+                 "shares one step tensor between parameters", tested_upto="0.16.1")
 
 
 def _peak_flops(device: torch.device) -> float | None:

@@ -77,16 +77,23 @@ def test_gpu_checkpoint_resume_continues_the_same_run(ctx, tmp_path):
     assert diff < 1e-5, f"resumed losses differ by {diff}:\n{straight.losses}\n{resumed.losses}"
 
 
-def test_layer_spec_is_transformer_engine_when_installed(ctx):
+def test_layers_are_local_unless_transformer_engine_is_asked_for(ctx):
+    import dataclasses
+
+    from kislurm.config import ConfigError
     from kislurm.model import build_model
 
-    model = build_model(GPU_TINY, VOCAB, 0.02, "bf16")
+    model = build_model(GPU_TINY, VOCAB, 0.02, "bf16")  # default transformer_impl: local, TE installed or not
     names = {type(m).__name__ for m in model.modules()}
-    if have_transformer_engine():
-        assert any(n.startswith("TE") for n in names), names
-    else:
-        assert "SDPAttention" in names, names
+    assert "SDPAttention" in names and not any(n.startswith("TE") for n in names), names
     assert next(model.parameters()).is_cuda
+    te = dataclasses.replace(GPU_TINY, transformer_impl="transformer_engine")
+    if have_transformer_engine():
+        te_names = {type(m).__name__ for m in build_model(te, VOCAB, 0.02, "bf16").modules()}
+        assert any(n.startswith("TE") for n in te_names), te_names
+    else:
+        with pytest.raises(ConfigError, match="transformer_impl: local"):
+            build_model(te, VOCAB, 0.02, "bf16")
 
 
 def test_whole_gpu_cell_through_submitit(tmp_path):

@@ -117,3 +117,14 @@ def test_plan_shows_per_size_overrides(tmp_path):
     assert out.exit_code == 0, out.output
     assert "m: train overrides global_batch_size=64, lr=0.001" in out.output
     assert "cpu-s: train overrides" not in out.output
+
+
+def test_transformer_impl_enters_the_id_only_when_opted_in():
+    shape = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "device": "gpu"}
+
+    def cell_id(**extra):
+        return expand(config_from_dict({"grid": {"sizes": ["m"], "ratios": [0.1]},
+                                        "models": {"m": {**shape, **extra}}}))[0].cell_id
+
+    assert cell_id(transformer_impl="local") == cell_id()
+    assert cell_id(transformer_impl="transformer_engine") != cell_id()
