@@ -215,6 +215,10 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
                          write_plan)
 
     check_cluster(cfg.executor)
+    if cfg.executor.cluster != "slurm":  # cells run in this environment: refuse a monitor it lacks before any runs
+        from .monitor import check_monitor
+
+        check_monitor(cfg.monitor)
     run = write_plan(cfg, planned if planned is not None else cells, force=force)
     states = cells_to_run(run, cells)
     todo = [c for c, s in states if s in RESUBMIT]

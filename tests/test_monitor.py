@@ -102,3 +102,15 @@ def test_monitor_config_is_checked():
         with pytest.raises(ConfigError) as err:
             config_from_dict({"monitor": section})
         assert words in str(err.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_a_local_submit_refuses_a_missing_wandb_before_any_cell(tmp_path):
+    from click.testing import CliRunner
+
+    from kislurm.cli import main
+
+    out = CliRunner().invoke(main, ["submit", str(REPO / "configs" / "tiny.yaml"), "--set", f"output_root={tmp_path}",
+                                    "--set", "monitor.wandb={project: kislurm}"])
+    assert out.exit_code == 2 and "pip install wandb" in out.output, out.output
+    assert not (tmp_path / "tiny").exists()  # nothing written, nothing submitted
