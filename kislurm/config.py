@@ -330,7 +330,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation, shared by every cell (the grid varies size, ratio, tokens and seed only)."""
+    """Optimisation, shared by every cell (the grid varies size, ratio, tokens and seed only), except where a model
+    preset overrides a field for its size (ModelPreset.train)."""
 
     micro_batch_size: int = 16
     """Sequences per forward pass per data-parallel rank."""
