@@ -356,8 +356,11 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
 
         def save() -> None:
             watchdog.enter("checkpoint save", trainer.step)
+            started = time.perf_counter()
             trainer.save_checkpoint()
             flags.saved()
+            log(f"checkpoint step {trainer.step} {'scheduled' if trainer.saver else 'saved'} in "
+                f"{time.perf_counter() - started:.2f} s")
 
         for stop in _stops(cell):
             if stop <= trainer.step:

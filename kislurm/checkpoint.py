@@ -323,6 +323,14 @@ def load(info: CheckpointInfo, model: torch.nn.Module, optimizer: ShardedOptimiz
     return dict(info.meta.get("state", {}))
 
 
+def load_weights(path: Path, model: torch.nn.Module) -> dict:
+    """Load the model weights of a checkpoint folder (a final `weights` one or any full one) into `model`, at any
+    TP degree (collective); returns its kislurm.json record."""
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(loaded["model"])
+    return _read_meta(Path(path))
+
+
 def keep_after_done(ckpt_dir: Path, keep_final: str) -> None:
     """Rank 0, after the cell's store is complete: delete what `keep_final` does not keep. `weights` keeps
     CKPT/final (written by the trainer before the store was completed), `full` the newest step checkpoint."""
