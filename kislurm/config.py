@@ -354,9 +354,31 @@ class TrainConfig:
     log_interval: int = 20
     """Optimiser steps between loss / tokens-per-second log lines."""
     checkpoint_interval: int = 0
-    """Optimiser steps between checkpoints; 0 means at every evaluation."""
+    """Optimiser steps between checkpoints. With checkpoint_minutes also 0, a checkpoint follows every evaluation;
+    otherwise checkpoints follow this cadence only, and evaluations after the last checkpoint are redone after a
+    restart (the resume contract)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: fp32 on CPU, bf16 on GPU."""
+    checkpoint_minutes: float = 0.0
+    """Also checkpoint once this many minutes have passed since the last save (rank 0's clock, agreed by every rank
+    at a step boundary); 0 = off. Not part of the cell's id: cadence changes no result."""
+    keep_final: Literal["none", "weights", "full"] = "weights"
+    """What a DONE cell keeps: nothing; its final weights (CKPT/final, the model only, bf16 on GPU: 2 bytes per
+    parameter, resumable at any layout as an initialisation); or the full final checkpoint (weights, optimizer
+    state in the reshardable format, RNG: about 16 bytes per parameter on GPU). Not part of the cell's id."""
+    async_save: bool = False
+    """Write checkpoints asynchronously (megatron's dist_checkpointing async save: a forked writer while training
+    goes on; published at the next step boundary once every rank's writes are done). Not part of the cell's id."""
+    timeout_startup_min: float = 30.0
+    """Longest time a rank may spend starting up (process group, indices, model, checkpoint load) before the cell
+    fails naming the phase; as the other timeouts, not part of the cell's id."""
+    timeout_step_min: float = 10.0
+    """Longest time one training step (its collectives included) may take: a peer rank that died or hung fails the
+    cell within this bound, not after the process group's 30 minutes."""
+    timeout_eval_min: float = 30.0
+    """Longest time one retention evaluation may take."""
+    timeout_save_min: float = 10.0
+    """Longest time one checkpoint save may take."""
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "global_batch_size", "eval_interval", "log_interval"):
@@ -370,6 +392,11 @@ class TrainConfig:
         _check(self.clip_grad >= 0, "clip_grad", "expected a non-negative clipping threshold (0 disables)")
         _check(self.init_std > 0, "init_std", "expected a positive std")
         _check(self.checkpoint_interval >= 0, "checkpoint_interval", "expected >= 0 (0 = at every evaluation)")
+        _check(self.checkpoint_minutes >= 0, "checkpoint_minutes", "expected >= 0 (0 = off)")
+        _check(self.keep_final in ("none", "weights", "full"), "keep_final",
+               f"expected none, weights or full, got {self.keep_final!r}")
+        for key in ("timeout_startup_min", "timeout_step_min", "timeout_eval_min", "timeout_save_min"):
+            _check(getattr(self, key) > 0, key, f"expected a positive number of minutes, got {getattr(self, key)}")
 
 
 def _train_overrides_class() -> type:
@@ -447,6 +474,9 @@ class ExecutorConfig:
     """Split arrays above this many tasks (unset: read MaxArraySize from the cluster)."""
     max_requeues: int = 20
     """Times a cell may be requeued after its time limit or a preemption (it resumes from its last checkpoint)."""
+    signal_lead_s: int = 0
+    """Seconds before the time limit that Slurm sends the save-and-requeue signal; 0 = derived from the slowest
+    checkpoint save measured so far among the cells being submitted (kislurm.submit.signal_delay_s)."""
     prepare_partition: Optional[str] = None
     """Slurm partition of the preparation job (the one CPU job that builds the data every cell reads; the cell
     arrays wait on it). Unset: the cells' partition, with no GPU requested."""

@@ -77,9 +77,18 @@ class Cell:
                                                "device": self.model.device}}
 
 
+TRAIN_NOT_IN_ID = ("checkpoint_minutes", "keep_final", "async_save", "timeout_startup_min", "timeout_step_min",
+                   "timeout_eval_min", "timeout_save_min")
+"""Training settings that change how a cell is run, never what it computes (resume is exact): not in its id."""
+
+
 @functools.lru_cache(maxsize=1024)
 def _section_json(section: Any) -> str:
-    return json.dumps(config_to_dict(section), sort_keys=True, separators=(",", ":"))
+    d = config_to_dict(section)
+    if isinstance(section, TrainConfig):
+        for key in TRAIN_NOT_IN_ID:
+            d.pop(key)
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
 _OMIT_IF_DEFAULT = ("position_embedding", "activation", "normalization", "num_query_groups", "tie_embeddings",
