@@ -70,7 +70,8 @@ FORMAT_VERSION = 1
 TOKENIZER_SENTENCES = 100_000   # the BPE is trained on at most this many corpus sentences (a seeded sample)
 _CHUNK_DOCS = 1 << 17
 _CHUNK_SAMPLES = 1 << 22   # megatron indices are counted in chunks of this many samples (bounded memory)
-_NOT_BASE = ("policy", "exposures_per_fact")   # data fields that change the streams a cell draws, not the base
+_NOT_BASE = ("policy", "exposures_per_fact", "mix", "schedule", "reference_ratio", "stage_tokens")
+"""Data fields that change the streams a cell draws (or, for the controls, how it draws them), not the base."""
 
 
 @dataclass(frozen=True)
