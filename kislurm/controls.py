@@ -229,19 +229,23 @@ def _f(v: Any, d: int = 3) -> str:
 
 
 def controls_md(curves: dict, verdicts: list[SizeVerdict], summary: dict) -> str:
+    from .collapse import interp_logodds
+
     rules = __doc__.split("Decision rules")[1].strip()
     out = ["# Controls: forgetting or under-exposure (issue 17)\n",
            f"Metric `{summary.get('metric', 'retention')}`; " + ", ".join(
                f"{k}: {v}" for k, v in summary.items() if k not in ("metric",)) + "\n",
            "## Decision rules (stated before any result)\n", "Decision rules " + rules + "\n",
            "## Collapse points per control\n",
-           "| size | control | r* | interval | flag | general exposures per fact (lowest to highest r) |",
-           "|---|---|---|---|---|---|"]
+           "| size | control | r* | interval | flag | general exposures per fact at r* | general exposures per "
+           "fact (lowest to highest r) |", "|---|---|---|---|---|---|---|"]
     for control in CONTROL_ORDER:
         for key, cc in sorted(curves.get(control, {}).items(), key=lambda kv: kv[0][0]):
             c = cc.collapse
             g = " / ".join(_f(float(x), 3) for x in cc.general_exposures) if cc.general_exposures is not None else "-"
-            out.append(f"| {c.size} | {control} | {_f(c.r_star)} | [{_f(c.lo)}, {_f(c.hi)}] | {c.flag} | {g} |")
+            at = interp_logodds(c.ratios, cc.general_exposures, c.r_star) if math.isfinite(c.r_star) else None
+            out.append(f"| {c.size} | {control} | {_f(c.r_star)} | [{_f(c.lo)}, {_f(c.hi)}] | {c.flag} | {_f(at)} "
+                       f"| {g} |")
     out += ["\n## Retention per ratio\n", "| size | control | " + " | ".join(
         f"r={r:g}" for r in _all_ratios(curves)) + " |", "|---|---|" + "---|" * len(_all_ratios(curves))]
     ratios = _all_ratios(curves)
