@@ -305,10 +305,15 @@ def _panels(curves: dict, title: str, xlabel: str, x_of: Any, logit_x: bool) -> 
             c = cc.collapse
             col = CONTROL_COLOURS[control]
             ax.plot(x, c.retention, "o-", color=col, mfc=col if c.flag == "ok" else "white", lw=1.5)
-            if cc.boundary is not None:
+            if cc.boundary is not None and logit_x:   # the boundary's own exposures are phase 1's: ratio view only
                 ax.plot(x, cc.boundary, "^:", color=col, lw=1, alpha=0.7)
+            if logit_x and c.flag == "ok" and math.isfinite(c.r_star):
+                ax.axvline(c.r_star, color=col, ls="--", lw=1, alpha=0.8)
         if logit_x:
+            from .report import _ratio_ticks
+
             ax.set_xscale("logit")
+            _ratio_ticks(ax, [float(r) for cs in curves.values() for cc in cs.values() for r in cc.collapse.ratios])
         else:
             ax.set_xscale("log")
         ax.set_title(f"{key[1]}", fontsize=11)
@@ -317,16 +322,17 @@ def _panels(curves: dict, title: str, xlabel: str, x_of: Any, logit_x: bool) -> 
     axes[0].set_ylabel("general retention")
     handles = [Line2D([], [], color=CONTROL_COLOURS[c], marker="o") for c in CONTROL_ORDER if c in curves]
     labels = [c for c in CONTROL_ORDER if c in curves]
-    if "staged" in curves:
+    if "staged" in curves and logit_x:
         handles.append(Line2D([], [], color=CONTROL_COLOURS["staged"], marker="^", ls=":"))
         labels.append("staged, end of phase 1")
-    fig.legend(handles, labels, loc="upper right", frameon=False, fontsize=9)
+    fig.legend(handles, labels, loc="center right", frameon=False, fontsize=9)
     fig.suptitle(title, fontsize=11)
     return fig
 
 
 def controls_figure(curves: dict) -> Any:
-    return _panels(curves, "General retention vs infusion ratio per control (hollow: flagged fit)",
+    return _panels(curves, "General retention vs infusion ratio per control (dashed: r* of an ok fit; hollow: "
+                           "flagged)",
                    "infusion ratio r (log-odds scale)", lambda cc: cc.collapse.ratios, True)
 
 
