@@ -15,6 +15,7 @@ from kislurm import data as D
 from kislurm.collapse import Measurement, detect_collapse
 from kislurm.config import BUILTIN_PRESETS, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig, load_config
 from kislurm.controls import rule_exposure, rule_interference, rule_staged, staged_drops, ControlCurve, verdict
+from kislurm.pilot import pilot_cells
 from kislurm.plan import Cell, control_data, expand
 
 torch.set_num_threads(1)
@@ -69,6 +70,8 @@ def test_infusion_ids_unchanged_and_controls_get_their_own():
     assert {c.data.reference_ratio for c in with_controls if c.control != "fixed_general"} == {None}
     default_ref = expand(load_config("configs/demo.yaml", {"grid.controls": ["fixed_general"]}))
     assert {c.data.reference_ratio for c in default_ref} == {0.1}   # the grid's smallest ratio
+    cfg = load_config("configs/demo-controls.yaml")
+    assert [(c.control, c.ratio) for c in pilot_cells(cfg)] == [("infusion", 0.2), ("infusion", 0.98)]
 
 
 def test_fixed_general_keeps_the_general_samples(prepared):
