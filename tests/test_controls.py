@@ -13,7 +13,8 @@ import torch
 
 from kislurm import data as D
 from kislurm.collapse import Measurement, detect_collapse
-from kislurm.config import BUILTIN_PRESETS, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig, load_config
+from kislurm.config import (BUILTIN_PRESETS, ConfigError, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig,
+                            load_config)
 from kislurm.controls import rule_exposure, rule_interference, rule_staged, staged_drops, ControlCurve, verdict
 from kislurm.pilot import pilot_cells
 from kislurm.plan import Cell, control_data, expand
@@ -186,3 +187,16 @@ def test_staged_rule_counts_only_drops_beyond_their_interval():
     assert rule_staged(same) == "no forgetting"
     assert verdict("dilution", "under-exposure", "no forgetting", same) == "under-exposure"
     assert verdict("dilution", "not under-exposure", "no forgetting", same) == "neither"
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"grid.controls": ["infusion", "forgetting"]}, "unknown control 'forgetting'"),
+    ({"grid.controls": ["dilution", "dilution"]}, "expected distinct controls"),
+    ({"data.mix": "fixed_general", "data.schedule": "staged"}, "staged works on the infusion mix only"),
+    ({"data.mix": "dilution", "data.policy": "fixed_exposures"}, "needs policy: fixed_facts"),
+    ({"data.reference_ratio": 1.0}, "strictly between 0 and 1"),
+])
+def test_bad_control_settings_are_one_line_errors(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/demo.yaml", overrides)
+    assert words in str(e.value) and "\n" not in str(e.value)
