@@ -54,6 +54,7 @@ class ControlCurve:
     general_exposures: Optional[np.ndarray]       # (K,) mean general exposures per fact at each ratio
     boundary: Optional[np.ndarray] = None         # (K,) staged: retention at the end of the general phase
     n_facts: Optional[int] = None
+    steps: Optional[np.ndarray] = None            # (K,) optimiser steps trained (fixed_general and staged: > budget's)
 
 
 @dataclass(frozen=True)
@@ -203,8 +204,10 @@ def control_curves(digests: Sequence[Any], measurements_of: Any, metric: str, n_
             gexp = _per_ratio(cells, c.ratios, "general_exposures")
             bound = _per_ratio(cells, c.ratios, "boundary_value") if control == "staged" else None
             n_facts = next((len(d.fact_scores) for d in cells if d.fact_scores is not None), None)
+            steps = np.array([np.mean([int(d.step[-1]) for d in cells if np.isclose(d.ratio, r) and len(d.step)]
+                                      or [math.nan]) for r in c.ratios])
             out.setdefault(control, {})[(c.params, c.size, token_key(c.tokens))] = ControlCurve(
-                control, c, gexp, bound, n_facts)
+                control, c, gexp, bound, n_facts, steps)
     return out
 
 
@@ -260,6 +263,13 @@ def controls_md(curves: dict, verdicts: list[SizeVerdict], summary: dict) -> str
                 b = dict(zip(np.round(cc.collapse.ratios, 6), cc.boundary))
                 out.append(f"| {key[1]} | staged, end of phase 1 | " + " | ".join(
                     _f(b.get(round(r, 6)), 3) for r in ratios) + " |")
+    out += ["\n## Training steps per ratio (fixed_general and staged train more than the budget)\n",
+            "| control | " + " | ".join(f"r={r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+    for control in CONTROL_ORDER:
+        cc = next(iter(curves.get(control, {}).values()), None)
+        if cc is not None and cc.steps is not None:
+            st = dict(zip(np.round(cc.collapse.ratios, 6), cc.steps))
+            out.append(f"| {control} | " + " | ".join(_f(st.get(round(r, 6)), 5) for r in ratios) + " |")
     out += ["\n## Verdicts\n", "| size | forgetting index (logit r*_dil - logit r*_inf) | R1 infusion vs dilution "
             "| R2 fixed_general | R3 staged | largest staged drop | verdict |", "|---|---|---|---|---|---|---|"]
     for v in verdicts:
@@ -280,6 +290,7 @@ def controls_json(curves: dict, verdicts: list[SizeVerdict]) -> dict:
     return jsonable({
         "collapses": [{"control": control, **collapse_row(cc.collapse),
                        "general_exposures_per_fact": cc.general_exposures, "phase1_retention": cc.boundary,
+                       "steps": cc.steps,
                        "ratios": cc.collapse.ratios, "retention": cc.collapse.retention}
                       for control in CONTROL_ORDER for cc in curves.get(control, {}).values()],
         "verdicts": [v.__dict__ for v in verdicts]})
