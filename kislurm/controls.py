@@ -342,13 +342,12 @@ def _panels(curves: dict, title: str, xlabel: str, x_of: Any, logit_x: bool) -> 
 
 
 def controls_figure(curves: dict) -> Any:
-    return _panels(curves, "General retention vs infusion ratio per control (dashed: r* of an ok fit; hollow: "
-                           "flagged)",
+    return _panels(curves, "Retention vs ratio per control (dashed: r* of ok fits; hollow: flagged)",
                    "infusion ratio r (log-odds scale)", lambda cc: cc.collapse.ratios, True)
 
 
 def exposures_figure(curves: dict) -> Any:
-    return _panels(curves, "General retention vs general exposures per fact (the under-exposure view)",
+    return _panels(curves, "Retention vs general exposures per fact",
                    "general exposures per fact (log)", lambda cc: cc.general_exposures, False)
 
 
