@@ -3,6 +3,7 @@ the statistics that show each control holds what it should (counted from megatro
 
 - fixed_general needs nothing here: the plan sizes the cell (kislurm.plan.Cell: G general samples as at
   data.reference_ratio, K = n - G knowledge samples) and kislurm.data blends it as any cell; control_stats records G.
+  The general stream gets G plus the knowledge stream's remainder K - K' (< M samples, as in every cell).
 - dilution: a stream of neutral sentences (kislurm.knowledge.neutral_base: the knowledge base's relations, values
   and templates, fresh subjects, random objects, each (subject, relation) once) packed like the knowledge stream into
   documents of exactly seq_length tokens. It holds D >= K documents (D a power of two, so cells share streams) and
