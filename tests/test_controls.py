@@ -201,3 +201,54 @@ def test_bad_control_settings_are_one_line_errors(overrides, words):
     with pytest.raises(ConfigError) as e:
         load_config("configs/demo.yaml", overrides)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def _store(run, control: str, ratio: float, level: float, rng, boundary: float | None = None) -> None:
+    """A finished store of size m under `control`: general facts retained at `level` at the end (and, staged, at
+    `boundary` after the general phase, step 10)."""
+    from kislurm.store import RetentionWriter
+
+    n = 200
+    data = {"mix": "infusion" if control in ("infusion", "staged") else control,
+            "schedule": "staged" if control == "staged" else "mixed"}
+    name = f"m_r{ratio}_s0_{control}_{abs(hash((control, ratio))) % 10**10:010d}"
+    meta = {"cell_id": name[-10:], "name": name, "size": "m", "ratio": ratio, "tokens": 1000, "seed": 0,
+            "config": {"data": data}, "params_total": 1e5, "params_non_embedding": 1e5, "n_choices": 4,
+            "data_stats": {"infused_facts": n // 2, "phase1_steps": 10 if control == "staged" else None,
+                           "general_exposures_per_fact_mean": 100 * (1 - ratio)}}
+    group = (np.arange(n) % 2).astype(np.int8)
+    w = RetentionWriter.open(run.cell(name).store, meta, [f"f{i}" for i in range(n)], group, np.arange(n),
+                             np.zeros(n, bool))
+    for step, p in ((10, boundary if boundary is not None else level), (20, level)):
+        correct = rng.random(n) < np.where(group == 1, 0.5, p)
+        w.append(step, step * 32, 2.0, {"general_acc": float(correct[group == 0].mean())}, correct, None)
+    w.mark_complete()
+    w.close()
+
+
+def test_aggregate_fits_the_law_on_infusion_and_judges_the_controls(tmp_path):
+    from kislurm.aggregate import aggregate_runs
+    from kislurm.paths import RunPaths
+
+    run, rng = RunPaths(tmp_path / "ctl"), np.random.default_rng(0)
+    level = lambda r, mid: 0.25 + 0.7 / (1 + np.exp(6 * (np.log(r / (1 - r)) - np.log(mid / (1 - mid)))))
+    for r in RATIOS:
+        _store(run, "infusion", r, level(r, 0.6), rng)
+        _store(run, "dilution", r, level(r, 0.93), rng)       # collapses far later: the knowledge interferes
+        _store(run, "fixed_general", r, 0.9, rng)             # holding the general exposures removes it
+        _store(run, "staged", r, level(r, 0.6), rng, boundary=0.95)
+    run.config.write_text("analysis: {bootstrap: 50}\n")
+    result = aggregate_runs([run.root], echo=lambda *_: None)
+    assert [c.n_cells for c in result.collapses] == [len(RATIOS)]        # the law's collapse: infusion cells only
+    (v,) = result.controls
+    assert (v.interference, v.exposure, v.verdict) == ("interferes", "under-exposure", "both")
+    assert v.forgetting_index > 0 and v.fi_lo > 0
+    assert v.staged.startswith("forgetting at r = ") and "0.98" in v.staged and "0.1," not in v.staged
+    text = (run.reports / "controls.md").read_text()
+    rows: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("| m | "):
+            rows.setdefault(line.split(" | ")[1], line)   # the first table: collapse points per control
+    assert "| absent |" in rows["fixed_general"] and "| ok |" in rows["infusion"]
+    assert "staged, end of phase 1" in rows
+    assert (run.reports / "controls.png").stat().st_size > 0 and (run.reports / "exposures.png").stat().st_size > 0
