@@ -207,6 +207,12 @@ BUILTIN_PRESETS.update({
 BUILTIN_PRESETS["cpu-s-llama"] = dataclasses.replace(BUILTIN_PRESETS["cpu-s"], **LLAMA, num_query_groups=2)
 
 
+CONTROLS = ("infusion", "fixed_general", "dilution", "staged")
+"""The controls of issue 17, and the data fields each one sets (infusion: the data section as written)."""
+CONTROL_DATA = {"infusion": {}, "fixed_general": {"mix": "fixed_general"}, "dilution": {"mix": "dilution"},
+                "staged": {"schedule": "staged"}}
+
+
 @dataclass(frozen=True)
 class GridConfig:
     """The experiment grid: every combination is one cell."""
@@ -225,6 +231,10 @@ class GridConfig:
     """With `ratios: adaptive`: the starting grid of the two smallest sizes (>= 4 ratios bracketing their collapse)."""
     rung_points: int = 5
     """With `ratios: adaptive`: ratios per further size (>= 4)."""
+    controls: list[str] = field(default_factory=lambda: ["infusion"])
+    """Controls every (size, ratio, budget, seed) is trained under (issue 17): infusion (data as written),
+    fixed_general (data.mix), dilution (data.mix) and staged (data.schedule); each sets its data field in the
+    cell, so control cells have ids of their own and infusion cells keep theirs."""
 
     @property
     def adaptive(self) -> bool:
@@ -250,6 +260,10 @@ class GridConfig:
             _check(t >= 1, f"token_budgets[{i}]", f"expected a positive number of tokens, got {t}")
         _check(len(self.seeds) > 0, "seeds", "expected at least one seed; fix: seeds: [0]")
         _check(len(set(self.sizes)) == len(self.sizes), "sizes", "duplicate sizes; fix: list each size once")
+        _check(len(self.controls) > 0 and len(set(self.controls)) == len(self.controls), "controls",
+               "expected distinct controls; fix: e.g. [infusion, fixed_general, dilution, staged]")
+        for i, c in enumerate(self.controls):
+            _check(c in CONTROLS, f"controls[{i}]", f"unknown control {c!r}; fix: use one of {', '.join(CONTROLS)}")
 
 
 @dataclass(frozen=True)
@@ -308,8 +322,32 @@ class DataConfig:
     """Existing Megatron indexed-dataset prefix used as the general stream (cluster runs on a real corpus)."""
     general_probes: Optional[str] = None
     """Probe file (JSONL facts) of general knowledge known to be in general_prefix's corpus."""
+    mix: Literal["infusion", "fixed_general", "dilution"] = "infusion"
+    """Control of the mix (issue 17; kislurm.controls). infusion: the cell's budget, a share r of knowledge samples.
+    fixed_general: the general samples of every cell are those of an infusion cell at reference_ratio with the same
+    budget, and knowledge samples are added on top (K = G r / (1 - r)), so a cell's tokens and steps grow with r.
+    dilution: the infusion cell's budget and ratio, but the knowledge stream replaced by neutral text in the same
+    templates with fresh subjects and random objects, each sentence once (no fact repeated, nothing probed)."""
+    schedule: Literal["mixed", "staged"] = "mixed"
+    """mixed: one mix from the first step. staged: general-only training on stage_tokens first, then the infusion
+    cell's mix (its budget at ratio r); retention at the phase boundary is the baseline forgetting is measured from."""
+    reference_ratio: Optional[float] = None
+    """mix: fixed_general: the ratio whose general share of the budget every cell keeps; unset: the smallest ratio
+    of the grid (the plan writes the value into each cell, so it enters the cell's id)."""
+    stage_tokens: Optional[int] = None
+    """schedule: staged: general-only tokens of the first phase (rounded up to whole steps); unset: the cell's
+    token budget (the plan writes the value into each cell)."""
 
     def __post_init__(self) -> None:
+        _check(self.reference_ratio is None or 0.0 < self.reference_ratio < 1.0, "reference_ratio",
+               f"expected a ratio strictly between 0 and 1, got {self.reference_ratio}")
+        _check(self.stage_tokens is None or self.stage_tokens >= 1, "stage_tokens",
+               f"expected a positive number of tokens, got {self.stage_tokens}")
+        _check(self.schedule == "mixed" or self.mix == "infusion", "schedule",
+               f"schedule: staged works on the infusion mix only, got mix: {self.mix}; fix: use one control per "
+               "cell (grid.controls lists several)")
+        _check(self.mix == "infusion" or self.policy == "fixed_facts", "mix",
+               f"mix: {self.mix} needs policy: fixed_facts; fix: set data.policy: fixed_facts")
         _check(self.train_templates >= 1, "train_templates", "expected >= 1 training template per relation")
         _check(self.heldout_templates >= 0, "heldout_templates", "expected >= 0 held-out templates")
         _check(self.distractors >= 1, "distractors", f"expected k >= 1 distractors, got {self.distractors}")

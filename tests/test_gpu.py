@@ -53,28 +53,37 @@ def test_gpu_trains_bf16_with_megatrons_distributed_optimizer(ctx, tmp_path):
     assert sum(t.losses[-5:]) / 5 < 0.7 * sum(t.losses[:5]) / 5, "loss should fall on the learnable sequences"
 
 
-def test_gpu_checkpoint_resume_continues_the_same_run(ctx, tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_gpu_checkpoint_resume_continues_the_same_run(ctx, tmp_path, async_save):
     """Weights, distributed-optimizer state, step and data position all come back: the resumed run's losses are
-    the uninterrupted run's. Attention runs on torch's math kernel here, as the fused ones' backward passes are
-    not bitwise reproducible from run to run."""
+    the uninterrupted run's, from a routine (dp_reshardable) checkpoint written synchronously or asynchronously,
+    with DP communication overlapped. Attention runs on torch's math kernel here, as the fused ones' backward
+    passes are not bitwise reproducible from run to run."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from kislurm import checkpoint
     from kislurm.train import Trainer
 
-    cell = gpu_cell(20)
+    cell = gpu_cell(20, async_save=async_save, keep_final="full")
     data = SyntheticLM(cell.n_samples)
     with sdpa_kernel(SDPBackend.MATH):
         straight = Trainer(cell, data, tmp_path / "a", VOCAB, ctx, log=lambda _m: None)
         straight.train_steps(20)
         first = Trainer(cell, data, tmp_path / "b", VOCAB, ctx, log=lambda _m: None)
+        assert straight.ddp.ddp_config.overlap_grad_reduce and straight.ddp.ddp_config.overlap_param_gather
         first.train_steps(10)
         first.save_checkpoint()
+        first.close()  # an asynchronous save is published here
+        assert checkpoint.find_latest(tmp_path / "b").meta["optimizer_format"] == checkpoint.ROUTINE_FORMAT
         del first
         resumed = Trainer(cell, data, tmp_path / "b", VOCAB, ctx, log=lambda _m: None)
         assert resumed.step == 10
         resumed.train_steps(10)
+        resumed.finish()  # keep_final: full, the reshardable format
     diff = max(abs(a - b) for a, b in zip(straight.losses, resumed.losses))
     assert diff < 1e-5, f"resumed losses differ by {diff}:\n{straight.losses}\n{resumed.losses}"
+    final = checkpoint.find_latest(tmp_path / "b")
+    assert final.step == 20 and final.meta["optimizer_format"] == checkpoint.FINAL_FORMAT
 
 
 def test_layers_are_local_unless_transformer_engine_is_asked_for(ctx):
