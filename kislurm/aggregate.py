@@ -29,7 +29,7 @@ from .paths import RunPaths
 from .store import StoreDigest, StoreError, read_digest
 
 CACHE_NAME = ".aggregate-cache.pkl"
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 _METRIC = re.compile(r"^(general|infused)_(seen_|heldout_)?acc(_cc)?$")
 
 
@@ -61,6 +61,9 @@ class CellDigest:
     step: np.ndarray                      # (S,) int32
     series: Optional[np.ndarray]          # (S,) float32: the metric over training (the curves plot)
     fact_scores: Optional[np.ndarray]     # (F,) float64 per-fact accuracy behind the metric at the last evaluation
+    control: str = "infusion"             # issue 17's control (kislurm.controls): infusion, dilution, fixed_general, staged
+    general_exposures: Optional[float] = None   # mean general exposures per fact (data_stats; None: a user's corpus)
+    boundary_value: Optional[float] = None      # staged: the metric at the end of the general-only phase
 
     _PACKED = {"step": np.int32, "series": np.float32, "fact_scores": np.float64}
 
@@ -91,6 +94,10 @@ def summarise(path: str, metric: str) -> CellDigest | str:
     stats = meta.get("data_stats") or {}
     data_cfg = (meta.get("config") or {}).get("data") or {}
     column = d.metric_names.index(metric) if metric in d.metric_names else None
+    control = "staged" if data_cfg.get("schedule") == "staged" else str(data_cfg.get("mix") or "infusion")
+    boundary = None
+    if control == "staged" and column is not None and stats.get("phase1_steps") in list(d.step):
+        boundary = float(d.series[list(d.step).index(stats["phase1_steps"]), column])
     return CellDigest(
         path=path, name=meta.get("name") or os.path.basename(os.path.dirname(path)), size=str(meta.get("size")),
         params=float(meta.get("params_non_embedding", np.nan)), ratio=float(meta.get("ratio", np.nan)),
@@ -103,7 +110,8 @@ def summarise(path: str, metric: str) -> CellDigest | str:
         value=d.final.get(metric), infused_value=d.final.get(infused_metric(metric)),
         step=np.asarray(d.step, np.int32),
         series=None if column is None else np.array(d.series[:, column], np.float32),
-        fact_scores=fact_scores(d, metric))
+        fact_scores=fact_scores(d, metric), control=control,
+        general_exposures=_num(stats.get("general_exposures_per_fact_mean")), boundary_value=boundary)
 
 
 def infused_metric(metric: str) -> str:
@@ -331,6 +339,7 @@ class AggregateResult:
     excluded: list[tuple[str, str]] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     n_read: int = 0
+    controls: list = field(default_factory=list)   # kislurm.controls.SizeVerdict per size, when the run has controls
 
 
 def _analysis_config(runs: list[Path], config: Optional[Path]) -> AnalysisConfig:
@@ -406,6 +415,8 @@ def _aggregate(runs: list[Path], keys: dict[str, tuple[int, int]], cfg: Analysis
                echo: Callable[[str], Any], pool: ProcessPoolExecutor) -> AggregateResult:
     for path, reason in unreadable:
         echo(f"kislurm: skipping unreadable store: {reason}")
+    controls = sorted({s.control for s in summaries})
+    everything, summaries = summaries, [s for s in summaries if s.control == "infusion"]
     ms, excluded = measurements(summaries, cfg.metric)
     summary = {"title": f"kislurm report: {', '.join(r.name for r in runs)}", "metric": cfg.metric,
                "runs": ", ".join(str(r) for r in runs), "stores found": len(keys),
@@ -416,9 +427,26 @@ def _aggregate(runs: list[Path], keys: dict[str, tuple[int, int]], cfg: Analysis
 
     curves = [Curve(size=s.size, ratio=s.ratio, tokens=s.tokens, seed=s.seed, step=s.step, retention=s.series)
               for s in summaries if s.series is not None]
+    if controls != ["infusion"]:
+        summary["controls"] = ", ".join(controls) + " (collapse points and the law: infusion cells only; the "\
+                              "controls in controls.md)"
     result = analyse(ms, cfg, out, summary, curves, executor=pool)
     result.excluded, result.unreadable, result.n_read = excluded, unreadable, n_read
+    if controls != ["infusion"]:
+        result.controls = analyse_controls(everything, cfg, out, runs)
     return result
+
+
+def analyse_controls(summaries: list[CellDigest], cfg: AnalysisConfig, out: Path, runs: list[Path]) -> list:
+    """Issue 17: collapse points per control and size, the decision rules, controls.{md,json,png}, exposures.png."""
+    from .controls import control_curves, judge, write_controls
+
+    curves = control_curves(summaries, measurements, cfg.metric, cfg.bootstrap, cfg.confidence, cfg.seed)
+    chance = 1.0 / max((s.n_choices for s in summaries), default=1) if cfg.metric.endswith("acc") else 0.0
+    verdicts = judge(curves, cfg.confidence, chance)
+    write_controls(out, curves, verdicts, {"metric": cfg.metric, "runs": ", ".join(str(r) for r in runs),
+                                           "confidence": cfg.confidence})
+    return verdicts
 
 
 _RESULT_NAME = ".aggregate-result.pkl"

@@ -90,7 +90,7 @@ def _hide_gpus_from_cpu_cell(cell: Cell) -> None:
 
 
 def _stops(cell: Cell) -> list[int]:
-    """Steps where training pauses: every evaluation, plus every checkpoint_interval (0 = evaluations only)."""
+    """Steps where training pauses: every evaluation, and every checkpoint_interval."""
     every = cell.train.checkpoint_interval
     extra = set(range(every, cell.steps, every)) if every else set()
     return sorted(set(cell.eval_steps) | extra)
@@ -104,22 +104,81 @@ def _throughput(trainer: Any, step: int, steps: float, seconds: float) -> dict[s
 
 
 class _Heartbeat:
-    """Rewrites STATUS every HEARTBEAT_S while the cell trains, so `kislurm status` can tell a live cell from a
-    dead one even when evaluations are hours apart."""
+    """Rewrites STATUS every HEARTBEAT_S while the cell runs, so `kislurm status` can tell a live cell from a dead
+    one even when evaluations are hours apart. It reports progress, not merely a live thread: the phase, the step
+    and when the last step finished (`progress`), so a rank stuck in a collective shows as making none."""
 
-    def __init__(self, paths: CellPaths, trainer: Any, cell: Cell):
+    def __init__(self, paths: CellPaths, trainer: Any, cell: Cell, watchdog: "_Watchdog"):
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(paths, trainer, cell), daemon=True)
+        self._thread = threading.Thread(target=self._beat, args=(paths, trainer, cell, watchdog), daemon=True)
         self._thread.start()
 
-    def _beat(self, paths: CellPaths, trainer: Any, cell: Cell) -> None:
+    def _beat(self, paths: CellPaths, trainer: Any, cell: Cell, watchdog: "_Watchdog") -> None:
         while not self._done.is_set():
-            write_status(paths, "RUNNING", step=trainer.step, of=cell.steps)
+            write_status(paths, "RUNNING", step=trainer.step, of=cell.steps, phase=watchdog.phase,
+                         progress=round(max(trainer.last_progress, watchdog.phase_started), 1))
             self._done.wait(HEARTBEAT_S)
 
     def stop(self) -> None:
         self._done.set()
         self._thread.join()
+
+
+class _Watchdog:
+    """A bound on every phase of a rank's work, so a dead or hung peer fails the cell in bounded time.
+
+    The process group's own timeout (30 minutes) would let a training-step collective wait half an hour, and on
+    NCCL a hang may never raise at all. Each phase has its budget (train.timeout_*_min: start-up, index loading
+    and checkpoint loads may take minutes, a step should not); a step restarts the step budget. When a budget
+    runs out the rank records why (its ranks/K.json; STATUS FAILED on rank 0) and exits at once: its peers then
+    see it gone (srun's --kill-on-bad-exit ends them on Slurm), and the error names the phase, not a timeout.
+    """
+
+    POLL_S = 2.0
+
+    def __init__(self, paths: CellPaths, rank: int, train: Any, world_size: int, log: Callable[[str], None]):
+        self._paths, self._rank, self._world, self._log = paths, rank, world_size, log
+        self._budget = {"start-up": train.timeout_startup_min, "training": train.timeout_step_min,
+                        "evaluation": train.timeout_eval_min, "checkpoint save": train.timeout_save_min}
+        self.phase, self.phase_started, self.step = "start-up", time.time(), 0
+        self._deadline = time.monotonic() + 60 * self._budget["start-up"]
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def enter(self, phase: str, step: int) -> None:
+        """Start `phase` (at `step`) with its full budget; entering "training" again restarts the step budget."""
+        if phase != self.phase:
+            self.phase_started = time.time()
+        self.phase, self.step = phase, step
+        self._deadline = time.monotonic() + 60 * self._budget[phase]
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.POLL_S):
+            if time.monotonic() > self._deadline:
+                self._expire()
+
+    def _expire(self) -> None:
+        minutes = self._budget[self.phase]
+        error = (f"TrainError: rank {self._rank} made no progress in {self.phase} for {minutes:g} min (step "
+                 f"{self.step}): a peer rank probably died or hung; fix: see the other ranks' errors, or raise "
+                 f"train.timeout_{_PHASE_KEY[self.phase]}_min if this phase is legitimately that slow")
+        try:
+            _write_rank_report(self._paths, self._rank, state="failed", error=error)
+            self._log("FAILED: " + error)
+            if self._rank == 0:
+                write_status(self._paths, "FAILED",
+                             error=rank_reports_summary(self._paths, self._world) or error)
+        finally:
+            print(error, file=sys.stderr, flush=True)
+            os._exit(1)  # the main thread is blocked in a collective: nothing else can end it
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+_PHASE_KEY = {"start-up": "startup", "training": "step", "evaluation": "eval", "checkpoint save": "save"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -170,10 +229,9 @@ def _error_line(e: BaseException) -> str:
 
 
 class _TimeLimitSignal:
-    """USR2 as a flag that every rank agrees on at a step boundary (one all-reduce of one number per step)."""
+    """USR2 as a flag (set by the handler, read at step boundaries by _StepFlags)."""
 
-    def __init__(self, dist_ctx: Any):
-        self._dist = dist_ctx
+    def __init__(self) -> None:
         self.received = False
         self.submitit_handler = signal.getsignal(signal.SIGUSR2)  # installed by submitit before the job ran
         signal.signal(signal.SIGUSR2, self._receive)
@@ -181,19 +239,39 @@ class _TimeLimitSignal:
     def _receive(self, signum: int, frame: Any) -> None:
         self.received = True
 
-    def agreed(self) -> bool:
-        """True on every rank when any rank received the signal (a collective: call it on every rank)."""
-        if self._dist.world_size == 1:
-            return self.received
-        import torch
-        import torch.distributed as tdist
-
-        flag = torch.tensor([1.0 if self.received else 0.0], device=self._dist.device)
-        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
     def restore(self) -> None:
         signal.signal(signal.SIGUSR2, self.submitit_handler)
+
+
+class _StepFlags:
+    """What every rank must agree on after each step, in one all-reduce (MAX) of two numbers: whether any rank
+    received the time-limit signal (Megatron-LM's exit-signal handler does the same), and whether a timed
+    checkpoint is due (rank 0's clock alone decides: clocks of different nodes need not agree)."""
+
+    def __init__(self, dist_ctx: Any, sig: _TimeLimitSignal, checkpoint_minutes: float, watchdog: _Watchdog):
+        self._dist, self._sig, self._watchdog = dist_ctx, sig, watchdog
+        self._every_s = 60.0 * checkpoint_minutes
+        self._last_save = time.monotonic()
+        self.signalled = self.save_due = False
+
+    def saved(self) -> None:
+        self._last_save = time.monotonic()
+        self.save_due = False
+
+    def poll(self, step: int = 0) -> bool:
+        """After a step (a collective: every rank calls it): True when training must pause here."""
+        self._watchdog.enter("training", step)  # the step finished: a new step budget
+        due = bool(self._every_s) and self._dist.is_main and time.monotonic() - self._last_save >= self._every_s
+        flags = [1.0 if self._sig.received else 0.0, 1.0 if due else 0.0]
+        if self._dist.world_size > 1:
+            import torch
+            import torch.distributed as tdist
+
+            agreed = torch.tensor(flags, device=self._dist.device)
+            tdist.all_reduce(agreed, op=tdist.ReduceOp.MAX)
+            flags = agreed.tolist()
+        self.signalled, self.save_due = flags[0] > 0, flags[1] > 0
+        return self.signalled or self.save_due
 
 
 def _requeue_refused() -> bool:
@@ -223,33 +301,47 @@ def _hand_over(sig: _TimeLimitSignal, step: int, log: Callable[[str], None]) -> 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _saves_after_evaluations(cell: Cell) -> bool:
+    """With no cadence configured, a checkpoint follows every evaluation (the default)."""
+    return not cell.train.checkpoint_interval and not cell.train.checkpoint_minutes
+
+
 def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> dict[str, Any]:
-    """Train and evaluate one cell to completion (or resume it); returns its final metrics."""
-    from . import data, distributed
+    """Train and evaluate one cell to completion (or resume it); returns its final metrics (rank 0)."""
+    from . import checkpoint, data, distributed
     from .cpu_shims import apply_cpu_shims
     from .evaluate import evaluate_retention
+    from .monitor import CellMonitor
     from .store import RetentionWriter, read_cell
     from .train import Trainer
 
     paths: CellPaths = run.cell(cell.name)
     paths.root.mkdir(parents=True, exist_ok=True)
-    if paths.store.exists() and read_cell(paths.store, matrix=False).complete:
-        return _summary(paths.store)  # a finished cell is never trained again
-
     _hide_gpus_from_cpu_cell(cell)
     apply_cpu_shims()
     dist = distributed.setup(cell.model)
     log = _log_to(paths.log, dist.rank)
-    writer, heartbeat = None, None
+    writer, heartbeat, watchdog, monitor = None, None, None, None
     try:
+        # One decision per cell: rank 0 reads the store; every rank follows (NFS or Lustre may show them
+        # different things). A finished cell is never trained again.
+        if distributed.rank0_decides(lambda: paths.store.exists() and read_cell(paths.store, matrix=False).complete,
+                                     "whether the cell is complete"):
+            if dist.is_main:
+                checkpoint.keep_after_done(paths.checkpoints, cell.train.keep_final)  # a cut-short clean-up
+            return _summary(paths.store) if dist.is_main else {}
+        watchdog = _Watchdog(paths, dist.rank, cell.train, dist.world_size, log)
         _write_rank_report(paths, dist.rank, state="running")  # replaces this rank's report of an earlier session
         check_tp_placement(_gather_nodes(dist), dist.tp, allow_tp_across_nodes)
-        sig = _TimeLimitSignal(dist)
+        sig = _TimeLimitSignal()
+        flags = _StepFlags(dist, sig, cell.train.checkpoint_minutes, watchdog)
         if dist.is_main:
-            write_status(paths, "RUNNING", step=0)
+            write_status(paths, "RUNNING", step=0, phase="start-up")
         prepared = data.load_prepared(cell.data, run.data, cell.model.seq_length)  # built by kislurm prepare
         dataset, data_stats = data.cell_dataset(prepared, cell)
         trainer = Trainer(cell, dataset, paths.checkpoints, prepared.tokenizer.vocab_size, dist, log=log)
+        monitor = CellMonitor.open(run, cell, dist.rank, trainer.step, trainer.tokens_per_step)  # rank 0 writes
+        trainer.on_log = monitor.train
         probes = data.cell_probes(prepared, cell)  # under fixed_exposures: the facts this cell infuses
         if dist.is_main:
             counts = trainer.params  # counted on the real model (padded vocabulary), from any TP rank
@@ -260,39 +352,66 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
             writer = RetentionWriter.open(paths.store, meta, probes.fact_ids, probes.fact_group, probes.fact_index,
                                           probes.heldout)
             writer.truncate_after(trainer.step)
-        heartbeat = _Heartbeat(paths, trainer, cell) if dist.is_main else None
+        heartbeat = _Heartbeat(paths, trainer, cell, watchdog) if dist.is_main else None
         evals = sorted(cell.eval_steps)
         history = [e for e in (writer.meta().get("throughput", []) if writer else []) if e["step"] <= trainer.step]
         segment = [0.0, 0.0]  # steps and seconds trained since the last evaluation (this process)
+
+        def save() -> None:
+            watchdog.enter("checkpoint save", trainer.step)
+            started = time.perf_counter()
+            trainer.save_checkpoint()
+            flags.saved()
+            log(f"checkpoint step {trainer.step} {'scheduled' if trainer.saver else 'saved'} in "
+                f"{time.perf_counter() - started:.2f} s")
+
         for stop in _stops(cell):
             if stop <= trainer.step:
                 continue  # done before an interruption (an evaluation is always stored before its checkpoint)
-            ran = trainer.train_steps(stop - trainer.step, stop=sig.agreed)
-            segment = [segment[0] + ran["steps"], segment[1] + ran["seconds"]]
-            if trainer.step < stop:  # every rank stopped after the same step: save there, then requeue
-                trainer.save_checkpoint()
-                heartbeat = heartbeat.stop() if heartbeat else None
-                sig.restore()
-                if dist.is_main:
-                    _hand_over(sig, trainer.step, log)
-                raise SystemExit(0)  # the other ranks: rank 0 requeues the job
+            while trainer.step < stop:
+                watchdog.enter("training", trainer.step)
+                ran = trainer.train_steps(stop - trainer.step, stop=lambda: flags.poll(trainer.step))
+                segment = [segment[0] + ran["steps"], segment[1] + ran["seconds"]]
+                trainer.poll_saves()  # publish an asynchronous save whose writes have finished
+                if flags.signalled:  # every rank stopped after the same step: save there, then requeue
+                    save()
+                    trainer.close()
+                    heartbeat = heartbeat.stop() if heartbeat else None
+                    sig.restore()
+                    if dist.is_main:
+                        _hand_over(sig, trainer.step, log)
+                    raise SystemExit(0)  # the other ranks: rank 0 requeues the job
+                if flags.save_due:  # checkpoint_minutes since the last save (rank 0's clock, agreed)
+                    save()
             if stop in evals:
                 history.append(_throughput(trainer, stop, *segment))
                 segment = [0.0, 0.0]
-                result = evaluate_retention(trainer.model, probes, cell.eval.batch_size, cell.eval.exact_match)
+                watchdog.enter("evaluation", trainer.step)
+                with trainer.params_in_sync():
+                    result = evaluate_retention(trainer.model, probes, cell.eval.batch_size, cell.eval.exact_match)
+                _write_rank_report(paths, dist.rank, state="running", step=trainer.step,
+                                   eval_candidates=result.scored_here)
                 previous = max([e for e in evals if e < stop], default=0)
                 mean_loss = sum(trainer.losses[previous:stop]) / (stop - previous)  # restored on resume too
                 if writer is not None:
                     tokens = trainer.step * cell.train.global_batch_size * cell.model.seq_length
                     writer.append(trainer.step, tokens, mean_loss, result.metrics, result.probe_correct,
                                   result.probe_exact, meta={"throughput": history})
+                    monitor.retention(trainer.step, tokens, result.metrics)
+                    total = len(probes.prompt) * probes.n_choices
                     log(f"step {trainer.step}/{cell.steps} eval " + " ".join(
-                        f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("_acc")))
-            trainer.save_checkpoint()
+                        f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("_acc"))
+                        + f" (rank 0 scored {result.scored_here} of {total} candidates, DP={dist.dp})")
+            if stop in evals and _saves_after_evaluations(cell) or \
+                    cell.train.checkpoint_interval and stop % cell.train.checkpoint_interval == 0:
+                save()
+        watchdog.enter("checkpoint save", trainer.step)
+        trainer.finish()  # what keep_final keeps, written before the store says complete
         heartbeat = heartbeat.stop() if heartbeat else None
         if writer is not None:
             writer.mark_complete()
             write_status(paths, "DONE", step=trainer.step, of=cell.steps)
+            checkpoint.keep_after_done(paths.checkpoints, cell.train.keep_final)
     except BaseException as e:
         if heartbeat:
             heartbeat.stop()  # before FAILED is written, so no beat overwrites it
@@ -303,8 +422,12 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                 write_status(paths, "FAILED", error=rank_reports_summary(paths, dist.world_size) or _error_line(e))
         raise
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         if writer is not None:
             writer.close()
+        if monitor is not None:
+            monitor.close()
         distributed.teardown()
     return _summary(paths.store) if dist.is_main else {}
 

@@ -6,6 +6,7 @@ and a non-zero exit; a traceback means a bug in kislurm.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import sys
@@ -41,7 +42,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     for module, name in (("submit", "SubmitError"), ("store", "StoreError"), ("knowledge", "DataError"),
                          ("distributed", "TrainError"), ("aggregate", "AggregateError"),
                          ("measurements_csv", "MeasurementError"), ("evaluate", "EvalError"),
-                         ("validate", "ValidationError"), ("pilot", "PilotError")):
+                         ("validate", "ValidationError"), ("pilot", "PilotError"),
+                         ("workarounds", "UntestedMegatronError")):
         try:
             errors.append(getattr(importlib.import_module(f"kislurm.{module}"), name))
         except (ImportError, AttributeError):
@@ -113,6 +115,7 @@ def plan(config: str, overrides: tuple[str, ...]) -> None:
     click.echo("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         click.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    click.echo("".join(_override_lines(cfg)), nl=False)
     g = cfg.grid
     if g.adaptive:
         click.echo(_ladder_estimate(cfg, cells))
@@ -120,6 +123,18 @@ def plan(config: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"\n{len(cells)} cells = {len(g.sizes)} sizes x {len(g.ratios)} ratios x {len(g.token_budgets)} "
                f"token budgets x {len(g.seeds)} seeds; executor: {cfg.executor.cluster}; run folder: {run_dir(cfg)}")
     click.echo(_cost_summary(cfg, cells))
+
+
+def _override_lines(cfg: ExperimentConfig) -> list[str]:
+    """One line per grid size whose preset overrides training settings (ModelPreset.train)."""
+    out = []
+    for size in cfg.grid.sizes:
+        o = cfg.presets[size].train
+        changes = {k: v for k, v in dataclasses.asdict(o).items() if v is not None} if o else {}
+        if changes:
+            out.append(f"{size}: train overrides " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                                               for k, v in changes.items()) + "\n")
+    return out
 
 
 def _cost_columns(cfg: ExperimentConfig, cells: list[Cell]) -> list[dict[str, str]]:
@@ -200,6 +215,10 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
                          write_plan)
 
     check_cluster(cfg.executor)
+    if cfg.executor.cluster != "slurm":  # cells run in this environment: refuse a monitor it lacks before any runs
+        from .monitor import check_monitor
+
+        check_monitor(cfg.monitor)
     run = write_plan(cfg, planned if planned is not None else cells, force=force)
     states = cells_to_run(run, cells)
     todo = [c for c, s in states if s in RESUBMIT]
@@ -486,10 +505,16 @@ def pilot(config: str, overrides: tuple[str, ...]) -> None:
 @click.option("--validate", "validate_size", metavar="SIZE",
               help="Then train SIZE (a larger preset, e.g. cpu-xl), never fitted, at 5 ratios placed around the "
                    "law's prediction, and report predicted against observed.")
-def demo(config: str, overrides: tuple[str, ...], validate_size: Optional[str]) -> None:
+@click.option("--controls", is_flag=True,
+              help="Run configs/demo-controls.yaml instead: the demo's world under infusion, fixed_general, dilution "
+                   "and staged (issue 17), on a reduced ratio grid (about 80 cells).")
+def demo(config: str, overrides: tuple[str, ...], validate_size: Optional[str], controls: bool = False) -> None:
     """Run the embedded default end to end on this machine (CPU, gloo, tiny models, submitit's local executor):
     train every cell, then aggregate. Interrupt with Ctrl-C and run again: finished cells are not re-run."""
     from .aggregate import aggregate_runs
+
+    if controls:
+        config = str(shipped_config("demo-controls.yaml"))
 
     if validate_size:  # held out of the fit from the start; the analysis settings change no cell id
         overrides = (*overrides, f"analysis.validate_sizes=[{validate_size}]")

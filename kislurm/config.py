@@ -65,7 +65,7 @@ class ModelPreset:
     data_parallel: int = 1
     """Data-parallel replicas; the world size of a cell is TP x PP x DP."""
     device: Literal["cpu", "gpu"] = "cpu"
-    """Where the cell trains: 'cpu' (gloo, fp32, local layers) or 'gpu' (NCCL, bf16, Transformer Engine if installed)."""
+    """Where the cell trains: 'cpu' (gloo, fp32, local layers) or 'gpu' (NCCL, bf16; see transformer_impl)."""
     timeout_min: int = 60
     """Slurm time limit of one cell of this size, in minutes (the cell checkpoints and requeues when it runs out)."""
     position_embedding: Literal["learned", "rope"] = "learned"
@@ -79,6 +79,14 @@ class ModelPreset:
     Must divide num_attention_heads, and tensor_parallel must divide it."""
     tie_embeddings: bool = True
     """Share the input embedding with the output layer (GPT-2); false: a separate output layer (Llama)."""
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    """Layer implementation: local (megatron's pure-PyTorch layers, the tested path, on CPU and GPU) or
+    transformer_engine (Transformer Engine's fused layers: GPU only, opt-in, never run by this project's tests;
+    refused in one line when TE is not importable on the GPU node)."""
+    train: Optional["TrainOverrides"] = None
+    """Per-size training overrides: any train: field (lr, micro_batch_size, global_batch_size, warmup_frac, ...)
+    set for this size only, e.g. {lr: 1.0e-3, global_batch_size: 256}, since a size ladder tunes them per size.
+    They replace the run's train: values in this size's cells (and so enter those cells' ids); unset: none."""
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
@@ -111,6 +119,8 @@ class ModelPreset:
                    f"tensor_parallel {self.tensor_parallel} does not divide the MLP width {self.ffn}; "
                    "fix: choose a TP degree that divides ffn_hidden_size")
         _check(self.pipeline_parallel == 1, "pipeline_parallel", "only pipeline_parallel: 1 is supported; fix: set 1")
+        _check(self.transformer_impl == "local" or self.device == "gpu", "transformer_impl",
+               "transformer_engine layers run on GPU only; fix: set transformer_impl: local (or device: gpu)")
         _check(self.timeout_min >= 1, "timeout_min", f"expected minutes >= 1, got {self.timeout_min}")
 
     @property
@@ -197,6 +207,12 @@ BUILTIN_PRESETS.update({
 BUILTIN_PRESETS["cpu-s-llama"] = dataclasses.replace(BUILTIN_PRESETS["cpu-s"], **LLAMA, num_query_groups=2)
 
 
+CONTROLS = ("infusion", "fixed_general", "dilution", "staged")
+"""The controls of issue 17, and the data fields each one sets (infusion: the data section as written)."""
+CONTROL_DATA = {"infusion": {}, "fixed_general": {"mix": "fixed_general"}, "dilution": {"mix": "dilution"},
+                "staged": {"schedule": "staged"}}
+
+
 @dataclass(frozen=True)
 class GridConfig:
     """The experiment grid: every combination is one cell."""
@@ -215,6 +231,10 @@ class GridConfig:
     """With `ratios: adaptive`: the starting grid of the two smallest sizes (>= 4 ratios bracketing their collapse)."""
     rung_points: int = 5
     """With `ratios: adaptive`: ratios per further size (>= 4)."""
+    controls: list[str] = field(default_factory=lambda: ["infusion"])
+    """Controls every (size, ratio, budget, seed) is trained under (issue 17): infusion (data as written),
+    fixed_general (data.mix), dilution (data.mix) and staged (data.schedule); each sets its data field in the
+    cell, so control cells have ids of their own and infusion cells keep theirs."""
 
     @property
     def adaptive(self) -> bool:
@@ -240,6 +260,10 @@ class GridConfig:
             _check(t >= 1, f"token_budgets[{i}]", f"expected a positive number of tokens, got {t}")
         _check(len(self.seeds) > 0, "seeds", "expected at least one seed; fix: seeds: [0]")
         _check(len(set(self.sizes)) == len(self.sizes), "sizes", "duplicate sizes; fix: list each size once")
+        _check(len(self.controls) > 0 and len(set(self.controls)) == len(self.controls), "controls",
+               "expected distinct controls; fix: e.g. [infusion, fixed_general, dilution, staged]")
+        for i, c in enumerate(self.controls):
+            _check(c in CONTROLS, f"controls[{i}]", f"unknown control {c!r}; fix: use one of {', '.join(CONTROLS)}")
 
 
 @dataclass(frozen=True)
@@ -298,8 +322,32 @@ class DataConfig:
     """Existing Megatron indexed-dataset prefix used as the general stream (cluster runs on a real corpus)."""
     general_probes: Optional[str] = None
     """Probe file (JSONL facts) of general knowledge known to be in general_prefix's corpus."""
+    mix: Literal["infusion", "fixed_general", "dilution"] = "infusion"
+    """Control of the mix (issue 17; kislurm.controls). infusion: the cell's budget, a share r of knowledge samples.
+    fixed_general: the general samples of every cell are those of an infusion cell at reference_ratio with the same
+    budget, and knowledge samples are added on top (K = G r / (1 - r)), so a cell's tokens and steps grow with r.
+    dilution: the infusion cell's budget and ratio, but the knowledge stream replaced by neutral text in the same
+    templates with fresh subjects and random objects, each sentence once (no fact repeated, nothing probed)."""
+    schedule: Literal["mixed", "staged"] = "mixed"
+    """mixed: one mix from the first step. staged: general-only training on stage_tokens first, then the infusion
+    cell's mix (its budget at ratio r); retention at the phase boundary is the baseline forgetting is measured from."""
+    reference_ratio: Optional[float] = None
+    """mix: fixed_general: the ratio whose general share of the budget every cell keeps; unset: the smallest ratio
+    of the grid (the plan writes the value into each cell, so it enters the cell's id)."""
+    stage_tokens: Optional[int] = None
+    """schedule: staged: general-only tokens of the first phase (rounded up to whole steps); unset: the cell's
+    token budget (the plan writes the value into each cell)."""
 
     def __post_init__(self) -> None:
+        _check(self.reference_ratio is None or 0.0 < self.reference_ratio < 1.0, "reference_ratio",
+               f"expected a ratio strictly between 0 and 1, got {self.reference_ratio}")
+        _check(self.stage_tokens is None or self.stage_tokens >= 1, "stage_tokens",
+               f"expected a positive number of tokens, got {self.stage_tokens}")
+        _check(self.schedule == "mixed" or self.mix == "infusion", "schedule",
+               f"schedule: staged works on the infusion mix only, got mix: {self.mix}; fix: use one control per "
+               "cell (grid.controls lists several)")
+        _check(self.mix == "infusion" or self.policy == "fixed_facts", "mix",
+               f"mix: {self.mix} needs policy: fixed_facts; fix: set data.policy: fixed_facts")
         _check(self.train_templates >= 1, "train_templates", "expected >= 1 training template per relation")
         _check(self.heldout_templates >= 0, "heldout_templates", "expected >= 0 held-out templates")
         _check(self.distractors >= 1, "distractors", f"expected k >= 1 distractors, got {self.distractors}")
@@ -320,7 +368,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation, shared by every cell (the grid varies size, ratio, tokens and seed only)."""
+    """Optimisation, shared by every cell (the grid varies size, ratio, tokens and seed only), except where a model
+    preset overrides a field for its size (ModelPreset.train)."""
 
     micro_batch_size: int = 16
     """Sequences per forward pass per data-parallel rank."""
@@ -343,9 +392,31 @@ class TrainConfig:
     log_interval: int = 20
     """Optimiser steps between loss / tokens-per-second log lines."""
     checkpoint_interval: int = 0
-    """Optimiser steps between checkpoints; 0 means at every evaluation."""
+    """Optimiser steps between checkpoints. With checkpoint_minutes also 0, a checkpoint follows every evaluation;
+    otherwise checkpoints follow this cadence only, and evaluations after the last checkpoint are redone after a
+    restart (the resume contract)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: fp32 on CPU, bf16 on GPU."""
+    checkpoint_minutes: float = 0.0
+    """Also checkpoint once this many minutes have passed since the last save (rank 0's clock, agreed by every rank
+    at a step boundary); 0 = off. Not part of the cell's id: cadence changes no result."""
+    keep_final: Literal["none", "weights", "full"] = "weights"
+    """What a DONE cell keeps: nothing; its final weights (CKPT/final, the model only, bf16 on GPU: 2 bytes per
+    parameter, resumable at any layout as an initialisation); or the full final checkpoint (weights, optimizer
+    state in the reshardable format, RNG: about 16 bytes per parameter on GPU). Not part of the cell's id."""
+    async_save: bool = False
+    """Write checkpoints asynchronously (megatron's dist_checkpointing async save: a forked writer while training
+    goes on; published at the next step boundary once every rank's writes are done). Not part of the cell's id."""
+    timeout_startup_min: float = 30.0
+    """Longest time a rank may spend starting up (process group, indices, model, checkpoint load) before the cell
+    fails naming the phase; as the other timeouts, not part of the cell's id."""
+    timeout_step_min: float = 10.0
+    """Longest time one training step (its collectives included) may take: a peer rank that died or hung fails the
+    cell within this bound, not after the process group's 30 minutes."""
+    timeout_eval_min: float = 30.0
+    """Longest time one retention evaluation may take."""
+    timeout_save_min: float = 10.0
+    """Longest time one checkpoint save may take."""
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "global_batch_size", "eval_interval", "log_interval"):
@@ -359,6 +430,33 @@ class TrainConfig:
         _check(self.clip_grad >= 0, "clip_grad", "expected a non-negative clipping threshold (0 disables)")
         _check(self.init_std > 0, "init_std", "expected a positive std")
         _check(self.checkpoint_interval >= 0, "checkpoint_interval", "expected >= 0 (0 = at every evaluation)")
+        _check(self.checkpoint_minutes >= 0, "checkpoint_minutes", "expected >= 0 (0 = off)")
+        _check(self.keep_final in ("none", "weights", "full"), "keep_final",
+               f"expected none, weights or full, got {self.keep_final!r}")
+        for key in ("timeout_startup_min", "timeout_step_min", "timeout_eval_min", "timeout_save_min"):
+            _check(getattr(self, key) > 0, key, f"expected a positive number of minutes, got {getattr(self, key)}")
+
+
+def _train_overrides_class() -> type:
+    """TrainOverrides: every TrainConfig field, optional (None = the run's value), so none can be forgotten."""
+    hints = typing.get_type_hints(TrainConfig)
+    cls = dataclasses.make_dataclass(
+        "TrainOverrides", [(f.name, Optional[hints[f.name]], None) for f in dataclasses.fields(TrainConfig)],
+        frozen=True)
+    cls.__module__ = __name__  # pickles by reference (cells travel to compute nodes pickled)
+    cls.__doc__ = ("A model preset's per-size training overrides: any TrainConfig field (see there), unset fields "
+                   "keep the run's train: value (ModelPreset.train, effective_train).")
+    return cls
+
+
+TrainOverrides = _train_overrides_class()
+
+
+def effective_train(base: TrainConfig, preset: ModelPreset) -> TrainConfig:
+    """The TrainConfig a size's cells train with: the run's train: section with the preset's overrides applied.
+    Without overrides it is `base` itself, so those cells keep their ids."""
+    changes = {k: v for k, v in dataclasses.asdict(preset.train).items() if v is not None} if preset.train else {}
+    return dataclasses.replace(base, **changes) if changes else base
 
 
 @dataclass(frozen=True)
@@ -414,6 +512,9 @@ class ExecutorConfig:
     """Split arrays above this many tasks (unset: read MaxArraySize from the cluster)."""
     max_requeues: int = 20
     """Times a cell may be requeued after its time limit or a preemption (it resumes from its last checkpoint)."""
+    signal_lead_s: int = 0
+    """Seconds before the time limit that Slurm sends the save-and-requeue signal; 0 = derived from the slowest
+    checkpoint save measured so far among the cells being submitted (kislurm.submit.signal_delay_s)."""
     prepare_partition: Optional[str] = None
     """Slurm partition of the preparation job (the one CPU job that builds the data every cell reads; the cell
     arrays wait on it). Unset: the cells' partition, with no GPU requested."""
@@ -489,6 +590,29 @@ class AnalysisConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """A Weights & Biases run per cell (rank 0 logs what TensorBoard gets); needs `pip install wandb` and a login
+    (WANDB_API_KEY, or `wandb login`) on the compute nodes."""
+
+    project: str
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (user or team); unset: the login's default."""
+    mode: Literal["online", "offline"] = "online"
+    """offline: write the W&B run under the cell folder only (upload later with `wandb sync`)."""
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """What a user can watch while cells train (kislurm.monitor); rank 0 of each cell writes it."""
+
+    tensorboard: bool = True
+    """TensorBoard event files per cell (RUN/cells/CELL/tensorboard/): `tensorboard --logdir RUN` shows every cell."""
+    wandb: Optional[WandbConfig] = None
+    """Weights & Biases, e.g. {project: kislurm, entity: my-team}; unset: off."""
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: a grid of cells sharing data, training, execution and analysis settings."""
 
@@ -504,6 +628,8 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    """TensorBoard and W&B (where and how cells show their training); not part of any cell id."""
 
     def __post_init__(self) -> None:
         _check(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name)), "name",
@@ -515,16 +641,25 @@ class ExperimentConfig:
         for i, size in enumerate(self.grid.sizes):
             _check(size in presets, f"grid.sizes[{i}]",
                    f"unknown model preset '{size}'; fix: use one of {sorted(presets)} or define it under models:")
+        for name, p in self.models.items():  # each preset's overrides, checked against this run's train:
+            try:
+                effective_train(self.train, p)
+            except _FieldError as e:
+                raise _FieldError(f"models.{name}.train.{e.key}", str(e)) from None
         for i, size in enumerate(self.grid.sizes):
-            p = presets[size]
-            _check(self.train.global_batch_size % (self.train.micro_batch_size * p.data_parallel) == 0,
-                   "train.global_batch_size",
-                   f"{self.train.global_batch_size} is not a multiple of micro_batch_size x data_parallel of "
-                   f"'{size}' ({self.train.micro_batch_size} x {p.data_parallel})")
+            p, t = presets[size], self.train_for(size)
+            _check(t.global_batch_size % (t.micro_batch_size * p.data_parallel) == 0,
+                   "train.global_batch_size" if p.train is None else f"models.{size}.train.global_batch_size",
+                   f"{t.global_batch_size} is not a multiple of micro_batch_size x data_parallel of "
+                   f"'{size}' ({t.micro_batch_size} x {p.data_parallel})")
 
     @property
     def presets(self) -> dict[str, ModelPreset]:
         return {**BUILTIN_PRESETS, **self.models}
+
+    def train_for(self, size: str) -> TrainConfig:
+        """The training settings of one size's cells: train: with that preset's overrides (effective_train)."""
+        return effective_train(self.train, self.presets[size])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

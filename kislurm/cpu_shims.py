@@ -13,7 +13,8 @@ shared/megatron-cpu.md):
    (`transformer.utils.get_default_causal_mask`): rebuilt on the CPU.
 
 Everything is in this one module so the GPU path stays untouched and an upgrade that changes these internals is
-caught by tests/test_model.py (which checks every shim is in effect and still needed).
+caught by tests/test_model.py (which checks every shim is in effect and still needed), and importing it under a
+megatron-core newer than the shims were checked against fails (kislurm.workarounds).
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ import torch
 from megatron.core.fusions import fused_softmax
 from megatron.core.tensor_parallel import random as mp_random
 from megatron.core.transformer import utils as transformer_utils
+
+from .workarounds import require_megatron
+
+_CHECKED_UPTO = "0.16.1"
+for _name, _where, _what in (
+    ("cpu-rng-tracker", "CpuRNGStatesTracker", "megatron's RNG tracker reads and writes the CUDA generator"),
+    ("cpu-current-device", "_cpu_current_device", "megatron places buffers on torch.cuda.current_device()"),
+    ("cpu-synchronize", "_no_synchronize", "dist_checkpointing.save calls torch.cuda.synchronize()"),
+    ("cpu-causal-mask", "_cpu_default_causal_mask", "get_default_causal_mask builds its mask on device='cuda'"),
+):
+    require_megatron(_name, f"kislurm.cpu_shims.{_where}", _what, tested_upto=_CHECKED_UPTO)
 
 _APPLIED = False
 _ORIGINALS: dict[str, object] = {}

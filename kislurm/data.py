@@ -70,7 +70,8 @@ FORMAT_VERSION = 1
 TOKENIZER_SENTENCES = 100_000   # the BPE is trained on at most this many corpus sentences (a seeded sample)
 _CHUNK_DOCS = 1 << 17
 _CHUNK_SAMPLES = 1 << 22   # megatron indices are counted in chunks of this many samples (bounded memory)
-_NOT_BASE = ("policy", "exposures_per_fact")   # data fields that change the streams a cell draws, not the base
+_NOT_BASE = ("policy", "exposures_per_fact", "mix", "schedule", "reference_ratio", "stage_tokens")
+"""Data fields that change the streams a cell draws (or, for the controls, how it draws them), not the base."""
 
 
 @dataclass(frozen=True)
@@ -354,11 +355,18 @@ def knowledge_samples(n_samples: int, ratio: float) -> int:
     return min(max(int(round(ratio * n_samples)), 1), n_samples - 1)
 
 
+def cell_knowledge_samples(cell) -> int:
+    """K of a cell (kislurm.plan.Cell.knowledge_samples: round(r x n) of its mixed samples, or, fixed_general,
+    every sample beyond the fixed general ones), after checking the ratio and sample count."""
+    knowledge_samples(cell.mix_samples, cell.ratio)
+    return cell.knowledge_samples
+
+
 def knowledge_plan(prepared: PreparedData, cell) -> StreamPlan:
     """The cell's knowledge stream plan (facts, units, documents, epochs), decided once by preparation and kept in
     knowledge-L<seq>/plans/ (a few bytes per distinct K), so a cell reads it instead of repacking the base."""
     data, L = prepared.data, prepared.seq_length
-    k_docs = knowledge_samples(cell.n_samples, cell.ratio)
+    k_docs = cell_knowledge_samples(cell)
     name = f"{data.policy}-K{k_docs}" + (f"-E{data.exposures_per_fact}" if data.policy == "fixed_exposures" else "")
     path = prepared.root / f"knowledge-L{L}" / "plans" / f"{name}.json"
     if path.is_file():
@@ -392,6 +400,10 @@ def knowledge_stream(prepared: PreparedData, cell) -> dict:
     """Build (or reuse) the cell's knowledge stream: u pass units over its facts in D documents, which the cell
     draws M whole times (K' = M x D samples). Returns the stream's info plus the cell's 'epochs', 'k_docs' and
     'prefix'. Streams are shared by every cell that needs the same facts, units and documents."""
+    if cell.control == "dilution":
+        from .mixes import neutral_stream
+
+        return neutral_stream(prepared, cell)
     plan = knowledge_plan(prepared, cell)
     out = prepared.root / f"knowledge-L{prepared.seq_length}" / plan.name
     if not out.is_dir() and prepared.readonly:
@@ -440,9 +452,9 @@ def prepare_run(cfg, cells: Optional[list] = None, progress: Optional[Callable[[
         for cell in (c for c in cells if c.model.seq_length == seq):
             info = knowledge_stream(prepared, cell)
             streams.add(info["prefix"])
-            if (cell.n_samples, info["k_docs"]) not in blends:
-                blend_weights(cell.n_samples, info["k_docs"])
-                blends.add((cell.n_samples, info["k_docs"]))
+            if (cell.mix_samples, info["k_docs"]) not in blends:
+                blend_weights(cell.mix_samples, info["k_docs"])
+                blends.add((cell.mix_samples, info["k_docs"]))
             if progress is not None:
                 progress(1)
     built = log.read_text().splitlines()[seen:] if log.is_file() else []
@@ -545,7 +557,8 @@ def _megatron_builder_context(cache: Path) -> Iterator[None]:
 
 def cell_dataset(prepared: PreparedData, cell) -> tuple[Any, dict]:
     """The cell's blended GPT dataset (exactly cell.n_samples samples; sample i is trained at step i // gbs) and its
-    realised statistics, counted from megatron's own indices.
+    realised statistics, counted from megatron's own indices. Staged cells (kislurm.mixes.StagedDataset): a
+    general-only GPTDataset of cell.phase1_samples, then the blend of cell.mix_samples.
 
     All ranks of a cell's process group call this together (megatron builds on rank 0 first).
     """
@@ -556,7 +569,7 @@ def cell_dataset(prepared: PreparedData, cell) -> tuple[Any, dict]:
     if cell.model.seq_length != prepared.seq_length:
         raise DataError(f"cell {cell.name}: seq_length {cell.model.seq_length} but the data was prepared for "
                         f"{prepared.seq_length}; fix: call prepare() with the cell's seq_length")
-    n = cell.n_samples
+    n = cell.mix_samples
     kinfo = knowledge_stream(prepared, cell)
     weights = blend_weights(n, kinfo["k_docs"])
     config = GPTDatasetConfig(
@@ -569,7 +582,18 @@ def cell_dataset(prepared: PreparedData, cell) -> tuple[Any, dict]:
         dist.barrier()   # every rank has its stream before rank 0 builds (the others load after megatron's barrier)
     with _megatron_builder_context(prepared.cell_cache(cell)):
         dataset = BlendedMegatronDatasetBuilder(GPTDataset, [n, 0, 0], lambda: True, config).build()[0]
-    return dataset, blend_stats(prepared, dataset, n, cell.ratio, kinfo, weights)
+        general = None
+        if cell.phase1_samples:
+            one = dataclasses.replace(config, blend=([prepared.general_prefix], None))
+            general = BlendedMegatronDatasetBuilder(GPTDataset, [cell.phase1_samples, 0, 0], lambda: True,
+                                                    one).build()[0]
+    stats = blend_stats(prepared, dataset, n, cell.ratio, kinfo, weights)
+    if cell.control == "infusion":
+        return dataset, stats
+    from .mixes import StagedDataset, control_stats
+
+    stats = control_stats(prepared, cell, stats, dataset, general, kinfo)
+    return (dataset if general is None else StagedDataset(general, dataset, cell.phase1_samples)), stats
 
 
 def _usage(dataset, n: int, seq_length: int, n_docs: list[int]) -> tuple[list[np.ndarray], list[bool], list[int]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,9 @@ from megatron.core import parallel_state, tensor_parallel
 
 from .config import ModelPreset
 from .cpu_shims import apply_cpu_shims
+
+
+T = TypeVar("T")
 
 
 class TrainError(RuntimeError):
@@ -125,6 +129,33 @@ def setup(preset: ModelPreset) -> DistContext:
     """The layout a preset asks for (TP, PP and DP = data_parallel), checked against the job's world size."""
     return init_model_parallel(preset.tensor_parallel, preset.pipeline_parallel, preset.device,
                                expected_world=preset.world_size)
+
+
+def rank0_decides(decide: Callable[[], T], what: str) -> T:
+    """Rank 0 runs `decide` (a read of the shared filesystem) and broadcasts the answer; every rank returns it
+    (a collective: every rank calls it at the same point).
+
+    On NFS or Lustre two ranks reading the same folder can see different things (attribute caches, a file
+    renamed a moment ago), and ranks that disagree on whether or where to resume hang in a collective or load
+    different steps. An error on rank 0 is raised there and, naming it, on every other rank.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return decide()
+    box: list[Any] = [None]
+    failure: Exception | None = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", decide())
+        except Exception as e:  # the others must hear of it, or they would wait in the broadcast
+            failure = e
+            box[0] = ("error", str(e) if isinstance(e, TrainError) else f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if failure is not None:
+        raise failure
+    if kind == "error":
+        raise TrainError(f"rank 0 failed to decide {what}: {value}")
+    return value
 
 
 def seed_all(seed: int) -> None:

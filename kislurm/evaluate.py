@@ -14,7 +14,13 @@ Why padding is harmless: attention is causal and padding is on the right, so no 
 padding token; padded positions are never scored. Only the candidates' positions reach the vocabulary projection
 (a pre-hook on the output layer selects them while scoring): prompt and padding positions cost no logits.
 
-Under data parallelism every rank scores every probe (same result everywhere); nothing is split over DP ranks.
+Why it costs 1/DP per rank under data parallelism: the length-sorted batches are dealt round-robin over the DP
+ranks (each TP group scores its share together), and one sum all-reduce over the DP group gives every rank the
+whole score table: a candidate is scored on exactly one DP rank and the others contribute exact zeros, so the
+result is bit-identical to scoring everything on one rank (the same batches, the same forward passes).
+
+Why bf16 does not bias exact match: in a bf16 model the vocabulary projection of the scored positions is computed
+in fp32 (hidden states and output weights upcast), so near-ties are not broken by bf16 rounding of the logits.
 
 Ties are failures: a probe is multiple-choice correct only if the correct candidate's score is strictly greater than
 every distractor's (an untrained model that scores all candidates alike sits at 0, not at chance), and a greedy
@@ -24,6 +30,7 @@ exact match needs the target token's logit strictly above every other token's at
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -56,6 +63,8 @@ class EvalResult:
     """(P,) bool: greedy decoding after the prompt reproduces the answer's tokens (None when disabled)."""
     scores: np.ndarray | None = None
     """(P, n_choices) float64: summed log-probability of each candidate."""
+    scored_here: int = 0
+    """Candidate sequences this rank scored (its DP share; all of them at DP=1)."""
 
 
 @dataclass(frozen=True)
@@ -79,12 +88,13 @@ def evaluate_retention(model, probes: ProbeSet, batch_size: int, exact_match: bo
     every TP rank must call this collectively and gets the same result. The model is put in eval mode, run under
     torch.no_grad, and each module's training flag is restored afterwards.
     """
-    scores, probe_exact = score_candidates(model, probes, batch_size, exact_match)
+    scores, probe_exact, scored_here = _score_all(model, probes, batch_size, exact_match, True, shard_over_dp=True)
     answer = np.asarray(probes.answer, dtype=np.int64)
     correct = strictly_best(scores, answer)
     answer_logprob = scores[np.arange(len(answer)), answer]
     metrics = retention_metrics(probes, correct, probe_exact, answer_logprob)
-    return EvalResult(metrics=metrics, probe_correct=correct, probe_exact=probe_exact, scores=scores)
+    return EvalResult(metrics=metrics, probe_correct=correct, probe_exact=probe_exact, scores=scores,
+                      scored_here=scored_here)
 
 
 def score_candidates(
@@ -98,29 +108,55 @@ def score_candidates(
     never reach the vocabulary projection); False projects every position (the fallback that sequence-parallel or
     multi-token-prediction models take automatically).
     """
+    scores, probe_exact, _ = _score_all(model, probes, batch_size, exact_match, project_scored_only,
+                                        shard_over_dp=False)
+    return scores, probe_exact
+
+
+def _score_all(model, probes: ProbeSet, batch_size: int, exact_match: bool, project_scored_only: bool,
+               shard_over_dp: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """score_candidates, with the batches dealt over the DP ranks when `shard_over_dp` (a collective over the DP
+    group then: every DP rank must call it); also returns how many candidates this rank scored."""
     if batch_size < 1:
         raise EvalError(f"batch_size must be >= 1, got {batch_size}; fix: pass a positive batch size")
     core = _unwrap(model)
     check_probes(probes, max_length=core.max_sequence_length, vocab_size=core.vocab_size)
     seqs = _flatten(probes)
     n = len(seqs.tokens)
-    scores = np.empty(n, dtype=np.float64)
-    greedy = np.ones(n, dtype=bool)
-    order = np.argsort(seqs.input_len, kind="stable")
     device = _device(core)
+    scores = torch.zeros(n, dtype=torch.float64, device=device)
+    misses = torch.zeros(n, dtype=torch.int32, device=device)  # 0 = greedy decoding reproduces the candidate
+    order = np.argsort(seqs.input_len, kind="stable")
+    dp_rank, dp = _dp_share() if shard_over_dp else (0, 1)
+    starts = list(range(0, n, batch_size))[dp_rank::dp]  # round-robin: every rank gets short and long batches
     project_scored_only = project_scored_only and _can_project_scored_only(core)
+    scored_here = 0
     with eval_mode(model), torch.no_grad():
-        for start in range(0, n, batch_size):
+        for start in starts:
             rows = order[start : start + batch_size]
             inputs, labels, scored = _pad_batch(seqs, rows, device)
             need_exact = torch.from_numpy(seqs.is_answer[rows] & exact_match).to(device)
             logits = _scored_logits(model, core, inputs, scored, project_scored_only)
-            batch_scores, batch_greedy = _score_batch(logits, labels, scored, need_exact)
-            scores[rows] = batch_scores
-            greedy[rows] = batch_greedy
+            batch_scores, batch_misses = _score_batch(logits, labels, scored, need_exact)
+            index = torch.from_numpy(rows).to(device)
+            scores[index] = batch_scores
+            misses[index] = batch_misses
+            scored_here += len(rows)
+    if dp > 1:  # each candidate was scored on exactly one DP rank; the others hold exact zeros for it
+        group = parallel_state.get_data_parallel_group()
+        torch.distributed.all_reduce(scores, group=group)
+        torch.distributed.all_reduce(misses, group=group)
+    greedy = (misses == 0).cpu().numpy()
     n_probes = len(probes.prompt)
     probe_exact = greedy[seqs.is_answer] if exact_match else None  # answer rows in probe order
-    return scores.reshape(n_probes, probes.n_choices), probe_exact
+    return scores.cpu().numpy().reshape(n_probes, probes.n_choices), probe_exact, scored_here
+
+
+def _dp_share() -> tuple[int, int]:
+    """(DP rank, DP size) of this process; (0, 1) outside megatron's parallel state."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 
 
 def score_candidates_naive(model, probes: ProbeSet, exact_match: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
@@ -325,11 +361,25 @@ def _output_layer_sees(core: torch.nn.Module, positions: torch.Tensor) -> Iterat
             return (args[0][positions].unsqueeze(1), *args[1:]), kwargs
         return args, {**kwargs, "input_": kwargs["input_"][positions].unsqueeze(1)}
 
-    handle = core.output_layer.register_forward_pre_hook(select, with_kwargs=True)
+    layer = core.output_layer
+    handle = layer.register_forward_pre_hook(select, with_kwargs=True)
+    low_precision = core.shared_embedding_or_output_weight().dtype != torch.float32  # bf16 runs
+    if low_precision:
+        layer.forward = functools.partial(_fp32_projection, layer)  # this instance only, while scoring
     try:
         yield
     finally:
         handle.remove()
+        if low_precision:
+            del layer.forward
+
+
+def _fp32_projection(layer: torch.nn.Module, input_: torch.Tensor, weight: torch.Tensor | None = None,
+                     runtime_gather_output: bool | None = None) -> tuple[torch.Tensor, None]:
+    """The output layer (a ColumnParallelLinear without bias or sequence parallelism) computed in fp32: this TP
+    rank's vocabulary slice of the logits, as the layer returns them when not gathering."""
+    w = weight if weight is not None else layer.weight
+    return torch.nn.functional.linear(input_.float(), w.float()), None
 
 
 def _scored_logits(
@@ -350,22 +400,22 @@ def _scored_logits(
 
 def _score_batch(
     logits: torch.Tensor, labels: torch.Tensor, scored: torch.Tensor, need_exact: torch.Tensor
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sequence summed log-prob of the scored labels, and (for rows in need_exact; True elsewhere) whether
-    every scored label is the strict argmax. `logits` are the scored positions in (position, sequence) order."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed log-prob of the scored labels (float64), and per sequence the number of scored labels
+    that are not the strict argmax (counted for rows in need_exact only; 0 elsewhere). `logits` are the scored
+    positions in (position, sequence) order."""
     positions = scored.t()
     rows = positions.nonzero()[:, 1]
     target = labels.t()[positions]
     n = scored.shape[0]
-    greedy = torch.ones(n, dtype=torch.bool, device=logits.device)
+    misses = torch.zeros(n, dtype=torch.int32, device=logits.device)
     check = need_exact[rows]
     if bool(check.any()):  # the same on every TP rank: the batches are identical
         is_max = _strict_argmax(logits[check].float(), target[check])
-        misses = torch.zeros(n, device=logits.device).index_add_(0, rows[check], (~is_max).float())
-        greedy = misses == 0
+        misses.index_add_(0, rows[check], (~is_max).int())
     nll = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target)  # -log p; in place
     sums = torch.zeros(n, dtype=torch.float64, device=logits.device).index_add_(0, rows, -nll.double())
-    return sums.cpu().numpy(), greedy.cpu().numpy()
+    return sums, misses
 
 
 def _strict_argmax(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import yaml
@@ -292,6 +292,20 @@ def synthetic_bases(data, general: bool = True) -> tuple[Optional[KnowledgeBase]
     nouns.update(knouns)
     templates = synthetic_templates(list(nouns), nouns, data.train_templates, data.heldout_templates, rng)
     return gen_kb, kb, templates
+
+
+def neutral_base(kb: KnowledgeBase, n_facts: int, seed: Any, exclude: set[str]) -> KnowledgeBase:
+    """Neutral text for the dilution control (issue 17): n_facts sentences' worth of (subject, relation, object)
+    with fresh subjects (the domain style, none of `exclude`), each subject once per relation of `kb` with an
+    object drawn at random from that relation's values: nothing in it repeats, so it holds no consistent fact."""
+    rels = list(kb.relation_values)
+    pool = NamePool(np.random.default_rng([*np.atleast_1d(seed).tolist(), 0x6E74]))
+    pool.used.update(exclude)
+    subjects = pool.draw(-(-n_facts // len(rels)), DOMAIN_STYLE["subject_syllables"], DOMAIN_STYLE["subject_words"])
+    choice = pool.rng.integers(0, 1 << 30, size=(len(subjects), len(rels)))
+    facts = [Fact(subj, rel, kb.relation_values[rel][choice[i, j] % len(kb.relation_values[rel])])
+             for i, subj in enumerate(subjects) for j, rel in enumerate(rels)]
+    return KnowledgeBase("neutral", facts[:n_facts], kb.relation_values)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

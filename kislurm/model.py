@@ -1,9 +1,10 @@
 """Build a megatron-core GPTModel from a ModelPreset; count its parameters.
 
 The builder contains no parallelism and no CPU workarounds (torchtitan's rule): it reads the tensor-parallel
-degree from megatron's own parallel state, which the caller has initialised (kislurm.distributed), and it picks
-the layer implementation by what is installed: Transformer Engine's fused layers on a GPU when TE is importable,
-megatron's pure-PyTorch "local" layers otherwise (the only ones that run on CPU).
+degree from megatron's own parallel state, which the caller has initialised (kislurm.distributed). Its layers are
+megatron's pure-PyTorch "local" ones (the only ones that run on CPU, and the tested path on GPU too); Transformer
+Engine's fused layers only when a GPU preset opts in (`transformer_impl: transformer_engine`): that path has never
+run in this project's tests, and the GPU machine it is lent has no TE.
 
 CPU presets initialise weights from the torch default generator (`use_cpu_initialization`): a model is then the
 same function of its seed at every TP degree, which is what makes TP=1 and TP=2 losses comparable. GPU presets
@@ -24,7 +25,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from .config import ModelPreset, resolve_precision
+from .config import ConfigError, ModelPreset, resolve_precision
 from .estimate import VOCAB_MULTIPLE, padded_vocab_size  # noqa: F401 - re-exported for callers
 
 
@@ -66,10 +67,16 @@ _NORM = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
 
 
 def layer_spec(preset: ModelPreset) -> ModuleSpec:
-    """Transformer Engine layers on a GPU when installed; otherwise megatron's pure-PyTorch "local" layers with
-    torch's fused attention (SDPAttention) as the core attention. The norm comes from megatron's own spec argument
-    (torch's RMSNorm in the local spec); activation, RoPE and query groups are TransformerConfig / GPTModel options."""
-    if preset.device == "gpu" and torch.cuda.is_available() and have_transformer_engine():
+    """megatron's pure-PyTorch "local" layers with torch's fused attention (SDPAttention) as the core attention;
+    Transformer Engine's layers only when the preset opts in (transformer_impl: transformer_engine), refused in one
+    line where TE or the GPU is missing. The norm comes from megatron's own spec argument (torch's RMSNorm in the
+    local spec); activation, RoPE and query groups are TransformerConfig / GPTModel options."""
+    if preset.transformer_impl == "transformer_engine":
+        if not (preset.device == "gpu" and torch.cuda.is_available() and have_transformer_engine()):
+            raise ConfigError("transformer_impl: transformer_engine needs a GPU with Transformer Engine importable, "
+                              "and this process has " + ("no GPU" if not torch.cuda.is_available() else "no TE")
+                              + "; fix: set the preset's transformer_impl: local (the tested default), or install "
+                              "transformer_engine[pytorch] matching this CUDA and torch")
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()  # TE's fused norms read config.normalization

@@ -10,6 +10,7 @@
     RUN/cells/NAME/checkpoints/   megatron dist_checkpointing checkpoints
     RUN/cells/NAME/log.txt        the cell's training log
     RUN/cells/NAME/ranks/K.json   rank K's last error in its latest session (written by that rank alone)
+    RUN/cells/NAME/tensorboard/   TensorBoard event files (kislurm.monitor): steps/ against step, tokens/ against tokens
     RUN/submitit/                 submitit's job files and stdout/stderr (%A_%a per array task)
     RUN/reports/                  aggregation outputs (tables, plots, summary)
 """
@@ -88,6 +89,11 @@ class CellPaths:
     @property
     def ranks(self) -> Path:
         return self.root / "ranks"
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files of the cell (`tensorboard --logdir RUN` finds every cell's)."""
+        return self.root / "tensorboard"
 
     def rank_report(self, rank: int) -> Path:
         return self.ranks / f"{rank}.json"

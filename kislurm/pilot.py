@@ -43,8 +43,9 @@ def pilot_cells(cfg: ExperimentConfig) -> list[Cell]:
     ratios = cfg.grid.start_ratios if cfg.grid.adaptive else cfg.grid.ratios
     size = ladder_order(cfg)[0]
     lo, hi = min(ratios), max(ratios)
-    return [c for c in size_cells(cfg, size, [lo, hi]) if c.tokens == cfg.grid.token_budgets[0]
-            and c.seed == cfg.grid.seeds[0]]
+    cells = size_cells(cfg, size, [lo, hi])
+    return [c for c in cells if c.tokens == cfg.grid.token_budgets[0] and c.seed == cfg.grid.seeds[0]
+            and c.control == cells[0].control]   # the first of grid.controls only
 
 
 def chance_of(metric: str, n_choices: int) -> float:

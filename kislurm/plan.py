@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig, EvalConfig, ExperimentConfig, ModelPreset, TrainConfig, config_to_dict
+from .config import CONTROL_DATA, DataConfig, EvalConfig, ExperimentConfig, ModelPreset, TrainConfig, config_to_dict
 from .estimate import plan_vocab_size, resolve_layout
 
 
@@ -50,23 +50,72 @@ class Cell:
 
     @property
     def name(self) -> str:
-        """Readable folder name: size, ratio, tokens, seed, then the id that guarantees uniqueness."""
-        return f"{self.size}_r{self.ratio:g}_t{_short_count(self.tokens)}_s{self.seed}_{self.cell_id}"
+        """Readable folder name: size, ratio, tokens, seed, the control (unless infusion), then the id that
+        guarantees uniqueness."""
+        tag = "" if self.control == "infusion" else f"_{self.control}"
+        return f"{self.size}_r{self.ratio:g}_t{_short_count(self.tokens)}_s{self.seed}{tag}_{self.cell_id}"
+
+    @property
+    def control(self) -> str:
+        """The issue-17 control this cell trains under: infusion, fixed_general, dilution or staged."""
+        return "staged" if self.data.schedule == "staged" else self.data.mix
 
     @property
     def n_samples(self) -> int:
-        """Training sequences: the token budget rounded up to whole global batches."""
+        """Training sequences: the token budget rounded up to whole global batches (plus, for the controls, the
+        general phase of staged or the added knowledge of fixed_general)."""
         return self.steps * self.train.global_batch_size
+
+    def _steps_of(self, tokens: int) -> int:
+        return max(1, math.ceil(tokens / (self.train.global_batch_size * self.model.seq_length)))
 
     @property
     def steps(self) -> int:
-        per_step = self.train.global_batch_size * self.model.seq_length
-        return max(1, math.ceil(self.tokens / per_step))
+        if self.control == "fixed_general":
+            gbs, g = self.train.global_batch_size, self.general_samples_fixed
+            return max(math.ceil(g / (1.0 - self.ratio) / gbs), math.ceil((g + 1) / gbs))
+        return self._steps_of(self.tokens) + self.phase1_steps
+
+    @property
+    def phase1_steps(self) -> int:
+        """schedule staged: the general-only steps before the mix (data.stage_tokens, default the budget); else 0."""
+        if self.control != "staged":
+            return 0
+        return self._steps_of(self.data.stage_tokens if self.data.stage_tokens is not None else self.tokens)
+
+    @property
+    def phase1_samples(self) -> int:
+        return self.phase1_steps * self.train.global_batch_size
+
+    @property
+    def mix_samples(self) -> int:
+        """Samples of the mixed phase (all of them but staged's general phase): the blend megatron builds."""
+        return self.n_samples - self.phase1_samples
+
+    @property
+    def general_samples_fixed(self) -> int:
+        """mix fixed_general: G, the general samples of the infusion cell at data.reference_ratio with this budget."""
+        if self.data.reference_ratio is None:
+            raise ValueError(f"cell {self.size} r={self.ratio}: mix fixed_general without data.reference_ratio "
+                             "(the plan sets it); fix: build cells with kislurm.plan.expand")
+        n_ref = self._steps_of(self.tokens) * self.train.global_batch_size
+        return n_ref - share_samples(n_ref, self.data.reference_ratio)
+
+    @property
+    def knowledge_samples(self) -> int:
+        """K: the cell's knowledge (or, for dilution, neutral) samples. round(r x n) of the mixed samples; for
+        fixed_general every sample beyond the fixed G general ones."""
+        if self.control == "fixed_general":
+            return self.n_samples - self.general_samples_fixed
+        return share_samples(self.mix_samples, self.ratio)
 
     @property
     def eval_steps(self) -> list[int]:
-        """Steps after which retention is evaluated: every eval_interval, and always the last step."""
+        """Steps after which retention is evaluated: every eval_interval, and always the last step (and, staged, the
+        end of the general phase: the baseline forgetting is measured from)."""
         steps = list(range(self.train.eval_interval, self.steps, self.train.eval_interval))
+        if self.phase1_steps and self.phase1_steps not in steps:
+            steps = sorted([*steps, self.phase1_steps])
         return steps + [self.steps]
 
     def to_json(self) -> dict[str, Any]:
@@ -77,12 +126,49 @@ class Cell:
                                                "device": self.model.device}}
 
 
+TRAIN_NOT_IN_ID = ("checkpoint_minutes", "keep_final", "async_save", "timeout_startup_min", "timeout_step_min",
+                   "timeout_eval_min", "timeout_save_min")
+"""Training settings that change how a cell is run, never what it computes (resume is exact): not in its id."""
+
+
+def share_samples(n_samples: int, ratio: float) -> int:
+    """round(r x n) kept within [1, n - 1] (kislurm.data.knowledge_samples checks its arguments)."""
+    return min(max(int(round(ratio * n_samples)), 1), max(n_samples - 1, 1))
+
+
+_DATA_OMIT_IF_DEFAULT = {"mix": "infusion", "schedule": "mixed", "reference_ratio": None, "stage_tokens": None}
+"""Data fields of issue 17's controls: they enter the id only at a non-default value, so every infusion cell keeps
+the id it had before they existed (the demo's table stays reproducible)."""
+
+
 @functools.lru_cache(maxsize=1024)
 def _section_json(section: Any) -> str:
-    return json.dumps(config_to_dict(section), sort_keys=True, separators=(",", ":"))
+    d = config_to_dict(section)
+    if isinstance(section, TrainConfig):
+        for key in TRAIN_NOT_IN_ID:
+            d.pop(key)
+    if isinstance(section, DataConfig):
+        for key, default in _DATA_OMIT_IF_DEFAULT.items():
+            if d.get(key, default) == default:
+                d.pop(key, None)
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
-_OMIT_IF_DEFAULT = ("position_embedding", "activation", "normalization", "num_query_groups", "tie_embeddings")
+def control_data(data: DataConfig, control: str, tokens: int, lowest_ratio: float) -> DataConfig:
+    """The data config of one control's cells: its field set (config.CONTROL_DATA) and the fields it reads
+    resolved (reference_ratio: default the grid's smallest ratio; stage_tokens: default the budget), the fields
+    it does not read cleared, so a control's settings never change another control's ids."""
+    fields = dict(CONTROL_DATA[control])
+    mix = fields.get("mix", data.mix if control == "infusion" else "infusion")
+    schedule = fields.get("schedule", data.schedule if control == "infusion" else "mixed")
+    ref = (data.reference_ratio if data.reference_ratio is not None else lowest_ratio) \
+        if mix == "fixed_general" else None
+    stage = (data.stage_tokens if data.stage_tokens is not None else tokens) if schedule == "staged" else None
+    return dataclasses.replace(data, mix=mix, schedule=schedule, reference_ratio=ref, stage_tokens=stage)
+
+
+_OMIT_IF_DEFAULT = ("position_embedding", "activation", "normalization", "num_query_groups", "tie_embeddings",
+                    "transformer_impl")
 """Architecture fields added after ids were first published: they enter the id only at a non-default value, so
 every GPT-2-shaped cell keeps the id it had before they existed."""
 
@@ -92,6 +178,7 @@ def _model_json(model: ModelPreset) -> str:
     d = config_to_dict(model)
     for key in ("timeout_min", "tensor_parallel", "pipeline_parallel", "data_parallel"):
         d.pop(key)  # layout and scheduling change neither the maths nor the identity
+    d.pop("train")  # per-size overrides enter the id through the cell's effective TrainConfig
     defaults = {f.name: f.default for f in dataclasses.fields(ModelPreset)}
     for key in _OMIT_IF_DEFAULT:
         if d[key] == defaults[key]:
@@ -119,7 +206,7 @@ def resolve_layouts(cfg: ExperimentConfig, check: bool = True) -> ExperimentConf
     if not any(presets[s].tensor_parallel == "auto" for s in sizes) and not (check and cfg.executor.gpu_memory_gb):
         return cfg
     vocab = plan_vocab_size(cfg.data)
-    resolved = {s: resolve_layout(s, presets[s], cfg.train, cfg.executor, vocab, check) for s in sizes}
+    resolved = {s: resolve_layout(s, presets[s], cfg.train_for(s), cfg.executor, vocab, check) for s in sizes}
     changed = {s: p for s, p in resolved.items() if p != presets[s]}
     return dataclasses.replace(cfg, models={**cfg.models, **changed}) if changed else cfg
 
@@ -136,11 +223,14 @@ def expand(cfg: ExperimentConfig) -> list[Cell]:
 def size_cells(cfg: ExperimentConfig, size: str, ratios: list[float]) -> list[Cell]:
     """One size's cells at these ratios (every token budget and seed of the grid), in expand's order
     (`tensor_parallel: auto` resolved; the memory check is resolve_layouts' with check=True, which the CLI runs
-    first)."""
+    first). The cells train with the run's train: section and the preset's per-size overrides (cfg.train_for)."""
     cfg = resolve_layouts(cfg, check=False)
     g = cfg.grid
-    return [Cell(size=size, ratio=ratio, tokens=tokens, seed=seed, model=cfg.presets[size], data=cfg.data,
-                 train=cfg.train, eval=cfg.eval)
+    lowest = min(g.start_ratios if g.adaptive else g.ratios)
+    train = cfg.train_for(size)
+    return [Cell(size=size, ratio=ratio, tokens=tokens, seed=seed, model=cfg.presets[size],
+                 data=control_data(cfg.data, control, tokens, lowest), train=train, eval=cfg.eval)
+            for control in g.controls
             for tokens, ratio, seed in itertools.product(g.token_budgets, sorted(ratios), g.seeds)]
 
 

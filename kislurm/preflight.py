@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import DataConfig, EvalConfig, ExperimentConfig, ModelPreset, TrainConfig
+from .config import DataConfig, EvalConfig, ExperimentConfig, ModelPreset, TrainConfig, effective_train
 from .estimate import plan_vocab_size
 from .plan import Cell
 from .submit import SubmitError, resources_for
@@ -316,7 +316,8 @@ def run_preflight(cfg: ExperimentConfig, layouts: list[Layout], steps: int, fold
         executor = make_executor(cfg, run, res)
         out = folder / "preflight" / layout.name
         out.mkdir(parents=True, exist_ok=True)
-        jobs.append((layout, executor.submit(preflight_job, layout, cfg.train, steps, vocab, str(out),
+        train = effective_train(cfg.train, layout.model)  # with the size's own overrides
+        jobs.append((layout, executor.submit(preflight_job, layout, train, steps, vocab, str(out),
                                              min_baseline_ratio=min_baseline_ratio)))
     reports = []
     for layout, job in jobs:

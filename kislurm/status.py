@@ -234,6 +234,11 @@ def run_status(run: RunPaths, names: Optional[list[str]] = None) -> list[dict]:
         if row["state"] == "failed":
             row["error"] = rank_reports_summary(cp) or info.get("error") or row["error"]
         row["note"] = sub.note if sub and sub.note else None
+        if row["state"] == "running" and info.get("progress"):  # the heartbeat reports progress, not just life
+            row["phase"] = info.get("phase")
+            row["progress_age_s"] = round(now - float(info["progress"]))
+            if row["progress_age_s"] > 300 and not row["note"]:
+                row["note"] = f"no progress for {row['progress_age_s'] // 60} min ({info.get('phase')})"
         if sub and sub.after and sub.after == prep.get("job"):
             if prep.get("state") == "failed" and row["state"] != "done":
                 row["error"] = f"preparation job {sub.after} failed: {prep.get('error')}"

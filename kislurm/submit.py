@@ -74,12 +74,14 @@ def _slurm_minutes(text: str) -> int:
     return parts[0] * 60 + parts[1] + math.ceil(parts[2] / 60)
 
 
-def sbatch_parameters(res: Resources, ex: ExecutorConfig, name: str) -> dict[str, Any]:
-    """Keyword arguments of submitit's own sbatch renderer (the single source of truth for valid options)."""
+def sbatch_parameters(res: Resources, ex: ExecutorConfig, name: str, save_s: Optional[float] = None
+                      ) -> dict[str, Any]:
+    """Keyword arguments of submitit's own sbatch renderer (the single source of truth for valid options);
+    `save_s`: the slowest checkpoint save measured among the cells (sets the signal's lead time)."""
     params: dict[str, Any] = {
         "job_name": name, "time": res.timeout_min, "nodes": res.nodes, "ntasks_per_node": res.tasks_per_node,
         "cpus_per_task": res.cpus_per_task, "array_parallelism": ex.array_parallelism,
-        "signal_delay_s": signal_delay_s(res.timeout_min),
+        "signal_delay_s": ex.signal_lead_s or signal_delay_s(res.timeout_min, save_s),
     }
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node
@@ -105,12 +107,34 @@ def _sbatch_extra(ex: ExecutorConfig) -> dict[str, str]:
     return {k.replace("-", "_"): v for k, v in ex.sbatch_extra.items()}
 
 
-def signal_delay_s(timeout_min: int) -> int:
-    """Seconds before the time limit that Slurm sends USR2 (the cell then checkpoints and requeues).
+def signal_delay_s(timeout_min: int, save_s: Optional[float] = None) -> int:
+    """Seconds before the time limit that Slurm sends USR2 (the cell then finishes its step, saves and requeues).
 
     slurmctld checks limits every 30 s, so the signal comes up to 30 s earlier than asked; submitit's 90 s default
-    would hit a 1-2 minute job before its Python process has installed the handler, killing it instead."""
-    return 90 if timeout_min >= 5 else 15
+    would hit a 1-2 minute job before its Python process has installed the handler, killing it instead. Where a
+    save time has been measured, the lead covers twice that save plus a minute for the step in flight and the
+    scheduler's granularity (a 3B cell saving for 4 minutes on NFS gets 9 minutes, not 90 s), up to half the
+    time limit."""
+    base = 90 if timeout_min >= 5 else 15
+    if not save_s:
+        return base
+    return int(min(max(base, math.ceil(60 + 2 * save_s)), max(base, timeout_min * 30)))
+
+
+def measured_save_s(run: RunPaths, cells: Iterable[Cell]) -> Optional[float]:
+    """The slowest save recorded in the latest checkpoint of any of `cells` (None before any was saved): one small
+    JSON read per cell, on the submitting machine."""
+    from .checkpoint import find_latest
+
+    times = []
+    for cell in cells:
+        try:
+            info = find_latest(run.cell(cell.name).checkpoints)
+        except Exception:  # an unreadable record is the cell's problem, reported when it runs
+            continue
+        if info is not None and info.meta.get("save_seconds"):
+            times.append(float(info.meta["save_seconds"]))
+    return max(times) if times else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -289,12 +313,13 @@ def dry_run(cfg: ExperimentConfig, cells: list[Cell]) -> str:
     return "\n".join(texts)
 
 
-def make_executor(cfg: ExperimentConfig, run: RunPaths, res: Resources) -> submitit.AutoExecutor:
+def make_executor(cfg: ExperimentConfig, run: RunPaths, res: Resources, cells: Iterable[Cell] = ()
+                  ) -> submitit.AutoExecutor:
     ex = cfg.executor
     executor = submitit.AutoExecutor(folder=run.submitit / "%j", cluster=ex.cluster,
                                      slurm_max_num_timeout=ex.max_requeues)
     if ex.cluster == "slurm":
-        params = sbatch_parameters(res, ex, f"kislurm-{cfg.name}")
+        params = sbatch_parameters(res, ex, f"kislurm-{cfg.name}", measured_save_s(run, cells))
         executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
     else:
         # One machine: every rank on it (tasks_per_node places ranks on Slurm nodes only). gpus_per_node 0 makes
@@ -316,7 +341,7 @@ def submit_cells(cfg: ExperimentConfig, run: RunPaths, cells: list[Cell], job_fn
     subs: list[Submission] = []
     limit = max_array_size(ex)
     for res, group in group_by_resources(cells, ex).items():
-        executor = make_executor(cfg, run, res)
+        executor = make_executor(cfg, run, res, group)
         if ex.cluster == "slurm":
             if after:
                 _wait_on(executor, ex, f"afterok:{after}")
@@ -403,7 +428,7 @@ def resubmit_cell(run: RunPaths, cell: Cell, after: str, note: str) -> str:
                           f"{earlier} times (executor.max_requeues); fix: raise executor.time or max_requeues, "
                           "then run `kislurm submit` again")
     res = resources_for(cell.model, cfg.executor)
-    executor = make_executor(cfg, run, res)
+    executor = make_executor(cfg, run, res, [cell])
     _wait_on(executor, cfg.executor, f"afterany:{after}")
     job = executor.submit(CellJob(cfg.executor.allow_tp_across_nodes), str(run.root), cell)
     record_submissions(run, [Submission(cell.name, job.job_id, "slurm", time.time(), note=note)])

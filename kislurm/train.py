@@ -15,11 +15,12 @@ Optimiser: AdamW with linear warmup then cosine decay to min_lr_ratio x lr, and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,10 +34,11 @@ from megatron.core.models.gpt import GPTModel
 
 from . import checkpoint
 from .config import TrainConfig
-from .distributed import DistContext, TrainError, seed_all
+from .distributed import DistContext, TrainError, rank0_decides, seed_all
 from .estimate import flops_per_token
 from .model import build_model, count_parameters, padded_vocab_size, resolve_precision
 from .plan import Cell
+from .workarounds import require_megatron
 
 __all__ = ["Trainer", "TrainError", "lr_at", "sample_ids", "CpuAdamW", "TorchAdamCheckpointFix", "PEAK_BF16_FLOPS"]
 
@@ -198,6 +200,11 @@ class TorchAdamCheckpointFix:
             opt.optimizer.state[p]["step"] = step.clone()  # AdamW would then advance once per parameter
 
 
+require_megatron("torch-adam-checkpoint", "kislurm.train.TorchAdamCheckpointFix",
+                 "megatron's distributed optimizer on torch AdamW (no TE, no Apex) cannot load its own checkpoint and "
+                 "shares one step tensor between parameters", tested_upto="0.16.1")
+
+
 def _peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -209,18 +216,25 @@ class Trainer:
     """Trains `cell` on `dataset` (megatron GPTDataset items), resuming from the latest checkpoint in `ckpt_dir`."""
 
     def __init__(self, cell: Cell, dataset: Any, ckpt_dir: Path, vocab_size: int, dist: DistContext,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, on_log: Callable[[dict[str, float]], None] | None = None):
         self.cell, self.dataset, self.ckpt_dir, self.dist = cell, dataset, Path(ckpt_dir), dist
+        self.on_log = on_log  # called at every log line with its numbers (kislurm.monitor: TensorBoard, W&B)
+        self.last_grad_norm = float("nan")  # of the latest step, before clipping
+        self.skipped_steps = 0  # updates the optimizer skipped (non-finite gradients), over the whole cell
         self._log = log if dist.is_main else (lambda _msg: None)
         self.precision = resolve_precision(cell.model, cell.train.precision)
         self._check_inputs(vocab_size)
-        found = checkpoint.check_cell(self.ckpt_dir, cell.cell_id)  # fail fast, before building anything
+        # One decision per cell, before building anything: rank 0 reads the checkpoint folder, every rank follows.
+        found = rank0_decides(lambda: checkpoint.check_cell(self.ckpt_dir, cell.cell_id), "where to resume")
 
         seed_all(cell.seed)
         self.model: GPTModel = build_model(cell.model, vocab_size, cell.train.init_std, self.precision)
         gpu = dist.device.type == "cuda"
-        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                use_distributed_optimizer=gpu)
+        # On GPU the DP reduce-scatter of each gradient bucket starts as soon as its gradients are ready, and the
+        # parameter all-gather of the distributed optimizer overlaps the next forward (megatron DDP's overlap);
+        # on CPU both stay off, so CPU numerics are exactly what they were.
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=gpu,
+                                                overlap_param_gather=gpu, use_distributed_optimizer=gpu)
         # megatron DDP (contiguous grad buffers, DP all-reduce) where there is more than one replica or on GPU
         # (the distributed optimizer needs it); a lone CPU replica keeps plain .grad (about 4% faster).
         self.ddp = DistributedDataParallel(self.model.config, ddp_cfg, self.model) if gpu or dist.dp > 1 else None
@@ -228,6 +242,9 @@ class Trainer:
             CpuAdamW(list(self.model.named_parameters()), cell.train)
         self.params = count_parameters(self.model)
         self.vocab_size = padded_vocab_size(vocab_size)
+        self.saver = checkpoint.AsyncSaver() if cell.train.async_save else None
+        self._saved: tuple[int, str] | None = None  # (step, format) of the newest checkpoint, known without a read
+        self.last_progress = time.time()  # wall time of the last finished step (the heartbeat reports it)
         self.step = 0
         self.losses: list[float] = []  # losses[i]: global loss of the step taking self.step from i to i+1
         self._pending: list[tuple[float, float]] = []  # (loss, seconds) since the last log line
@@ -283,6 +300,7 @@ class Trainer:
             if self._min_step_s:
                 time.sleep(max(0.0, self._min_step_s - (time.perf_counter() - t0)))
             self._pending.append((loss, time.perf_counter() - t0))
+            self.last_progress = time.time()
             if self.step % self.cell.train.log_interval == 0 or self.step == self.total_steps:
                 self._log_line()
             if stop is not None and stop():
@@ -297,21 +315,69 @@ class Trainer:
             out["mfu"] = self._mfu(out["tokens_per_s"])
         return out
 
-    def save_checkpoint(self) -> Path:
-        """Checkpoint the current step (collective); a no-op if the latest checkpoint already is this step."""
-        latest = checkpoint.find_latest(self.ckpt_dir)
-        if latest is not None and latest.step == self.step:
-            return latest.path
-        state = {"step": self.step, "lr": lr_at(max(0, self.step - 1), self.total_steps, self.cell.train),
-                 "losses": self.losses, "tokens": self.step * self.tokens_per_step}
-        return checkpoint.save(self.ckpt_dir, self.step, self.model, self.optimizer, self.cell.cell_id, state)
+    def save_checkpoint(self, fmt: str = checkpoint.ROUTINE_FORMAT) -> Path:
+        """Checkpoint the current step (collective); a no-op if the newest checkpoint already is this step in this
+        format (every rank knows it from the resume decision and its own saves: no filesystem read)."""
+        path = self.ckpt_dir / checkpoint.step_dir_name(self.step)
+        if self._saved == (self.step, checkpoint.recorded_format(self.optimizer, fmt)):
+            return path
+        with self.params_in_sync():
+            checkpoint.save(self.ckpt_dir, self.step, self.model, self.optimizer, self.cell.cell_id, self._state(),
+                            fmt=fmt, saver=self.saver)
+        self._saved = (self.step, checkpoint.recorded_format(self.optimizer, fmt))
+        return path
+
+    def finish(self) -> None:
+        """After the last step (collective), before the store is completed: write what train.keep_final keeps
+        (CKPT/final weights, or the full checkpoint in the reshardable format) and wait for any async save."""
+        keep = self.cell.train.keep_final
+        if keep == "full":
+            self.save_checkpoint(fmt=checkpoint.FINAL_FORMAT)
+        elif keep == "weights":
+            with self.params_in_sync():
+                checkpoint.save(self.ckpt_dir, self.step, self.model, None, self.cell.cell_id, self._state(),
+                                fmt=checkpoint.FINAL_FORMAT, saver=self.saver, folder=checkpoint.FINAL_DIR)
+        self.close()
+
+    @contextlib.contextmanager
+    def params_in_sync(self) -> Iterator[None]:
+        """While active, the model's parameters are this step's (collective). With overlap_param_gather (GPU),
+        the distributed optimizer's updated shards are otherwise gathered only by the next forward's pre-hooks,
+        so a save or an evaluation would read the previous step's weights: force the gather, as Megatron-LM does
+        around its saves and evaluations."""
+        overlapped = self.ddp is not None and self.ddp.ddp_config.overlap_param_gather
+        if overlapped:
+            self.ddp.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            if overlapped:
+                self.ddp.enable_forward_pre_hook()
+
+    def poll_saves(self) -> None:
+        """Publish a finished asynchronous save (collective; a no-op for synchronous saves)."""
+        if self.saver is not None:
+            self.saver.finalize(blocking=False)
+
+    def close(self) -> None:
+        """Wait for and publish an asynchronous save in flight (collective)."""
+        if self.saver is not None:
+            self.saver.close()
+            self.saver = None
+
+    def _state(self) -> dict[str, Any]:
+        return {"step": self.step, "lr": lr_at(max(0, self.step - 1), self.total_steps, self.cell.train),
+                "losses": self.losses, "tokens": self.step * self.tokens_per_step,
+                "skipped_steps": self.skipped_steps}
 
     # -- internals -------------------------------------------------------------------------------------------------
 
     def _resume(self, found: checkpoint.CheckpointInfo) -> None:
         state = checkpoint.load(found, self.model, self.optimizer)
         self.step = int(state["step"])
+        self._saved = (self.step, found.meta.get("optimizer_format", checkpoint.FINAL_FORMAT))
         self.losses = [float(x) for x in state.get("losses", [])][: self.step]
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self._log(f"resumed {self.cell.name} from {found.path} at step {self.step}/{self.total_steps}")
 
     def _sample_ids(self, step: int) -> list[list[int]]:
@@ -344,15 +410,21 @@ class Trainer:
         n_tokens = self._dp_sum(sum(b["loss_mask"].float().sum() for b in batches).reshape(1))
         n_tokens = n_tokens.clamp(min=1.0)
         loss_sum = torch.zeros(1, device=self.dist.device)
-        for b in batches:
-            per_token = (self.ddp or self.model)(b["tokens"], b["position_ids"], b.get("attention_mask"), labels=b["labels"])
-            summed = (per_token.float() * b["loss_mask"].float()).sum()
-            (summed * self.dist.dp / n_tokens).backward()  # DDP averages over DP ranks; we want the sum
+        for i, b in enumerate(batches):
+            # megatron DDP reduces gradients after the last micro-batch only (with overlap: during its backward)
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                per_token = (self.ddp or self.model)(b["tokens"], b["position_ids"], b.get("attention_mask"),
+                                                     labels=b["labels"])
+                summed = (per_token.float() * b["loss_mask"].float()).sum()
+                (summed * self.dist.dp / n_tokens).backward()  # DDP averages over DP ranks; we want the sum
             loss_sum += summed.detach()
         if self.ddp is not None:
             self.ddp.finish_grad_sync()
-        ok, _norm, _ = self.optimizer.step()
+        ok, norm, _ = self.optimizer.step()  # with overlap_param_gather, the next forward's pre-hooks gather
+        self.last_grad_norm = float("nan") if norm is None else float(norm)  # megatron's is None without clipping
         if not ok:
+            self.skipped_steps += 1
             self._log(f"step {self.step + 1}: optimizer skipped the update (non-finite gradients)")
         loss = float(self._dp_sum(loss_sum) / n_tokens)
         self.step += 1
@@ -379,3 +451,9 @@ class Trainer:
             line += f" mfu {self._mfu(tps):.1%}"
         self._log(line)
         self._pending = []
+        if self.on_log is not None:
+            lr = lr_at(self.step - 1, self.total_steps, self.cell.train)
+            self.on_log({"step": self.step, "tokens": self.step * self.tokens_per_step,
+                         "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": self.last_grad_norm,
+                         "skipped_steps": self.skipped_steps, "tokens_per_s": tps,
+                         **({"mfu": self._mfu(tps)} if self._peak is not None else {})})

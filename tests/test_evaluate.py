@@ -337,6 +337,66 @@ def test_tensor_parallel_2_gives_tp1_results(model, probes, tmp_path, monkeypatc
     np.testing.assert_array_equal(results[0][1].scores, results[1][1].scores)  # ranks agree exactly
 
 
+def _evaluate_dp2(probes: ProbeSet, batch_size: int) -> tuple[int, EvalResult]:
+    """One task of a 2-task submitit job: DP=2 (TP=1), the same weights on both ranks, sharded evaluation."""
+    torch.set_num_threads(1)
+    ctx = init_model_parallel(tp=1, expected_world=2)
+    try:
+        seed_all(SEED)
+        gpt = build_model(PRESET, VOCAB, 0.02, "fp32")
+        return ctx.dp_rank, evaluate_retention(gpt, probes, batch_size=batch_size)
+    finally:
+        teardown(ctx)
+
+
+def test_data_parallel_2_splits_the_candidates_and_gives_dp1_results(model, probes, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
+        executor.update_parameters(tasks_per_node=2, nodes=1, timeout_min=5)
+        results = executor.submit(_evaluate_dp2, probes, 8).results()
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    reference = evaluate_retention(model, probes, batch_size=8)
+    total = len(probes.prompt) * probes.n_choices  # 120 candidates in 15 batches of 8: 8 batches and 7
+    assert reference.scored_here == total
+    assert sorted((rank, r.scored_here) for rank, r in results) == [(0, 64), (1, 56)]
+    for _, result in results:
+        np.testing.assert_array_equal(result.scores, reference.scores)  # the same batches, the same passes
+        np.testing.assert_array_equal(result.probe_correct, reference.probe_correct)
+        np.testing.assert_array_equal(result.probe_exact, reference.probe_exact)
+        assert result.metrics == pytest.approx(reference.metrics, nan_ok=True)
+
+
+def test_bf16_model_scores_with_fp32_logits(model, probes):
+    """A bf16 model's scored positions are projected in fp32: the scores equal log-softmax over fp32 logits of
+    the model's own (bf16) final hidden states, computed here independently, one sequence at a time."""
+    gpt = build_model(PRESET, VOCAB, 0.02, "fp32")
+    gpt.load_state_dict(model.state_dict())
+    gpt = gpt.to(torch.bfloat16)
+    scores, _ = score_candidates(gpt, probes, batch_size=8, exact_match=False)
+    weight = gpt.shared_embedding_or_output_weight().float()
+    captured = {}
+    hook = gpt.output_layer.register_forward_pre_hook(lambda m, a, k: captured.update(h=(a or (k["input_"],))[0]),
+                                                      with_kwargs=True)
+    try:
+        for p in (0, 1, 2, 17):
+            prompt = np.asarray(probes.prompt[p], dtype=np.int64)
+            for c, cand in enumerate(probes.candidates[p]):
+                tokens = torch.from_numpy(np.concatenate([prompt, np.asarray(cand, dtype=np.int64)]))
+                length = len(tokens) - 1
+                mask = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)[None, None]
+                with torch.no_grad():
+                    gpt(input_ids=tokens[None, :-1], position_ids=torch.arange(length)[None], attention_mask=mask)
+                logits = (captured["h"][:, 0].float() @ weight.t())[len(prompt) - 1:].double()
+                target = tokens[len(prompt):]
+                expect = torch.log_softmax(logits, -1).gather(1, target[:, None]).sum().item()
+                assert scores[p, c] == pytest.approx(expect, abs=1e-4), (p, c)
+    finally:
+        hook.remove()
+
+
 def test_llama_model_batched_scores_equal_naive_loop():
     """RoPE, SwiGLU, RMSNorm, GQA and an untied output layer (which the scoring pre-hook then selects on)."""
     ctx = init_model_parallel(1)

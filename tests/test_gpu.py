@@ -53,40 +53,56 @@ def test_gpu_trains_bf16_with_megatrons_distributed_optimizer(ctx, tmp_path):
     assert sum(t.losses[-5:]) / 5 < 0.7 * sum(t.losses[:5]) / 5, "loss should fall on the learnable sequences"
 
 
-def test_gpu_checkpoint_resume_continues_the_same_run(ctx, tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_gpu_checkpoint_resume_continues_the_same_run(ctx, tmp_path, async_save):
     """Weights, distributed-optimizer state, step and data position all come back: the resumed run's losses are
-    the uninterrupted run's. Attention runs on torch's math kernel here, as the fused ones' backward passes are
-    not bitwise reproducible from run to run."""
+    the uninterrupted run's, from a routine (dp_reshardable) checkpoint written synchronously or asynchronously,
+    with DP communication overlapped. Attention runs on torch's math kernel here, as the fused ones' backward
+    passes are not bitwise reproducible from run to run."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from kislurm import checkpoint
     from kislurm.train import Trainer
 
-    cell = gpu_cell(20)
+    cell = gpu_cell(20, async_save=async_save, keep_final="full")
     data = SyntheticLM(cell.n_samples)
     with sdpa_kernel(SDPBackend.MATH):
         straight = Trainer(cell, data, tmp_path / "a", VOCAB, ctx, log=lambda _m: None)
         straight.train_steps(20)
         first = Trainer(cell, data, tmp_path / "b", VOCAB, ctx, log=lambda _m: None)
+        assert straight.ddp.ddp_config.overlap_grad_reduce and straight.ddp.ddp_config.overlap_param_gather
         first.train_steps(10)
         first.save_checkpoint()
+        first.close()  # an asynchronous save is published here
+        assert checkpoint.find_latest(tmp_path / "b").meta["optimizer_format"] == checkpoint.ROUTINE_FORMAT
         del first
         resumed = Trainer(cell, data, tmp_path / "b", VOCAB, ctx, log=lambda _m: None)
         assert resumed.step == 10
         resumed.train_steps(10)
+        resumed.finish()  # keep_final: full, the reshardable format
     diff = max(abs(a - b) for a, b in zip(straight.losses, resumed.losses))
     assert diff < 1e-5, f"resumed losses differ by {diff}:\n{straight.losses}\n{resumed.losses}"
+    final = checkpoint.find_latest(tmp_path / "b")
+    assert final.step == 20 and final.meta["optimizer_format"] == checkpoint.FINAL_FORMAT
 
 
-def test_layer_spec_is_transformer_engine_when_installed(ctx):
+def test_layers_are_local_unless_transformer_engine_is_asked_for(ctx):
+    import dataclasses
+
+    from kislurm.config import ConfigError
     from kislurm.model import build_model
 
-    model = build_model(GPU_TINY, VOCAB, 0.02, "bf16")
+    model = build_model(GPU_TINY, VOCAB, 0.02, "bf16")  # default transformer_impl: local, TE installed or not
     names = {type(m).__name__ for m in model.modules()}
-    if have_transformer_engine():
-        assert any(n.startswith("TE") for n in names), names
-    else:
-        assert "SDPAttention" in names, names
+    assert "SDPAttention" in names and not any(n.startswith("TE") for n in names), names
     assert next(model.parameters()).is_cuda
+    te = dataclasses.replace(GPU_TINY, transformer_impl="transformer_engine")
+    if have_transformer_engine():
+        te_names = {type(m).__name__ for m in build_model(te, VOCAB, 0.02, "bf16").modules()}
+        assert any(n.startswith("TE") for n in te_names), te_names
+    else:
+        with pytest.raises(ConfigError, match="transformer_impl: local"):
+            build_model(te, VOCAB, 0.02, "bf16")
 
 
 def test_whole_gpu_cell_through_submitit(tmp_path):

@@ -202,3 +202,24 @@ def test_sdpa_core_attention_matches_megatron_dot_product_attention(tp1):
     ga = ours.decoder.layers[0].self_attention.linear_qkv.weight.grad
     gb = theirs.decoder.layers[0].self_attention.linear_qkv.weight.grad
     assert torch.allclose(ga, gb, atol=1e-6, rtol=1e-4)
+
+
+def test_transformer_engine_is_opt_in():
+    """Local layers unless a GPU preset asks for TE; asking without a GPU and TE is one line, on CPU refused by the
+    config already. (The TE layers themselves are built only by tests/test_gpu.py, on a GPU with TE.)"""
+    import dataclasses
+
+    from kislurm.config import BUILTIN_PRESETS, ConfigError, config_from_dict
+    from kislurm.model import SDPAttention, layer_spec
+
+    for name in ("cpu-s", "137M", "1.3B-llama"):
+        assert BUILTIN_PRESETS[name].transformer_impl == "local"
+    assert layer_spec(BUILTIN_PRESETS["137M"]).submodules.self_attention.submodules.core_attention is SDPAttention
+    te = dataclasses.replace(BUILTIN_PRESETS["137M"], transformer_impl="transformer_engine")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs a GPU with Transformer Engine importable.*no GPU.*"
+                                              "transformer_impl: local"):
+            layer_spec(te)
+    with pytest.raises(ConfigError, match="models.m.transformer_impl: transformer_engine layers run on GPU only"):
+        config_from_dict({"models": {"m": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                                           "transformer_impl": "transformer_engine"}}})

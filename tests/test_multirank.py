@@ -4,6 +4,7 @@ non-zero naming that rank, and a resubmission resumes the cell from its checkpoi
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,8 +62,14 @@ def _wait(predicate, proc: subprocess.Popen, what: str, timeout: float = 300) ->
         time.sleep(0.1)
 
 
+# A dead or hung rank ends the cell within its phase's budget (train.timeout_*_min; not part of the cell's id): one
+# minute here, where a tiny cell's step, evaluation or save takes well under a second.
+PHASE_BUDGETS = ["--set", "train.timeout_step_min=1", "--set", "train.timeout_eval_min=1",
+                 "--set", "train.timeout_save_min=1"]
+
+
 def test_killed_rank_fails_the_cell_names_it_and_resubmit_resumes(tmp_path):
-    sets = layout_sets(tmp_path, 1, 2)
+    sets = [*layout_sets(tmp_path, 1, 2), *PHASE_BUDGETS]
     _, cells = cells_of(tmp_path, *sets)
     cell = cells[0]
     paths = tmp_path / "tiny" / "cells" / cell.name
@@ -88,6 +95,33 @@ def test_killed_rank_fails_the_cell_names_it_and_resubmit_resumes(tmp_path):
     rec = read_cell(store, matrix=False)
     assert rec.complete and list(rec.step) == cell.eval_steps  # every evaluation exactly once
     assert len(rec.meta["writers"]) == 2, "the resubmission resumed the same store"
+
+
+def test_hung_rank_fails_the_cell_within_its_step_budget(tmp_path):
+    """A rank that stops (SIGSTOP: no error, no closed socket) leaves its peer blocked in a collective; the peer's
+    watchdog ends the cell after that phase's budget, naming the phase, and the cell is FAILED with both ranks
+    accounted for."""
+    sets = [*layout_sets(tmp_path, 1, 2), *PHASE_BUDGETS]
+    _, cells = cells_of(tmp_path, *sets)
+    paths = tmp_path / "tiny" / "cells" / cells[0].name
+    proc = subprocess.Popen([sys.executable, "-m", "kislurm.cli", "submit", str(TINY), *sets],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, MIN_STEP_ENV: "0.5"})
+    store = paths / "retention.h5"
+    _wait(lambda: store.exists() and len(read_cell(store, matrix=False).step) >= 1, proc, "first evaluation")
+    victim = json.loads((paths / "ranks" / "1.json").read_text())
+    os.kill(victim["pid"], signal.SIGSTOP)
+    try:
+        _wait(lambda: (paths / "STATUS").read_text().startswith("FAILED"), proc, "FAILED status")
+    finally:
+        os.kill(victim["pid"], signal.SIGCONT)  # it then finds its peer gone and fails too
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    status = json.loads((paths / "STATUS").read_text().splitlines()[1])
+    # stopped just after an evaluation: rank 0 waits in that step's save or in the next training step
+    assert re.search(r"rank 0 made no progress in (checkpoint save|training) for 1 min \(step \d+\): a peer rank "
+                     r"probably died or hung; fix: .* raise train\.timeout_(save|step)_min", status["error"]), status
+    assert "no error report from rank 1" in status["error"]
 
 
 def test_tp_placement_check():

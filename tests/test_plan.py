@@ -70,3 +70,61 @@ def test_architecture_fields_enter_the_id_only_when_not_default():
     explicit = {**base, "models": {"m": {**base["models"]["m"], "position_embedding": "learned",
                                          "tie_embeddings": True}}}
     assert expand(config_from_dict(explicit))[0].cell_id == expand(config_from_dict(base))[0].cell_id
+
+
+def test_per_size_train_overrides_apply_to_that_size_and_enter_its_id():
+    """A preset's `train:` overrides replace the run's training settings for that size's cells only and so change
+    their ids; no overrides (or overrides equal to the run's values) keep the ids; a bad key is one line."""
+    import yaml
+
+    from kislurm.config import ConfigError, config_to_dict
+
+    shape = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4}
+    base = {"grid": {"sizes": ["m", "cpu-s"], "ratios": [0.1], "token_budgets": [20_000]}, "models": {"m": shape}}
+    plain = {c.size: c for c in expand(config_from_dict(base))}
+    tuned_cfg = config_from_dict({**base, "models": {"m": {**shape, "train": {
+        "lr": 1e-3, "global_batch_size": 64, "micro_batch_size": 8, "warmup_frac": 0.05}}}})
+    tuned = {c.size: c for c in expand(tuned_cfg)}
+    t = tuned["m"].train
+    assert (t.lr, t.global_batch_size, t.micro_batch_size, t.warmup_frac) == (1e-3, 64, 8, 0.05)
+    assert t.weight_decay == plain["m"].train.weight_decay  # the rest is the run's train: section
+    assert tuned["m"].steps == -(-20_000 // (64 * tuned["m"].model.seq_length)) != plain["m"].steps
+    assert tuned["m"].cell_id != plain["m"].cell_id
+    assert tuned["cpu-s"].cell_id == plain["cpu-s"].cell_id and tuned["cpu-s"].train.lr == 3e-3
+    same = config_from_dict({**base, "models": {"m": {**shape, "train": {"lr": 3e-3}}}})  # the run's own lr
+    assert expand(same)[0].cell_id == plain["m"].cell_id
+    # the run folder's config.yaml (what a compute node re-expands) gives the same cells
+    again = config_from_dict(yaml.safe_load(yaml.safe_dump(config_to_dict(tuned_cfg), sort_keys=False)))
+    assert [c.cell_id for c in expand(again)] == [c.cell_id for c in expand(tuned_cfg)]
+    for bad, words in (({"lrr": 1e-3}, "models.m.train.lrr: unknown key (did you mean lr?)"),
+                       ({"lr": 2.0}, "models.m.train.lr: expected a learning rate in (0, 1)"),
+                       ({"global_batch_size": 24}, "models.m.train.global_batch_size: 24 is not a multiple")):
+        with pytest.raises(ConfigError) as err:
+            config_from_dict({**base, "models": {"m": {**shape, "train": bad}}})
+        assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_plan_shows_per_size_overrides(tmp_path):
+    from click.testing import CliRunner
+
+    from kislurm.cli import main
+
+    path = tmp_path / "ov.yaml"
+    path.write_text(f"name: ov\noutput_root: {tmp_path}\ngrid: {{sizes: [m, cpu-s], ratios: [0.1], token_budgets: "
+                    "[20000]}\nmodels:\n  m: {num_layers: 2, hidden_size: 32, num_attention_heads: 4, "
+                    "train: {lr: 1.0e-3, global_batch_size: 64}}\n")
+    out = CliRunner().invoke(main, ["plan", str(path)])
+    assert out.exit_code == 0, out.output
+    assert "m: train overrides global_batch_size=64, lr=0.001" in out.output
+    assert "cpu-s: train overrides" not in out.output
+
+
+def test_transformer_impl_enters_the_id_only_when_opted_in():
+    shape = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "device": "gpu"}
+
+    def cell_id(**extra):
+        return expand(config_from_dict({"grid": {"sizes": ["m"], "ratios": [0.1]},
+                                        "models": {"m": {**shape, **extra}}}))[0].cell_id
+
+    assert cell_id(transformer_impl="local") == cell_id()
+    assert cell_id(transformer_impl="transformer_engine") != cell_id()

@@ -1,5 +1,6 @@
 """A cell SIGKILLed at random moments and restarted each time ends with exactly the uninterrupted run's record:
-the same final loss and retention series, no evaluation step lost or repeated (jobs/run_cell.py's contract)."""
+the same final loss and retention series, no evaluation step lost or repeated (jobs/run_cell.py's contract), with
+a checkpoint every two evaluations (so a restart redoes the evaluations after its checkpoint)."""
 
 import json
 import os
@@ -26,7 +27,8 @@ ENTRY = [sys.executable, str(REPO / "jobs" / "run_cell.py")]
 def plan(root: Path):
     cfg = load_config(REPO / "configs" / "tiny.yaml", {"output_root": str(root), "grid.sizes": ["cpu-xs"],
                                                         "grid.ratios": [0.5], "grid.token_budgets": [40960],
-                                                        "train.eval_interval": 10})
+                                                        "train.eval_interval": 10,
+                                                        "train.checkpoint_interval": 20})
     cell = expand(cfg)[0]
     run = write_plan(cfg, [cell])
     prepare_run(cfg, [cell])  # cells only read prepared data (kislurm submit / kislurm prepare build it)

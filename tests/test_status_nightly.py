@@ -56,6 +56,12 @@ def test_run_status_rows(tmp_path):
     rows = {r["cell"]: r for r in run_status(run)}
     assert rows["done_cell"]["state"] == "done" and rows["done_cell"]["general_acc"] == pytest.approx(0.9)
     assert rows["half_cell"]["state"] == "running" and rows["half_cell"]["step"] == 10
+    assert rows["half_cell"]["note"] is None  # no progress recorded: nothing to say
+    # A live heartbeat whose last finished step is 10 minutes old: running, but the row says it makes no progress.
+    write_status(run.cell("half_cell"), "RUNNING", step=10, phase="training", progress=time.time() - 600)
+    row = {r["cell"]: r for r in run_status(run)}["half_cell"]
+    assert row["state"] == "running" and row["phase"] == "training" and row["progress_age_s"] >= 600
+    assert row["note"] == "no progress for 10 min (training)"
     with pytest.raises(FileNotFoundError, match="no such run folder"):
         run_status(RunPaths(tmp_path / "absent"))
 

@@ -99,3 +99,28 @@ def test_changed_config_for_existing_cell_is_refused(tmp_path):
     write_plan(changed, expand(changed), force=True)
     assert len(list(run.cells.glob("*/cell.json"))) == 2
     write_plan(cfg, expand(cfg))  # the same config again is fine
+
+
+def test_signal_lead_follows_the_measured_save_time(tmp_path):
+    from kislurm import checkpoint
+    from kislurm.paths import atomic_write_json
+    from kislurm.submit import measured_save_s, sbatch_parameters, signal_delay_s
+
+    assert (signal_delay_s(60), signal_delay_s(2)) == (90, 15)  # nothing measured yet
+    assert signal_delay_s(60, save_s=10.0) == 90  # a fast save keeps the floor
+    assert signal_delay_s(600, save_s=240.0) == 540  # twice the save plus a minute
+    assert signal_delay_s(10, save_s=1000.0) == 300  # at most half the time limit
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", {"output_root": str(tmp_path), "grid.ratios": [0.3, 0.6]})
+    cells = expand(cfg)
+    run = write_plan(cfg, cells)
+    assert measured_save_s(run, cells) is None
+    step = run.cell(cells[1].name).checkpoints / checkpoint.step_dir_name(40)
+    step.mkdir(parents=True)
+    atomic_write_json(step / "metadata.json", {})  # what dist_checkpointing writes; kislurm.json last
+    atomic_write_json(step / checkpoint.META_FILE, {"cell_id": cells[1].cell_id, "step": 40, "save_seconds": 150.0})
+    assert measured_save_s(run, cells) == 150.0
+    res = resources_for(cells[0].model, cfg.executor)
+    assert sbatch_parameters(res, cfg.executor, "x", 150.0)["signal_delay_s"] == 360
+    fixed = replace(cfg.executor, signal_lead_s=200)
+    assert sbatch_parameters(res, fixed, "x", 150.0)["signal_delay_s"] == 200

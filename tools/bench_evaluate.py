@@ -1,6 +1,7 @@
 """Benchmark: batched retention scoring against a naive per-fact, per-candidate loop, same model, same probes, same run.
 
     python tools/bench_evaluate.py [--facts 1000] [--choices 4] [--size cpu-l] [--vocab 2048] [--batch-size 512]
+    python tools/bench_evaluate.py --dp 8 [--facts 1000] ...   # the evaluation's cost per rank at DP=8
 
 Target (issue): the batched evaluator is >= 20x faster than the naive loop at 1,000 facts x 4 candidates on CPU.
 Both paths are the real code (kislurm.evaluate.score_candidates and score_candidates_naive) on a real megatron-core
@@ -54,6 +55,60 @@ def best_of(fn, repeats: int) -> tuple[float, float, object]:
     return wall, cpu, out
 
 
+def _dp_rank_task(args: argparse.Namespace) -> dict:
+    """One rank of a DP=N job: the same model and probes, the sharded evaluation; what this rank did."""
+    from kislurm.evaluate import evaluate_retention
+
+    torch.set_num_threads(1)
+    ctx = init_model_parallel(1, expected_world=args.dp)
+    try:
+        seed_all(0)
+        model = build_model(BUILTIN_PRESETS[args.size], args.vocab, 0.02, "fp32")
+        probes = synthetic_probes(args.facts, args.choices, args.vocab)
+        c0 = time.process_time()
+        result = evaluate_retention(model, probes, args.batch_size)
+        return {"rank": ctx.rank, "candidates": result.scored_here, "cpu_s": time.process_time() - c0,
+                "general_acc": result.metrics["general_acc"]}
+    finally:
+        teardown(ctx)
+
+
+def dp_cost(args: argparse.Namespace) -> None:
+    """Candidates and CPU seconds per rank at DP=args.dp against DP=1 in the same run (wall time means little
+    when N ranks share a laptop's cores; the work per rank is what a cluster pays)."""
+    import tempfile
+
+    import submitit
+
+    from kislurm.evaluate import evaluate_retention
+
+    torch.set_num_threads(1)
+    ctx = init_model_parallel(1)
+    try:
+        seed_all(0)
+        model = build_model(BUILTIN_PRESETS[args.size], args.vocab, 0.02, "fp32")
+        probes = synthetic_probes(args.facts, args.choices, args.vocab)
+        c0 = time.process_time()
+        one = evaluate_retention(model, probes, args.batch_size)
+        one_cpu = time.process_time() - c0
+    finally:
+        teardown(ctx)
+    with tempfile.TemporaryDirectory() as work:
+        executor = submitit.LocalExecutor(folder=work)
+        executor.update_parameters(tasks_per_node=args.dp, nodes=1, timeout_min=30)
+        ranks = sorted(executor.submit(_dp_rank_task, args).results(), key=lambda r: r["rank"])
+    n = args.facts * args.choices
+    print(f"DP=1: {one.scored_here} candidates, {one_cpu:.2f} s cpu")
+    for r in ranks:
+        print(f"DP={args.dp} rank {r['rank']}: {r['candidates']} candidates ({r['candidates'] / n:.3f} of all), "
+              f"{r['cpu_s']:.2f} s cpu")
+    busiest = max(r["candidates"] for r in ranks)
+    same = all(r["general_acc"] == one.metrics["general_acc"] for r in ranks)
+    print(f"per-rank cost at DP={args.dp}: the busiest rank scores {busiest / n:.3f} of the candidates "
+          f"(ideal {1 / args.dp:.3f}), {max(r['cpu_s'] for r in ranks) / one_cpu:.3f} of DP=1's cpu seconds; "
+          f"results identical to DP=1: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--facts", type=int, default=1000)
@@ -63,7 +118,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="batched runs; the best counts (naive runs once)")
+    parser.add_argument("--dp", type=int, default=1, help="> 1: measure the cost per rank at this DP degree")
     args = parser.parse_args()
+    if args.dp > 1:
+        return dp_cost(args)
 
     torch.set_num_threads(args.threads)
     ctx = init_model_parallel(1)

@@ -1,7 +1,7 @@
 """GPU training throughput: model FLOPs utilisation of the paper presets, and kislurm vs plain PyTorch, same run.
 
 For each preset (TP=1 on one GPU) it trains kislurm's Trainer (megatron-core GPT, bf16, megatron's distributed
-optimizer, Transformer Engine layers when installed, else megatron's local layers with torch's fused attention) on
+optimizer, megatron's local layers with torch's fused attention: the presets' default transformer_impl) on
 random tokens, then the plain-PyTorch GPT of identical shape of kislurm.baseline (bf16 autocast over fp32 weights,
 fused AdamW, torch's fused attention; the one `kislurm preflight` measures against) on the same samples. Reports
 tokens/s, MFU (dense bf16 peak: 989 TFLOP/s on an H100/H200), the ratio kislurm / plain, and the peak memory with
@@ -90,7 +90,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu: no CUDA GPU visible; fix: run it on a GPU node")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
-          f"layers: {'Transformer Engine' if have_transformer_engine() else 'megatron local + torch SDPA'}")
+          "layers: megatron local + torch SDPA (transformer_impl: local; Transformer Engine "
+          f"{'installed' if have_transformer_engine() else 'not installed'}, opt-in only)")
     rows = []
     for name in args.presets:
         mbs, gbs = DEFAULT_BATCH.get(name, (4, 16))

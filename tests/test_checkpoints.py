@@ -1,0 +1,87 @@
+"""Checkpoint policy of a real cell (jobs/run_cell.py on a tiny megatron-core GPT): what a DONE cell keeps
+(train.keep_final), checkpoints on a time cadence, and asynchronous saves that end in the same record."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kislurm import checkpoint
+from kislurm.config import load_config
+from kislurm.data import cell_probes, load_prepared, prepare_run
+from kislurm.distributed import init_model_parallel, seed_all, teardown
+from kislurm.evaluate import evaluate_retention
+from kislurm.model import build_model
+from kislurm.plan import expand
+from kislurm.store import read_cell
+from kislurm.submit import write_plan
+from kislurm.train import MIN_STEP_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRY = [sys.executable, str(REPO / "jobs" / "run_cell.py")]
+
+
+def run_cell(root: Path, env: dict | None = None, **train):
+    """Plan, prepare and run one 20-step cpu-xs cell with these train settings; returns (run, cell, log)."""
+    cfg = load_config(REPO / "configs" / "tiny.yaml", {
+        "output_root": str(root), "grid.sizes": ["cpu-xs"], "grid.ratios": [0.5], "grid.token_budgets": [10240],
+        "train.eval_interval": 10, **{f"train.{k}": v for k, v in train.items()}})
+    cell = expand(cfg)[0]
+    run = write_plan(cfg, [cell])
+    prepare_run(cfg, [cell])
+    subprocess.run([*ENTRY, str(run.root), cell.name], check=True, capture_output=True, timeout=600,
+                   env={**os.environ, **(env or {})})
+    return cfg, run, cell, run.cell(cell.name).log.read_text()
+
+
+def test_keep_final_none_weights_full(tmp_path):
+    _, run, cell, _ = run_cell(tmp_path / "none", keep_final="none")
+    assert list(run.cell(cell.name).checkpoints.iterdir()) == []
+
+    _, run, cell, _ = run_cell(tmp_path / "full", keep_final="full")
+    ck = run.cell(cell.name).checkpoints
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", checkpoint.step_dir_name(cell.steps)]
+    assert checkpoint.find_latest(ck).meta["kind"] == "full"
+
+    cfg, run, cell, _ = run_cell(tmp_path / "weights")  # the default
+    ck = run.cell(cell.name).checkpoints
+    assert [p.name for p in ck.iterdir()] == [checkpoint.FINAL_DIR]
+    # The kept weights are the trained model: evaluated afresh they give the store's last record exactly.
+    prepared = load_prepared(cell.data, run.data, cell.model.seq_length)
+    ctx = init_model_parallel(1)
+    try:
+        seed_all(cell.seed + 1)  # not the training seed: every weight must come from the checkpoint
+        model = build_model(cell.model, prepared.tokenizer.vocab_size, cell.train.init_std, "fp32")
+        meta = checkpoint.load_weights(ck / checkpoint.FINAL_DIR, model)
+        result = evaluate_retention(model, cell_probes(prepared, cell), cell.eval.batch_size)
+    finally:
+        teardown(ctx)
+    assert meta["kind"] == "weights" and meta["step"] == cell.steps
+    rec = read_cell(run.cell(cell.name).store)
+    np.testing.assert_array_equal(rec.probe_correct[-1], result.probe_correct)
+    for name, series in rec.metrics.items():
+        assert series[-1] == pytest.approx(result.metrics[name], abs=1e-6, nan_ok=True), name
+
+
+def test_checkpoints_on_a_time_cadence(tmp_path):
+    """Every step lasts at least 0.1 s and a checkpoint is due every 0.06 s: one after each of the 20 steps, none
+    tied to the evaluations."""
+    _, run, cell, log = run_cell(tmp_path, env={MIN_STEP_ENV: "0.1"}, checkpoint_minutes=0.001, keep_final="full")
+    saved = [int(line.split("checkpoint step ")[1].split()[0]) for line in log.splitlines() if "checkpoint step" in line]
+    assert saved == list(range(1, cell.steps + 1))
+    assert read_cell(run.cell(cell.name).store, matrix=False).complete
+
+
+def test_async_saves_give_the_synchronous_record(tmp_path):
+    _, sync_run, cell, _ = run_cell(tmp_path / "sync", keep_final="full")
+    _, async_run, _, log = run_cell(tmp_path / "async", keep_final="full", async_save=True)
+    assert "checkpoint step 10 scheduled" in log
+    ref, got = read_cell(sync_run.cell(cell.name).store), read_cell(async_run.cell(cell.name).store)
+    np.testing.assert_array_equal(got.probe_correct, ref.probe_correct)
+    np.testing.assert_array_equal(got.train_loss, ref.train_loss)
+    final = checkpoint.find_latest(async_run.cell(cell.name).checkpoints)
+    assert final.step == cell.steps and json.loads((final.path / checkpoint.META_FILE).read_text())["kind"] == "full"
