@@ -20,7 +20,9 @@ minutes on the real cluster, on random tokens, that checks what no single-GPU ma
   on GPU, both MFUs. Where the plain model does not fit one GPU (TP chosen for memory) it is skipped and says so.
   With min_baseline_ratio (`kislurm preflight --min-baseline-ratio`; off by default) it becomes the check
   baseline_ratio. On CPU the ratio compares megatron's ranks sharing the cores with one process alone;
-- dp_eval: a placeholder until kislurm/evaluate.py shards evaluation over DP (issue 14): reported as skipped.
+- dp_eval: retention evaluation split over the DP ranks (what every cell does) against every rank scoring every
+  candidate, on the same weights and a random probe set: the per-probe results must be identical, and each rank's
+  share is reported (skipped at DP=1: nothing to split).
 
 Each layout writes RUN/preflight/<layout>/report.json; `kislurm preflight CONFIG` prints one line per layout.
 """
@@ -181,7 +183,7 @@ def preflight_job(layout: Layout, train: TrainConfig, steps: int, vocab: int, fo
         reference, speed = _train(cell, data, root / "uninterrupted", vocab, ctx)
         checks["resume_exact"] = _resume_check(cell, data, root, vocab, ctx, reference, tolerance)
         checks["tp_matches_tp1"] = _tp1_check(layout, cell, data, root, vocab, ctx, reference, tolerance)
-        checks["dp_eval"] = _dp_eval_check()
+        checks["dp_eval"] = _dp_eval_check(cell, vocab, ctx)
         baseline = _baseline(layout, cell, data, vocab, ctx, speed)
         if min_baseline_ratio is not None:
             checks["baseline_ratio"] = baseline_ratio_check(baseline, min_baseline_ratio)
@@ -250,14 +252,40 @@ def _tp1_check(layout: Layout, cell: Cell, data: RandomTokens, root: Path, vocab
     return {"ok": diff <= tolerance, "max_abs_diff": diff}
 
 
-def _dp_eval_check() -> dict:
-    """DP-sharded evaluation against unsharded: waits for kislurm/evaluate.py's sharded evaluation (issue 14).
+def _dp_eval_check(cell: Cell, vocab: int, ctx: Any, n_probes: int = 64, n_choices: int = 4) -> dict:
+    """Sharded evaluation equals unsharded on this layout: the same model (seeded like the cell), random probes in
+    enough batches that every DP rank scores some; every rank gets the same answer (the results are all-reduced)."""
+    import numpy as np
 
-    To plug it in: evaluate the trained model of the "uninterrupted" run with the layout's DP sharding and again
-    with every probe on every rank (dp=1 semantics), and return {"ok": max |difference| <= tolerance,
-    "max_abs_diff": ...} over the per-probe results (summary_line then prints the difference).
-    """
-    return {"ok": None, "skipped": "needs sharded evaluation (kislurm/evaluate.py, issue 14)"}
+    from .distributed import seed_all
+    from .evaluate import evaluate_retention, score_candidates, strictly_best
+    from .knowledge import ProbeSet
+    from .model import build_model, resolve_precision
+
+    if ctx.dp == 1:
+        return {"ok": None, "skipped": "data_parallel 1: nothing to split"}
+    seed_all(cell.seed)
+    model = build_model(cell.model, vocab, cell.train.init_std, resolve_precision(cell.model, cell.train.precision))
+    rng = np.random.default_rng(cell.seed)
+    width = max(2, min(8, cell.model.seq_length // 4))
+    probes = ProbeSet(
+        fact_ids=[f"preflight:{i}:rel" for i in range(n_probes)],
+        fact_group=(np.arange(n_probes) % 2).astype(np.int8), fact_index=np.arange(n_probes, dtype=np.int64),
+        heldout=np.zeros(n_probes, dtype=bool),
+        prompt=[rng.integers(0, vocab, rng.integers(1, width + 1)).astype(np.int32) for _ in range(n_probes)],
+        candidates=[[rng.integers(0, vocab, rng.integers(1, 4)).astype(np.int32) for _ in range(n_choices)]
+                    for _ in range(n_probes)],
+        answer=rng.integers(0, n_choices, n_probes).astype(np.int64), n_choices=n_choices)
+    batch = max(1, n_probes * n_choices // (4 * ctx.dp))  # four batches per DP rank
+    sharded = evaluate_retention(model, probes, batch)
+    scores, exact = score_candidates(model, probes, batch)  # every rank scores every candidate
+    same = bool(np.array_equal(sharded.probe_correct, strictly_best(scores, probes.answer))
+                and np.array_equal(sharded.probe_exact, exact))
+    diff = float(np.abs(sharded.scores - scores).max())
+    del model
+    _free()
+    return {"ok": same and diff == 0.0, "max_abs_diff": diff, "candidates": n_probes * n_choices,
+            "scored_on_this_rank": sharded.scored_here}
 
 
 def _baseline(layout: Layout, cell: Cell, data: RandomTokens, vocab: int, ctx: Any, speed: dict) -> dict:

@@ -56,7 +56,7 @@ def test_tp2_llama_preflight_on_cpu_through_the_local_executor(tmp_path):
     base = report["baseline"]
     assert base["tokens_per_s"] > 0 and base["megatron_tokens_per_s_per_rank"] == report["tokens_per_s"] / 2
     assert base["ratio"] > 0 and base["mfu"] is None and base["samples_per_step"] == 8
-    assert checks["dp_eval"] == {"ok": None, "skipped": "needs sharded evaluation (kislurm/evaluate.py, issue 14)"}
+    assert checks["dp_eval"] == {"ok": None, "skipped": "data_parallel 1: nothing to split"}
     assert "baseline_ratio" not in checks  # off by default
     on_disk = json.loads((tmp_path / "pf" / "preflight" / "l2_tp2_pp1_dp1_cpu" / "report.json").read_text())
     assert on_disk == report

@@ -193,4 +193,6 @@ def test_preflight_of_a_tp2_dp2_layout_across_two_nodes(two_nodes, tmp_path):
     assert report["passed"] and report["nodes"] == 2, report
     assert report["checks"]["tp_groups_on_one_host"]["hosts"] == [["kn1", "kn1"], ["kn2", "kn2"]]
     assert report["checks"]["resume_exact"]["max_abs_diff"] == 0.0
+    dp_eval = report["checks"]["dp_eval"]  # rank 0's view: half of the 256 candidates, the same results
+    assert dp_eval["ok"] and dp_eval["max_abs_diff"] == 0.0 and dp_eval["scored_on_this_rank"] == 128, dp_eval
     print(f"\npreflight across two nodes: {out.output.strip().splitlines()[-1]}")
