@@ -402,6 +402,8 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                     log(f"step {trainer.step}/{cell.steps} eval " + " ".join(
                         f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("_acc"))
                         + f" (rank 0 scored {result.scored_here} of {total} candidates, DP={dist.dp})")
+            if stop == cell.steps:
+                break  # the last step's checkpoint is what keep_final keeps (trainer.finish), nothing routine
             if stop in evals and _saves_after_evaluations(cell) or \
                     cell.train.checkpoint_interval and stop % cell.train.checkpoint_interval == 0:
                 save()
