@@ -407,6 +407,10 @@ class TrainConfig:
     async_save: bool = False
     """Write checkpoints asynchronously (megatron's dist_checkpointing async save: a forked writer while training
     goes on; published at the next step boundary once every rank's writes are done). Not part of the cell's id."""
+    overlap_dp_comm: bool = True
+    """GPU: overlap the DP gradient reduce-scatter with the backward pass and the distributed optimizer's parameter
+    all-gather with the next forward (megatron DDP's overlap_grad_reduce / overlap_param_gather); CPU cells never
+    overlap. Not part of the cell's id."""
     timeout_startup_min: float = 30.0
     """Longest time a rank may spend starting up (process group, indices, model, checkpoint load) before the cell
     fails naming the phase; as the other timeouts, not part of the cell's id."""

@@ -126,8 +126,8 @@ class Cell:
                                                "device": self.model.device}}
 
 
-TRAIN_NOT_IN_ID = ("checkpoint_minutes", "keep_final", "async_save", "timeout_startup_min", "timeout_step_min",
-                   "timeout_eval_min", "timeout_save_min")
+TRAIN_NOT_IN_ID = ("checkpoint_minutes", "keep_final", "async_save", "overlap_dp_comm", "timeout_startup_min",
+                   "timeout_step_min", "timeout_eval_min", "timeout_save_min")
 """Training settings that change how a cell is run, never what it computes (resume is exact): not in its id."""
 
 

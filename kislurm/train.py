@@ -233,8 +233,9 @@ class Trainer:
         # On GPU the DP reduce-scatter of each gradient bucket starts as soon as its gradients are ready, and the
         # parameter all-gather of the distributed optimizer overlaps the next forward (megatron DDP's overlap);
         # on CPU both stay off, so CPU numerics are exactly what they were.
-        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=gpu,
-                                                overlap_param_gather=gpu, use_distributed_optimizer=gpu)
+        overlap = gpu and cell.train.overlap_dp_comm
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
+                                                overlap_param_gather=overlap, use_distributed_optimizer=gpu)
         # megatron DDP (contiguous grad buffers, DP all-reduce) where there is more than one replica or on GPU
         # (the distributed optimizer needs it); a lone CPU replica keeps plain .grad (about 4% faster).
         self.ddp = DistributedDataParallel(self.model.config, ddp_cfg, self.model) if gpu or dist.dp > 1 else None

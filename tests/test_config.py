@@ -55,7 +55,7 @@ BAD = [
     ("unknown nested key", "train: {learning_rate: 0.1}\n",
      "train.learning_rate: unknown key; valid keys here: micro_batch_size, global_batch_size, lr, min_lr_ratio, "
      "warmup_frac, weight_decay, clip_grad, init_std, eval_interval, log_interval, checkpoint_interval, precision, "
-     "checkpoint_minutes, keep_final, async_save, timeout_startup_min, timeout_step_min, timeout_eval_min, "
+     "checkpoint_minutes, keep_final, async_save, overlap_dp_comm, timeout_startup_min, timeout_step_min, timeout_eval_min, "
      "timeout_save_min"),
     ("ratio out of range", "grid: {ratios: [0.1, 1.5]}\n",
      "grid.ratios[1]: expected a ratio strictly between 0 and 1, got 1.5; fix: write fractions, e.g. 0.1 for 10%"),
