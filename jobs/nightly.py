@@ -1,12 +1,12 @@
 """The nightly aggregation entry, as a script for cron or scrontab (the code, its options and the cron lines are in
-kislurm.nightly; `python -m kislurm.nightly` is the same).
+kislurm.analysis.nightly; `python -m kislurm.analysis.nightly` is the same).
 
     python jobs/nightly.py RUN [RUN ...] [--reports DIR] [--keep N]
 """
 
 import sys
 
-from kislurm.nightly import main
+from kislurm.analysis.nightly import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@ knowledge retention in HDF5, and aggregate every run into collapse points and a 
 
 __version__ = "0.1.0"
 
-from .config import ConfigError, ExperimentConfig, load_config  # noqa: E402
-from .plan import Cell, expand  # noqa: E402
+from kislurm.plan.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
+from kislurm.plan.grid import Cell, expand  # noqa: E402
 
 __all__ = ["__version__", "ConfigError", "ExperimentConfig", "load_config", "Cell", "expand"]

@@ -7,7 +7,6 @@ and a non-zero exit; a traceback means a bug in kislurm.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import sys
 import time
@@ -18,10 +17,11 @@ import warnings
 
 import click
 
-from . import __version__
-from .config import ConfigError, ExperimentConfig, load_config
-from .paths import RunPaths
-from .plan import Cell, expand, resolve_layouts, run_dir
+from kislurm import __version__
+from kislurm.errors import KislurmError
+from kislurm.plan.config import ConfigError, ExperimentConfig, load_config
+from kislurm.paths import RunPaths
+from kislurm.plan.grid import Cell, expand, resolve_layouts, run_dir
 
 def shipped_config(name: str) -> Path:
     """A config of the project's configs/: in the source tree, else where `pip install .` put it (data_files)."""
@@ -33,30 +33,15 @@ DEMO_CONFIG = shipped_config("demo.yaml")
 
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")  # expected on CPU: noise
 
-# Known failure types: shown as one line, exit 2.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    errors = list(_USER_ERRORS)
-    for module, name in (("submit", "SubmitError"), ("store", "StoreError"), ("knowledge", "DataError"),
-                         ("distributed", "TrainError"), ("aggregate", "AggregateError"),
-                         ("measurements_csv", "MeasurementError"), ("evaluate", "EvalError"),
-                         ("validate", "ValidationError"), ("pilot", "PilotError"),
-                         ("workarounds", "UntestedMegatronError")):
-        try:
-            errors.append(getattr(importlib.import_module(f"kislurm.{module}"), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
-
+# Known failure types: shown as one line, exit 2 (every kislurm error derives from KislurmError).
+_USER_ERRORS: tuple[type[BaseException], ...] = (KislurmError, FileNotFoundError)
 
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except _user_errors() as e:
+        except _USER_ERRORS as e:
             click.echo(f"kislurm: error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -102,7 +87,7 @@ _set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VAL
 @_set_option
 def plan(config: str, overrides: tuple[str, ...]) -> None:
     """Show the grid of CONFIG as a table of cells with their resources. Submits nothing."""
-    from .submit import describe
+    from kislurm.cluster.submit import describe
 
     cfg, cells = _load(config, overrides)
     rows = describe(cells, cfg.executor)
@@ -138,8 +123,8 @@ def _override_lines(cfg: ExperimentConfig) -> list[str]:
 
 
 def _cost_columns(cfg: ExperimentConfig, cells: list[Cell]) -> list[dict[str, str]]:
-    """Per cell: its TP degree, estimated peak memory of one rank, and GPU-hours (kislurm.estimate)."""
-    from .estimate import cell_costs, plan_vocab_size
+    """Per cell: its TP degree, estimated peak memory of one rank, and GPU-hours (kislurm.plan.estimate)."""
+    from kislurm.plan.estimate import cell_costs, plan_vocab_size
 
     vocab = plan_vocab_size(cfg.data)
     out = []
@@ -153,7 +138,7 @@ def _cost_columns(cfg: ExperimentConfig, cells: list[Cell]) -> list[dict[str, st
 
 def _cost_summary(cfg: ExperimentConfig, cells: list[Cell]) -> str:
     """One line: total GPU-hours and the assumptions behind the memory and cost columns."""
-    from .estimate import FIT_FRACTION, cell_costs, plan_vocab_size
+    from kislurm.plan.estimate import FIT_FRACTION, cell_costs, plan_vocab_size
 
     vocab = plan_vocab_size(cfg.data)
     ex = cfg.executor
@@ -170,8 +155,8 @@ def _cost_summary(cfg: ExperimentConfig, cells: list[Cell]) -> str:
 def _ladder_estimate(cfg: ExperimentConfig, first: list[Cell]) -> str:
     """Expected cells and GPU-hours of an adaptive ladder (no added ratios) against the fixed grid of its start
     ratios on every size."""
-    from .plan import ladder_order, size_cells
-    from .validate import full_sweep, gpu_hours
+    from kislurm.plan.grid import ladder_order, size_cells
+    from kislurm.analysis.validate import full_sweep, gpu_hours
 
     g, vocab = cfg.grid, cfg.data.vocab_size
     one_ratio = [c for s in ladder_order(cfg)[2:] for c in size_cells(cfg, s, [0.5])]  # cost does not depend on r
@@ -187,8 +172,8 @@ def _ladder_estimate(cfg: ExperimentConfig, first: list[Cell]) -> str:
 
 
 def load_cell_job(cfg: ExperimentConfig):
-    """The compute-node entry (kislurm.cell_job.CellJob): nodes import it from the installed package."""
-    from .cell_job import CellJob
+    """The compute-node entry (kislurm.cluster.cell_job.CellJob): nodes import it from the installed package."""
+    from kislurm.cluster.cell_job import CellJob
 
     return CellJob(allow_tp_across_nodes=cfg.executor.allow_tp_across_nodes)
 
@@ -211,12 +196,12 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
     (locally) wait with a progress bar."""
     from tqdm import tqdm
 
-    from .submit import (RESUBMIT, cancel_jobs, cells_to_run, check_cluster, release, submit_cells, submit_preparation,
-                         write_plan)
+    from kislurm.cluster.submit import (RESUBMIT, cancel_jobs, cells_to_run, check_cluster, release, submit_cells,
+                                        submit_preparation, write_plan)
 
     check_cluster(cfg.executor)
     if cfg.executor.cluster != "slurm":  # cells run in this environment: refuse a monitor it lacks before any runs
-        from .monitor import check_monitor
+        from kislurm.train.monitor import check_monitor
 
         check_monitor(cfg.monitor)
     run = write_plan(cfg, planned if planned is not None else cells, force=force)
@@ -227,7 +212,7 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
                + (f" (skipping {', '.join(f'{n} {s}' for s, n in sorted(skipped.items()))})" if skipped else ""))
     if not todo:
         return run
-    from . import data
+    from kislurm.data import prepare as data
 
     job = load_cell_job(cfg)
     if cfg.executor.cluster == "slurm":
@@ -252,7 +237,7 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
     else:
         jobs = submit_cells(cfg, run, todo, job)
     # local and debug cells have finished here: report every failed one
-    from .status import rank_reports_summary
+    from kislurm.cluster.status import rank_reports_summary
 
     failed = [f"{cell.name}: {rank_reports_summary(run.cell(cell.name), cell.model.world_size) or problem}"
               for cell, j in zip(todo, jobs) if (problem := _job_failure(j))]
@@ -276,14 +261,14 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
 def submit(config: str, dry_run: bool, force: bool, after_preflight: bool, overrides: tuple[str, ...]) -> None:
     """Submit every cell of CONFIG that is not done, pending or running (job arrays on Slurm; local processes
     otherwise, waiting for them). Resubmitting reruns only missing, failed and cancelled cells."""
-    from .submit import dry_run as render
+    from kislurm.cluster.submit import dry_run as render
 
     cfg, cells = _load(config, overrides)
     if dry_run:
         click.echo(render(cfg, cells))
         return
     if after_preflight:
-        from .preflight import ensure_preflights, summary_line
+        from kislurm.cluster.preflight import ensure_preflights, summary_line
 
         for report in ensure_preflights(cfg, cells):
             click.echo(summary_line(report))
@@ -296,10 +281,10 @@ def submit(config: str, dry_run: bool, force: bool, after_preflight: bool, overr
 
 def submit_ladder(cfg: ExperimentConfig, force: bool = False) -> None:
     """An adaptive grid (grid.ratios: adaptive): submit what can be planned now; locally, wait for it, place the next
-    rung from the law so far (kislurm.validate.ladder_plan) and go on; on Slurm stop until the next `kislurm submit`
+    rung from the law so far (kislurm.analysis.validate.ladder_plan) and go on; on Slurm stop until the next `kislurm submit`
     (or a cron job running it) finds the rung before done."""
-    from .aggregate import aggregate_runs
-    from .validate import ladder_plan
+    from kislurm.analysis.aggregate import aggregate_runs
+    from kislurm.analysis.validate import ladder_plan
 
     def analyse(run: RunPaths) -> Any:
         result = aggregate_runs([run.root], echo=lambda *_: None)
@@ -332,7 +317,7 @@ def preflight(config: str, steps: int, dry_run: bool, min_baseline_ratio: Option
     """One short job per distinct layout of CONFIG, at that layout, on random tokens: TP groups on one host, exact
     checkpoint-resume, TP=k against TP=1 losses (CPU), tokens/s and MFU, and the same-job ratio to a plain-PyTorch
     GPT of identical shape. Reports: RUN/preflight/<layout>/."""
-    from .preflight import distinct_layouts, run_preflight, summary_line
+    from kislurm.cluster.preflight import distinct_layouts, run_preflight, summary_line
 
     cfg, cells = _load(config, overrides)
     layouts = distinct_layouts(cfg, cells)
@@ -358,7 +343,7 @@ def prepare(config: str, overrides: tuple[str, ...]) -> None:
     blend. Cells never build shared data: they read what this published."""
     from tqdm import tqdm
 
-    from .data import prepare_run
+    from kislurm.data.prepare import prepare_run
 
     cfg, cells = _load(config, overrides)
     with tqdm(total=len(cells), desc="prepare", unit="cell") as bar:
@@ -374,7 +359,7 @@ def prepare(config: str, overrides: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per cell, for scripts.")
 def status(run: str, as_json: bool) -> None:
     """One row per cell of RUN: state, step, last retention (sacct polled once for all cells)."""
-    from .status import preparation_state, run_status
+    from kislurm.cluster.status import preparation_state, run_status
 
     rows = run_status(RunPaths(Path(run)))
     if as_json:
@@ -408,7 +393,7 @@ def status(run: str, as_json: bool) -> None:
 @click.option("--config", type=click.Path(dir_okay=False), help="Analysis settings (default: the run's config).")
 def aggregate(runs: tuple[str, ...], out: Optional[str], config: Optional[str]) -> None:
     """Read every retention store under RUNS, find each size's collapse point and fit the scaling law."""
-    from .aggregate import aggregate_runs
+    from kislurm.analysis.aggregate import aggregate_runs
 
     result = aggregate_runs([Path(r) for r in runs], out=Path(out) if out else None,
                             config=Path(config) if config else None, echo=click.echo)
@@ -427,7 +412,7 @@ def aggregate(runs: tuple[str, ...], out: Optional[str], config: Optional[str]) 
 def fit(csv: str, out: str, unit: str, targets: tuple[str, ...]) -> None:
     """Collapse detection and law fit on a plain CSV of results from other tools (columns: params, ratio,
     retention; optional: tokens, seed, n_facts)."""
-    from .aggregate import fit_measurements_csv
+    from kislurm.analysis.aggregate import fit_measurements_csv
 
     named = {}
     for t in targets:
@@ -449,8 +434,8 @@ def fit(csv: str, out: str, unit: str, targets: tuple[str, ...]) -> None:
 def validate(run: str, size: str, points: int, dry_run: bool) -> None:
     """Train a held-out SIZE of RUN at ratios placed around the law's predicted r* (spaced in log-odds, widened so
     the collapse is bracketed), submitted as `kislurm submit` does; aggregate afterwards for the comparison."""
-    from .aggregate import aggregate_runs
-    from .validate import ValidationError, full_sweep, gpu_hours, validation_cells
+    from kislurm.analysis.aggregate import aggregate_runs
+    from kislurm.analysis.validate import ValidationError, full_sweep, gpu_hours, validation_cells
 
     paths = RunPaths(Path(run))
     if not paths.config.exists():
@@ -483,8 +468,8 @@ def validate(run: str, size: str, points: int, dry_run: bool) -> None:
 def pilot(config: str, overrides: tuple[str, ...]) -> None:
     """Before the grid: train the smallest size of CONFIG at the lowest and the highest ratio, and refuse the grid
     (one line, exit 2) unless retention at the low ratio sits well above chance and the high ratio loses it."""
-    from .aggregate import CellDigest, summarise
-    from .pilot import PilotResult, chance_of, judge, pilot_cells
+    from kislurm.analysis.aggregate import CellDigest, summarise
+    from kislurm.analysis.pilot import PilotResult, chance_of, judge, pilot_cells
 
     cfg, _ = _load(config, overrides)
     cells = pilot_cells(cfg)
@@ -511,7 +496,7 @@ def pilot(config: str, overrides: tuple[str, ...]) -> None:
 def demo(config: str, overrides: tuple[str, ...], validate_size: Optional[str], controls: bool = False) -> None:
     """Run the embedded default end to end on this machine (CPU, gloo, tiny models, submitit's local executor):
     train every cell, then aggregate. Interrupt with Ctrl-C and run again: finished cells are not re-run."""
-    from .aggregate import aggregate_runs
+    from kislurm.analysis.aggregate import aggregate_runs
 
     if controls:
         config = str(shipped_config("demo-controls.yaml"))
@@ -524,7 +509,7 @@ def demo(config: str, overrides: tuple[str, ...], validate_size: Optional[str], 
     click.echo(f"trained {len(cells)} cells in {time.time() - t0:.0f} s")
     result = aggregate_runs([run.root], echo=click.echo)
     if validate_size:
-        from .validate import validation_cells
+        from kislurm.analysis.validate import validation_cells
 
         vp = validation_cells(cfg, result.law, validate_size, points=5)
         click.echo(f"validation: {validate_size} predicted r* {vp.prediction.r_star:.3g} [{vp.prediction.r_lo:.3g}, "

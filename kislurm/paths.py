@@ -6,23 +6,21 @@
     RUN/prepare.json              the preparation job's state (on a cluster, where it is a job the cells wait on)
     RUN/cells/NAME/cell.json      one cell's effective config and id
     RUN/cells/NAME/STATUS         one word (PENDING, RUNNING, DONE, FAILED) plus a heartbeat line
-    RUN/cells/NAME/retention.h5   the retention store (kislurm.store)
+    RUN/cells/NAME/retention.h5   the retention store (kislurm.retention.store)
     RUN/cells/NAME/checkpoints/   megatron dist_checkpointing checkpoints
     RUN/cells/NAME/log.txt        the cell's training log
     RUN/cells/NAME/ranks/K.json   rank K's last error in its latest session (written by that rank alone)
-    RUN/cells/NAME/tensorboard/   TensorBoard event files (kislurm.monitor): steps/ against step, tokens/ against tokens
+    RUN/cells/NAME/tensorboard/   TensorBoard event files (kislurm.train.monitor): steps/ against step, tokens/ against tokens
     RUN/submitit/                 submitit's job files and stdout/stderr (%A_%a per array task)
     RUN/reports/                  aggregation outputs (tables, plots, summary)
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from kislurm.publish import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -97,33 +95,3 @@ class CellPaths:
 
     def rank_report(self, rank: int) -> Path:
         return self.ranks / f"{rank}.json"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; run files are meant to be shared with the team
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

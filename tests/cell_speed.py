@@ -33,7 +33,7 @@ def apply(mode: str) -> None:
         raise ValueError(f"{ENV}={mode!r}: expected one of {MODES}")
     os.environ[ENV] = mode
     if mode == "slow":
-        from kislurm.train import MIN_STEP_ENV
+        from kislurm.train.trainer import MIN_STEP_ENV
 
         os.environ.setdefault(MIN_STEP_ENV, SLOW_STEP_S)
     elif mode == "fast":
@@ -44,9 +44,9 @@ def apply(mode: str) -> None:
 
 def _halve_repo_configs() -> None:
     import kislurm.cli
-    import kislurm.config
+    import kislurm.plan.config
 
-    original = kislurm.config.load_config
+    original = kislurm.plan.config.load_config
     if getattr(original, "cell_speed", False):
         return
 
@@ -61,5 +61,5 @@ def _halve_repo_configs() -> None:
         return original(path, overrides)
 
     load_config.cell_speed = True
-    kislurm.config.load_config = load_config
+    kislurm.plan.config.load_config = load_config
     kislurm.cli.load_config = load_config

@@ -117,7 +117,7 @@ def wait_until_queue_empty(timeout_s: float = 60.0) -> None:
 def wait_for_cells(run, done, timeout_s: float = 600.0) -> list[dict]:
     """Poll `kislurm status`'s rows of a run (sacct once per poll) until `done(rows)`; AssertionError after
     `timeout_s` with every cell's state and error."""
-    from kislurm.status import run_status
+    from kislurm.cluster.status import run_status
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

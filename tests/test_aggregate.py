@@ -1,4 +1,4 @@
-"""kislurm.aggregate on real stores: the incremental cache, damaged and unfinished cells, an empty run, and the
+"""kislurm.analysis.aggregate on real stores: the incremental cache, damaged and unfinished cells, an empty run, and the
 digest read giving the same answer as the datasets."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kislurm import digest
-from kislurm.aggregate import CACHE_NAME, AggregateError, aggregate_runs
+from kislurm.retention import digest
+from kislurm.analysis.aggregate import CACHE_NAME, AggregateError, aggregate_runs
 from kislurm.paths import RunPaths
-from kislurm.store import RetentionWriter
+from kislurm.retention.store import RetentionWriter
 
 N_FACTS = 60
 SIZES = (("s", 1e5, 0.3), ("m", 4e5, 0.5), ("l", 1.6e6, 0.7))

@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from kislurm.baseline import PlainGPT, PlainTrainer, parameter_count
-from kislurm.config import ModelPreset, TrainConfig
-from kislurm.preflight import RandomTokens
+from kislurm.train.baseline import PlainGPT, PlainTrainer, parameter_count
+from kislurm.plan.config import ModelPreset, TrainConfig
+from kislurm.cluster.preflight import RandomTokens
 
 OPTIONS = list(itertools.product(["learned", "rope"], ["gelu", "swiglu"], ["layernorm", "rmsnorm"], [None, 2],
                                  [True, False]))

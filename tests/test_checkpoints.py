@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kislurm import checkpoint
-from kislurm.config import load_config
-from kislurm.data import cell_probes, load_prepared, prepare_run
-from kislurm.distributed import init_model_parallel, seed_all, teardown
-from kislurm.evaluate import evaluate_retention
-from kislurm.model import build_model
-from kislurm.plan import expand
-from kislurm.store import read_cell
-from kislurm.submit import write_plan
-from kislurm.train import MIN_STEP_ENV
+from kislurm.train import checkpoint
+from kislurm.plan.config import load_config
+from kislurm.data.prepare import cell_probes, load_prepared, prepare_run
+from kislurm.train.distributed import init_model_parallel, seed_all, teardown
+from kislurm.retention.evaluate import evaluate_retention
+from kislurm.train.model import build_model
+from kislurm.plan.grid import expand
+from kislurm.retention.store import read_cell
+from kislurm.cluster.submit import write_plan
+from kislurm.train.trainer import MIN_STEP_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = [sys.executable, str(REPO / "jobs" / "run_cell.py")]

@@ -10,13 +10,9 @@ import numpy as np
 import pytest
 from scipy.optimize import least_squares
 
-from kislurm.collapse import (
-    ratio_axis,
-    CollapseOptions, Logistic, Measurement, _bounds, _cell_replicates, detect_collapse,
-    detect_collapses,
-    fit_logistic, segmented_fit,
-)
-from kislurm.measurements_csv import MeasurementError, measurements_from_csv
+from kislurm.analysis.collapse import (ratio_axis, CollapseOptions, Logistic, Measurement, _bounds, _cell_replicates,
+                                       detect_collapse, detect_collapses, fit_logistic, segmented_fit)
+from kislurm.analysis.measurements_csv import MeasurementError, measurements_from_csv
 
 GRID = (0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from kislurm.config import BUILTIN_PRESETS, ConfigError, config_from_dict, load_config
+from kislurm.plan.config import BUILTIN_PRESETS, ConfigError, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def test_param_count_formula_orders_sizes():
 
 
 def test_config_from_dict_round_trip():
-    from kislurm.config import config_to_dict
+    from kislurm.plan.config import config_to_dict
 
     cfg = config_from_dict({"grid": {"ratios": [0.3]}})
     assert config_from_dict(config_to_dict(cfg)) == cfg

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from kislurm import data as D
-from kislurm.collapse import Measurement, detect_collapse
-from kislurm.config import (BUILTIN_PRESETS, ConfigError, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig,
-                            load_config)
-from kislurm.controls import rule_exposure, rule_interference, rule_staged, staged_drops, ControlCurve, verdict
-from kislurm.pilot import pilot_cells
-from kislurm.plan import Cell, control_data, expand
+from kislurm.data import prepare as D
+from kislurm.analysis.collapse import Measurement, detect_collapse
+from kislurm.plan.config import (BUILTIN_PRESETS, ConfigError, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig,
+                                 load_config)
+from kislurm.analysis.controls import rule_exposure, rule_interference, rule_staged, staged_drops, ControlCurve, verdict
+from kislurm.analysis.pilot import pilot_cells
+from kislurm.plan.grid import Cell, control_data, expand
 
 torch.set_num_threads(1)
 SEQ = 32
@@ -206,7 +206,7 @@ def test_bad_control_settings_are_one_line_errors(overrides, words):
 def _store(run, control: str, ratio: float, level: float, rng, boundary: float | None = None) -> None:
     """A finished store of size m under `control`: general facts retained at `level` at the end (and, staged, at
     `boundary` after the general phase, step 10)."""
-    from kislurm.store import RetentionWriter
+    from kislurm.retention.store import RetentionWriter
 
     n = 200
     data = {"mix": "infusion" if control in ("infusion", "staged") else control,
@@ -227,7 +227,7 @@ def _store(run, control: str, ratio: float, level: float, rng, boundary: float |
 
 
 def test_aggregate_fits_the_law_on_infusion_and_judges_the_controls(tmp_path):
-    from kislurm.aggregate import aggregate_runs
+    from kislurm.analysis.aggregate import aggregate_runs
     from kislurm.paths import RunPaths
 
     run, rng = RunPaths(tmp_path / "ctl"), np.random.default_rng(0)

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kislurm import data as D
-from kislurm.config import BUILTIN_PRESETS, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig
-from kislurm.knowledge import DataError
-from kislurm.plan import Cell
+from kislurm.data import prepare as D
+from kislurm.plan.config import BUILTIN_PRESETS, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig
+from kislurm.data.knowledge import DataError
+from kislurm.plan.grid import Cell
 
 torch.set_num_threads(1)
 SEQ = 32
@@ -217,8 +217,8 @@ def test_a_lost_publication_race_keeps_the_published_copy(tmp_path):
 
 
 def test_cells_only_read_prepared_data(tmp_path):
-    from kislurm.config import load_config
-    from kislurm.plan import expand
+    from kislurm.plan.config import load_config
+    from kislurm.plan.grid import expand
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", {"output_root": str(tmp_path)})
     cells = expand(cfg)

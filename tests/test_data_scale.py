@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from kislurm import data as D
-from kislurm import streams
-from kislurm.config import BUILTIN_PRESETS, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig
-from kislurm.plan import Cell
+from kislurm.data import prepare as D
+from kislurm.data import streams
+from kislurm.plan.config import BUILTIN_PRESETS, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig
+from kislurm.plan.grid import Cell
 
 torch.set_num_threads(1)
 SEQ = 2048

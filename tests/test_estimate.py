@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kislurm import estimate
-from kislurm.config import BUILTIN_PRESETS, ConfigError, TrainConfig, config_from_dict, config_to_dict, load_config
-from kislurm.estimate import memory_per_rank, padded_vocab_size
-from kislurm.plan import expand, resolve_layouts
+from kislurm.plan import estimate
+from kislurm.plan.config import BUILTIN_PRESETS, ConfigError, TrainConfig, config_from_dict, config_to_dict, load_config
+from kislurm.plan.estimate import memory_per_rank, padded_vocab_size
+from kislurm.plan.grid import expand, resolve_layouts
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "paper.yaml"
@@ -118,7 +118,7 @@ def test_layouts_that_cannot_fit_are_refused_in_one_line():
 
 
 def test_plan_vocab_size_reads_the_tokenizer_file(tmp_path):
-    from kislurm.tokenizer import train_bpe
+    from kislurm.data.tokenizer import train_bpe
 
     tok = train_bpe(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=200)
     tok.save(tmp_path / "tokenizer.json")

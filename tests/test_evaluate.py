@@ -19,19 +19,19 @@ import pytest
 import submitit
 import torch
 
-from kislurm.config import BUILTIN_PRESETS
-from kislurm.distributed import init_model_parallel, seed_all, teardown
-from kislurm.evaluate import (
-    EvalError,
-    EvalResult,
-    evaluate_retention,
-    retention_metrics,
-    score_candidates,
-    score_candidates_naive,
-    strictly_best,
-)
-from kislurm.knowledge import ProbeSet
-from kislurm.model import build_model
+from kislurm.plan.config import BUILTIN_PRESETS
+from kislurm.train.distributed import init_model_parallel, seed_all, teardown
+from kislurm.retention.evaluate import (
+                                        EvalError,
+                                        EvalResult,
+                                        evaluate_retention,
+                                        retention_metrics,
+                                        score_candidates,
+                                        score_candidates_naive,
+                                        strictly_best,
+                                        )
+from kislurm.data.knowledge import ProbeSet
+from kislurm.train.model import build_model
 
 PRESET = BUILTIN_PRESETS["cpu-s"]  # 2 layers, hidden 32, 4 heads, seq 32
 VOCAB = 200

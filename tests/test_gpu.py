@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kislurm import distributed
-from kislurm.config import DataConfig, EvalConfig, ModelPreset, TrainConfig, load_config
-from kislurm.model import have_transformer_engine
-from kislurm.plan import Cell, expand
-from kislurm.store import read_cell
+from kislurm.train import distributed
+from kislurm.plan.config import DataConfig, EvalConfig, ModelPreset, TrainConfig, load_config
+from kislurm.train.model import have_transformer_engine
+from kislurm.plan.grid import Cell, expand
+from kislurm.retention.store import read_cell
 
 from test_train import SEQ, VOCAB, SyntheticLM
 
@@ -40,7 +40,7 @@ def ctx():
 
 
 def test_gpu_trains_bf16_with_megatrons_distributed_optimizer(ctx, tmp_path):
-    from kislurm.train import Trainer
+    from kislurm.train.trainer import Trainer
 
     cell = gpu_cell(40)
     t = Trainer(cell, SyntheticLM(cell.n_samples), tmp_path, VOCAB, ctx, log=lambda _m: None)
@@ -61,8 +61,8 @@ def test_gpu_checkpoint_resume_continues_the_same_run(ctx, tmp_path, async_save)
     passes are not bitwise reproducible from run to run."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kislurm import checkpoint
-    from kislurm.train import Trainer
+    from kislurm.train import checkpoint
+    from kislurm.train.trainer import Trainer
 
     cell = gpu_cell(20, async_save=async_save, keep_final="full")
     data = SyntheticLM(cell.n_samples)
@@ -89,8 +89,8 @@ def test_gpu_checkpoint_resume_continues_the_same_run(ctx, tmp_path, async_save)
 def test_layers_are_local_unless_transformer_engine_is_asked_for(ctx):
     import dataclasses
 
-    from kislurm.config import ConfigError
-    from kislurm.model import build_model
+    from kislurm.plan.config import ConfigError
+    from kislurm.train.model import build_model
 
     model = build_model(GPU_TINY, VOCAB, 0.02, "bf16")  # default transformer_impl: local, TE installed or not
     names = {type(m).__name__ for m in model.modules()}
@@ -131,8 +131,8 @@ def test_cpu_shims_stay_off_and_fused_attention_matches_megatrons(ctx):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from kislurm import cpu_shims
-    from kislurm.model import SDPAttention, transformer_config
+    from kislurm.train import cpu_shims
+    from kislurm.train.model import SDPAttention, transformer_config
 
     assert cpu_shims.apply_cpu_shims() is False and not cpu_shims.shims_applied()
     spec = get_gpt_layer_local_spec()
@@ -155,8 +155,8 @@ def test_llama_1_3b_preflight_at_tp1_on_one_gpu(tmp_path):
     """The preflight of the Llama-style 1.3B at TP=1 on one GPU (bench_gpu.py's batch: micro 8, global 32):
     resume exact under the math attention kernel, MFU and the same-job plain-PyTorch ratio recorded. Not yet run
     on a GPU (written without one)."""
-    from kislurm.config import BUILTIN_PRESETS, config_from_dict, config_to_dict
-    from kislurm.preflight import distinct_layouts, run_preflight, summary_line
+    from kislurm.plan.config import BUILTIN_PRESETS, config_from_dict, config_to_dict
+    from kislurm.cluster.preflight import distinct_layouts, run_preflight, summary_line
 
     preset = {**config_to_dict(BUILTIN_PRESETS["1.3B-llama"]), "tensor_parallel": 1, "data_parallel": 1}
     cfg = config_from_dict({"output_root": str(tmp_path), "grid": {"sizes": ["llama"], "ratios": [0.5]},
@@ -167,5 +167,5 @@ def test_llama_1_3b_preflight_at_tp1_on_one_gpu(tmp_path):
     assert report["passed"], report
     assert report["checks"]["tp_matches_tp1"]["ok"] is None  # TP=1: nothing to compare
     assert 0.1 < report["mfu"] < 1.0
-    base = report["baseline"]  # the plain-PyTorch GPT of the same shape, same job (kislurm.baseline)
+    base = report["baseline"]  # the plain-PyTorch GPT of the same shape, same job (kislurm.train.baseline)
     assert base["tokens_per_s"] > 0 and base["ratio"] > 0 and 0.0 < base["mfu"] < 1.0, base

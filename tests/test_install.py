@@ -26,7 +26,7 @@ def test_non_editable_install_plans_dry_runs_and_trains(tmp_path):
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
 
-    where = subprocess.run([sys.executable, "-c", "import kislurm, kislurm.cell_job; print(kislurm.__file__)"],
+    where = subprocess.run([sys.executable, "-c", "import kislurm, kislurm.cluster.cell_job; print(kislurm.__file__)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(site)), where  # the installed copy, not the source tree
     one_cell = ["--set", f"output_root={elsewhere / 'runs'}", "--set", "grid.sizes=[cpu-xxs]",

@@ -9,12 +9,12 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, trainers
 
-from kislurm.config import DataConfig, KnowledgeBaseSpec
-from kislurm.knowledge import (DataError, Fact, KnowledgeBase, build_probes, check_templates, load_probes,
-                               read_templates, read_triplets, render, save_probes, split_template, subset_probes,
-                               synthetic_bases)
-from kislurm.tokenizer import (Tokenizer, corpus_texts, encode_facts, load_tokenizer, train_bpe,
-                               training_sentences)
+from kislurm.plan.config import DataConfig, KnowledgeBaseSpec
+from kislurm.data.knowledge import (DataError, Fact, KnowledgeBase, build_probes, check_templates, load_probes,
+                                    read_templates, read_triplets, render, save_probes, split_template, subset_probes,
+                                    synthetic_bases)
+from kislurm.data.tokenizer import (Tokenizer, corpus_texts, encode_facts, load_tokenizer, train_bpe,
+                                    training_sentences)
 
 SMALL = DataConfig(general=KnowledgeBaseSpec(20, 2, 8), knowledge=KnowledgeBaseSpec(30, 2, 8), vocab_size=300)
 

@@ -8,10 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from kislurm.collapse import ratio_axis, CollapseResult, Logistic, Measurement, detect_collapses
-from kislurm.law import (
-    LawFit, Prediction, covers, fit_law, interp_loglog, law_points, predict_law, unit_of_ratio, wls,
-)
+from kislurm.analysis.collapse import ratio_axis, CollapseResult, Logistic, Measurement, detect_collapses
+from kislurm.analysis.law import (LawFit, Prediction, covers, fit_law, interp_loglog, law_points, predict_law,
+                                  unit_of_ratio, wls)
 
 GRID = (0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.98, 0.99)
 A, B = 1e-3, 0.6            # true law: odds(r*) = A * N^B

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from kislurm import cpu_shims, distributed
-from kislurm.config import BUILTIN_PRESETS, ModelPreset
-from kislurm.model import build_model, count_parameters, padded_vocab_size
+from kislurm.train import cpu_shims, distributed
+from kislurm.plan.config import BUILTIN_PRESETS, ModelPreset
+from kislurm.train.model import build_model, count_parameters, padded_vocab_size
 
 torch.set_num_threads(1)
 
@@ -179,7 +179,7 @@ def test_sdpa_core_attention_matches_megatron_dot_product_attention(tp1):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from kislurm.model import SDPAttention, layer_spec, transformer_config
+    from kislurm.train.model import SDPAttention, layer_spec, transformer_config
 
     preset = BUILTIN_PRESETS["cpu-m"]
     assert layer_spec(preset).submodules.self_attention.submodules.core_attention is SDPAttention
@@ -209,8 +209,8 @@ def test_transformer_engine_is_opt_in():
     config already. (The TE layers themselves are built only by tests/test_gpu.py, on a GPU with TE.)"""
     import dataclasses
 
-    from kislurm.config import BUILTIN_PRESETS, ConfigError, config_from_dict
-    from kislurm.model import SDPAttention, layer_spec
+    from kislurm.plan.config import BUILTIN_PRESETS, ConfigError, config_from_dict
+    from kislurm.train.model import SDPAttention, layer_spec
 
     for name in ("cpu-s", "137M", "1.3B-llama"):
         assert BUILTIN_PRESETS[name].transformer_impl == "local"

@@ -1,4 +1,4 @@
-"""Runs a user can watch (kislurm.monitor): a real tiny cell's TensorBoard event files, read back with TensorBoard's
+"""Runs a user can watch (kislurm.train.monitor): a real tiny cell's TensorBoard event files, read back with TensorBoard's
 own EventAccumulator, hold its training scalars and every retention metric of its store at the evaluation steps,
 against steps and against tokens; a resumed cell's folder shows each step once; W&B configured without wandb is
 one line."""
@@ -10,12 +10,12 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kislurm.cli import submit_run
-from kislurm.config import ConfigError, MonitorConfig, config_from_dict, load_config
-from kislurm.monitor import CellMonitor
+from kislurm.plan.config import ConfigError, MonitorConfig, config_from_dict, load_config
+from kislurm.train.monitor import CellMonitor
 from kislurm.paths import RunPaths
-from kislurm.plan import expand
-from kislurm.store import read_cell
-from kislurm.train import lr_at
+from kislurm.plan.grid import expand
+from kislurm.retention.store import read_cell
+from kislurm.train.trainer import lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from kislurm.config import load_config
-from kislurm.plan import expand
-from kislurm.store import read_cell
-from kislurm.train import MIN_STEP_ENV
+from kislurm.plan.config import load_config
+from kislurm.plan.grid import expand
+from kislurm.retention.store import read_cell
+from kislurm.train.trainer import MIN_STEP_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -125,8 +125,8 @@ def test_hung_rank_fails_the_cell_within_its_step_budget(tmp_path):
 
 
 def test_tp_placement_check():
-    from kislurm.cell_job import check_tp_placement
-    from kislurm.distributed import TrainError
+    from kislurm.cluster.cell_job import check_tp_placement
+    from kislurm.train.distributed import TrainError
 
     check_tp_placement(["a", "a", "b", "b"], tp=2)  # TP inside each node, DP across
     with pytest.raises(TrainError, match="ranks 2-3 spans nodes b, c; fix: set executor.tasks_per_node"):

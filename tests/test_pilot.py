@@ -8,10 +8,10 @@ import yaml
 from click.testing import CliRunner
 
 from kislurm.cli import main
-from kislurm.config import config_from_dict
+from kislurm.plan.config import config_from_dict
 from kislurm.paths import RunPaths
-from kislurm.pilot import PilotError, PilotResult, chance_of, judge, pilot_cells
-from kislurm.plan import expand
+from kislurm.analysis.pilot import PilotError, PilotResult, chance_of, judge, pilot_cells
+from kislurm.plan.grid import expand
 
 
 def test_verdicts():

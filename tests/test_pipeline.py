@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kislurm.aggregate import aggregate_runs
+from kislurm.analysis.aggregate import aggregate_runs
 from kislurm.cli import main, submit_run
-from kislurm.config import load_config
-from kislurm.plan import expand
-from kislurm.status import run_status
-from kislurm.store import read_cell
+from kislurm.plan.config import load_config
+from kislurm.plan.grid import expand
+from kislurm.cluster.status import run_status
+from kislurm.retention.store import read_cell
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def test_ctrl_c_stops_cells_and_rerun_resumes(tmp_path):
     # SIGINT back to its default in the child: a shell's background jobs inherit it ignored, unlike a terminal's
     # Each step takes at least 0.1 s (a cell >= 4 s), two cells at a time: when the first cell is seen complete
     # (polled every 0.1 s) the other two cannot have run yet, on a machine of any speed.
-    from kislurm.train import MIN_STEP_ENV
+    from kislurm.train.trainer import MIN_STEP_ENV
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),

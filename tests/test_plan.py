@@ -2,8 +2,8 @@
 
 import pytest
 
-from kislurm.config import config_from_dict
-from kislurm.plan import expand
+from kislurm.plan.config import config_from_dict
+from kislurm.plan.grid import expand
 
 
 def cfg(**grid):
@@ -55,7 +55,7 @@ def test_architecture_fields_enter_the_id_only_when_not_default():
     non-default architecture option makes a new id."""
     from pathlib import Path
 
-    from kislurm.config import load_config
+    from kislurm.plan.config import load_config
 
     demo = expand(load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"))
     assert (demo[0].cell_id, demo[-1].cell_id) == ("cda9fad86c", "ad03372be9")
@@ -77,7 +77,7 @@ def test_per_size_train_overrides_apply_to_that_size_and_enter_its_id():
     their ids; no overrides (or overrides equal to the run's values) keep the ids; a bad key is one line."""
     import yaml
 
-    from kislurm.config import ConfigError, config_to_dict
+    from kislurm.plan.config import ConfigError, config_to_dict
 
     shape = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4}
     base = {"grid": {"sizes": ["m", "cpu-s"], "ratios": [0.1], "token_budgets": [20_000]}, "models": {"m": shape}}

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from kislurm.cli import main
-from kislurm.config import config_from_dict, load_config
-from kislurm.plan import expand, resolve_layouts
-from kislurm.preflight import PreflightError, distinct_layouts, run_preflight, summary_line
+from kislurm.plan.config import config_from_dict, load_config
+from kislurm.plan.grid import expand, resolve_layouts
+from kislurm.cluster.preflight import PreflightError, distinct_layouts, run_preflight, summary_line
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA = {"position_embedding": "rope", "activation": "swiglu", "normalization": "rmsnorm", "tie_embeddings": False}

@@ -11,15 +11,14 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-import kislurm.collapse
-import kislurm.law
-import kislurm.report
-from kislurm.collapse import ratio_axis, Logistic, Measurement, detect_collapses
-from kislurm.measurements_csv import measurements_from_csv
-from kislurm.law import fit_law
-from kislurm.report import (
-    Curve, collapse_table_csv, plot_law, plot_retention_vs_ratio, summary_md, write_reports,
-)
+import kislurm.analysis.collapse
+import kislurm.analysis.law
+import kislurm.analysis.report
+from kislurm.analysis.collapse import ratio_axis, Logistic, Measurement, detect_collapses
+from kislurm.analysis.measurements_csv import measurements_from_csv
+from kislurm.analysis.law import fit_law
+from kislurm.analysis.report import (Curve, collapse_table_csv, plot_law, plot_retention_vs_ratio, summary_md,
+                                     write_reports)
 
 GRID = (0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.98)
 
@@ -105,8 +104,8 @@ def test_plots_take_an_axis_and_never_refit(results, monkeypatch):
     def refit(*a, **k):
         pytest.fail("a plot function fitted something")
 
-    for module, name in ((kislurm.law, "fit_law"), (kislurm.law, "wls"), (kislurm.collapse, "fit_logistic"),
-                         (kislurm.collapse, "_polish")):
+    for module, name in ((kislurm.analysis.law, "fit_law"), (kislurm.analysis.law, "wls"), (kislurm.analysis.collapse, "fit_logistic"),
+                         (kislurm.analysis.collapse, "_polish")):
         monkeypatch.setattr(module, name, refit)
     fig = Figure()
     ax = fig.subplots()
@@ -142,7 +141,7 @@ def test_csv_to_reports_end_to_end(tmp_path):
 
 
 def test_curves_average_seeds_and_cap_the_panels():
-    from kislurm.report import MAX_CURVE_PANELS, curves_figure, mean_curves
+    from kislurm.analysis.report import MAX_CURVE_PANELS, curves_figure, mean_curves
 
     steps = np.arange(10, 110, 10)
     seeds = [Curve("s", 0.5, 1e6, k, steps, np.full(10, 0.2 * k)) for k in range(3)]
@@ -159,7 +158,7 @@ def test_curves_average_seeds_and_cap_the_panels():
 def test_fit_csv_role_column_holds_a_size_out_and_reports_it(tmp_path):
     """`kislurm fit` with role=validate rows: that size never enters the law; the summary, law.txt and law.json
     set its observed r* against the prediction; the law plot draws it."""
-    from kislurm.aggregate import fit_measurements_csv
+    from kislurm.analysis.aggregate import fit_measurements_csv
 
     rng = np.random.default_rng(4)
     ms, _ = simulate(rng, {"s": (0.5, 1e5), "m": (0.7, 4e5), "l": (0.85, 1.6e6), "v": (0.9, 3.2e6)}, n_facts=300)
@@ -187,7 +186,7 @@ def test_fit_csv_role_column_holds_a_size_out_and_reports_it(tmp_path):
     (["1e5,0.1,0.9,held"], "neither 'fit' nor 'validate'"),
 ])
 def test_fit_csv_role_errors_are_one_line(tmp_path, rows, needle):
-    from kislurm.measurements_csv import MeasurementError
+    from kislurm.analysis.measurements_csv import MeasurementError
 
     (tmp_path / "t.csv").write_text("\n".join(["params,ratio,retention,role", *rows]) + "\n")
     with pytest.raises(MeasurementError, match=needle) as e:

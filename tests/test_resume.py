@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kislurm.config import load_config
-from kislurm.data import prepare_run
-from kislurm.plan import expand
-from kislurm.store import read_cell
-from kislurm.submit import write_plan
-from kislurm.train import MIN_STEP_ENV
+from kislurm.plan.config import load_config
+from kislurm.data.prepare import prepare_run
+from kislurm.plan.grid import expand
+from kislurm.retention.store import read_cell
+from kislurm.cluster.submit import write_plan
+from kislurm.train.trainer import MIN_STEP_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = [sys.executable, str(REPO / "jobs" / "run_cell.py")]

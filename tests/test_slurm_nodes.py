@@ -24,12 +24,12 @@ import pytest
 from click.testing import CliRunner
 
 from kislurm.cli import main, submit_run
-from kislurm.config import load_config
+from kislurm.plan.config import load_config
 from kislurm.paths import RunPaths
-from kislurm.plan import expand
-from kislurm.status import latest_submissions, run_status, submissions_of
-from kislurm.store import read_cell
-from kislurm.train import MIN_STEP_ENV
+from kislurm.plan.grid import expand
+from kislurm.cluster.status import latest_submissions, run_status, submissions_of
+from kislurm.retention.store import read_cell
+from kislurm.train.trainer import MIN_STEP_ENV
 from slurm_fixtures import REQUIRE_ENV, job_requeue, wait_for_cells as wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kislurm.aggregate import aggregate_runs
+from kislurm.analysis.aggregate import aggregate_runs
 from kislurm.cli import main, submit_run
-from kislurm.config import load_config
-from kislurm.plan import expand
-from kislurm.status import latest_submissions
+from kislurm.plan.config import load_config
+from kislurm.plan.grid import expand
+from kislurm.cluster.status import latest_submissions
 from slurm_fixtures import max_array_size, wait_for_cells as wait_for
 
 pytestmark = pytest.mark.slurm

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from kislurm.paths import RunPaths
-from kislurm.status import STALE_AFTER_S, cell_state, read_status, run_status, write_status
-from kislurm.store import RetentionWriter
+from kislurm.cluster.status import STALE_AFTER_S, cell_state, read_status, run_status, write_status
+from kislurm.retention.store import RetentionWriter
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests of kislurm.store on real HDF5 files: round trip, resume, crash safety under SIGKILL, concurrent reading."""
+"""Tests of kislurm.retention.store on real HDF5 files: round trip, resume, crash safety under SIGKILL, concurrent reading."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import h5py
 import numpy as np
 import pytest
 
-from kislurm import digest, store
-from kislurm.store import (SCHEMA_VERSION, RetentionWriter, StoreError, fact_correct, git_commit, list_cells,
-                           read_cell)
+from kislurm.retention import digest, store
+from kislurm.retention.store import (SCHEMA_VERSION, RetentionWriter, StoreError, fact_correct, git_commit, list_cells,
+                                     read_cell)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ exec(COMMON)  # defines N_FACTS, N_PROBES, PROBES, METRICS, make_meta, record_fo
 
 WRITER = COMMON + r'''
 import sys
-from kislurm.store import RetentionWriter
+from kislurm.retention.store import RetentionWriter
 w = RetentionWriter.open(sys.argv[1], make_meta(), **PROBES)
 done = w.steps()
 print("ready", done[-1] if done else 0, flush=True)

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kislurm import checkpoint, distributed
-from kislurm.config import BUILTIN_PRESETS, ConfigError, DataConfig, EvalConfig, ModelPreset, TrainConfig, \
+from kislurm.train import checkpoint, distributed
+from kislurm.plan.config import BUILTIN_PRESETS, ConfigError, DataConfig, EvalConfig, ModelPreset, TrainConfig, \
     config_from_dict
-from kislurm.model import padded_vocab_size
-from kislurm.plan import Cell
-from kislurm.train import Trainer, TrainError, lr_at, sample_ids
+from kislurm.train.model import padded_vocab_size
+from kislurm.plan.grid import Cell
+from kislurm.train.trainer import Trainer, TrainError, lr_at, sample_ids
 
 torch.set_num_threads(1)
 VOCAB = 96

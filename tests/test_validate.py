@@ -11,11 +11,11 @@ import yaml
 from click.testing import CliRunner
 
 from kislurm.cli import main
-from kislurm.collapse import Logistic, Measurement, detect_collapse, detect_collapses, ratio_axis
-from kislurm.config import config_from_dict, config_to_dict
-from kislurm.law import fit_law, predict_law
+from kislurm.analysis.collapse import Logistic, Measurement, detect_collapse, detect_collapses, ratio_axis
+from kislurm.plan.config import config_from_dict, config_to_dict
+from kislurm.analysis.law import fit_law, predict_law
 from kislurm.paths import RunPaths
-from kislurm.validate import ValidationError, full_sweep, gpu_hours, plan_ratios, validation_cells
+from kislurm.analysis.validate import ValidationError, full_sweep, gpu_hours, plan_ratios, validation_cells
 
 A, B, STEEP = 1e-3, 0.6, 3.0            # true law odds(r*) = A N^B; every curve has steepness 3 in log-odds
 FIT_GRID = (0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.98, 0.99)
@@ -77,7 +77,7 @@ def test_validation_ratios_from_a_fitted_law_bracket_the_true_collapse():
 
 def _law_on_presets(sizes):
     rng = np.random.default_rng(0)
-    from kislurm.config import BUILTIN_PRESETS
+    from kislurm.plan.config import BUILTIN_PRESETS
 
     ms = []
     for s in sizes:
@@ -128,7 +128,7 @@ def test_cli_validate_dry_run_on_an_aggregated_run(tmp_path):
     one line."""
     from test_aggregate import write_cell
 
-    from kislurm.config import BUILTIN_PRESETS
+    from kislurm.plan.config import BUILTIN_PRESETS
 
     run = RunPaths(tmp_path / "grid")
     rng = np.random.default_rng(0)
@@ -159,7 +159,7 @@ def test_adaptive_ladder_brackets_every_rung_with_fewer_cells_than_the_fixed_gri
     ladder trains the two smallest on the same 11, then 5 ratios per size from the law so far, adding ratios
     until each rung's r* interval is < 0.2 wide in log-odds: every rung bracketed, 339 cells in all against 396,
     and a narrower exponent interval (median width 0.029 against 0.040)."""
-    from kislurm.validate import adaptive_ladder
+    from kislurm.analysis.validate import adaptive_ladder
 
     sizes = {f"s{i}": float(n) for i, n in enumerate(np.geomspace(1e5, 3e7, 6))}
     cells, widths = np.zeros(2), [[], []]
@@ -193,7 +193,7 @@ ADAPTIVE = {"name": "ladder", "grid": {"sizes": ["cpu-m", "cpu-xs", "cpu-s", "cp
 
 
 def test_adaptive_config_plans_the_two_smallest_first(tmp_path):
-    from kislurm.plan import expand, ladder_order
+    from kislurm.plan.grid import expand, ladder_order
 
     cfg = config_from_dict({**ADAPTIVE, "output_root": str(tmp_path)})
     assert cfg.grid.adaptive and ladder_order(cfg) == ["cpu-xs", "cpu-s", "cpu-m", "cpu-l"]
@@ -214,10 +214,10 @@ def test_adaptive_config_plans_the_two_smallest_first(tmp_path):
 def test_ladder_plan_places_each_rung_once_its_predecessors_are_done(tmp_path):
     from test_aggregate import write_cell
 
-    from kislurm.aggregate import aggregate_runs
-    from kislurm.config import BUILTIN_PRESETS
-    from kislurm.plan import expand
-    from kislurm.validate import ladder_plan
+    from kislurm.analysis.aggregate import aggregate_runs
+    from kislurm.plan.config import BUILTIN_PRESETS
+    from kislurm.plan.grid import expand
+    from kislurm.analysis.validate import ladder_plan
 
     cfg = config_from_dict({**ADAPTIVE, "output_root": str(tmp_path)})
     run = RunPaths(tmp_path / "ladder")

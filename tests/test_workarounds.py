@@ -1,4 +1,4 @@
-"""Workarounds with expiry dates (kislurm.workarounds): each megatron-core workaround registers at import, names
+"""Workarounds with expiry dates (kislurm.train.workarounds): each megatron-core workaround registers at import, names
 real code and what it works around, and a megatron-core newer than it was checked against is refused in one line
 (checked here with version strings, against the real registry)."""
 
@@ -7,15 +7,15 @@ import warnings
 
 import pytest
 
-from kislurm import workarounds
-from kislurm.workarounds import ALLOW_ENV, REGISTRY, UntestedMegatronError, Workaround, check, installed_megatron
+from kislurm.train import workarounds
+from kislurm.train.workarounds import ALLOW_ENV, REGISTRY, UntestedMegatronError, Workaround, check, installed_megatron
 
 EXPECTED = {"cpu-rng-tracker", "cpu-current-device", "cpu-synchronize", "cpu-causal-mask",
             "torch-adam-checkpoint", "in-process-results-queue"}
 
 
 def test_every_workaround_registers_with_real_code_and_the_installed_version_passes():
-    for module in ("kislurm.cpu_shims", "kislurm.train", "kislurm.checkpoint"):
+    for module in ("kislurm.train.cpu_shims", "kislurm.train.trainer", "kislurm.train.checkpoint"):
         importlib.import_module(module)
     assert set(REGISTRY) == EXPECTED
     for w in REGISTRY.values():
@@ -25,7 +25,7 @@ def test_every_workaround_registers_with_real_code_and_the_installed_version_pas
         check(w, installed_megatron(), allow=False)  # the installed megatron-core is within every tested range
 
 
-W = Workaround("demo-fix", "kislurm.train.TorchAdamCheckpointFix", "what it works around", "0.16.1")
+W = Workaround("demo-fix", "kislurm.train.trainer.TorchAdamCheckpointFix", "what it works around", "0.16.1")
 
 
 @pytest.mark.parametrize("version", ["0.16.1", "0.16.0", "0.15.3", "0.16.1rc2", "0.16.1+local"])
@@ -39,7 +39,7 @@ def test_a_newer_or_unreadable_megatron_is_refused_in_one_line(version):
         check(W, version, allow=False)
     message = str(err.value)
     assert "\n" not in message
-    for words in ("'demo-fix'", "kislurm.train.TorchAdamCheckpointFix", "<= 0.16.1", f"but {version} is installed",
+    for words in ("'demo-fix'", "kislurm.train.trainer.TorchAdamCheckpointFix", "<= 0.16.1", f"but {version} is installed",
                   "raise its tested_upto", f"{ALLOW_ENV}=1"):
         assert words in message
 
@@ -57,7 +57,7 @@ def test_the_environment_override_warns_instead(monkeypatch):
 def test_require_megatron_registers_then_refuses():
     try:
         with pytest.raises(UntestedMegatronError, match="'expiring'"):
-            workarounds.require_megatron("expiring", "kislurm.workarounds.check", "a test entry", "0.16.1",
+            workarounds.require_megatron("expiring", "kislurm.train.workarounds.check", "a test entry", "0.16.1",
                                          installed="0.18.0")
         assert REGISTRY["expiring"].tested_upto == "0.16.1"
     finally:

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kislurm.aggregate import CACHE_NAME, aggregate_runs
-from kislurm.config import config_from_dict, config_to_dict
-from kislurm.paths import RunPaths, atomic_write_text
-from kislurm.store import RetentionWriter
+from kislurm.analysis.aggregate import CACHE_NAME, aggregate_runs
+from kislurm.plan.config import config_from_dict, config_to_dict
+from kislurm.paths import RunPaths
+from kislurm.publish import atomic_write_text
+from kislurm.retention.store import RetentionWriter
 
 METRICS = [f"{g}_{k}" for g in ("general", "infused") for k in
            ("acc", "seen_acc", "heldout_acc", "acc_cc", "em", "seen_em", "heldout_em", "answer_logprob", "x1",

@@ -5,7 +5,7 @@
 Two gloo ranks (submitit's local executor) hold the same model and CPU AdamW state (replicated over DP, as every
 CPU and every non-distributed-optimizer cell is). Each repeat saves it twice, alternating:
   old: megatron's default save strategy, what kislurm used before: the replicated tensors are written by DP rank 0;
-  new: kislurm.checkpoint.save: megatron's fully parallel strategy deals the writes over the DP ranks.
+  new: kislurm.train.checkpoint.save: megatron's fully parallel strategy deals the writes over the DP ranks.
 Reported per rank: best save seconds, bytes written, and the peak resident memory added during the save (sampled
 every 5 ms). The GPU difference (megatron's distributed optimizer, whose `fully_reshardable` format gathers every
 DP shard on DP rank 0 while `dp_reshardable` writes each rank's shard in place) cannot run on a CPU-only machine;
@@ -57,11 +57,11 @@ def _rank_task(folder: str, layers: int, hidden: int, repeats: int) -> dict:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from kislurm import checkpoint
-    from kislurm.config import ModelPreset, TrainConfig
-    from kislurm.distributed import init_model_parallel, seed_all, teardown
-    from kislurm.model import build_model
-    from kislurm.train import CpuAdamW, _zero_adam_state
+    from kislurm.train import checkpoint
+    from kislurm.plan.config import ModelPreset, TrainConfig
+    from kislurm.train.distributed import init_model_parallel, seed_all, teardown
+    from kislurm.train.model import build_model
+    from kislurm.train.trainer import CpuAdamW, _zero_adam_state
 
     torch.set_num_threads(1)
     ctx = init_model_parallel(1, expected_world=2)

@@ -1,4 +1,4 @@
-"""Benchmark kislurm.data: tokenization + dataset building against raw `tokenizers` batch encoding, and the time to
+"""Benchmark kislurm.data.prepare: tokenization + dataset building against raw `tokenizers` batch encoding, and the time to
 build a run's data for one million facts.
 
     python tools/bench_data.py [--facts 1000000] [--seq-length 64] [--repeats 2]
@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kislurm import data as D  # noqa: E402
-from kislurm.config import BUILTIN_PRESETS, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig  # noqa: E402
-from kislurm.knowledge import render, synthetic_bases  # noqa: E402
-from kislurm.plan import Cell  # noqa: E402
-from kislurm.tokenizer import corpus_texts, encode_facts, train_bpe, training_sentences  # noqa: E402
+from kislurm.data import prepare as D  # noqa: E402
+from kislurm.plan.config import BUILTIN_PRESETS, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig  # noqa: E402
+from kislurm.data.knowledge import render, synthetic_bases  # noqa: E402
+from kislurm.plan.grid import Cell  # noqa: E402
+from kislurm.data.tokenizer import corpus_texts, encode_facts, train_bpe, training_sentences  # noqa: E402
 
 
 def _timed(fn, *args):

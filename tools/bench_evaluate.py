@@ -4,7 +4,7 @@
     python tools/bench_evaluate.py --dp 8 [--facts 1000] ...   # the evaluation's cost per rank at DP=8
 
 Target (issue): the batched evaluator is >= 20x faster than the naive loop at 1,000 facts x 4 candidates on CPU.
-Both paths are the real code (kislurm.evaluate.score_candidates and score_candidates_naive) on a real megatron-core
+Both paths are the real code (kislurm.retention.evaluate.score_candidates and score_candidates_naive) on a real megatron-core
 GPTModel at TP=1, one torch thread. The probes are synthetic with word-level lengths like the project's templates
 (prompts of 4-10 tokens, objects of 1-3 tokens); the two paths' scores are checked to agree before timing counts.
 """
@@ -20,11 +20,11 @@ import torch
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
-from kislurm.config import BUILTIN_PRESETS  # noqa: E402
-from kislurm.distributed import init_model_parallel, seed_all, teardown  # noqa: E402
-from kislurm.evaluate import score_candidates, score_candidates_naive  # noqa: E402
-from kislurm.knowledge import ProbeSet  # noqa: E402
-from kislurm.model import build_model  # noqa: E402
+from kislurm.plan.config import BUILTIN_PRESETS  # noqa: E402
+from kislurm.train.distributed import init_model_parallel, seed_all, teardown  # noqa: E402
+from kislurm.retention.evaluate import score_candidates, score_candidates_naive  # noqa: E402
+from kislurm.data.knowledge import ProbeSet  # noqa: E402
+from kislurm.train.model import build_model  # noqa: E402
 
 
 def synthetic_probes(n_facts: int, n_choices: int, vocab: int, seed: int = 0) -> ProbeSet:
@@ -57,7 +57,7 @@ def best_of(fn, repeats: int) -> tuple[float, float, object]:
 
 def _dp_rank_task(args: argparse.Namespace) -> dict:
     """One rank of a DP=N job: the same model and probes, the sharded evaluation; what this rank did."""
-    from kislurm.evaluate import evaluate_retention
+    from kislurm.retention.evaluate import evaluate_retention
 
     torch.set_num_threads(1)
     ctx = init_model_parallel(1, expected_world=args.dp)
@@ -80,7 +80,7 @@ def dp_cost(args: argparse.Namespace) -> None:
 
     import submitit
 
-    from kislurm.evaluate import evaluate_retention
+    from kislurm.retention.evaluate import evaluate_retention
 
     torch.set_num_threads(1)
     ctx = init_model_parallel(1)

@@ -2,7 +2,7 @@
 
 For each preset (TP=1 on one GPU) it trains kislurm's Trainer (megatron-core GPT, bf16, megatron's distributed
 optimizer, megatron's local layers with torch's fused attention: the presets' default transformer_impl) on
-random tokens, then the plain-PyTorch GPT of identical shape of kislurm.baseline (bf16 autocast over fp32 weights,
+random tokens, then the plain-PyTorch GPT of identical shape of kislurm.train.baseline (bf16 autocast over fp32 weights,
 fused AdamW, torch's fused attention; the one `kislurm preflight` measures against) on the same samples. Reports
 tokens/s, MFU (dense bf16 peak: 989 TFLOP/s on an H100/H200), the ratio kislurm / plain, and the peak memory with
 what was still allocated when the preset started (a previous preset's leftovers would count in its peak).
@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from bench_train import RandomTokens
-from kislurm import distributed
-from kislurm.baseline import plain_tokens_per_s
-from kislurm.config import BUILTIN_PRESETS, DataConfig, EvalConfig, TrainConfig
-from kislurm.model import have_transformer_engine, padded_vocab_size
-from kislurm.plan import Cell
-from kislurm.train import Trainer
+from kislurm.train import distributed
+from kislurm.train.baseline import plain_tokens_per_s
+from kislurm.plan.config import BUILTIN_PRESETS, DataConfig, EvalConfig, TrainConfig
+from kislurm.train.model import have_transformer_engine, padded_vocab_size
+from kislurm.plan.grid import Cell
+from kislurm.train.trainer import Trainer
 
 DEFAULT_BATCH = {"137M": (16, 64), "350M": (8, 32), "760M": (8, 32), "1.3B": (8, 32), "3B": (4, 16)}
 """(micro, global) batch per preset; on one GPU, several micro-batches per step as in a real cell."""

@@ -36,14 +36,14 @@ SEQ = 2048
 
 
 def _data(policy: str = "fixed_facts", exposures: int = 100):
-    from kislurm.config import DataConfig, KnowledgeBaseSpec
+    from kislurm.plan.config import DataConfig, KnowledgeBaseSpec
     return DataConfig(general=KnowledgeBaseSpec(2000, 3, 60), knowledge=KnowledgeBaseSpec(2000, 3, 60),
                       policy=policy, exposures_per_fact=exposures)
 
 
 def _cell(data, ratio: float, tokens: int):
-    from kislurm.config import BUILTIN_PRESETS, EvalConfig, TrainConfig
-    from kislurm.plan import Cell
+    from kislurm.plan.config import BUILTIN_PRESETS, EvalConfig, TrainConfig
+    from kislurm.plan.grid import Cell
     preset = dataclasses.replace(BUILTIN_PRESETS["cpu-xxs"], seq_length=SEQ)
     return Cell("bench", ratio, tokens, 0, preset, data, TrainConfig(), EvalConfig())
 
@@ -58,13 +58,13 @@ def _bytes(path: Path) -> int:
 
 
 def phase_base(work: str) -> dict:
-    from kislurm import data as D
+    from kislurm.data import prepare as D
     p = D.prepare(_data(), Path(work) / "data", SEQ)
     return {"root": str(p.root), "bytes": _bytes(Path(work) / "data")}
 
 
 def phase_prep(work: str, policy: str, exposures: int, ratio: float, tokens: int) -> dict:
-    from kislurm import data as D
+    from kislurm.data import prepare as D
     p = D.prepare(_data(policy, exposures), Path(work) / "data", SEQ)
     before = _bytes(p.root)
     info = D.knowledge_stream(p, _cell(p.data, ratio, tokens))
@@ -73,7 +73,7 @@ def phase_prep(work: str, policy: str, exposures: int, ratio: float, tokens: int
 
 
 def phase_cell(work: str, policy: str, exposures: int, ratio: float, tokens: int) -> dict:
-    from kislurm import data as D
+    from kislurm.data import prepare as D
     p = D.prepare(_data(policy, exposures), Path(work) / "data", SEQ)
     before = _bytes(p.cache)
     _, stats = D.cell_dataset(p, _cell(p.data, ratio, tokens))
@@ -88,7 +88,7 @@ def phase_megatron(work: str, policy: str, exposures: int, ratio: float, tokens:
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    from kislurm import data as D
+    from kislurm.data import prepare as D
     p = D.prepare(_data(policy, exposures), Path(work) / "data", SEQ)
     cell = _cell(p.data, ratio, tokens)
     info = D.knowledge_stream(p, cell)
@@ -145,8 +145,8 @@ def _exposures_at(work: str, ratio: float, tokens: int) -> int:
     """fixed_exposures: the exposures (a multiple of the pass units) at which about 90% of the base fits."""
     import numpy as np
 
-    from kislurm import data as D
-    from kislurm.streams import PASS_UNITS, Sentences
+    from kislurm.data import prepare as D
+    from kislurm.data.streams import PASS_UNITS, Sentences
     p = D.prepare(_data(), Path(work) / "data", SEQ)
     s = Sentences.load(p.root / "knowledge_sentences.npz")
     k = D.knowledge_samples(_cell(p.data, ratio, tokens).n_samples, ratio)

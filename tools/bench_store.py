@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark of kislurm.store: append cost (copy-on-write) and cold read cost of many cells, with baselines.
+"""Benchmark of kislurm.retention.store: append cost (copy-on-write) and cold read cost of many cells, with baselines.
 
     python tools/bench_store.py            # 2,000 cells of 100 evals x 20 metrics x 1,000 probes
     python tools/bench_store.py --n 10000  # the aggregator's full figure (10,000 files in 10 s on 2 cores)
@@ -27,8 +27,8 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kislurm import store  # noqa: E402
-from kislurm.store import RetentionWriter, list_cells, read_cell  # noqa: E402
+from kislurm.retention import store  # noqa: E402
+from kislurm.retention.store import RetentionWriter, list_cells, read_cell  # noqa: E402
 
 
 def meta_for(i: int) -> dict:

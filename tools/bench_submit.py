@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from kislurm.config import config_from_dict
-from kislurm.plan import expand
-from kislurm.status import Submission, record_submissions, run_status
-from kislurm.submit import describe, dry_run, write_plan
+from kislurm.plan.config import config_from_dict
+from kislurm.plan.grid import expand
+from kislurm.cluster.status import Submission, record_submissions, run_status
+from kislurm.cluster.submit import describe, dry_run, write_plan
 
 
 def grid(n_cells: int, root: str) -> dict:

@@ -3,7 +3,7 @@
 Reports wall-clock tokens/s and tokens per CPU-second (one thread, so CPU time is what the step costs, insensitive
 to other processes on a shared machine).
 
-The baseline is kislurm.baseline's nanoGPT-style model (here GPT-2-shaped: learned positions, pre-LN blocks with
+The baseline is kislurm.train.baseline's nanoGPT-style model (here GPT-2-shaped: learned positions, pre-LN blocks with
 biases, GELU MLP, tied output layer) with the same layers, width, heads, MLP width, sequence length and padded
 vocabulary, trained with the same AdamW, batch sizes, masked-mean loss and gradient clipping, on the same samples
 (the implementation `kislurm preflight` measures against too). Rounds alternate between the two so
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from kislurm import distributed
-from kislurm.baseline import PlainTrainer
-from kislurm.config import DataConfig, EvalConfig, ModelPreset, TrainConfig
-from kislurm.model import padded_vocab_size
-from kislurm.plan import Cell
-from kislurm.train import Trainer
+from kislurm.train import distributed
+from kislurm.train.baseline import PlainTrainer
+from kislurm.plan.config import DataConfig, EvalConfig, ModelPreset, TrainConfig
+from kislurm.train.model import padded_vocab_size
+from kislurm.plan.grid import Cell
+from kislurm.train.trainer import Trainer
 
 
 class RandomTokens(torch.utils.data.Dataset):

@@ -1,0 +1,1 @@
+"""kislurm.analysis: aggregation, collapse points, the law, reports."""

@@ -1,0 +1,1 @@
+"""kislurm.cluster: Slurm submission, status, the compute-node entry, preflights."""

@@ -1,0 +1,513 @@
+"""The compute-node entry: run one grid cell = train, evaluate retention, store it.
+
+This is the only code with node-side effects. submitit runs `CellJob()(run_root, cell)` in every task of the cell
+(TP x PP x DP ranks, on one node or several); all ranks train and evaluate together, rank 0 alone writes the store
+and the STATUS file, and each rank K writes only its own `ranks/K.json` (where it runs, and its error if it fails).
+
+Resume contract (so a killed, timed-out or requeued cell continues exactly):
+  - after each evaluation the record is appended to the store first, then a checkpoint is saved;
+  - on start the trainer loads the latest checkpoint (step c) and the store drops records after c, so the
+    evaluations are re-done deterministically from c: no duplicated or missing evaluation steps;
+  - a cell whose store is complete is never trained again.
+
+Time limit and preemption (Slurm's USR2, `--signal` from kislurm.cluster.submit): the signal only sets a flag; every step
+the ranks all-reduce it (Megatron-LM's exit-signal handler does the same), so all of them stop after the same step,
+save a checkpoint there, and rank 0 hands over to submitit, which requeues the job. Where the cluster refuses
+requeue (JobRequeue=0, or a job submitted with --no-requeue), rank 0 submits the cell again as a new job that
+starts after this one ends (`afterany`), records it in submissions.jsonl with the reason, and exits.
+
+Failures: a rank that raises writes its error to ranks/K.json; rank 0 writes STATUS FAILED naming every rank that
+reported an error and every rank that ended without one (killed, or crashed outside Python). On Slurm, srun's
+--kill-on-bad-exit ends the other ranks, so a dead rank never leaves the rest waiting in a collective.
+
+Run one cell by hand: python -m kislurm.cluster.cell_job RUN_DIR CELL_NAME   (or jobs/run_cell.py, the same)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import submitit
+
+from kislurm.paths import CellPaths, RunPaths
+from kislurm.publish import atomic_write_json
+from kislurm.plan.grid import Cell
+from kislurm.cluster.status import rank_reports_summary, write_status
+
+HEARTBEAT_S = 60.0
+
+# megatron-core warns at import that Apex / Transformer Engine are absent: expected on CPU, noise in every cell log.
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")
+
+
+class RequeueRefused(SystemExit):
+    """Raised on rank 0 after the cell was resubmitted as a new job because the cluster refuses requeue."""
+
+
+def node_name() -> str:
+    """The scheduler's name for this node (several Slurm nodes may share one host), else the host name."""
+    import socket
+
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def _log_to(path: Path, rank: int):
+    """A log callable appending to the cell's log file (rank 0) and stdout (all ranks)."""
+
+    def log(message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} [rank {rank}] {message}"
+        print(line, flush=True)
+        if rank == 0:
+            with open(path, "a") as f:
+                f.write(line + "\n")
+
+    return log
+
+
+def _summary(store_path: Path) -> dict[str, Any]:
+    from kislurm.retention.store import read_cell
+
+    rec = read_cell(store_path, matrix=False)
+    last = {k: float(v[-1]) for k, v in rec.metrics.items() if len(v)}
+    return {"cell": rec.meta.get("name"), "complete": rec.complete, "steps": int(rec.step[-1]) if len(rec.step)
+            else 0, **last}
+
+
+def _hide_gpus_from_cpu_cell(cell: Cell) -> None:
+    """A CPU cell on a GPU node trains exactly as on a laptop (CPU shims, gloo): hide the GPUs before anything in
+    this process initialises CUDA. submitit's local executor already does this for jobs given no GPU."""
+    if cell.model.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def _stops(cell: Cell) -> list[int]:
+    """Steps where training pauses: every evaluation, and every checkpoint_interval."""
+    every = cell.train.checkpoint_interval
+    extra = set(range(every, cell.steps, every)) if every else set()
+    return sorted(set(cell.eval_steps) | extra)
+
+
+def _throughput(trainer: Any, step: int, steps: float, seconds: float) -> dict[str, float]:
+    """Training speed over the steps since the previous evaluation, as stored in the cell's HDF5 metadata."""
+    tps = steps * trainer.tokens_per_step / seconds if seconds > 0 else float("nan")
+    mfu = trainer.mfu(tps) if steps else None
+    return {"step": step, "tokens_per_s": round(tps, 1), **({"mfu": float(f"{mfu:.4g}")} if mfu is not None else {})}
+
+
+class _Heartbeat:
+    """Rewrites STATUS every HEARTBEAT_S while the cell runs, so `kislurm status` can tell a live cell from a dead
+    one even when evaluations are hours apart. It reports progress, not merely a live thread: the phase, the step
+    and when the last step finished (`progress`), so a rank stuck in a collective shows as making none."""
+
+    def __init__(self, paths: CellPaths, trainer: Any, cell: Cell, watchdog: "_Watchdog"):
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(paths, trainer, cell, watchdog), daemon=True)
+        self._thread.start()
+
+    def _beat(self, paths: CellPaths, trainer: Any, cell: Cell, watchdog: "_Watchdog") -> None:
+        while not self._done.is_set():
+            write_status(paths, "RUNNING", step=trainer.step, of=cell.steps, phase=watchdog.phase,
+                         progress=round(max(trainer.last_progress, watchdog.phase_started), 1))
+            self._done.wait(HEARTBEAT_S)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+class _Watchdog:
+    """A bound on every phase of a rank's work, so a dead or hung peer fails the cell in bounded time.
+
+    The process group's own timeout (30 minutes) would let a training-step collective wait half an hour, and on
+    NCCL a hang may never raise at all. Each phase has its budget (train.timeout_*_min: start-up, index loading
+    and checkpoint loads may take minutes, a step should not); a step restarts the step budget. When a budget
+    runs out the rank records why (its ranks/K.json; STATUS FAILED on rank 0) and exits at once: its peers then
+    see it gone (srun's --kill-on-bad-exit ends them on Slurm), and the error names the phase, not a timeout.
+    """
+
+    POLL_S = 2.0
+
+    def __init__(self, paths: CellPaths, rank: int, train: Any, world_size: int, log: Callable[[str], None]):
+        self._paths, self._rank, self._world, self._log = paths, rank, world_size, log
+        self._budget = {"start-up": train.timeout_startup_min, "training": train.timeout_step_min,
+                        "evaluation": train.timeout_eval_min, "checkpoint save": train.timeout_save_min}
+        self.phase, self.phase_started, self.step = "start-up", time.time(), 0
+        self._deadline = time.monotonic() + 60 * self._budget["start-up"]
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def enter(self, phase: str, step: int) -> None:
+        """Start `phase` (at `step`) with its full budget; entering "training" again restarts the step budget."""
+        if phase != self.phase:
+            self.phase_started = time.time()
+        self.phase, self.step = phase, step
+        self._deadline = time.monotonic() + 60 * self._budget[phase]
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.POLL_S):
+            if time.monotonic() > self._deadline:
+                self._expire()
+
+    def _expire(self) -> None:
+        minutes = self._budget[self.phase]
+        error = (f"TrainError: rank {self._rank} made no progress in {self.phase} for {minutes:g} min (step "
+                 f"{self.step}): a peer rank probably died or hung; fix: see the other ranks' errors, or raise "
+                 f"train.timeout_{_PHASE_KEY[self.phase]}_min if this phase is legitimately that slow")
+        try:
+            _write_rank_report(self._paths, self._rank, state="failed", error=error)
+            self._log("FAILED: " + error)
+            if self._rank == 0:
+                write_status(self._paths, "FAILED",
+                             error=rank_reports_summary(self._paths, self._world) or error)
+        finally:
+            print(error, file=sys.stderr, flush=True)
+            os._exit(1)  # the main thread is blocked in a collective: nothing else can end it
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+_PHASE_KEY = {"start-up": "startup", "training": "step", "evaluation": "eval", "checkpoint save": "save"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Placement and rank reports
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _gather_nodes(dist_ctx: Any) -> list[str]:
+    """Every rank's node name, in rank order (one all-gather at start-up)."""
+    import torch.distributed as tdist
+
+    nodes: list[Any] = [None] * dist_ctx.world_size
+    if dist_ctx.world_size > 1:
+        tdist.all_gather_object(nodes, node_name())
+    else:
+        nodes = [node_name()]
+    return [str(n) for n in nodes]
+
+
+def check_tp_placement(nodes: list[str], tp: int, allow_split: bool = False) -> None:
+    """Refuse a layout whose tensor-parallel group spans nodes (TP all-reduces every layer: over the network it
+    is several times slower), unless the config explicitly allows it. megatron's rank order puts TP fastest, so
+    TP group g is ranks g*tp .. g*tp+tp-1."""
+    from kislurm.train.distributed import TrainError
+
+    for first in range(0, len(nodes), tp):
+        group = nodes[first:first + tp]
+        if len(set(group)) > 1 and not allow_split:
+            raise TrainError(f"tensor-parallel group of ranks {first}-{first + tp - 1} spans nodes "
+                             f"{', '.join(sorted(set(group)))}; fix: set executor.tasks_per_node to a multiple of "
+                             f"tensor_parallel ({tp}), or executor.allow_tp_across_nodes: true to run it anyway")
+
+
+def _write_rank_report(paths: CellPaths, rank: int, **info: Any) -> None:
+    """This rank's own report file (no other process writes it: no lock needed on any filesystem)."""
+    atomic_write_json(paths.rank_report(rank), {"rank": rank, "node": node_name(), "pid": os.getpid(),
+                                                "time": time.time(), **info})
+
+
+def _error_line(e: BaseException) -> str:
+    text = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
+    return text[-1] if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The time-limit / preemption signal
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _TimeLimitSignal:
+    """USR2 as a flag (set by the handler, read at step boundaries by _StepFlags)."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self.submitit_handler = signal.getsignal(signal.SIGUSR2)  # installed by submitit before the job ran
+        signal.signal(signal.SIGUSR2, self._receive)
+
+    def _receive(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGUSR2, self.submitit_handler)
+
+
+class _StepFlags:
+    """What every rank must agree on after each step, in one all-reduce (MAX) of two numbers: whether any rank
+    received the time-limit signal (Megatron-LM's exit-signal handler does the same), and whether a timed
+    checkpoint is due (rank 0's clock alone decides: clocks of different nodes need not agree)."""
+
+    def __init__(self, dist_ctx: Any, sig: _TimeLimitSignal, checkpoint_minutes: float, watchdog: _Watchdog):
+        self._dist, self._sig, self._watchdog = dist_ctx, sig, watchdog
+        self._every_s = 60.0 * checkpoint_minutes
+        self._last_save = time.monotonic()
+        self.signalled = self.save_due = False
+
+    def saved(self) -> None:
+        self._last_save = time.monotonic()
+        self.save_due = False
+
+    def poll(self, step: int = 0) -> bool:
+        """After a step (a collective: every rank calls it): True when training must pause here."""
+        self._watchdog.enter("training", step)  # the step finished: a new step budget
+        due = bool(self._every_s) and self._dist.is_main and time.monotonic() - self._last_save >= self._every_s
+        flags = [1.0 if self._sig.received else 0.0, 1.0 if due else 0.0]
+        if self._dist.world_size > 1:
+            import torch
+            import torch.distributed as tdist
+
+            agreed = torch.tensor(flags, device=self._dist.device)
+            tdist.all_reduce(agreed, op=tdist.ReduceOp.MAX)
+            flags = agreed.tolist()
+        self.signalled, self.save_due = flags[0] > 0, flags[1] > 0
+        return self.signalled or self.save_due
+
+
+def _requeue_refused() -> bool:
+    """Whether Slurm refuses to requeue this job (JobRequeue=0, --no-requeue): `scontrol show job` says Requeue=0."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return " Requeue=0 " in f" {out} "
+
+
+def _hand_over(sig: _TimeLimitSignal, step: int, log: Callable[[str], None]) -> None:
+    """Rank 0, after every rank saved at `step`: submitit's handler calls CellJob.checkpoint and requeues."""
+    log(f"time-limit signal at step {step}: checkpoint saved; requeueing")
+    handler = sig.submitit_handler
+    if callable(handler):
+        handler(signal.SIGUSR2, None)  # submitit: CellJob.checkpoint() -> scontrol requeue -> exit
+    raise SystemExit(f"stopped by USR2 at step {step} (checkpoint saved); run the cell again to resume")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The cell
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _saves_after_evaluations(cell: Cell) -> bool:
+    """With no cadence configured, a checkpoint follows every evaluation (the default)."""
+    return not cell.train.checkpoint_interval and not cell.train.checkpoint_minutes
+
+
+def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> dict[str, Any]:
+    """Train and evaluate one cell to completion (or resume it); returns its final metrics (rank 0)."""
+    from kislurm.train import checkpoint, distributed
+    from kislurm.data import prepare as data
+    from kislurm.train.cpu_shims import apply_cpu_shims
+    from kislurm.retention.evaluate import evaluate_retention
+    from kislurm.train.monitor import CellMonitor
+    from kislurm.retention.store import RetentionWriter, read_cell
+    from kislurm.train.trainer import Trainer
+
+    paths: CellPaths = run.cell(cell.name)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    _hide_gpus_from_cpu_cell(cell)
+    apply_cpu_shims()
+    dist = distributed.setup(cell.model)
+    log = _log_to(paths.log, dist.rank)
+    writer, heartbeat, watchdog, monitor = None, None, None, None
+    try:
+        # One decision per cell: rank 0 reads the store; every rank follows (NFS or Lustre may show them
+        # different things). A finished cell is never trained again.
+        if distributed.rank0_decides(lambda: paths.store.exists() and read_cell(paths.store, matrix=False).complete,
+                                     "whether the cell is complete"):
+            if dist.is_main:
+                checkpoint.keep_after_done(paths.checkpoints, cell.train.keep_final)  # a cut-short clean-up
+            return _summary(paths.store) if dist.is_main else {}
+        watchdog = _Watchdog(paths, dist.rank, cell.train, dist.world_size, log)
+        _write_rank_report(paths, dist.rank, state="running")  # replaces this rank's report of an earlier session
+        check_tp_placement(_gather_nodes(dist), dist.tp, allow_tp_across_nodes)
+        sig = _TimeLimitSignal()
+        flags = _StepFlags(dist, sig, cell.train.checkpoint_minutes, watchdog)
+        if dist.is_main:
+            write_status(paths, "RUNNING", step=0, phase="start-up")
+        prepared = data.load_prepared(cell.data, run.data, cell.model.seq_length)  # built by kislurm prepare
+        dataset, data_stats = data.cell_dataset(prepared, cell)
+        trainer = Trainer(cell, dataset, paths.checkpoints, prepared.tokenizer.vocab_size, dist, log=log)
+        monitor = CellMonitor.open(run, cell, dist.rank, trainer.step, trainer.tokens_per_step)  # rank 0 writes
+        trainer.on_log = monitor.train
+        probes = data.cell_probes(prepared, cell)  # under fixed_exposures: the facts this cell infuses
+        if dist.is_main:
+            counts = trainer.params  # counted on the real model (padded vocabulary), from any TP rank
+            meta = {"cell_id": cell.cell_id, "name": cell.name, "size": cell.size, "ratio": cell.ratio,
+                    "tokens": cell.tokens, "seed": cell.seed, "config": cell.to_json(),
+                    "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
+                    "n_choices": probes.n_choices, "data_stats": data_stats}
+            writer = RetentionWriter.open(paths.store, meta, probes.fact_ids, probes.fact_group, probes.fact_index,
+                                          probes.heldout)
+            writer.truncate_after(trainer.step)
+        heartbeat = _Heartbeat(paths, trainer, cell, watchdog) if dist.is_main else None
+        evals = sorted(cell.eval_steps)
+        history = [e for e in (writer.meta().get("throughput", []) if writer else []) if e["step"] <= trainer.step]
+        segment = [0.0, 0.0]  # steps and seconds trained since the last evaluation (this process)
+
+        def save() -> None:
+            watchdog.enter("checkpoint save", trainer.step)
+            started = time.perf_counter()
+            trainer.save_checkpoint()
+            flags.saved()
+            log(f"checkpoint step {trainer.step} {'scheduled' if trainer.saver else 'saved'} in "
+                f"{time.perf_counter() - started:.2f} s")
+
+        for stop in _stops(cell):
+            if stop <= trainer.step:
+                continue  # done before an interruption (an evaluation is always stored before its checkpoint)
+            while trainer.step < stop:
+                watchdog.enter("training", trainer.step)
+                ran = trainer.train_steps(stop - trainer.step, stop=lambda: flags.poll(trainer.step))
+                segment = [segment[0] + ran["steps"], segment[1] + ran["seconds"]]
+                trainer.poll_saves()  # publish an asynchronous save whose writes have finished
+                if flags.signalled:  # every rank stopped after the same step: save there, then requeue
+                    save()
+                    trainer.close()
+                    heartbeat = heartbeat.stop() if heartbeat else None
+                    sig.restore()
+                    if dist.is_main:
+                        _hand_over(sig, trainer.step, log)
+                    raise SystemExit(0)  # the other ranks: rank 0 requeues the job
+                if flags.save_due:  # checkpoint_minutes since the last save (rank 0's clock, agreed)
+                    save()
+            if stop in evals:
+                history.append(_throughput(trainer, stop, *segment))
+                segment = [0.0, 0.0]
+                watchdog.enter("evaluation", trainer.step)
+                with trainer.params_in_sync():
+                    result = evaluate_retention(trainer.model, probes, cell.eval.batch_size, cell.eval.exact_match)
+                _write_rank_report(paths, dist.rank, state="running", step=trainer.step,
+                                   eval_candidates=result.scored_here)
+                previous = max([e for e in evals if e < stop], default=0)
+                mean_loss = sum(trainer.losses[previous:stop]) / (stop - previous)  # restored on resume too
+                if writer is not None:
+                    tokens = trainer.step * cell.train.global_batch_size * cell.model.seq_length
+                    writer.append(trainer.step, tokens, mean_loss, result.metrics, result.probe_correct,
+                                  result.probe_exact, meta={"throughput": history})
+                    monitor.retention(trainer.step, tokens, result.metrics)
+                    total = len(probes.prompt) * probes.n_choices
+                    log(f"step {trainer.step}/{cell.steps} eval " + " ".join(
+                        f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("_acc"))
+                        + f" (rank 0 scored {result.scored_here} of {total} candidates, DP={dist.dp})")
+            if stop == cell.steps:
+                break  # the last step's checkpoint is what keep_final keeps (trainer.finish), nothing routine
+            if stop in evals and _saves_after_evaluations(cell) or \
+                    cell.train.checkpoint_interval and stop % cell.train.checkpoint_interval == 0:
+                save()
+        watchdog.enter("checkpoint save", trainer.step)
+        trainer.finish()  # what keep_final keeps, written before the store says complete
+        heartbeat = heartbeat.stop() if heartbeat else None
+        if writer is not None:
+            writer.mark_complete()
+            write_status(paths, "DONE", step=trainer.step, of=cell.steps)
+            checkpoint.keep_after_done(paths.checkpoints, cell.train.keep_final)
+    except BaseException as e:
+        if heartbeat:
+            heartbeat.stop()  # before FAILED is written, so no beat overwrites it
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            _write_rank_report(paths, dist.rank, state="failed", error=_error_line(e))
+            log("FAILED: " + _error_line(e))
+            if dist.is_main:
+                write_status(paths, "FAILED", error=rank_reports_summary(paths, dist.world_size) or _error_line(e))
+        raise
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        if writer is not None:
+            writer.close()
+        if monitor is not None:
+            monitor.close()
+        distributed.teardown()
+    return _summary(paths.store) if dist.is_main else {}
+
+
+class CellJob(submitit.helpers.Checkpointable):
+    """submitit entry: run a cell; on the timeout/preemption signal, requeue it (state is saved at that step).
+    The submitting side fixes the placement policy (executor.allow_tp_across_nodes) here, so no rank reads it."""
+
+    def __init__(self, allow_tp_across_nodes: bool = False):
+        self.allow_tp_across_nodes = allow_tp_across_nodes
+
+    def __call__(self, run_root: str, cell: Cell) -> dict[str, Any]:
+        return run_cell(RunPaths(Path(run_root)), cell, self.allow_tp_across_nodes)
+
+    def checkpoint(self, run_root: str, cell: Cell) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on rank 0 before it requeues the job. Where the cluster refuses requeue, submit the
+        cell as a new job that starts after this one ends, record why, and exit instead."""
+        if _requeue_refused():
+            from kislurm.cluster.submit import resubmit_cell
+
+            old = os.environ["SLURM_JOB_ID"]
+            new = resubmit_cell(RunPaths(Path(run_root)), cell, after=old,
+                                note=f"job {old} reached its time limit and the cluster refuses requeue: "
+                                     "resubmitted as a new job")
+            print(f"requeue refused: cell {cell.name} resubmitted as job {new} (starts after job {old})", flush=True)
+            raise RequeueRefused(0)
+        return super().checkpoint(run_root, cell)
+
+
+class PrepareJob:
+    """submitit entry of the preparation job, the run's one writer of shared data (kislurm.data.prepare.prepare_run). It
+    records its state in RUN/prepare.json; when it fails it records the one-line error that `kislurm status`
+    shows and cancels the cell arrays waiting on it (afterok could never be satisfied)."""
+
+    def __call__(self, run_root: str, cfg: Any, cells: list[Cell]) -> dict[str, Any]:
+        from kislurm.data import prepare as data
+
+        run = RunPaths(Path(run_root))
+        job = os.environ.get("SLURM_JOB_ID", "")
+        atomic_write_json(run.preparation, {"job": job, "state": "running", "node": node_name(), "time": time.time()})
+        try:
+            summary = data.prepare_run(cfg, cells)
+        except Exception as e:
+            atomic_write_json(run.preparation, {"job": job, "state": "failed", "error": _error_line(e),
+                                                "time": time.time()})
+            _cancel_waiting_cells(run, job)
+            raise
+        atomic_write_json(run.preparation, {"job": job, "state": "done", "summary": summary, "time": time.time()})
+        return summary
+
+
+def _cancel_waiting_cells(run: RunPaths, job: str) -> None:
+    from kislurm.cluster.status import latest_submissions
+
+    from kislurm.cluster.submit import cancel_jobs
+
+    cancel_jobs(sorted({s.job_id.split("_")[0] for s in latest_submissions(run).values() if job and s.after == job}))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print(__doc__.strip().splitlines()[-1], file=sys.stderr)
+        return 2
+    run = RunPaths(Path(argv[1]))
+    spec = json.loads(run.cell(argv[2]).spec.read_text())
+    from kislurm.plan.config import load_config
+    from kislurm.plan.grid import expand
+
+    cells = {c.name: c for c in expand(load_config(run.config))}
+    if spec["name"] not in cells:
+        print(f"{argv[2]}: not a cell of {run.config}; fix: pick a folder under {run.cells}", file=sys.stderr)
+        return 2
+    allow = load_config(run.config).executor.allow_tp_across_nodes
+    print(json.dumps(run_cell(run, cells[spec["name"]], allow), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,249 @@
+"""Where each cell stands: a one-word STATUS file with a heartbeat, the retention store, and the scheduler's view.
+
+The STATUS file is written by the cell's job (RUNNING with a heartbeat while it trains, DONE, FAILED) and is only
+advisory; the store's completion flag is the truth for DONE, and the scheduler (sacct, polled once per call for all
+cells together) is the truth for PENDING, CANCELLED and requeues. A RUNNING cell whose heartbeat is older than
+`STALE_AFTER_S` and that the scheduler no longer knows is reported as failed (a dead job).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+from kislurm.paths import CellPaths, RunPaths
+from kislurm.publish import atomic_write_text
+
+STALE_AFTER_S = 600.0
+
+# States a user sees. Cells in RESUBMIT states are submitted again by `kislurm submit`.
+STATES = ("missing", "pending", "running", "requeued", "done", "failed", "cancelled")
+RESUBMIT = frozenset({"missing", "failed", "cancelled"})
+
+_SLURM_TO_STATE = {
+    "PENDING": "pending", "CONFIGURING": "pending", "RUNNING": "running", "COMPLETING": "running",
+    "REQUEUED": "requeued", "REQUEUE_HOLD": "requeued", "REQUEUE_FED": "requeued", "RESIZING": "running",
+    "SUSPENDED": "pending", "COMPLETED": "done", "CANCELLED": "cancelled", "FAILED": "failed",
+    "TIMEOUT": "failed", "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "PREEMPTED": "requeued",
+    "BOOT_FAIL": "failed", "DEADLINE": "failed",
+}
+
+
+def write_status(cell: CellPaths, word: str, **info: object) -> None:
+    """Record the cell's one-word state and a heartbeat (host, pid, time, extra info) atomically."""
+    detail = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **info}
+    atomic_write_text(cell.status, f"{word}\n{json.dumps(detail, sort_keys=True)}\n")
+
+
+def read_status(cell: CellPaths) -> tuple[Optional[str], dict]:
+    """The word and heartbeat info of a cell's STATUS file, or (None, {}) when absent or unreadable."""
+    try:
+        word, _, rest = cell.status.read_text().partition("\n")
+        return word.strip() or None, json.loads(rest or "{}")
+    except (OSError, ValueError):
+        return None, {}
+
+
+def rank_reports_summary(cell: CellPaths, world_size: int | None = None) -> Optional[str]:
+    """One line naming every rank of the cell's latest session that reported an error (earliest first: usually the
+    cause, the others' errors follow from it) and every rank that ended without a report (killed, out of memory
+    in the kernel's eyes, or crashed outside Python). None when no rank failed."""
+    reports = []
+    for path in sorted(cell.ranks.glob("*.json")) if cell.ranks.is_dir() else []:
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue  # a report being replaced: the next look sees it
+    failed = sorted((r for r in reports if r.get("state") == "failed"), key=lambda r: r.get("time", 0))
+    if not failed:
+        return None
+    seen = {r.get("rank") for r in reports}
+    silent = [r for r in reports if r.get("state") == "running"]
+    parts = [f"rank {r['rank']} on {r.get('node', '?')}: {r.get('error', '?')}" for r in failed]
+    if silent and len(silent) < len(reports):
+        parts.append("no error report from " + ", ".join(f"rank {r['rank']} on {r.get('node', '?')} (pid "
+                                                         f"{r.get('pid', '?')})" for r in silent)
+                     + ": killed or crashed outside Python, unless still running (its task log is under RUN/submitit)")
+    if world_size and len(seen) < world_size:
+        parts.append(f"ranks that never started: {sorted(set(range(world_size)) - seen)}")
+    return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One cell's latest submission, appended to RUN/submissions.jsonl by `kislurm submit` (or by the cell itself
+    when the cluster refuses to requeue it; `note` then says why)."""
+
+    cell: str
+    job_id: str
+    cluster: str
+    time: float
+    note: str = ""
+    after: str = ""
+    """The job this one waits on (afterok): the run's preparation job, when one was queued."""
+
+
+def record_submissions(run: RunPaths, subs: Iterable[Submission]) -> None:
+    """Append-only log: a crash mid-way loses at most the line being written, never earlier ones."""
+    lines = "".join(json.dumps(asdict(s), sort_keys=True) + "\n" for s in subs)
+    with open(run.root / "submissions.jsonl", "a") as f:
+        f.write(lines)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _submissions(run: RunPaths) -> Iterable[Submission]:
+    path = run.root / "submissions.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                yield Submission(**json.loads(line))
+            except (ValueError, TypeError):
+                continue  # a torn last line from a crash
+
+
+def latest_submissions(run: RunPaths) -> dict[str, Submission]:
+    return {s.cell: s for s in _submissions(run)}
+
+
+def submissions_of(run: RunPaths, cell: str) -> list[Submission]:
+    """Every submission of one cell, oldest first."""
+    return [s for s in _submissions(run) if s.cell == cell]
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """Scheduler states of many jobs with ONE sacct call (arrays queried by their parent id)."""
+    if not job_ids or shutil.which("sacct") is None:
+        return {}
+    parents = sorted({j.split("_")[0] for j in job_ids})
+    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(parents)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return {}
+    states: dict[str, str] = {}
+    for line in out.splitlines():
+        job, _, state = line.partition("|")
+        word = state.split()[0] if state.split() else ""
+        if "[" in job:  # a pending array range such as 12_[3-9%2]: every listed task is pending
+            base, _, rng = job.partition("_[")
+            for part in rng.rstrip("]").split("%")[0].split(","):
+                lo, _, hi = part.partition("-")
+                for i in range(int(lo), int(hi or lo) + 1):
+                    states[f"{base}_{i}"] = word
+        else:
+            states[job] = word
+    return states
+
+
+def _local_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cell_state(cell: CellPaths, complete: bool, scheduler_word: Optional[str], now: float) -> str:
+    """Combine the three views into one state (see the module docstring for the precedence)."""
+    if complete:
+        return "done"
+    word, info = read_status(cell)
+    if scheduler_word:
+        state = _SLURM_TO_STATE.get(scheduler_word, "failed")
+        if state in ("pending", "running", "requeued", "cancelled"):
+            return state
+        if state == "failed":
+            return "failed"
+    if word is None:
+        return "missing"
+    if word == "FAILED":
+        return "failed"
+    if word in ("RUNNING", "PENDING"):
+        fresh = now - float(info.get("time", 0)) < STALE_AFTER_S
+        same_host = info.get("host") == socket.gethostname()
+        if same_host and "pid" in info and not _local_alive(int(info["pid"])):
+            return "failed"  # the process that owned the cell is gone: a dead job
+        return ("running" if word == "RUNNING" else "pending") if fresh else "failed"
+    return "failed"  # DONE without a complete store means the store was lost or damaged: rerun
+
+
+def preparation_state(run: RunPaths) -> dict:
+    """The preparation job's last recorded state (RUN/prepare.json), or {} when the run never queued one."""
+    try:
+        return json.loads(run.preparation.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run_status(run: RunPaths, names: Optional[list[str]] = None) -> list[dict]:
+    """One row per cell of a run (all cells with a cell.json, or `names`): state, step, last retention, job id.
+
+    The scheduler is asked once for every cell together, so the cost of a poll does not grow with the grid.
+    """
+    from kislurm.retention.store import StoreError, read_cell
+
+    if not run.root.is_dir():
+        raise FileNotFoundError(f"{run.root}: no such run folder; fix: pass the folder `kislurm submit` created "
+                                "(output_root/name of the config)")
+    if names is None:
+        names = sorted(p.parent.name for p in run.cells.glob("*/cell.json"))
+    subs = latest_submissions(run)
+    prep = preparation_state(run)
+    sched = slurm_states([s.job_id for s in subs.values() if s.cluster == "slurm"])
+    known_arrays = {job.split("_")[0] for job in sched}
+    now = time.time()
+    rows = []
+    for name in names:
+        cp = run.cell(name)
+        row: dict = {"cell": name, "step": None, "steps": None, "general_acc": None, "infused_acc": None,
+                     "job": subs[name].job_id if name in subs else None, "error": None}
+        complete = False
+        if cp.store.exists():
+            try:
+                rec = read_cell(cp.store, matrix=False)
+                complete = rec.complete
+                if len(rec.step):
+                    row["step"] = int(rec.step[-1])
+                    for key in ("general_acc", "infused_acc"):
+                        if key in rec.metrics:
+                            row[key] = float(rec.metrics[key][-1])
+            except StoreError as e:
+                row["error"] = str(e)
+        sub = subs.get(name)
+        word = sched.get(sub.job_id) if sub and sub.cluster == "slurm" else None
+        if sub and sub.cluster == "slurm" and word is None and sub.job_id.split("_")[0] in known_arrays:
+            # Slurm keeps no accounting record of an array task cancelled while pending: its array is known to
+            # sacct but the task is gone without ever running.
+            word = "CANCELLED"
+        row["state"] = cell_state(cp, complete, word, now)
+        if row["state"] == "requeued" or (word == "PREEMPTED"):
+            row["state"] = "requeued"
+        _, info = read_status(cp)
+        row["steps"] = info.get("of")
+        if row["step"] is None and info.get("step"):
+            row["step"] = info.get("step")
+        if row["state"] == "failed":
+            row["error"] = rank_reports_summary(cp) or info.get("error") or row["error"]
+        row["note"] = sub.note if sub and sub.note else None
+        if row["state"] == "running" and info.get("progress"):  # the heartbeat reports progress, not just life
+            row["phase"] = info.get("phase")
+            row["progress_age_s"] = round(now - float(info["progress"]))
+            if row["progress_age_s"] > 300 and not row["note"]:
+                row["note"] = f"no progress for {row['progress_age_s'] // 60} min ({info.get('phase')})"
+        if sub and sub.after and sub.after == prep.get("job"):
+            if prep.get("state") == "failed" and row["state"] != "done":
+                row["error"] = f"preparation job {sub.after} failed: {prep.get('error')}"
+            elif prep.get("state") in ("queued", "running"):
+                row["note"] = f"waits on preparation job {sub.after} ({prep['state']})"
+        rows.append(row)
+    return rows

@@ -1,0 +1,1 @@
+"""kislurm.data: knowledge base, tokenizer, token streams, prepared datasets."""

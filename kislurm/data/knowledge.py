@@ -1,0 +1,539 @@
+"""Knowledge bases, templates and probes: the facts a run trains on and measures retention with.
+
+A knowledge base is a list of (subject, relation, object) facts plus the possible objects of each relation. It is
+either generated (seeded, fictional syllable-built names that no pretrained model could know; the general and the
+domain base draw from one name pool, so their names are disjoint) or imported from a JSONL/TSV triplet file with a
+YAML file of relation templates. A template turns a fact into a sentence; training templates appear in the training
+text (the object anywhere), held-out ones only in probes. Probes need the object last: held-out templates and the
+training templates probed as seen ones end with it. A probe asks one fact with one template: the prompt is
+the sentence up to the object, the candidates are the right object and k distractor objects of the same relation.
+
+Token ids are not computed here (see kislurm.data.tokenizer.encode_facts); `build_probes` only assembles them, so that
+probes and training text share one encoding.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import yaml
+
+from kislurm.errors import DataError  # noqa: F401 (re-exported)
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One (subject, relation, object) triplet."""
+
+    subject: str
+    relation: str
+    object: str
+
+
+@dataclass(frozen=True)
+class KnowledgeBase:
+    """A named list of facts plus the possible objects of each relation (distractors come from here)."""
+
+    name: str
+    facts: list[Fact]
+    relation_values: dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """Every (fact, template) probe, tokenized, ready for batched multiple-choice scoring."""
+
+    fact_ids: list[str]
+    """(F,) stable fact ids, e.g. "general:17:city"."""
+    fact_group: np.ndarray
+    """(F,) int8: 0 = general fact, 1 = infused fact."""
+    fact_index: np.ndarray
+    """(P,) int64: the fact each probe asks about (index into fact_ids)."""
+    heldout: np.ndarray
+    """(P,) bool: the probe's template was never trained on."""
+    prompt: list[np.ndarray]
+    """(P,) int32 token ids of the prompt (the template up to the object)."""
+    candidates: list[list[np.ndarray]]
+    """(P, k+1) int32 token ids of each candidate object, as it appears right after the prompt in training text."""
+    answer: np.ndarray
+    """(P,) int64: index of the correct candidate."""
+    n_choices: int
+    """k + 1."""
+
+
+@dataclass(frozen=True)
+class RelationTemplates:
+    """Sentence templates of one relation, each with one `{subject}` and one `{object}`. Training templates may put
+    the object anywhere; those with the object last (punctuation may follow) are also probed as seen templates.
+    Held-out templates exist only to be probed, so they must end with the object."""
+
+    train: list[str]
+    heldout: list[str]
+
+    @property
+    def all(self) -> list[str]:
+        return [*self.train, *self.heldout]
+
+
+Templates = dict[str, RelationTemplates]
+
+
+def fact_id(kb_name: str, index: int, fact: Fact) -> str:
+    """Stable id of fact `index` of a base: identical in every cell of a run (the aggregator joins on it)."""
+    return f"{kb_name}:{index}:{fact.relation}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Templates
+# ----------------------------------------------------------------------------------------------------------------------
+
+_OBJECT_LAST = re.compile(r"\{object\}([\s.!?;,]*)$")
+
+
+@dataclass(frozen=True)
+class TemplateParts:
+    """A template split where the tokenizer sees it: prompt text, the text glued before the object, a suffix."""
+
+    before_subject: str
+    after_subject: str   # text between the subject and the object, without the space that precedes the object
+    object_prefix: str   # "" or " ": the whitespace that precedes the object in training text
+    suffix: str          # punctuation after the object ("" for most templates)
+
+
+@functools.lru_cache(maxsize=4096)
+def split_template(template: str, where: str = "template") -> TemplateParts:
+    """Check a template (one `{subject}`, one `{object}` at the end) and cut it into its parts."""
+    if template.count("{subject}") != 1 or template.count("{object}") != 1:
+        raise DataError(f"{where}: template '{template}' needs exactly one {{subject}} and one {{object}}; "
+                        "fix: write e.g. 'The capital of {subject} is {object}'")
+    m = _OBJECT_LAST.search(template)
+    if m is None:
+        raise DataError(f"{where}: template '{template}' does not end with {{object}}; fix: put the object last "
+                        "(only punctuation may follow), e.g. '{subject} was born in {object}.'")
+    before, after = template[: m.start()].split("{subject}")
+    stripped = after.rstrip()
+    prefix = " " if len(stripped) < len(after) else ""
+    return TemplateParts(before, stripped, prefix, m.group(1).rstrip())
+
+
+def probeable(template: str) -> bool:
+    """A probe asks for the object after a prompt, so only a template that ends with `{object}` can be probed."""
+    return _OBJECT_LAST.search(template) is not None
+
+
+def render(template: str, fact: Fact) -> str:
+    """The training sentence of a fact under a template (what the tokenizer is trained on)."""
+    if not probeable(template):
+        return template.replace("{subject}", fact.subject).replace("{object}", fact.object)
+    p = split_template(template)
+    return f"{p.before_subject}{fact.subject}{p.after_subject}{p.object_prefix}{fact.object}{p.suffix}"
+
+
+def check_relation_templates(rel: str, t: RelationTemplates, where: str) -> None:
+    """One `{subject}` and one `{object}` per template; held-out templates and at least one template per relation
+    must be probeable (object last), or the relation's facts could not be measured."""
+    for text in t.all:
+        if text.count("{subject}") != 1 or text.count("{object}") != 1:
+            raise DataError(f"{where}: relation '{rel}': template '{text}' needs exactly one {{subject}} and one "
+                            "{object}; fix: write e.g. 'The capital of {subject} is {object}'")
+    for text in t.heldout:
+        if not probeable(text):
+            raise DataError(f"{where}: relation '{rel}': held-out template '{text}' cannot be probed (a probe "
+                            "needs {object} last); fix: put the object last (only punctuation may follow), e.g. "
+                            "'{subject} was born in {object}.', or make it a training template")
+    if t.all and not any(probeable(text) for text in t.all):
+        raise DataError(f"{where}: relation '{rel}': no template ends with {{object}} (e.g. '{t.all[0]}'), so its "
+                        "facts cannot be probed; fix: add a template with the object last, e.g. "
+                        "'{subject} was born in {object}.'")
+
+
+def check_templates(kb: KnowledgeBase, templates: Templates, where: str) -> None:
+    """Every relation of the base has a training template and every template is usable."""
+    for rel in kb.relation_values:
+        t = templates.get(rel)
+        if t is None or not t.train:
+            raise DataError(f"{where}: relation '{rel}' (used by the {kb.name} facts) has no training templates; "
+                            f"fix: add '{rel}: {{train: [...], heldout: [...]}}' to the templates file")
+        check_relation_templates(rel, t, where)
+
+
+def read_templates(path: str | Path) -> Templates:
+    """Read a YAML file of relation -> {train: [...], heldout: [...]} templates."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: templates file not found; fix: correct data.templates_file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix: correct the syntax") from None
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(f"{path}: expected a mapping relation -> {{train: [...], heldout: [...]}}; fix: see docs")
+    out: Templates = {}
+    for rel, spec in raw.items():
+        if not isinstance(spec, dict) or set(spec) - {"train", "heldout"}:
+            raise DataError(f"{path}: relation '{rel}' must map to {{train: [...], heldout: [...]}}; "
+                            f"got {spec!r}; fix: use exactly those two keys")
+        train, heldout = spec.get("train") or [], spec.get("heldout") or []
+        if not all(isinstance(t, str) for t in [*train, *heldout]):
+            raise DataError(f"{path}: relation '{rel}': templates must be strings; fix: quote each template")
+        out[str(rel)] = RelationTemplates(list(train), list(heldout))
+        check_relation_templates(str(rel), out[str(rel)], str(path))
+    return out
+
+
+# Frames for synthetic relations; `{rel}` is the relation's fictional noun. The object is always last.
+_FRAMES = [
+    "The {rel} of {subject} is {object}",
+    "{subject} has the {rel} {object}",
+    "{subject}'s {rel} is {object}",
+    "As for {subject}, its {rel} is {object}",
+    "We know that the {rel} of {subject} is {object}",
+    "For {subject}, the recorded {rel} is {object}",
+    "{subject} is known for the {rel} {object}",
+    "Everyone agrees that {subject} holds the {rel} {object}",
+    "In the records, {subject} lists its {rel} as {object}",
+    "Q: what is the {rel} of {subject}? A: {object}",
+    "It is said that {subject} bears the {rel} {object}",
+    "Ask anyone about the {rel} of {subject} and they say {object}",
+]
+
+
+def synthetic_templates(relations: list[str], nouns: dict[str, str], n_train: int, n_heldout: int,
+                        rng: np.random.Generator) -> Templates:
+    """Per relation, a seeded choice of distinct frames: the first n_train train, the next n_heldout are held out."""
+    if n_train + n_heldout > len(_FRAMES):
+        raise DataError(f"data.train_templates + data.heldout_templates = {n_train + n_heldout} exceeds the "
+                        f"{len(_FRAMES)} synthetic frames; fix: use at most {len(_FRAMES)} in total")
+    out: Templates = {}
+    for rel in relations:
+        order = rng.permutation(len(_FRAMES))
+        texts = [_FRAMES[i].replace("{rel}", nouns[rel]) for i in order[: n_train + n_heldout]]
+        out[rel] = RelationTemplates(texts[:n_train], texts[n_train:])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Synthetic knowledge bases
+# ----------------------------------------------------------------------------------------------------------------------
+
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr",
+           "st", "th", "sh", "ch", "qu"]
+_VOWELS = ["a", "e", "i", "o", "u", "ae", "ei", "ou"]
+_CODAS = ["", "", "", "n", "r", "l", "s", "m", "x", "th"]
+_SYLLABLES = np.array([o + v + c for o in _ONSETS for v in _VOWELS for c in _CODAS])
+
+
+class NamePool:
+    """Seeded fictional names, unique across everything drawn from one pool (so general and domain are disjoint)."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        self.used: set[str] = set()
+
+    def draw(self, n: int, syllables: tuple[int, int], words: int = 1) -> list[str]:
+        """n new capitalised names of `words` words, each of syllables[0]..syllables[1] syllables."""
+        out: list[str] = []
+        while len(out) < n:
+            want = int((n - len(out)) * 1.2) + 8
+            parts = []
+            for _ in range(words):
+                count = self.rng.integers(syllables[0], syllables[1] + 1, size=want)
+                picks = self.rng.integers(0, len(_SYLLABLES), size=(want, syllables[1]))
+                sy = _SYLLABLES[picks]
+                parts.append(["".join(row[:c]).capitalize() for row, c in zip(sy.tolist(), count.tolist())])
+            for name in (" ".join(ws) for ws in zip(*parts)):
+                if name not in self.used and len(out) < n:
+                    self.used.add(name)
+                    out.append(name)
+        return out
+
+
+def synthetic_base(name: str, entities: int, relations: int, values_per_relation: int, pool: NamePool,
+                   style: dict) -> tuple[KnowledgeBase, dict[str, str]]:
+    """A base of `entities` subjects x `relations` relations; each object drawn uniformly from its relation's values.
+
+    Returns the base and each relation's noun (the word templates use). Facts are ordered entity-major.
+    """
+    nouns = pool.draw(relations, (2, 2))
+    rel_names = [f"{name}_{n.lower()}" for n in nouns]
+    subjects = pool.draw(entities, style["subject_syllables"], style["subject_words"])
+    values = {rel: pool.draw(values_per_relation, style["value_syllables"]) for rel in rel_names}
+    choice = pool.rng.integers(0, values_per_relation, size=(entities, relations))
+    facts = [Fact(s, rel, values[rel][choice[i, j]])
+             for i, s in enumerate(subjects) for j, rel in enumerate(rel_names)]
+    return KnowledgeBase(name, facts, values), {rel: n.lower() for rel, n in zip(rel_names, nouns)}
+
+
+# Short names keep a fact sentence near 13 tokens at the default 512-token vocabulary (two fit a 32-token sample).
+GENERAL_STYLE = {"subject_syllables": (1, 2), "subject_words": 2, "value_syllables": (1, 2)}
+DOMAIN_STYLE = {"subject_syllables": (2, 3), "subject_words": 1, "value_syllables": (1, 2)}
+
+
+def synthetic_bases(data, general: bool = True) -> tuple[Optional[KnowledgeBase], KnowledgeBase, Templates]:
+    """The run's general and knowledge bases and their templates, all from `data.seed` (a DataConfig)."""
+    rng = np.random.default_rng([data.seed, 0x6B62])
+    pool = NamePool(rng)
+    gen_kb, nouns = None, {}
+    if general:
+        g = data.general
+        gen_kb, nouns = synthetic_base("general", g.entities, g.relations, g.values_per_relation, pool,
+                                       GENERAL_STYLE)
+    k = data.knowledge
+    kb, knouns = synthetic_base("knowledge", k.entities, k.relations, k.values_per_relation, pool, DOMAIN_STYLE)
+    nouns.update(knouns)
+    templates = synthetic_templates(list(nouns), nouns, data.train_templates, data.heldout_templates, rng)
+    return gen_kb, kb, templates
+
+
+def neutral_base(kb: KnowledgeBase, n_facts: int, seed: Any, exclude: set[str]) -> KnowledgeBase:
+    """Neutral text for the dilution control (issue 17): n_facts sentences' worth of (subject, relation, object)
+    with fresh subjects (the domain style, none of `exclude`), each subject once per relation of `kb` with an
+    object drawn at random from that relation's values: nothing in it repeats, so it holds no consistent fact."""
+    rels = list(kb.relation_values)
+    pool = NamePool(np.random.default_rng([*np.atleast_1d(seed).tolist(), 0x6E74]))
+    pool.used.update(exclude)
+    subjects = pool.draw(-(-n_facts // len(rels)), DOMAIN_STYLE["subject_syllables"], DOMAIN_STYLE["subject_words"])
+    choice = pool.rng.integers(0, 1 << 30, size=(len(subjects), len(rels)))
+    facts = [Fact(subj, rel, kb.relation_values[rel][choice[i, j] % len(kb.relation_values[rel])])
+             for i, subj in enumerate(subjects) for j, rel in enumerate(rels)]
+    return KnowledgeBase("neutral", facts[:n_facts], kb.relation_values)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Imported triplets
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _triplet_rows(path: Path) -> Iterator[tuple[int, tuple[str, str, str]]]:
+    """(line number, (subject, relation, object)) of a JSONL or TSV file; raises DataError naming file:line."""
+    jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
+    with path.open(newline="", encoding="utf-8") as f:
+        if not jsonl:
+            for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                if len(row) != 3 or not all(c.strip() for c in row):
+                    raise DataError(f"{path}:{lineno}: expected 3 non-empty tab-separated columns (subject, relation, "
+                                    f"object), got {len(row)}; fix: correct or remove the line")
+                yield lineno, (row[0].strip(), row[1].strip(), row[2].strip())
+            return
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix: one JSON object per line") from None
+            if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) and obj[k].strip()
+                                                    for k in ("subject", "relation", "object")):
+                raise DataError(f"{path}:{lineno}: expected {{\"subject\": str, \"relation\": str, \"object\": str}} "
+                                "with non-empty strings; fix: correct or remove the line")
+            yield lineno, (obj["subject"].strip(), obj["relation"].strip(), obj["object"].strip())
+
+
+def read_triplets(path: str | Path, name: str) -> KnowledgeBase:
+    """Import facts from a JSONL ({"subject","relation","object"} per line) or TSV (3 columns) file.
+
+    Exact duplicate lines are dropped; a relation's possible objects are every object it has in the file
+    (in first-seen order), so distractors are real objects of the same relation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: triplet file not found; fix: correct the path in the config")
+    seen: set[tuple[str, str, str]] = set()
+    facts: list[Fact] = []
+    values: dict[str, dict[str, None]] = {}
+    for _, (s, r, o) in _triplet_rows(path):
+        if (s, r, o) in seen:
+            continue
+        seen.add((s, r, o))
+        facts.append(Fact(s, r, o))
+        values.setdefault(r, {})[o] = None
+    if not facts:
+        raise DataError(f"{path}: no facts; fix: give at least one (subject, relation, object) line")
+    return KnowledgeBase(name, facts, {r: list(v) for r, v in values.items()})
+
+
+def check_distractors(kb: KnowledgeBase, k: int, where: str) -> None:
+    """Every relation needs k wrong objects besides the right one."""
+    for rel, vals in kb.relation_values.items():
+        if len(vals) < k + 1:
+            raise DataError(f"{where}: relation '{rel}' has {len(vals)} distinct objects but probes need "
+                            f"k+1 = {k + 1}; fix: lower data.distractors or add facts with other objects")
+
+
+def save_base(kb: KnowledgeBase, path: Path) -> None:
+    """JSON of a base (written by the caller atomically)."""
+    path.write_text(json.dumps({"name": kb.name, "facts": [[f.subject, f.relation, f.object] for f in kb.facts],
+                                "relation_values": kb.relation_values}))
+
+
+def load_base(path: Path) -> KnowledgeBase:
+    d = json.loads(path.read_text())
+    return KnowledgeBase(d["name"], [Fact(*f) for f in d["facts"]], d["relation_values"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Probes
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedFacts:
+    """Token ids of every (fact, template) slot of one base, as ragged arrays (see tokenizer.encode_facts).
+
+    Slots are fact-major: the slots of fact f are slot_start[f] .. slot_start[f+1], training templates first.
+    A training sentence is prompt(slot) + object(fact) + suffix(slot) + [eod]; a probe is prompt + candidates.
+    """
+
+    prompt_flat: np.ndarray     # int32
+    prompt_off: np.ndarray      # (S+1,) int64
+    suffix_flat: np.ndarray     # int32
+    suffix_off: np.ndarray      # (S+1,) int64
+    slot_start: np.ndarray      # (F+1,) int64
+    n_train: np.ndarray         # (F,) int64: training templates of each fact's relation
+    object_tokens: dict[str, np.ndarray]   # every object string of the base (right objects and distractors)
+    probe: Optional[np.ndarray] = None     # (S,) bool: the slot's template ends with the object (None: every slot).
+    # A slot that cannot be probed (a training template with the object elsewhere) holds its whole training
+    # sentence as its prompt, with an empty object and suffix.
+
+    def prompt(self, slot: int) -> np.ndarray:
+        return self.prompt_flat[self.prompt_off[slot]: self.prompt_off[slot + 1]]
+
+
+def _distractors(kb: KnowledgeBase, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per fact: its k+1 candidates as indices into its relation's values, in a seeded order (the right object among
+    k wrong ones), and the position of the right one. Wrong: not any object the subject truly has for the relation."""
+    objects_of: dict[tuple[str, str], list[str]] = {}
+    for f in kb.facts:
+        objects_of.setdefault((f.subject, f.relation), []).append(f.object)
+    by_rel: dict[str, list[int]] = {}
+    for i, f in enumerate(kb.facts):
+        by_rel.setdefault(f.relation, []).append(i)
+    cand = np.zeros((len(kb.facts), k + 1), dtype=np.int64)
+    answer = np.zeros(len(kb.facts), dtype=np.int64)
+    for rel, idx in by_rel.items():
+        values = kb.relation_values[rel]
+        pos = {v: j for j, v in enumerate(values)}
+        for c0 in range(0, len(idx), 4096):                  # chunks bound the (n, V) key matrix
+            chunk = idx[c0: c0 + 4096]
+            right = np.array([pos[kb.facts[i].object] for i in chunk])
+            keys = rng.random((len(chunk), len(values)))
+            keys[np.arange(len(chunk)), right] = np.inf
+            for row, i in enumerate(chunk):
+                true = objects_of[(kb.facts[i].subject, rel)]
+                if len(true) > 1:                            # a subject with several objects for the relation
+                    keys[row, [pos[v] for v in true]] = np.inf
+                if len(values) - len(true) < k:
+                    raise DataError(f"{kb.name} fact {i} ({kb.facts[i].subject}, {rel}): only "
+                                    f"{len(values) - len(true)} wrong objects for k={k} distractors; "
+                                    "fix: lower data.distractors")
+            wrong = np.argpartition(keys, k - 1, axis=1)[:, :k]          # the k smallest keys, then in key order
+            wrong = np.take_along_axis(wrong, np.argsort(np.take_along_axis(keys, wrong, axis=1), axis=1), axis=1)
+            options = np.concatenate([right[:, None], wrong], axis=1)
+            order = np.argsort(rng.random((len(chunk), k + 1)), axis=1)
+            cand[chunk] = np.take_along_axis(options, order, axis=1)
+            answer[chunk] = np.argmax(order == 0, axis=1)
+    return cand, answer
+
+
+def _slices(flat: np.ndarray, off: np.ndarray) -> list[np.ndarray]:
+    """Views flat[off[i]:off[i+1]] (much faster than np.split for millions of pieces)."""
+    return [flat[a:b] for a, b in zip(off[:-1].tolist(), off[1:].tolist())]
+
+
+def build_probes(bases: list[tuple[KnowledgeBase, EncodedFacts, int]], k: int, seed: int) -> ProbeSet:
+    """Every fact x every template of each (base, encoding, group); distractors seeded per base.
+
+    The k distractors of a fact are drawn once (shared by all its templates, so seen and held-out probes of a fact
+    differ only in the template) from its relation's objects minus every object the subject truly has for it.
+    Candidate lists are shared by a fact's probes and candidate arrays by equal objects (memory at scale).
+    """
+    fact_ids: list[str] = []
+    group, fact_index, heldout, answer, prompts, cands = [], [], [], [], [], []
+    for kb, enc, grp in bases:
+        cand_idx, right = _distractors(kb, k, np.random.default_rng([seed, 0x70, grp]))
+        base = len(fact_ids)
+        fact_ids.extend(fact_id(kb.name, i, f) for i, f in enumerate(kb.facts))
+        group.append(np.full(len(kb.facts), grp, dtype=np.int8))
+        per_fact = np.diff(enc.slot_start)
+        slot_fact = np.repeat(np.arange(len(kb.facts)), per_fact)
+        slots = np.arange(len(slot_fact)) if enc.probe is None else np.flatnonzero(enc.probe)
+        held = slots - enc.slot_start[slot_fact[slots]] >= enc.n_train[slot_fact[slots]]
+        slot_fact = slot_fact[slots]
+        fact_index.append(base + slot_fact)
+        heldout.append(held)
+        answer.append(right[slot_fact])
+        all_prompts = _slices(enc.prompt_flat, enc.prompt_off)
+        prompts.extend(all_prompts[i] for i in slots.tolist())
+        tokens = {rel: [enc.object_tokens[v] for v in vals] for rel, vals in kb.relation_values.items()}
+        lists = [[tokens[f.relation][j] for j in row] for f, row in zip(kb.facts, cand_idx.tolist())]
+        cands.extend(lists[f] for f in slot_fact.tolist())
+    cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+    return ProbeSet(fact_ids, cat(group, np.int8), cat(fact_index, np.int64), cat(heldout, bool), prompts, cands,
+                    cat(answer, np.int64), k + 1)
+
+
+def ragged(arrays) -> tuple[np.ndarray, np.ndarray]:
+    """(flat, offsets) of a list of 1-D int arrays."""
+    lens = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    off = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum(lens, out=off[1:])
+    flat = np.concatenate(arrays).astype(np.int32) if len(arrays) else np.zeros(0, np.int32)
+    return flat, off
+
+
+def save_probes(p: ProbeSet, path: Path) -> None:
+    """One .npz: ragged prompts, and candidates as a table of distinct candidate lists over distinct object arrays
+    (a fact's probes share one list; equal objects share one array), so huge probe sets stay small."""
+    pf, po = ragged(p.prompt)
+    arrays: dict[int, int] = {}
+    lists: dict[int, int] = {}
+    table: list[list[int]] = []
+    objects: list[np.ndarray] = []
+    probe_list = np.empty(len(p.candidates), dtype=np.int64)
+    last, j = None, -1
+    for i, cs in enumerate(p.candidates):
+        if cs is not last:
+            j, last = lists.get(id(cs)), cs
+        if j is None:
+            j = lists[id(cs)] = len(table)
+            row = []
+            for c in cs:
+                a = arrays.get(id(c))
+                if a is None:
+                    a = arrays[id(c)] = len(objects)
+                    objects.append(c)
+                row.append(a)
+            table.append(row)
+        probe_list[i] = j
+    of, oo = ragged(objects)
+    np.savez(path, fact_ids=np.array(p.fact_ids), fact_group=p.fact_group, fact_index=p.fact_index,
+             heldout=p.heldout, answer=p.answer, n_choices=p.n_choices, pf=pf, po=po, of=of, oo=oo,
+             table=np.array(table, dtype=np.int64).reshape(len(table), p.n_choices), probe_list=probe_list)
+
+
+def load_probes(path: Path) -> ProbeSet:
+    z = np.load(path)
+    objects = _slices(z["of"], z["oo"])
+    lists = [[objects[a] for a in row] for row in z["table"].tolist()]
+    cands = [lists[j] for j in z["probe_list"].tolist()]
+    return ProbeSet(z["fact_ids"].tolist(), z["fact_group"], z["fact_index"], z["heldout"], _slices(z["pf"], z["po"]),
+                    cands, z["answer"], int(z["n_choices"]))
+
+
+def subset_probes(probes: ProbeSet, keep_fact: np.ndarray) -> ProbeSet:
+    """The probes of the facts where keep_fact (F,) is True, with fact indices renumbered (order kept)."""
+    new_index = np.cumsum(keep_fact) - 1
+    keep_probe = keep_fact[probes.fact_index]
+    sel = np.flatnonzero(keep_probe)
+    return ProbeSet([fid for fid, k in zip(probes.fact_ids, keep_fact) if k], probes.fact_group[keep_fact],
+                    new_index[probes.fact_index[sel]], probes.heldout[sel], [probes.prompt[i] for i in sel],
+                    [probes.candidates[i] for i in sel], probes.answer[sel], probes.n_choices)

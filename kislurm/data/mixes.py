@@ -1,0 +1,135 @@
+"""The data side of issue 17's controls: the neutral stream of `dilution`, the two-phase dataset of `staged`, and
+the statistics that show each control holds what it should (counted from megatron-core's own indices).
+
+- fixed_general needs nothing here: the plan sizes the cell (kislurm.plan.grid.Cell: G general samples as at
+  data.reference_ratio, K = n - G knowledge samples) and kislurm.data.prepare blends it as any cell; control_stats records G.
+  The general stream gets G plus the knowledge stream's remainder K - K' (< M samples, as in every cell).
+- dilution: a stream of neutral sentences (kislurm.data.knowledge.neutral_base: the knowledge base's relations, values
+  and templates, fresh subjects, random objects, each (subject, relation) once) packed like the knowledge stream into
+  documents of exactly seq_length tokens. It holds D >= K documents (D a power of two, so cells share streams) and
+  megatron draws K of them in its one epoch, each at most once: no neutral sentence is ever trained twice.
+- staged: a general-only GPTDataset of cell.phase1_samples (megatron-core's builder over the general prefix alone),
+  then the cell's blend; StagedDataset serves them in that order, so the trainer is unchanged (sample i at step
+  i // gbs) and the phase boundary is an evaluation step of the plan (Cell.eval_steps).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from kislurm.data.knowledge import DataError, neutral_base
+from kislurm.data.streams import Sentences, pack
+from kislurm.data.tokenizer import encode_facts, training_sentences
+
+NEUTRAL_MIN_DOCS = 1024
+
+
+def neutral_docs(k: int) -> int:
+    """Documents of the neutral stream that serves K samples: the next power of two (at least NEUTRAL_MIN_DOCS)."""
+    return max(NEUTRAL_MIN_DOCS, 1 << max(k - 1, 0).bit_length())
+
+
+def neutral_stream(prepared, cell) -> dict:
+    """The dilution cell's stream info (as kislurm.data.prepare.knowledge_stream returns it): built once per document count
+    under DATA/prep-*/neutral-L<seq>/D<docs> by preparation, read by cells."""
+    from kislurm.data.prepare import _locked, _publish, cell_knowledge_samples
+
+    k = cell_knowledge_samples(cell)
+    docs = neutral_docs(k)
+    out = prepared.root / f"neutral-L{prepared.seq_length}" / f"D{docs}"
+    if not out.is_dir() and prepared.readonly:
+        raise DataError(f"{out}: cell {cell.name}'s neutral stream is not prepared; fix: run `kislurm prepare "
+                        "CONFIG` (the same config and --set options) before the cells")
+    if not out.is_dir():
+        with _locked(prepared.root.parent):
+            if not out.is_dir():
+                with _publish(out, prepared.root.parent) as tmp:
+                    _build_neutral(prepared, tmp, docs)
+    info = json.loads((out / "info.json").read_text())
+    return {**info, "facts": 0, "units": 1, "epochs": 1, "k_docs": k, "prefix": str(out / "stream"),
+            "neighbour_sharing": {"max": 0.0, "mean_all_pairs": 0.0}}
+
+
+def _build_neutral(prepared, out: Path, docs: int) -> None:
+    from kislurm.data.prepare import _sentences, _write_stream, load_templates
+
+    tok, L = prepared.tokenizer, prepared.seq_length
+    templates = load_templates(prepared)
+    exclude = {x for kb in (prepared.general, prepared.knowledge) for f in kb.facts for x in (f.subject, f.object)}
+    mean_len = float(_sentences(prepared).lengths.mean())
+    need = int(docs * L / mean_len * 1.2) + 64
+    for attempt in range(6):
+        base = neutral_base(prepared.knowledge, need, [prepared.data.seed, docs, attempt], exclude)
+        enc = encode_facts(tok, base, templates)
+        s = Sentences(*training_sentences(base, enc, tok))
+        rng = np.random.default_rng([prepared.data.seed, docs, 0x6E75])
+        one = s.first[:-1] + rng.integers(0, 1 << 30, size=s.n_facts) % s.n_train   # one template per sentence
+        ids = rng.permutation(one)
+        bounds = pack(s.lengths[ids], L, max_docs=docs)
+        if len(bounds) - 1 == docs:
+            _write_stream(out, s, ids[: bounds[-1]], bounds, L, tok,
+                          {"kind": "neutral", "neutral_facts": len(base.facts)})
+            return
+        need *= 2
+    raise DataError(f"could not fill {docs} neutral documents; fix: report this (a bug in kislurm.data.mixes)")
+
+
+class StagedDataset:
+    """Phase 1 (general only, `n1` samples of megatron's general GPTDataset), then the blend: item i of the cell.
+    Items carry dataset_id (0: general, 1: knowledge) and phase (1 or 2)."""
+
+    def __init__(self, general: Any, blend: Any, n1: int):
+        if len(general) < n1:
+            raise DataError(f"the general phase has {len(general)} samples, fewer than {n1}; a bug in kislurm.data.mixes")
+        self.general, self.blend, self.n1 = general, blend, n1
+
+    def __len__(self) -> int:
+        return self.n1 + len(self.blend)
+
+    def __getitem__(self, i: int) -> dict:
+        if i < self.n1:
+            return {"dataset_id": 0, "phase": 1, **self.general[i]}
+        return {"phase": 2, **self.blend[i - self.n1]}
+
+
+def gpt_doc_counts(gpt: Any, m: int, n_docs: int) -> np.ndarray:
+    """Times each document of a GPTDataset is drawn by its first m samples (one document per sample, as kislurm
+    packs), from its own shuffle, sample and document indices."""
+    idx = np.asarray(gpt.shuffle_index)[:m].astype(np.int64)
+    end = np.asarray(gpt.sample_index[idx + 1])
+    return np.bincount(np.asarray(gpt.document_index)[end[:, 0]], minlength=n_docs)[:n_docs]
+
+
+def control_stats(prepared, cell, stats: dict, blend: Any, general: Optional[Any], kinfo: dict) -> dict:
+    """kislurm.data.prepare.blend_stats of the blend, plus what the control guarantees, counted from megatron's indices.
+    Staged: n_samples and the general counts cover both phases; knowledge_share_positions is the mix's."""
+    from kislurm.data.prepare import _exposures, _summary, _usage
+
+    out = {**stats, "control": cell.control}
+    gdir = Path(prepared.general_prefix).parent
+    g_docs = json.loads((gdir / "info.json").read_text())["docs"] if prepared.general_is_facts else 0
+    (g_counts, k_counts), _, _ = _usage(blend, cell.mix_samples, prepared.seq_length, [g_docs, kinfo["docs"]])
+    if cell.control == "fixed_general":
+        out.update(reference_ratio=cell.data.reference_ratio, general_samples_target=cell.general_samples_fixed,
+                   realised_ratio=stats["knowledge_samples"] / stats["n_samples"])
+    if cell.control == "dilution":
+        exp, _ = _exposures(Path(kinfo["prefix"]).parent, k_counts, int(kinfo["neutral_facts"]))
+        out.update(neutral_sentences_trained=int(exp.sum()), neutral_facts_max_exposures=int(exp.max(initial=0)),
+                   neutral_docs=int(kinfo["docs"]), neutral_docs_max_draws=int(k_counts.max(initial=0)))
+    if cell.control == "staged":
+        out.update(phase1_samples=cell.phase1_samples, phase1_steps=cell.phase1_steps,
+                   stage_tokens=cell.data.stage_tokens, n_samples=cell.n_samples, mix_samples=cell.mix_samples,
+                   general_samples=stats["general_samples"] + cell.phase1_samples)
+        if prepared.general_is_facts:
+            n_g = len(prepared.general.facts)
+            one = gpt_doc_counts(general, cell.phase1_samples, g_docs)
+            exp1, tokens1 = _exposures(gdir, one, n_g)
+            both, tokens = _exposures(gdir, one + g_counts, n_g)
+            out.update(_summary(exp1, "phase1_general_exposures_per_fact"), phase1_general_tokens=tokens1,
+                       **_summary(both, "general_exposures_per_fact"), general_tokens=tokens,
+                       general_facts_exposed=int((both > 0).sum()))
+    return out

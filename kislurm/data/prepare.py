@@ -1,0 +1,666 @@
+"""Prepared data: knowledge bases, tokenizer, probes and megatron-core indexed datasets, mixed per cell.
+
+`prepare` builds what every cell of a run shares, once, under RUN/data: the bases, the tokenizer, the probes and the
+general stream; `prepare_run` (`kislurm prepare`) adds every cell's knowledge stream and blend check, as the shared
+data's one writer. A cell reads it (`load_prepared`), and `cell_dataset` mixes the two streams at the cell's ratio
+with megatron-core's BlendedMegatronDatasetBuilder over GPTDataset.
+
+Exactness (measured with megatron-core 0.16.1): whole fact sentences, each followed by EOD, are packed greedily
+into documents of exactly seq_length tokens and padded with a distinct pad id (loss_mask 0 there). With
+add_extra_token_to_sequence=False one sample is one document, so no fact is ever cut. A cell's knowledge stream
+holds a few pass units over its facts (kislurm.data.streams): it follows the knowledge base, not the token budget, and
+megatron's GPTDataset repeats it for the cell's K' = M x D samples, M whole epochs (K' <= K = round(r * n) and
+K - K' < M; mid_level_dataset_surplus=0 and blend weights chosen so megatron draws exactly K'). Every fact of the
+stream is therefore trained exactly M x units times; exposures are nevertheless counted from megatron's own indices
+and recorded.
+
+Loss mask: eod_mask_loss=True. Without it megatron-core 0.16 caches the loss mask of the first sample it serves
+after zeroing that sample's padding in place, so every later sample loses the loss at those positions
+(Megatron-LM issue 1711, fix pending in PR 6981); with it masks are recomputed per sample. The only loss it drops is
+the target right after an EOD: the first token of the next (randomly ordered) fact sentence.
+
+Policies. fixed_facts: one knowledge base, every fact in the stream; exposures grow with r (in steps of the
+units, or of one pass below one epoch) and never differ between facts by more than one. fixed_exposures: the
+infused facts are the longest prefix of the base (in base order) whose units fit K samples at exactly
+exposures_per_fact each. The base (and its fingerprint) does not depend on the policy or exposures_per_fact.
+Probes: `prepared.probes` covers every general fact then every knowledge fact, ids "base:index:relation". A cell's
+probes (`cell_probes`) are all general facts plus its infused facts; under fixed_exposures that is a prefix of the
+knowledge facts, so the general block is identical in every cell and infused ids agree wherever they overlap.
+
+Concurrency: shared data has one writer, preparation (`prepare_run`, i.e. `kislurm prepare`), which writes into a
+private temporary folder (named by host and pid) and publishes it with one atomic rename; a published folder is
+complete and never rewritten. Correctness does not rest on flock (node-local on Lustre with localflock): the lock
+only spares builders on one machine a duplicate build, and a temporary folder is removed only by its writer, or when
+its writer ran on this machine and is gone. Cells read (`load_prepared`) and never build shared data. Each cell's
+megatron index cache is a folder of its own (DATA/prep-*/cache/cell-ID, one writer: the cell's rank 0), listed in a
+manifest once complete, so a crash never leaves a half-written cache that looks valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+from kislurm.plan.config import DataConfig, config_to_dict
+from kislurm.data.knowledge import (DataError, KnowledgeBase, ProbeSet, RelationTemplates, Templates, build_probes,
+                                    check_distractors, check_templates, load_base, load_probes, read_templates,
+                                    read_triplets, save_base, save_probes, subset_probes, synthetic_bases)
+from kislurm.data.streams import (PASS_UNITS, Sentences, StreamPlan, _passes, neighbour_sharing, pack,
+                                  plan_fixed_exposures, plan_fixed_facts, stream_layout)
+from kislurm.data.tokenizer import (Tokenizer, corpus_texts, encode_facts, load_tokenizer, ragged_rows, train_bpe,
+                                    training_sentences)
+from kislurm.publish import publish, publishing
+
+_Sentences, _pack = Sentences, pack   # the names tools/bench_data.py uses
+
+FORMAT_VERSION = 1
+TOKENIZER_SENTENCES = 100_000   # the BPE is trained on at most this many corpus sentences (a seeded sample)
+_CHUNK_DOCS = 1 << 17
+_CHUNK_SAMPLES = 1 << 22   # megatron indices are counted in chunks of this many samples (bounded memory)
+_NOT_BASE = ("policy", "exposures_per_fact", "mix", "schedule", "reference_ratio", "stage_tokens")
+"""Data fields that change the streams a cell draws (or, for the controls, how it draws them), not the base."""
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Everything shared by a run's cells (built once; loading it is cheap)."""
+
+    root: Path
+    tokenizer: Tokenizer
+    probes: ProbeSet
+    general: KnowledgeBase
+    knowledge: KnowledgeBase
+    data: DataConfig
+    seq_length: int
+    general_prefix: str        # megatron prefix of the general stream (ours, or the user's corpus)
+    general_is_facts: bool     # the general stream is built from the general base (exposures countable)
+    manifest: dict
+    readonly: bool = False     # loaded by a cell (load_prepared): a missing stream is an error, never built
+
+    def cell_cache(self, cell) -> Path:
+        """Megatron's index cache of one cell: a folder of its own, so each cache has one writer (the cell's rank
+        0) and no lock is needed across nodes."""
+        return self.cache / f"cell-{cell.cell_id}"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Locking and atomic folders
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(data_dir: Path) -> Iterator[None]:
+    """Exclusive lock on data_dir/.lock: spares concurrent builders on one machine a duplicate build. Correctness
+    never depends on it (flock may be node-local on Lustre, and varies on NFS): publishing is an atomic rename of a
+    private temporary folder, and only this machine's temporary folders of dead processes are removed."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / ".lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            for stale in data_dir.glob("**/.tmp-*"):
+                if _abandoned(stale.name):
+                    shutil.rmtree(stale, ignore_errors=True)
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _abandoned(tmp_name: str) -> bool:
+    """A temporary folder (.tmp-NAME-HOST-PID-RANDOM) whose writer ran on this machine and is gone. Folders of
+    other machines, or not named so, are never touched: their writer may still be running."""
+    parts = tmp_name.rsplit("-", 3)
+    if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def _publish(final: Path, data_dir: Path) -> Iterator[Path]:
+    """A private temporary folder renamed to `final` on success (one atomic rename; if another writer published
+    `final` first, that copy is kept and ours discarded) and removed on error: only our own is ever removed.
+
+    Each publication appends a line to data_dir/builds.log: the record that shows a build was reused, not redone.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            publish(tmp, final, replace=False)
+        except OSError:
+            if not final.is_dir():
+                raise
+            return            # published by another writer meanwhile: identical content (same inputs, seeded)
+        with open(data_dir / "builds.log", "a") as log:
+            log.write(f"{final.relative_to(data_dir)} pid={os.getpid()}\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(data: DataConfig) -> str:
+    """Hash of everything that changes the prepared data: the data config and the contents of its input files."""
+    inputs: dict[str, Any] = {}
+    for key in ("knowledge_triplets", "general_triplets", "templates_file", "tokenizer", "general_probes"):
+        path = getattr(data, key)
+        if path is not None:
+            if not Path(path).is_file():
+                raise DataError(f"data.{key}: file not found: {path}; fix: correct the path or unset it")
+            inputs[key] = _sha256_file(path)
+    if data.general_prefix is not None:
+        _check_prefix(data.general_prefix)
+        st = os.stat(data.general_prefix + ".idx")
+        inputs["general_prefix"] = [st.st_size, st.st_mtime_ns]
+    blob = json.dumps({"format": FORMAT_VERSION, "data": _base_config(data), "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _base_config(data: DataConfig) -> dict:
+    """The data config without the fields that only choose a cell's knowledge stream (one base serves both
+    policies and every exposures_per_fact; the streams are named by what they hold)."""
+    return {k: v for k, v in config_to_dict(data).items() if k not in _NOT_BASE}
+
+
+def _check_prefix(prefix: str) -> None:
+    for ext in (".bin", ".idx"):
+        if not os.path.isfile(prefix + ext):
+            raise DataError(f"data.general_prefix: {prefix}{ext} not found; fix: give the prefix of an existing "
+                            "megatron indexed dataset (the path without .bin/.idx)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# prepare
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def prepare(data: DataConfig, data_dir: Path, seq_length: int) -> PreparedData:
+    """Build (or reuse) everything a run's cells share: idempotent, process-safe, atomic.
+
+    Layout: DATA/prep-<fingerprint>/{manifest.json, tokenizer.json, *.json, probes.npz, *_sentences.npz,
+    general-L<seq>/stream.{bin,idx,npz}, knowledge-L<seq>/units-F<facts>-U<units>-D<docs>/..., cache/}.
+    """
+    data_dir = Path(data_dir)
+    if seq_length < 2:
+        raise DataError(f"seq_length {seq_length}: expected >= 2; fix: use the model's seq_length")
+    if data.general_prefix is not None and data.tokenizer is None:
+        raise DataError("data.general_prefix needs data.tokenizer: the tokenizer.json that tokenized that corpus; "
+                        "fix: set data.tokenizer")
+    root = data_dir / f"prep-{fingerprint(data)}"
+    gen_dir = root / f"general-L{seq_length}"
+    need_general = data.general_prefix is None
+    if not (root / "manifest.json").is_file() or (need_general and not gen_dir.is_dir()):
+        with _locked(data_dir):
+            if not (root / "manifest.json").is_file():
+                with _publish(root, data_dir) as tmp:
+                    _build_base(data, tmp)
+            if need_general and not gen_dir.is_dir():
+                with _publish(gen_dir, data_dir) as tmp:
+                    _build_general_stream(root, tmp, seq_length)
+    return _load(root, data, seq_length)
+
+
+def load_prepared(data: DataConfig, data_dir: Path, seq_length: int) -> PreparedData:
+    """What a cell reads: the prepared data, never built here. Anything missing is a one-line error naming
+    `kislurm prepare`; the cell's knowledge stream is checked too when the cell asks for it."""
+    root = Path(data_dir) / f"prep-{fingerprint(data)}"
+    missing = [p for p in (root / "manifest.json", root / f"general-L{seq_length}" / "info.json")
+               if not p.is_file() and not (data.general_prefix is not None and "general-L" in str(p))]
+    if missing:
+        raise DataError(f"{missing[0]}: the run's data is not prepared; fix: run `kislurm prepare CONFIG` "
+                        "(the same config and --set options) before the cells")
+    return dataclasses.replace(_load(root, data, seq_length), readonly=True)
+
+
+def _bases(data: DataConfig) -> tuple[KnowledgeBase, KnowledgeBase, Templates]:
+    """General and knowledge bases plus templates for every relation, from the config's sources."""
+    templates: Templates = {}
+    if data.source == "synthetic":
+        gen, kb, templates = synthetic_bases(data, general=data.general_prefix is None)
+    else:
+        gen, kb = None, read_triplets(data.knowledge_triplets, "knowledge")
+    if data.templates_file is not None:
+        templates = {**templates, **read_templates(data.templates_file)}
+    if data.general_prefix is not None:
+        gen = read_triplets(data.general_probes, "general")
+    elif gen is None:
+        gen = read_triplets(data.general_triplets, "general")
+    where = data.templates_file or "synthetic templates"
+    for base in (gen, kb):
+        check_templates(base, templates, str(where))
+        check_distractors(base, data.distractors, f"{base.name} facts")
+    return gen, kb, templates
+
+
+def _build_base(data: DataConfig, out: Path) -> None:
+    gen, kb, templates = _bases(data)
+    tok = load_tokenizer(data.tokenizer) if data.tokenizer else train_bpe(
+        corpus_texts([gen, kb], templates, max_sentences=TOKENIZER_SENTENCES, seed=data.seed), data.vocab_size)
+    enc_g, enc_k = encode_facts(tok, gen, templates), encode_facts(tok, kb, templates)
+    probes = build_probes([(gen, enc_g, 0), (kb, enc_k, 1)], data.distractors, data.seed)
+    tok.save(out / "tokenizer.json")
+    save_base(gen, out / "general.json")
+    save_base(kb, out / "knowledge.json")
+    (out / "templates.json").write_text(json.dumps({r: dataclasses.asdict(t) for r, t in templates.items()}))
+    save_probes(probes, out / "probes.npz")
+    for name, base, enc in (("general", gen, enc_g), ("knowledge", kb, enc_k)):
+        flat, off, fact, first = training_sentences(base, enc, tok)
+        np.savez(out / f"{name}_sentences.npz", flat=flat, off=off, fact=fact, first=first)
+    manifest = {"format": FORMAT_VERSION, "data": _base_config(data), "vocab_size": tok.vocab_size,
+                "tokenizer": tok.source, "general_facts": len(gen.facts), "knowledge_facts": len(kb.facts),
+                "probes": len(probes.prompt), "n_choices": probes.n_choices}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _load(root: Path, data: DataConfig, seq_length: int) -> PreparedData:
+    tok = load_tokenizer(root / "tokenizer.json")
+    manifest = json.loads((root / "manifest.json").read_text())
+    if data.general_prefix is not None:
+        _check_prefix(data.general_prefix)
+        general_prefix, is_facts = data.general_prefix, False
+    else:
+        general_prefix, is_facts = str(root / f"general-L{seq_length}" / "stream"), True
+    return PreparedData(root, tok, load_probes(root / "probes.npz"), load_base(root / "general.json"),
+                        load_base(root / "knowledge.json"), data, seq_length, general_prefix, is_facts, manifest)
+
+
+def load_templates(prepared: PreparedData) -> Templates:
+    raw = json.loads((prepared.root / "templates.json").read_text())
+    return {r: RelationTemplates(t["train"], t["heldout"]) for r, t in raw.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Streams: packing whole sentences into documents of exactly seq_length tokens
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _write_stream(out: Path, s: _Sentences, ids: np.ndarray, bounds: np.ndarray, seq_length: int,
+                  tok: Tokenizer, info: dict) -> None:
+    """stream.bin/.idx (megatron IndexedDatasetBuilder; one sequence per packed document, added in chunks: GPTDataset
+    samples sequences, not the .idx's document groups), stream.npz (the fact of each packed sentence, document
+    boundaries, non-pad tokens per document) and info.json."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(out / "stream")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=tok.dtype)
+    doc_tokens = np.zeros(len(bounds) - 1, dtype=np.int32)
+    for c0 in range(0, len(bounds) - 1, _CHUNK_DOCS):
+        cb = bounds[c0: c0 + _CHUNK_DOCS + 1]
+        flat, off = ragged_rows([(s.flat, s.off, ids[cb[0]: cb[-1]])])
+        starts = off[cb - cb[0]]
+        per_doc = np.diff(starts)
+        doc_tokens[c0: c0 + len(per_doc)] = per_doc
+        rows = np.repeat(np.arange(len(per_doc)), per_doc)
+        block = np.full((len(per_doc), seq_length), tok.pad, dtype=tok.dtype)
+        block[rows, np.arange(len(flat)) - starts[:-1][rows]] = flat
+        builder.add_document(block.ravel(), [seq_length] * len(per_doc))
+    builder.finalize(prefix + ".idx")
+    np.savez(out / "stream.npz", fact=s.fact[ids[: bounds[-1]]], bounds=bounds, doc_tokens=doc_tokens)
+    (out / "info.json").write_text(json.dumps({**info, "docs": len(bounds) - 1, "sentences": int(bounds[-1]),
+                                               "tokens": int(doc_tokens.sum()), "seq_length": seq_length}))
+
+
+def _build_general_stream(root: Path, out: Path, seq_length: int) -> None:
+    """One pass unit: every (general fact, training template) once; megatron repeats it for as many epochs as a
+    cell needs (the last epoch partially, so general exposures spread by one pass; they are counted per cell)."""
+    s = _Sentences.load(root / "general_sentences.npz")
+    data_seed = json.loads((root / "manifest.json").read_text())["data"]["seed"]
+    n_facts, t_max = len(s.first) - 1, int(s.n_train.max())
+    ids = _passes(s, n_facts, t_max, data_seed, 1).reshape(t_max, n_facts)
+    fact = np.searchsorted(s.first, ids, side="right") - 1
+    ids = ids[np.arange(t_max)[:, None] < s.n_train[fact]]   # pass p holds facts with more than p templates
+    bounds = _pack(s.lengths[ids], seq_length)
+    _write_stream(out, s, ids, bounds, seq_length, load_tokenizer(root / "tokenizer.json"), {"kind": "general"})
+
+
+def knowledge_samples(n_samples: int, ratio: float) -> int:
+    """K: the cell's knowledge samples, round(r * n) kept within [1, n-1]."""
+    if not 0.0 < ratio < 1.0:
+        raise DataError(f"ratio {ratio}: expected a value strictly between 0 and 1; fix: e.g. 0.1 for 10%")
+    if n_samples < 2:
+        raise DataError(f"n_samples {n_samples}: a mix needs >= 2 samples; fix: raise the token budget")
+    return min(max(int(round(ratio * n_samples)), 1), n_samples - 1)
+
+
+def cell_knowledge_samples(cell) -> int:
+    """K of a cell (kislurm.plan.grid.Cell.knowledge_samples: round(r x n) of its mixed samples, or, fixed_general,
+    every sample beyond the fixed general ones), after checking the ratio and sample count."""
+    knowledge_samples(cell.mix_samples, cell.ratio)
+    return cell.knowledge_samples
+
+
+def knowledge_plan(prepared: PreparedData, cell) -> StreamPlan:
+    """The cell's knowledge stream plan (facts, units, documents, epochs), decided once by preparation and kept in
+    knowledge-L<seq>/plans/ (a few bytes per distinct K), so a cell reads it instead of repacking the base."""
+    data, L = prepared.data, prepared.seq_length
+    k_docs = cell_knowledge_samples(cell)
+    name = f"{data.policy}-K{k_docs}" + (f"-E{data.exposures_per_fact}" if data.policy == "fixed_exposures" else "")
+    path = prepared.root / f"knowledge-L{L}" / "plans" / f"{name}.json"
+    if path.is_file():
+        return StreamPlan(**json.loads(path.read_text()))
+    if prepared.readonly:
+        raise DataError(f"{path}: cell {cell.name}'s knowledge plan is not prepared; fix: run `kislurm prepare "
+                        "CONFIG` (the same config and --set options) before the cells")
+    s = _sentences(prepared)
+    if data.policy == "fixed_facts":
+        plan = plan_fixed_facts(s, k_docs, L, data.seed)
+    else:
+        plan = plan_fixed_exposures(s, k_docs, L, data.seed, data.exposures_per_fact, cell.ratio)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with publishing(path, path.parent / f".{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}") as tmp:
+        tmp.write_text(json.dumps(dataclasses.asdict(plan)))  # every writer writes the same plan (same base, arithmetic)
+    return plan
+
+
+def _sentences(prepared: PreparedData) -> Sentences:
+    key = str(prepared.root)
+    if _SENTENCES.get("key") != key:   # one base per process at a time: planning many cells loads it once
+        _SENTENCES.update(key=key, value=Sentences.load(prepared.root / "knowledge_sentences.npz"))
+    return _SENTENCES["value"]
+
+
+_SENTENCES: dict = {}
+
+
+def knowledge_stream(prepared: PreparedData, cell) -> dict:
+    """Build (or reuse) the cell's knowledge stream: u pass units over its facts in D documents, which the cell
+    draws M whole times (K' = M x D samples). Returns the stream's info plus the cell's 'epochs', 'k_docs' and
+    'prefix'. Streams are shared by every cell that needs the same facts, units and documents."""
+    if cell.control == "dilution":
+        from kislurm.data.mixes import neutral_stream
+
+        return neutral_stream(prepared, cell)
+    plan = knowledge_plan(prepared, cell)
+    out = prepared.root / f"knowledge-L{prepared.seq_length}" / plan.name
+    if not out.is_dir() and prepared.readonly:
+        raise DataError(f"{out}: cell {cell.name}'s knowledge stream is not prepared; fix: run `kislurm prepare "
+                        "CONFIG` (the same config and --set options) before the cells")
+    if not out.is_dir():
+        with _locked(prepared.root.parent):
+            if not out.is_dir():
+                s = _sentences(prepared)
+                ids, bounds = stream_layout(s, plan, prepared.seq_length, prepared.data.seed)
+                sharing = neighbour_sharing(s.fact[ids], bounds, plan.units, seed=prepared.data.seed)
+                with _publish(out, prepared.root.parent) as tmp:
+                    _write_stream(tmp, s, ids, bounds, prepared.seq_length, prepared.tokenizer,
+                                  {"kind": "knowledge", "facts": plan.facts, "units": plan.units,
+                                   "partial_pass": plan.partial, "neighbour_sharing": sharing})
+    info = json.loads((out / "info.json").read_text())
+    return {**info, "epochs": plan.epochs, "k_docs": plan.k_docs, "prefix": str(out / "stream")}
+
+
+def prepare_cells(prepared: PreparedData, cells: list) -> None:
+    """Build every cell's knowledge stream now (e.g. at submission), so an impossible ratio fails before any job."""
+    for cell in cells:
+        if cell.model.seq_length == prepared.seq_length:
+            knowledge_stream(prepared, cell)
+
+
+def prepare_run(cfg, cells: Optional[list] = None, progress: Optional[Callable[[int], None]] = None) -> dict:
+    """Build everything a run's cells read, as the one writer of the run's shared data: tokenizer, bases, probes and
+    general stream per seq_length, every cell's knowledge stream, and a check of every cell's blend (megatron's
+    own arithmetic gives exactly the planned samples). Idempotent: what is published is reused. `progress(1)` after
+    each cell. Returns a JSON-able summary: what was built, bytes written, seconds. On a cluster this is the body of
+    one CPU preparation job that the cell arrays wait on."""
+    from kislurm.paths import RunPaths
+    from kislurm.plan.grid import expand, run_dir
+
+    t0 = time.perf_counter()
+    cells = expand(cfg) if cells is None else cells
+    data_dir = RunPaths(run_dir(cfg)).data
+    log = data_dir / "builds.log"
+    seen = len(log.read_text().splitlines()) if log.is_file() else 0
+    size = _tree_bytes(data_dir)
+    streams: set[str] = set()
+    blends: set[tuple[int, int]] = set()
+    for seq in sorted({c.model.seq_length for c in cells}):
+        prepared = prepare(cfg.data, data_dir, seq)
+        for cell in (c for c in cells if c.model.seq_length == seq):
+            info = knowledge_stream(prepared, cell)
+            streams.add(info["prefix"])
+            if (cell.mix_samples, info["k_docs"]) not in blends:
+                blend_weights(cell.mix_samples, info["k_docs"])
+                blends.add((cell.mix_samples, info["k_docs"]))
+            if progress is not None:
+                progress(1)
+    built = log.read_text().splitlines()[seen:] if log.is_file() else []
+    return {"data": str(data_dir), "cells": len(cells), "streams": len(streams),
+            "built": [line.split()[0] for line in built], "bytes_written": max(0, _tree_bytes(data_dir) - size),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def is_prepared(cfg, cells: list) -> bool:
+    """Whether everything these cells read is already published (then a cluster submission needs no preparation
+    job and its arrays no dependency). Reads what a cell would read; builds nothing."""
+    from kislurm.paths import RunPaths
+    from kislurm.plan.grid import run_dir
+
+    data_dir = RunPaths(run_dir(cfg)).data
+    try:
+        for seq in sorted({c.model.seq_length for c in cells}):
+            prepared = load_prepared(cfg.data, data_dir, seq)
+            for cell in (c for c in cells if c.model.seq_length == seq):
+                knowledge_stream(prepared, cell)
+    except DataError:
+        return False
+    return True
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def cell_probes(prepared: PreparedData, cell) -> ProbeSet:
+    """The cell's probes: every general fact, then its infused facts (all of them under fixed_facts; under
+    fixed_exposures the prefix it infuses). Fact ids are those of prepared.probes."""
+    if prepared.data.policy == "fixed_facts":
+        return prepared.probes
+    facts = knowledge_stream(prepared, cell)["facts"]
+    group = prepared.probes.fact_group
+    keep = (group == 0) | (np.cumsum(group == 1) <= facts)
+    return subset_probes(prepared.probes, keep)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The cell's blend (megatron-core)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def blend_weights(n: int, k: int) -> list[float]:
+    """Weights for which megatron's blend draws exactly k knowledge samples in its first n (and no more after).
+
+    Megatron sizes each stream ceil(n * w_i) after normalising, and float rounding can push a size one over; the
+    knowledge weight is nudged down until megatron's own arithmetic (normalize, ceil, build_blending_indices) gives
+    a knowledge stream of exactly k samples, all of them inside the first n (the general side may get one spare).
+    """
+    from megatron.core.datasets import helpers
+    from megatron.core.datasets.utils import normalize
+
+    for j in range(64):
+        weights = [float(n - k), k * (1.0 - j * 1e-15 * n)]
+        w = normalize(weights)
+        sizes = [math.ceil(n * x) for x in w]
+        if sizes[1] != k:
+            continue
+        size = sum(sizes)
+        index, sample = np.zeros(size, dtype=np.int16), np.zeros(size, dtype=np.int64)
+        helpers.build_blending_indices(index, sample, normalize(w), 2, size, False)
+        if int(index[:n].sum()) == k == int(index.sum()):
+            return weights
+    raise DataError(f"no blend weights give exactly {k} of {n} knowledge samples; "
+                    "fix: change the token budget slightly")
+
+
+@contextlib.contextmanager
+def _megatron_builder_context(cache: Path) -> Iterator[None]:
+    """What megatron's builder needs with a cache path: a process group (a one-process gloo group, only if the caller
+    has none, destroyed afterwards) and, on rank 0 (the cache's only writer: the cache is the cell's own), incomplete
+    cache files cleared first and the complete ones listed after."""
+    import torch.distributed as dist
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        if dist.get_rank() != 0:
+            yield
+            return
+        listing = cache / "complete.json"
+        cache.mkdir(parents=True, exist_ok=True)
+        done = set(json.loads(listing.read_text())) if listing.is_file() else set()
+        for f in cache.iterdir():
+            if f.name not in done and f.name != listing.name:
+                f.unlink()     # left by a crashed build of this cell: megatron would take it for a complete cache
+        yield
+        names = sorted(f.name for f in cache.iterdir() if f.name != listing.name)
+        with publishing(listing, cache / f".complete.{uuid.uuid4().hex[:8]}") as tmp:
+            tmp.write_text(json.dumps(names))
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def cell_dataset(prepared: PreparedData, cell) -> tuple[Any, dict]:
+    """The cell's blended GPT dataset (exactly cell.n_samples samples; sample i is trained at step i // gbs) and its
+    realised statistics, counted from megatron's own indices. Staged cells (kislurm.data.mixes.StagedDataset): a
+    general-only GPTDataset of cell.phase1_samples, then the blend of cell.mix_samples.
+
+    All ranks of a cell's process group call this together (megatron builds on rank 0 first).
+    """
+    import torch.distributed as dist
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    if cell.model.seq_length != prepared.seq_length:
+        raise DataError(f"cell {cell.name}: seq_length {cell.model.seq_length} but the data was prepared for "
+                        f"{prepared.seq_length}; fix: call prepare() with the cell's seq_length")
+    n = cell.mix_samples
+    kinfo = knowledge_stream(prepared, cell)
+    weights = blend_weights(n, kinfo["k_docs"])
+    config = GPTDatasetConfig(
+        random_seed=int(cell.seed), sequence_length=prepared.seq_length,
+        blend=([prepared.general_prefix, kinfo["prefix"]], weights), split="1,0,0",
+        path_to_cache=str(prepared.cell_cache(cell)), tokenizer=prepared.tokenizer, reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=True, create_attention_mask=False,
+        add_extra_token_to_sequence=False, mid_level_dataset_surplus=0.0)
+    if dist.is_initialized():
+        dist.barrier()   # every rank has its stream before rank 0 builds (the others load after megatron's barrier)
+    with _megatron_builder_context(prepared.cell_cache(cell)):
+        dataset = BlendedMegatronDatasetBuilder(GPTDataset, [n, 0, 0], lambda: True, config).build()[0]
+        general = None
+        if cell.phase1_samples:
+            one = dataclasses.replace(config, blend=([prepared.general_prefix], None))
+            general = BlendedMegatronDatasetBuilder(GPTDataset, [cell.phase1_samples, 0, 0], lambda: True,
+                                                    one).build()[0]
+    stats = blend_stats(prepared, dataset, n, cell.ratio, kinfo, weights)
+    if cell.control == "infusion":
+        return dataset, stats
+    from kislurm.data.mixes import StagedDataset, control_stats
+
+    stats = control_stats(prepared, cell, stats, dataset, general, kinfo)
+    return (dataset if general is None else StagedDataset(general, dataset, cell.phase1_samples)), stats
+
+
+def _usage(dataset, n: int, seq_length: int, n_docs: list[int]) -> tuple[list[np.ndarray], list[bool], list[int]]:
+    """Per stream of the blend: times each of its documents is drawn by the first n samples, whether every drawn
+    sample is exactly one document, and how many samples it serves; read from megatron's own indices in chunks of
+    _CHUNK_SAMPLES samples, so memory stays bounded at any token budget."""
+    counts = [np.zeros(d, dtype=np.int64) for d in n_docs]
+    whole, used = [True] * len(n_docs), [0] * len(n_docs)
+    for c0 in range(0, n, _CHUNK_SAMPLES):
+        which = np.asarray(dataset.dataset_index[c0: min(n, c0 + _CHUNK_SAMPLES)])
+        within = np.asarray(dataset.dataset_sample_index[c0: c0 + len(which)])
+        for d, gpt in enumerate(dataset.datasets):
+            idx = np.asarray(gpt.shuffle_index)[within[which == d]].astype(np.int64)
+            sample_index = gpt.sample_index
+            end, start = np.asarray(sample_index[idx + 1]), np.asarray(sample_index[idx])
+            whole[d] &= bool(np.all(end[:, 1] == seq_length) and np.all((end[:, 0] - start[:, 0] == 1) | (idx == 0)))
+            docs = np.asarray(gpt.document_index)[end[:, 0]]
+            counts[d] += np.bincount(docs, minlength=n_docs[d])[: n_docs[d]]
+            used[d] += len(idx)
+    return counts, whole, used
+
+
+def _exposures(stream_dir: Path, doc_counts: np.ndarray, n_facts: int) -> tuple[np.ndarray, int]:
+    """Exposures of every fact and non-pad tokens, given how often each packed document is trained on."""
+    z = np.load(stream_dir / "stream.npz")
+    per_sentence = np.repeat(doc_counts[: len(z["bounds"]) - 1], np.diff(z["bounds"]))
+    exposures = np.bincount(z["fact"], weights=per_sentence, minlength=n_facts).astype(np.int64)
+    return exposures, int(np.dot(doc_counts[: len(z["doc_tokens"])], z["doc_tokens"]))
+
+
+def _summary(x: np.ndarray, prefix: str) -> dict:
+    if len(x) == 0:
+        return {f"{prefix}_min": 0, f"{prefix}_mean": 0.0, f"{prefix}_max": 0}
+    return {f"{prefix}_min": int(x.min()), f"{prefix}_mean": float(x.mean()), f"{prefix}_max": int(x.max())}
+
+
+def blend_stats(prepared: PreparedData, dataset, n: int, ratio: float, kinfo: dict, weights: list[float]) -> dict:
+    """Realised data statistics of the first n samples (the trained ones), JSON-able."""
+    L = prepared.seq_length
+    gdir = Path(prepared.general_prefix).parent
+    g_docs = json.loads((gdir / "info.json").read_text())["docs"] if prepared.general_is_facts else 0
+    (g_counts, k_counts), (g_whole, k_whole), (g_used, k_used) = _usage(dataset, n, L, [g_docs, kinfo["docs"]])
+    exposures, k_tokens = _exposures(Path(kinfo["prefix"]).parent, k_counts, len(prepared.knowledge.facts))
+    infused = exposures[: kinfo["facts"]]
+    stats: dict[str, Any] = {
+        "policy": prepared.data.policy, "ratio": ratio, "n_samples": n, "blend_size": len(dataset),
+        "seq_length": L, "knowledge_samples": int(k_used), "general_samples": int(n - k_used),
+        "knowledge_share_positions": k_used / n, "blend_weights": weights,
+        "infused_facts": int(kinfo["facts"]), "infused_facts_exposed": int((infused > 0).sum()),
+        **_summary(infused, "exposures_per_fact"),
+        "exposures_per_fact_target": (prepared.data.exposures_per_fact
+                                      if prepared.data.policy == "fixed_exposures" else None),
+        "knowledge_stream": str(Path(kinfo["prefix"]).relative_to(prepared.root)),
+        "knowledge_docs": int(kinfo["docs"]), "knowledge_tokens": k_tokens,
+        "knowledge_pass_units": int(kinfo["units"]), "knowledge_epochs": int(kinfo["epochs"]),
+        "neighbour_sharing_max": kinfo["neighbour_sharing"]["max"],
+        "neighbour_sharing_mean": kinfo["neighbour_sharing"]["mean_all_pairs"],
+    }
+    if prepared.general_is_facts:
+        g_exp, g_tokens = _exposures(gdir, g_counts, len(prepared.general.facts))
+        stats.update(_summary(g_exp, "general_exposures_per_fact"),
+                     general_facts_exposed=int((g_exp > 0).sum()), general_tokens_assumed_unpadded=False)
+    else:
+        g_whole, g_tokens = True, int(g_used * L)   # a user's corpus: packed without padding
+        stats.update(general_exposures_per_fact_min=None, general_exposures_per_fact_mean=None,
+                     general_exposures_per_fact_max=None, general_facts_exposed=None,
+                     general_tokens_assumed_unpadded=True)
+    total = k_tokens + g_tokens
+    stats.update(general_tokens=g_tokens, knowledge_share_tokens=k_tokens / total if total else 0.0,
+                 pad_fraction=1.0 - total / (n * L), samples_are_whole_documents=bool(k_whole and g_whole))
+    return stats

@@ -1,0 +1,1 @@
+"""kislurm.plan: the grid: experiment config, cells, cost estimates."""

@@ -1,0 +1,246 @@
+"""Plan: the grid becomes a list of cells, each with an id hashed from its effective config and a resolved folder.
+
+Pure: nothing here touches the scheduler, or the disk beyond reading a tokenizer's size for the memory estimate.
+Identity is the config (as in Marin's executor): two cells with the same effective settings have the same id, so a
+resubmission recognises finished work, and a changed config yields a new id instead of silently mixing results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kislurm.plan.config import (CONTROL_DATA, DataConfig, EvalConfig, ExperimentConfig, ModelPreset, TrainConfig,
+                                 config_to_dict)
+from kislurm.plan.estimate import plan_vocab_size, resolve_layout
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: a model size trained at one infusion ratio, token budget and seed."""
+
+    size: str
+    ratio: float
+    tokens: int
+    seed: int
+    model: ModelPreset
+    data: DataConfig
+    train: TrainConfig
+    eval: EvalConfig
+
+    def effective(self) -> dict[str, Any]:
+        """Every setting that changes what the cell computes (not where or how it is scheduled)."""
+        return {"size": self.size, "ratio": self.ratio, "tokens": self.tokens, "seed": self.seed,
+                "model": json.loads(_model_json(self.model)), "data": json.loads(_section_json(self.data)),
+                "train": json.loads(_section_json(self.train))}
+
+    @functools.cached_property
+    def cell_id(self) -> str:
+        """Hash of effective(); built from cached section JSON so 10,000 cells plan in well under a second."""
+        head = json.dumps({"size": self.size, "ratio": self.ratio, "tokens": self.tokens, "seed": self.seed},
+                          sort_keys=True, separators=(",", ":"))
+        blob = "|".join((head, _model_json(self.model), _section_json(self.data), _section_json(self.train)))
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    @property
+    def name(self) -> str:
+        """Readable folder name: size, ratio, tokens, seed, the control (unless infusion), then the id that
+        guarantees uniqueness."""
+        tag = "" if self.control == "infusion" else f"_{self.control}"
+        return f"{self.size}_r{self.ratio:g}_t{_short_count(self.tokens)}_s{self.seed}{tag}_{self.cell_id}"
+
+    @property
+    def control(self) -> str:
+        """The issue-17 control this cell trains under: infusion, fixed_general, dilution or staged."""
+        return "staged" if self.data.schedule == "staged" else self.data.mix
+
+    @property
+    def n_samples(self) -> int:
+        """Training sequences: the token budget rounded up to whole global batches (plus, for the controls, the
+        general phase of staged or the added knowledge of fixed_general)."""
+        return self.steps * self.train.global_batch_size
+
+    def _steps_of(self, tokens: int) -> int:
+        return max(1, math.ceil(tokens / (self.train.global_batch_size * self.model.seq_length)))
+
+    @property
+    def steps(self) -> int:
+        if self.control == "fixed_general":
+            gbs, g = self.train.global_batch_size, self.general_samples_fixed
+            return max(math.ceil(g / (1.0 - self.ratio) / gbs), math.ceil((g + 1) / gbs))
+        return self._steps_of(self.tokens) + self.phase1_steps
+
+    @property
+    def phase1_steps(self) -> int:
+        """schedule staged: the general-only steps before the mix (data.stage_tokens, default the budget); else 0."""
+        if self.control != "staged":
+            return 0
+        return self._steps_of(self.data.stage_tokens if self.data.stage_tokens is not None else self.tokens)
+
+    @property
+    def phase1_samples(self) -> int:
+        return self.phase1_steps * self.train.global_batch_size
+
+    @property
+    def mix_samples(self) -> int:
+        """Samples of the mixed phase (all of them but staged's general phase): the blend megatron builds."""
+        return self.n_samples - self.phase1_samples
+
+    @property
+    def general_samples_fixed(self) -> int:
+        """mix fixed_general: G, the general samples of the infusion cell at data.reference_ratio with this budget."""
+        if self.data.reference_ratio is None:
+            raise ValueError(f"cell {self.size} r={self.ratio}: mix fixed_general without data.reference_ratio "
+                             "(the plan sets it); fix: build cells with kislurm.plan.grid.expand")
+        n_ref = self._steps_of(self.tokens) * self.train.global_batch_size
+        return n_ref - share_samples(n_ref, self.data.reference_ratio)
+
+    @property
+    def knowledge_samples(self) -> int:
+        """K: the cell's knowledge (or, for dilution, neutral) samples. round(r x n) of the mixed samples; for
+        fixed_general every sample beyond the fixed G general ones."""
+        if self.control == "fixed_general":
+            return self.n_samples - self.general_samples_fixed
+        return share_samples(self.mix_samples, self.ratio)
+
+    @property
+    def eval_steps(self) -> list[int]:
+        """Steps after which retention is evaluated: every eval_interval, and always the last step (and, staged, the
+        end of the general phase: the baseline forgetting is measured from)."""
+        steps = list(range(self.train.eval_interval, self.steps, self.train.eval_interval))
+        if self.phase1_steps and self.phase1_steps not in steps:
+            steps = sorted([*steps, self.phase1_steps])
+        return steps + [self.steps]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cell_id": self.cell_id, "name": self.name, "steps": self.steps, "n_samples": self.n_samples,
+                **self.effective(), "layout": {"tensor_parallel": self.model.tensor_parallel,
+                                               "pipeline_parallel": self.model.pipeline_parallel,
+                                               "data_parallel": self.model.data_parallel,
+                                               "device": self.model.device}}
+
+
+TRAIN_NOT_IN_ID = ("checkpoint_minutes", "keep_final", "async_save", "overlap_dp_comm", "timeout_startup_min",
+                   "timeout_step_min", "timeout_eval_min", "timeout_save_min")
+"""Training settings that change how a cell is run, never what it computes (resume is exact): not in its id."""
+
+
+def share_samples(n_samples: int, ratio: float) -> int:
+    """round(r x n) kept within [1, n - 1] (kislurm.data.prepare.knowledge_samples checks its arguments)."""
+    return min(max(int(round(ratio * n_samples)), 1), max(n_samples - 1, 1))
+
+
+_DATA_OMIT_IF_DEFAULT = {"mix": "infusion", "schedule": "mixed", "reference_ratio": None, "stage_tokens": None}
+"""Data fields of issue 17's controls: they enter the id only at a non-default value, so every infusion cell keeps
+the id it had before they existed (the demo's table stays reproducible)."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _section_json(section: Any) -> str:
+    d = config_to_dict(section)
+    if isinstance(section, TrainConfig):
+        for key in TRAIN_NOT_IN_ID:
+            d.pop(key)
+    if isinstance(section, DataConfig):
+        for key, default in _DATA_OMIT_IF_DEFAULT.items():
+            if d.get(key, default) == default:
+                d.pop(key, None)
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+def control_data(data: DataConfig, control: str, tokens: int, lowest_ratio: float) -> DataConfig:
+    """The data config of one control's cells: its field set (config.CONTROL_DATA) and the fields it reads
+    resolved (reference_ratio: default the grid's smallest ratio; stage_tokens: default the budget), the fields
+    it does not read cleared, so a control's settings never change another control's ids."""
+    fields = dict(CONTROL_DATA[control])
+    mix = fields.get("mix", data.mix if control == "infusion" else "infusion")
+    schedule = fields.get("schedule", data.schedule if control == "infusion" else "mixed")
+    ref = (data.reference_ratio if data.reference_ratio is not None else lowest_ratio) \
+        if mix == "fixed_general" else None
+    stage = (data.stage_tokens if data.stage_tokens is not None else tokens) if schedule == "staged" else None
+    return dataclasses.replace(data, mix=mix, schedule=schedule, reference_ratio=ref, stage_tokens=stage)
+
+
+_OMIT_IF_DEFAULT = ("position_embedding", "activation", "normalization", "num_query_groups", "tie_embeddings",
+                    "transformer_impl")
+"""Architecture fields added after ids were first published: they enter the id only at a non-default value, so
+every GPT-2-shaped cell keeps the id it had before they existed."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _model_json(model: ModelPreset) -> str:
+    d = config_to_dict(model)
+    for key in ("timeout_min", "tensor_parallel", "pipeline_parallel", "data_parallel"):
+        d.pop(key)  # layout and scheduling change neither the maths nor the identity
+    d.pop("train")  # per-size overrides enter the id through the cell's effective TrainConfig
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelPreset)}
+    for key in _OMIT_IF_DEFAULT:
+        if d[key] == defaults[key]:
+            d.pop(key)
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+def _short_count(n: int) -> str:
+    for suffix, unit in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= unit and n % (unit // 1000 if unit > 1000 else 1) == 0:
+            return f"{n / unit:g}{suffix}"
+    return str(n)
+
+
+def resolve_layouts(cfg: ExperimentConfig, check: bool = True) -> ExperimentConfig:
+    """The config with every grid size's `tensor_parallel: auto` resolved (kislurm.plan.estimate.resolve_layout) and,
+    with `check`, every GPU layout checked against executor.gpu_memory_gb.
+
+    The CLI resolves before anything is written, so the run folder's config holds the chosen degrees and a compute
+    node re-expanding it gets the layout that was submitted (cell ids never depend on TP). Reads the tokenizer
+    file's size, when the config names one, only if there is something to resolve or check.
+    """
+    presets = cfg.presets
+    sizes = cfg.grid.sizes
+    if not any(presets[s].tensor_parallel == "auto" for s in sizes) and not (check and cfg.executor.gpu_memory_gb):
+        return cfg
+    vocab = plan_vocab_size(cfg.data)
+    resolved = {s: resolve_layout(s, presets[s], cfg.train_for(s), cfg.executor, vocab, check) for s in sizes}
+    changed = {s: p for s, p in resolved.items() if p != presets[s]}
+    return dataclasses.replace(cfg, models={**cfg.models, **changed}) if changed else cfg
+
+
+def expand(cfg: ExperimentConfig) -> list[Cell]:
+    """The grid's cells, in a stable order: size, then token budget, ratio and seed. With `grid.ratios: adaptive`,
+    the cells known before any law: the two smallest sizes (ladder_order) on `grid.start_ratios`."""
+    g = cfg.grid
+    if g.adaptive:
+        return [c for size in ladder_order(cfg)[:2] for c in size_cells(cfg, size, g.start_ratios)]
+    return [c for size in g.sizes for c in size_cells(cfg, size, g.ratios)]
+
+
+def size_cells(cfg: ExperimentConfig, size: str, ratios: list[float]) -> list[Cell]:
+    """One size's cells at these ratios (every token budget and seed of the grid), in expand's order
+    (`tensor_parallel: auto` resolved; the memory check is resolve_layouts' with check=True, which the CLI runs
+    first). The cells train with the run's train: section and the preset's per-size overrides (cfg.train_for)."""
+    cfg = resolve_layouts(cfg, check=False)
+    g = cfg.grid
+    lowest = min(g.start_ratios if g.adaptive else g.ratios)
+    train = cfg.train_for(size)
+    return [Cell(size=size, ratio=ratio, tokens=tokens, seed=seed, model=cfg.presets[size],
+                 data=control_data(cfg.data, control, tokens, lowest), train=train, eval=cfg.eval)
+            for control in g.controls
+            for tokens, ratio, seed in itertools.product(g.token_budgets, sorted(ratios), g.seeds)]
+
+
+def ladder_order(cfg: ExperimentConfig) -> list[str]:
+    """The grid's sizes by non-embedding parameters, smallest first: the rungs of an adaptive ladder."""
+    presets = cfg.presets
+    return sorted(cfg.grid.sizes,
+                  key=lambda s: presets[s].param_counts(cfg.data.vocab_size)["non_embedding"])
+
+
+def run_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.output_root) / cfg.name

@@ -1,0 +1,1 @@
+"""kislurm.retention: scoring probes and recording retention in HDF5 stores."""

@@ -1,0 +1,1 @@
+"""kislurm.train: megatron-core model, distributed setup, trainer, checkpoints."""

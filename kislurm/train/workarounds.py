@@ -1,0 +1,77 @@
+"""Every workaround of a megatron-core limitation, with the megatron-core versions it was checked against.
+
+A workaround patches or wraps megatron internals that a release may change or fix; one that outlives the version it
+was written for can silently do the wrong thing. So each one registers here where it is defined (at import) with
+what it works around and the newest megatron-core it was checked against, and importing it under a newer
+megatron-core fails at once with one line naming the workaround and the fix. To upgrade megatron-core: re-check each
+named workaround against the new release (tests/test_model.py checks every CPU shim is in effect and still needed;
+tests/test_train.py, test_resume.py and test_gpu.py cover the optimizer and checkpoint ones), then raise its
+`tested_upto`. `KISLURM_ALLOW_UNTESTED_MEGATRON=1` lets an untested release import (with a warning), for the
+person doing exactly that check.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+
+from kislurm.errors import UntestedMegatronError  # noqa: F401 (re-exported)
+
+ALLOW_ENV = "KISLURM_ALLOW_UNTESTED_MEGATRON"
+
+
+@dataclass(frozen=True)
+class Workaround:
+    name: str
+    """Short id, e.g. 'cpu-rng-tracker'."""
+    where: str
+    """The code that works around it, as module.attribute (kislurm.train.cpu_shims.CpuRNGStatesTracker)."""
+    works_around: str
+    """The megatron-core behaviour it works around (one sentence)."""
+    tested_upto: str
+    """The newest megatron-core version it was checked against."""
+
+
+REGISTRY: dict[str, Workaround] = {}
+"""Every workaround imported in this process, by name."""
+
+
+def _version_key(version: str) -> tuple[int, int, int] | None:
+    """(major, minor, patch) of a version string such as 0.16.1, 0.17.0rc0 or 0.16.2.dev0+abc; None if unreadable."""
+    m = re.match(r"\s*v?(\d+)\.(\d+)(?:\.(\d+))?", version)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else None
+
+
+def installed_megatron() -> str:
+    from megatron.core import package_info
+
+    return str(package_info.__version__)
+
+
+def check(workaround: Workaround, installed: str, allow: bool | None = None) -> None:
+    """Raise UntestedMegatronError when `installed` is newer than workaround.tested_upto (or unreadable), unless
+    allowed (`allow`, default: the KISLURM_ALLOW_UNTESTED_MEGATRON environment variable), then warn."""
+    have, upto = _version_key(installed), _version_key(workaround.tested_upto)
+    if have is not None and upto is not None and have <= upto:
+        return
+    message = (f"kislurm's workaround '{workaround.name}' ({workaround.where}: {workaround.works_around}) was "
+               f"checked against megatron-core <= {workaround.tested_upto}, but {installed} is installed; fix: "
+               f"install megatron-core<={workaround.tested_upto}, or re-check the workaround against {installed} and "
+               f"raise its tested_upto (kislurm/train/workarounds.py says how); {ALLOW_ENV}=1 imports it untested")
+    if allow is None:
+        allow = os.environ.get(ALLOW_ENV, "") not in ("", "0")
+    if allow:
+        warnings.warn(message, stacklevel=3)
+        return
+    raise UntestedMegatronError(message)
+
+
+def require_megatron(name: str, where: str, works_around: str, tested_upto: str,
+                     installed: str | None = None) -> Workaround:
+    """Register a workaround and check it against the installed megatron-core (call it at import, beside the code)."""
+    workaround = Workaround(name, where, works_around, tested_upto)
+    REGISTRY[name] = workaround
+    check(workaround, installed if installed is not None else installed_megatron())
+    return workaround
