@@ -2,6 +2,9 @@
 
 Plot functions take an axis and results and return the figure; they never fit anything (the law's band is drawn
 from its stored bootstrap coefficients through `predict_law`). Every file is written atomically (temp + rename).
+
+Why one long module: one independent function per report file or plot, sharing the table formats and the
+atomic writes; splitting them would scatter the report's formats, not simplify them.
 """
 
 from __future__ import annotations

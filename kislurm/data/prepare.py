@@ -34,6 +34,9 @@ only spares builders on one machine a duplicate build, and a temporary folder is
 its writer ran on this machine and is gone. Cells read (`load_prepared`) and never build shared data. Each cell's
 megatron index cache is a folder of its own (DATA/prep-*/cache/cell-ID, one writer: the cell's rank 0), listed in a
 manifest once complete, so a crash never leaves a half-written cache that looks valid.
+
+Why one long module: locking, publication and per-cell blending share the data folder's layout and its
+one-writer rule, which are easier to check in one file (streams, knowledge, tokenizer and mixes are apart).
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 A YAML file holds only what differs from the defaults below. Keys are checked where they are set: an unknown key is
 refused with the list of valid ones, and every value is checked for type and range. Every error is one line that
 names the file, the key, what was expected and how to fix it (`ConfigError`).
+
+Why one long module: it is mostly field docstrings, the config's documentation; every field sits next to its
+check, and cell ids hash these dataclasses, so they stay in one place.
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ Layout (SCHEMA_VERSION 1; HDF5 format bounds v110, readable by HDF5 >= 1.10 and 
   fact (F,) fact ids [scale "fact"], fact_group (F,) int8, probe_fact_index (P,) int64, probe_heldout (P,) uint8.
   User block (ignored by HDF5): the digest aggregation reads (kislurm.retention.digest), the file's size and a checksum.
   Files written before the digest existed have none and are read through their datasets.
+
+Why one long module: the schema, its one writer and its readers change together; a layout change is one file.
 """
 
 from __future__ import annotations
