@@ -150,7 +150,7 @@ def _load_cache(path: Path, metric: str) -> dict:
             cache = pickle.load(f)
         ok = cache.get("version") == CACHE_VERSION and cache.get("metric") == metric
         return cache["entries"] if ok else {}
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, AttributeError, TypeError):
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, AttributeError, TypeError, ImportError):
         return {}  # a missing or damaged cache (or one for another metric) only costs a cold read
 
 
