@@ -36,20 +36,12 @@ def neutral_docs(k: int) -> int:
 def neutral_stream(prepared, cell) -> dict:
     """The dilution cell's stream info (as kislurm.data.prepare.knowledge_stream returns it): built once per document count
     under DATA/prep-*/neutral-L<seq>/D<docs> by preparation, read by cells."""
-    from kislurm.data.prepare import _locked, _publish, cell_knowledge_samples
+    from kislurm.data.prepare import cell_knowledge_samples, published_stream
 
     k = cell_knowledge_samples(cell)
     docs = neutral_docs(k)
     out = prepared.root / f"neutral-L{prepared.seq_length}" / f"D{docs}"
-    if not out.is_dir() and prepared.readonly:
-        raise DataError(f"{out}: cell {cell.name}'s neutral stream is not prepared; fix: run `kislurm prepare "
-                        "CONFIG` (the same config and --set options) before the cells")
-    if not out.is_dir():
-        with _locked(prepared.root.parent):
-            if not out.is_dir():
-                with _publish(out, prepared.root.parent) as tmp:
-                    _build_neutral(prepared, tmp, docs)
-    info = json.loads((out / "info.json").read_text())
+    info = published_stream(prepared, out, cell, "neutral", lambda tmp: _build_neutral(prepared, tmp, docs))
     return {**info, "facts": 0, "units": 1, "epochs": 1, "k_docs": k, "prefix": str(out / "stream"),
             "neighbour_sharing": {"max": 0.0, "mean_all_pairs": 0.0}}
 

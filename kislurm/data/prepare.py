@@ -409,21 +409,31 @@ def knowledge_stream(prepared: PreparedData, cell) -> dict:
         return neutral_stream(prepared, cell)
     plan = knowledge_plan(prepared, cell)
     out = prepared.root / f"knowledge-L{prepared.seq_length}" / plan.name
+
+    def build(tmp: Path) -> None:
+        s = _sentences(prepared)
+        ids, bounds = stream_layout(s, plan, prepared.seq_length, prepared.data.seed)
+        sharing = neighbour_sharing(s.fact[ids], bounds, plan.units, seed=prepared.data.seed)
+        _write_stream(tmp, s, ids, bounds, prepared.seq_length, prepared.tokenizer,
+                      {"kind": "knowledge", "facts": plan.facts, "units": plan.units,
+                       "partial_pass": plan.partial, "neighbour_sharing": sharing})
+
+    info = published_stream(prepared, out, cell, "knowledge", build)
+    return {**info, "epochs": plan.epochs, "k_docs": plan.k_docs, "prefix": str(out / "stream")}
+
+
+def published_stream(prepared: PreparedData, out: Path, cell, what: str, build: Callable[[Path], None]) -> dict:
+    """The info.json of the stream folder `out`, built into a private folder and published by preparation the
+    first time; a cell (prepared.readonly) finding it missing fails in one line naming `kislurm prepare`."""
     if not out.is_dir() and prepared.readonly:
-        raise DataError(f"{out}: cell {cell.name}'s knowledge stream is not prepared; fix: run `kislurm prepare "
+        raise DataError(f"{out}: cell {cell.name}'s {what} stream is not prepared; fix: run `kislurm prepare "
                         "CONFIG` (the same config and --set options) before the cells")
     if not out.is_dir():
         with _locked(prepared.root.parent):
             if not out.is_dir():
-                s = _sentences(prepared)
-                ids, bounds = stream_layout(s, plan, prepared.seq_length, prepared.data.seed)
-                sharing = neighbour_sharing(s.fact[ids], bounds, plan.units, seed=prepared.data.seed)
                 with _publish(out, prepared.root.parent) as tmp:
-                    _write_stream(tmp, s, ids, bounds, prepared.seq_length, prepared.tokenizer,
-                                  {"kind": "knowledge", "facts": plan.facts, "units": plan.units,
-                                   "partial_pass": plan.partial, "neighbour_sharing": sharing})
-    info = json.loads((out / "info.json").read_text())
-    return {**info, "epochs": plan.epochs, "k_docs": plan.k_docs, "prefix": str(out / "stream")}
+                    build(tmp)
+    return json.loads((out / "info.json").read_text())
 
 
 def prepare_cells(prepared: PreparedData, cells: list) -> None:
