@@ -68,19 +68,24 @@ PHASE_BUDGETS = ["--set", "train.timeout_step_min=1", "--set", "train.timeout_ev
                  "--set", "train.timeout_save_min=1"]
 
 
-def test_killed_rank_fails_the_cell_names_it_and_resubmit_resumes(tmp_path):
+def _submit_until_first_evaluation(tmp_path: Path):
+    """Start `kislurm submit` of a DP=2 cell and return once it stored its first evaluation: (the submit process,
+    its sets, the cell, its folder, rank 1's report). Each step takes at least 0.5 s, so after that evaluation
+    (step 20 of 40) the cell still needs >= 10 s: whatever the test does next lands mid-training on any machine."""
     sets = [*layout_sets(tmp_path, 1, 2), *PHASE_BUDGETS]
     _, cells = cells_of(tmp_path, *sets)
-    cell = cells[0]
-    paths = tmp_path / "tiny" / "cells" / cell.name
-    # Each step takes at least 0.5 s, so after its first evaluation (step 20 of 40) the cell still needs >= 10 s:
-    # the kill below lands mid-training on any machine.
+    paths = tmp_path / "tiny" / "cells" / cells[0].name
     proc = subprocess.Popen([sys.executable, "-m", "kislurm.cli", "submit", str(TINY), *sets],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, MIN_STEP_ENV: "0.5"})
     store = paths / "retention.h5"
     _wait(lambda: store.exists() and len(read_cell(store, matrix=False).step) >= 1, proc, "first evaluation")
-    victim = json.loads((paths / "ranks" / "1.json").read_text())
+    return proc, sets, cells[0], paths, json.loads((paths / "ranks" / "1.json").read_text())
+
+
+def test_killed_rank_fails_the_cell_names_it_and_resubmit_resumes(tmp_path):
+    proc, sets, cell, paths, victim = _submit_until_first_evaluation(tmp_path)
+    store = paths / "retention.h5"
     os.kill(victim["pid"], signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, out + err
@@ -101,15 +106,7 @@ def test_hung_rank_fails_the_cell_within_its_step_budget(tmp_path):
     """A rank that stops (SIGSTOP: no error, no closed socket) leaves its peer blocked in a collective; the peer's
     watchdog ends the cell after that phase's budget, naming the phase, and the cell is FAILED with both ranks
     accounted for."""
-    sets = [*layout_sets(tmp_path, 1, 2), *PHASE_BUDGETS]
-    _, cells = cells_of(tmp_path, *sets)
-    paths = tmp_path / "tiny" / "cells" / cells[0].name
-    proc = subprocess.Popen([sys.executable, "-m", "kislurm.cli", "submit", str(TINY), *sets],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, MIN_STEP_ENV: "0.5"})
-    store = paths / "retention.h5"
-    _wait(lambda: store.exists() and len(read_cell(store, matrix=False).step) >= 1, proc, "first evaluation")
-    victim = json.loads((paths / "ranks" / "1.json").read_text())
+    proc, _, _, paths, victim = _submit_until_first_evaluation(tmp_path)
     os.kill(victim["pid"], signal.SIGSTOP)
     try:
         _wait(lambda: (paths / "STATUS").read_text().startswith("FAILED"), proc, "FAILED status")

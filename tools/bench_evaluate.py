@@ -57,18 +57,24 @@ def best_of(fn, repeats: int) -> tuple[float, float, object]:
 
 def _dp_rank_task(args: argparse.Namespace) -> dict:
     """One rank of a DP=N job: the same model and probes, the sharded evaluation; what this rank did."""
+    result, cpu_s, rank = _timed_evaluation(args, world=args.dp)
+    return {"rank": rank, "candidates": result.scored_here, "cpu_s": cpu_s,
+            "general_acc": result.metrics["general_acc"]}
+
+
+def _timed_evaluation(args: argparse.Namespace, world: int) -> tuple:
+    """The same model and probes on every rank (seed 0), evaluated once: (result, CPU seconds, rank)."""
     from kislurm.retention.evaluate import evaluate_retention
 
     torch.set_num_threads(1)
-    ctx = init_model_parallel(1, expected_world=args.dp)
+    ctx = init_model_parallel(1, expected_world=world)
     try:
         seed_all(0)
         model = build_model(BUILTIN_PRESETS[args.size], args.vocab, 0.02, "fp32")
         probes = synthetic_probes(args.facts, args.choices, args.vocab)
         c0 = time.process_time()
         result = evaluate_retention(model, probes, args.batch_size)
-        return {"rank": ctx.rank, "candidates": result.scored_here, "cpu_s": time.process_time() - c0,
-                "general_acc": result.metrics["general_acc"]}
+        return result, time.process_time() - c0, ctx.rank
     finally:
         teardown(ctx)
 
@@ -80,19 +86,7 @@ def dp_cost(args: argparse.Namespace) -> None:
 
     import submitit
 
-    from kislurm.retention.evaluate import evaluate_retention
-
-    torch.set_num_threads(1)
-    ctx = init_model_parallel(1)
-    try:
-        seed_all(0)
-        model = build_model(BUILTIN_PRESETS[args.size], args.vocab, 0.02, "fp32")
-        probes = synthetic_probes(args.facts, args.choices, args.vocab)
-        c0 = time.process_time()
-        one = evaluate_retention(model, probes, args.batch_size)
-        one_cpu = time.process_time() - c0
-    finally:
-        teardown(ctx)
+    one, one_cpu, _ = _timed_evaluation(args, world=1)
     with tempfile.TemporaryDirectory() as work:
         executor = submitit.LocalExecutor(folder=work)
         executor.update_parameters(tasks_per_node=args.dp, nodes=1, timeout_min=30)
