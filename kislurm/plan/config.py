@@ -787,8 +787,8 @@ def build_section(cls: type, data: Any, where: str) -> Any:
     a bad key or value raises ConfigError naming `where`."""
     try:
         return _build(cls, data, where)
-    except _FieldError as e:
-        raise ConfigError(f"{where}: {e.key}: {e}") from None
+    except _FieldError as e:  # e.key starts with `where`
+        raise ConfigError(f"{e.key}: {e}") from None
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:
