@@ -35,12 +35,15 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`--dist loadgroup`), every Slurm test runs in one worker, in file order: they share one
-    cluster, and some restart it with other settings once its queue is empty. Everything else spreads over the
-    other workers, so the Slurm tests' waiting overlaps the CPU-bound tests."""
+    """Under pytest-xdist (`--dist loadgroup`), the Slurm tests of one cluster run in one worker, in file order:
+    they share that cluster, and some restart it with other settings once its queue is empty. The two clusters'
+    halves (slurm_fixtures.cluster_of) and everything else spread over the other workers, so the Slurm tests'
+    waiting overlaps the CPU-bound tests."""
+    from slurm_fixtures import cluster_of
+
     for item in items:
         if item.get_closest_marker("slurm") is not None:
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+            item.add_marker(pytest.mark.xdist_group(f"slurm-{cluster_of(Path(str(item.fspath)))}"))
 
 
 def pytest_runtest_setup(item):
