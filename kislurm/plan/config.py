@@ -80,6 +80,13 @@ class ModelPreset:
     Must divide num_attention_heads, and tensor_parallel must divide it."""
     tie_embeddings: bool = True
     """Share the input embedding with the output layer (GPT-2); false: a separate output layer (Llama)."""
+    linear_bias: bool = True
+    """Biases on the attention and MLP linear layers (GPT-2, megatron's add_bias_linear); false: none (Llama). Norms
+    keep theirs either way."""
+    norm_eps: float = 1e-5
+    """Epsilon of every norm (megatron's layernorm_epsilon); a base model imported from HuggingFace sets its own."""
+    rotary_base: float = 10000.0
+    """RoPE base (theta) with position_embedding: rope; a base model imported from HuggingFace sets its own."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Layer implementation: local (megatron's pure-PyTorch layers, the tested path, on CPU and GPU) or
     transformer_engine (Transformer Engine's fused layers: GPU only, opt-in, never run by this project's tests;
@@ -123,6 +130,8 @@ class ModelPreset:
         _check(self.transformer_impl == "local" or self.device == "gpu", "transformer_impl",
                "transformer_engine layers run on GPU only; fix: set transformer_impl: local (or device: gpu)")
         _check(self.timeout_min >= 1, "timeout_min", f"expected minutes >= 1, got {self.timeout_min}")
+        _check(0 < self.norm_eps < 1, "norm_eps", f"expected a small positive epsilon, got {self.norm_eps}")
+        _check(self.rotary_base > 1, "rotary_base", f"expected a RoPE base > 1, got {self.rotary_base}")
 
     @property
     def ffn(self) -> int:
@@ -158,12 +167,13 @@ class ModelPreset:
         kv = self.query_groups * (h // self.num_attention_heads)  # key (and value) width
         norm = 2 * h if self.normalization == "layernorm" else h  # RMSNorm has no bias
         fc1 = 2 * f if self.activation == "swiglu" else f  # the gated unit's two halves
-        qkv = h * (h + 2 * kv) + (h + 2 * kv)
-        per_layer = norm + qkv + (h * h + h) + norm + (h * fc1 + fc1) + (f * h + h)
+        b = 1 if self.linear_bias else 0
+        qkv = h * (h + 2 * kv) + b * (h + 2 * kv)
+        per_layer = norm + qkv + (h * h + b * h) + norm + (h * fc1 + b * fc1) + (f * h + b * h)
         non_embedding = layers * per_layer + norm  # final norm
         positions = self.seq_length * h if self.position_embedding == "learned" else 0
         embedding = vocab_size * h * (1 if self.tie_embeddings else 2) + positions
-        replicated = layers * (2 * norm + 2 * h) + norm + positions
+        replicated = layers * (2 * norm + 2 * b * h) + norm + positions
         return {"total": non_embedding + embedding, "non_embedding": non_embedding, "embedding": embedding,
                 "replicated": replicated}
 

@@ -200,7 +200,7 @@ def control_data(data: DataConfig, control: str, tokens: int, lowest_ratio: floa
 
 
 _OMIT_IF_DEFAULT = ("position_embedding", "activation", "normalization", "num_query_groups", "tie_embeddings",
-                    "transformer_impl")
+                    "transformer_impl", "linear_bias", "norm_eps", "rotary_base")
 """Architecture fields added after ids were first published: they enter the id only at a non-default value, so
 every GPT-2-shaped cell keeps the id it had before they existed."""
 
