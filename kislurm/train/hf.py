@@ -53,7 +53,7 @@ def require_hf() -> Any:
         transformers = importlib.import_module("transformers")
         importlib.import_module("safetensors")
     except ImportError as e:
-        raise HFError(f"HuggingFace export and import need transformers and safetensors ({e.name} is missing); "
+        raise HFError(f"HuggingFace export and import need transformers and safetensors ({e.name or 'transformers'} is missing); "
                       f"fix: {HF_EXTRA}") from None
     return transformers
 
@@ -335,3 +335,17 @@ def on_cpu_tp1(preset: ModelPreset) -> ModelPreset:
     return dataclasses.replace(preset, device="cpu", tensor_parallel=1, pipeline_parallel=1, data_parallel=1,
                                transformer_impl="local", train=None)
 
+
+
+def read_hf_folder(path: str, seq_length: int | None = None) -> tuple[ModelPreset, dict[str, torch.Tensor]]:
+    """The preset (from config.json, checked before any weight is read) and fp32 state dict of an HF folder,
+    read offline (nothing is downloaded)."""
+    transformers = require_hf()
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise HFError(f"{path}: not a HuggingFace model folder ({str(e).splitlines()[0][:120]}); fix: pass a folder "
+                      "with config.json and safetensors weights (save_pretrained writes one)") from None
+    preset = preset_from_hf(config, seq_length)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    return preset, {k: v.detach() for k, v in model.state_dict().items()}
