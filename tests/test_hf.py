@@ -1,4 +1,4 @@
-"""HuggingFace both ways (kislurm.train.hf, kislurm.cluster.export): every built-in preset maps to its stock
+"""HuggingFace both ways (kislurm.plan.hf, kislurm.cluster.export): every built-in preset maps to its stock
 transformers class with equal logits; a real cell trained at TP=2 exports (resharded to TP=1 by dist_checkpointing)
 to a folder transformers opens offline, whose answers to the cell's probes are the store's; random Llama and GPT-2
 models import with equal logits and export back bit-identical; bad input is refused in one line, nothing written."""
@@ -19,11 +19,12 @@ from click.testing import CliRunner
 from kislurm.cli import main, submit_run
 from kislurm.cluster.status import write_status
 from kislurm.data.prepare import cell_probes, load_prepared
-from kislurm.plan.config import BUILTIN_PRESETS, ModelPreset, load_config
+from kislurm.plan.config import BUILTIN_PRESETS, ConfigError, ModelPreset, load_config
 from kislurm.plan.grid import expand
 from kislurm.retention.evaluate import evaluate_retention
 from kislurm.retention.store import read_cell
-from kislurm.train import distributed, hf
+from kislurm.plan import hf
+from kislurm.train import distributed
 from kislurm.train.model import build_model
 
 transformers = pytest.importorskip("transformers")  # the extra kislurm[hf]; tools/dev test installs it
@@ -243,6 +244,24 @@ def test_export_without_the_extra_says_what_to_install(tp2_cell, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slurm
+def test_on_slurm_each_cell_exports_as_a_cpu_array_task(tp2_cell, slurm_cluster, tmp_path):
+    import yaml
+    from safetensors.torch import load_file
+
+    copy, name, cell = _copy_run(tp2_cell, tmp_path)
+    spec = yaml.safe_load((copy / "config.yaml").read_text())
+    spec.setdefault("executor", {}).update(cluster="slurm", time="10", prepare_cpus=1)  # ids do not change
+    (copy / "config.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["export", str(copy), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "submitted 1 export task(s) as Slurm array" in result.output
+    assert list((copy / "submitit" / "export").rglob("*_result.pkl"))  # ran as a Slurm job, through submitit
+    here, there = load_file(tp2_cell[2] / "model.safetensors"), load_file(out / cell.cell_id / "model.safetensors")
+    assert set(here) == set(there) and all(torch.equal(here[k], there[k]) for k in here)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Import: random transformers models (built from configs here, nothing downloaded) into megatron and back
 
@@ -294,3 +313,67 @@ def test_import_refuses_an_unsupported_architecture(tmp_path):
     config.save_pretrained(tmp_path / "mistral")
     with pytest.raises(hf.HFError, match="model_type 'mistral' is not supported"):
         hf.read_hf_folder(str(tmp_path / "mistral"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# init_from: a one-cell grid that starts from a base model (the TP=2 cell's export)
+
+
+def _based_config(root: Path, base: Path, **more):
+    return load_config(REPO / "configs" / "tiny.yaml", {
+        "output_root": str(root), "grid.sizes": ["b"], "grid.ratios": [0.5], "grid.token_budgets": [5120],
+        "train.eval_interval": 100, "executor.array_parallelism": 1,
+        "data.knowledge": {"entities": 6, "relations": 1, "values_per_relation": 10},
+        "data.general": {"entities": 6, "relations": 1, "values_per_relation": 10},
+        "models.b": {"init_from": str(base)}, **more})
+
+
+def test_init_from_cell_starts_from_the_base_and_records_step_0(tp2_cell, tmp_path, tp1):
+    base = tp2_cell[2]
+    cfg = _based_config(tmp_path, base)
+    (cell,) = expand(cfg)
+    assert (cell.model.hidden_size, cell.model.num_query_groups, cell.model.position_embedding,
+            cell.model.tie_embeddings, cell.model.seq_length) == (32, 2, "rope", False, 32)  # from config.json
+    assert cfg.data.tokenizer == str(base / "tokenizer.json")
+    run = submit_run(cfg, [cell])
+    rec = read_cell(run.cell(cell.name).store)
+    assert rec.complete and list(rec.step) == [0, cell.steps] == cell.eval_steps
+    assert rec.tokens[0] == 0 and np.isnan(rec.train_loss[0]) and np.isfinite(rec.train_loss[1])
+    # step 0 is the base itself, before any step: evaluating the base here gives the stored row
+    prepared = load_prepared(cell.data, run.data, cell.model.seq_length)
+    model = build_model(hf.on_cpu_tp1(cell.model), prepared.tokenizer.vocab_size, 0.02, "fp32")
+    hf.init_from_base(model, cell.model)
+    known = evaluate_retention(model, cell_probes(prepared, cell), batch_size=64)
+    assert np.array_equal(known.probe_correct, rec.probe_correct[0].astype(bool))
+    assert all(abs(known.metrics[k] - rec.metrics[k][0]) <= TOL for k in rec.metrics if np.isfinite(rec.metrics[k][0]))
+    assert rec.metrics["infused_acc"][0] > 0.5  # the base (trained on these facts) knows them: not a random start
+
+
+def test_init_from_refuses_a_tokenizer_not_the_base_s(tp2_cell, tmp_path):
+    base = tp2_cell[2]
+    spec = json.loads((base / "tokenizer.json").read_text())
+    spec["added_tokens"].append({**spec["added_tokens"][-1], "id": len(spec["model"]["vocab"]) + 5,
+                                 "content": "<|other|>"})
+    (tmp_path / "other.json").write_text(json.dumps(spec))
+    result = CliRunner().invoke(main, ["prepare", str(REPO / "configs" / "tiny.yaml"), "--set",
+                                       f"output_root={tmp_path / 'runs'}", "--set", "grid.sizes=[b]", "--set",
+                                       f"models.b={{init_from: {base}}}", "--set",
+                                       f"data.tokenizer={tmp_path / 'other.json'}"])
+    assert result.exit_code == 2
+    line = result.output.strip().splitlines()[-1]  # after the progress bar's
+    assert line.startswith("kislurm: error: data.tokenizer") and "differs from the base's" in line, line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_init_from_refuses_an_unsupported_architecture_in_one_line(tmp_path):
+    config = transformers.MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2)
+    config.save_pretrained(tmp_path / "mistral")
+    with pytest.raises(ConfigError, match=r"models\.b\.init_from: model_type 'mistral' is not supported") as err:
+        load_config(REPO / "configs" / "tiny.yaml", {"grid.sizes": ["b"], "models.b": {
+            "init_from": str(tmp_path / "mistral")}})
+    assert "\n" not in str(err.value)
+    _llama().config.save_pretrained(tmp_path / "llama")
+    with pytest.raises(ConfigError, match="which gives hidden_size 32; fix: remove hidden_size"):
+        load_config(REPO / "configs" / "tiny.yaml", {"grid.sizes": ["b"], "models.b": {
+            "init_from": str(tmp_path / "llama"), "hidden_size": 64}})

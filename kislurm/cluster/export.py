@@ -8,7 +8,7 @@
 
 The weights are the cell's CKPT/final (train.keep_final: weights) or its newest full checkpoint (keep_final: full),
 loaded into a one-process TP=1 fp32 CPU model through megatron-core's distributed checkpointing, which reshards a
-checkpoint written at any TP degree; kislurm.train.hf maps that model to transformers. Each folder is written under a
+checkpoint written at any TP degree; kislurm.plan.hf maps that model to transformers. Each folder is written under a
 temporary name and renamed into place, so DIR never holds half an export. Every selected cell is checked before the
 first one is written: a refusal leaves DIR as it was.
 
@@ -22,6 +22,7 @@ import fnmatch
 import json
 import math
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -151,7 +152,7 @@ def export_cell(job: ExportJob, log: Callable[[str], None] = print) -> Path:
     from kislurm.data.prepare import load_prepared
     from kislurm.plan.config import load_config
     from kislurm.plan.grid import expand
-    from kislurm.train import hf
+    from kislurm.plan import hf
 
     transformers = hf.require_hf()
     run = RunPaths(job.run)
@@ -209,18 +210,50 @@ def megatron_weights(preset: Any, vocab_size: int, weights: Path) -> tuple[dict[
         raise ExportError("export needs a TP=1 process; fix: run it outside a tensor-parallel job")
     try:
         model = build_model(preset, vocab_size, 0.02, "fp32")
-        meta = checkpoint.load_weights(weights, model)
+        with warnings.catch_warnings():  # torch.distributed.checkpoint's deprecation notices, under megatron
+            warnings.simplefilter("ignore", FutureWarning)
+            meta = checkpoint.load_weights(weights, model)
         return {k: v for k, v in model.state_dict().items()}, meta
     finally:
         if owned:
             distributed.teardown()
 
 
-def export_run(run_root: Path, out: Path, cells: str | None = None,
-               log: Callable[[str], None] = print) -> list[Path]:
-    """Export every selected cell in this process (checked first, all of them); returns the folders written."""
-    from kislurm.train import hf
+def export_run(run_root: Path, out: Path, cells: str | None = None, log: Callable[[str], None] = print,
+               in_process: bool = False) -> list[Path]:
+    """Export every selected cell (checked first, all of them); returns the folders written. A run whose executor
+    is Slurm exports as one CPU array task per cell (waited for), unless `in_process`; other runs in this process."""
+    from kislurm.plan import hf
+    from kislurm.plan.config import load_config
 
     hf.require_hf()
     jobs = plan_export(run_root, out, cells)
+    cfg = load_config(RunPaths(jobs[0].run).config)
+    if cfg.executor.cluster == "slurm" and not in_process:
+        return export_on_slurm(cfg, jobs, log)
     return [export_cell(job, log) for job in jobs]
+
+
+def export_on_slurm(cfg: Any, jobs: list[ExportJob], log: Callable[[str], None] = print) -> list[Path]:
+    """One CPU array task per cell (the preparation job's resources: partition, CPUs, time, setup lines)."""
+    import submitit
+
+    from kislurm.cluster.submit import preparation_parameters
+
+    params = preparation_parameters(cfg.executor, f"kislurm-{cfg.name}")
+    params["job_name"] = f"kislurm-{cfg.name}-export"
+    params["additional_parameters"] = {k: v for k, v in params["additional_parameters"].items() if k != "hold"}
+    executor = submitit.AutoExecutor(folder=RunPaths(jobs[0].run).submitit / "export" / "%j", cluster="slurm")
+    executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()},
+                               slurm_array_parallelism=cfg.executor.array_parallelism)
+    submitted = executor.map_array(export_cell, jobs)
+    log(f"submitted {len(submitted)} export task(s) as Slurm array {submitted[0].job_id.split('_')[0]}")
+    written = []
+    for job, task in zip(jobs, submitted):
+        try:
+            written.append(task.result())
+        except submitit.core.utils.UncompletedJobError as e:
+            last = (str(e).strip().splitlines() or ["?"])[-1][:200]
+            raise ExportError(f"the export task of cell {job.cell} ({task.job_id}) failed: {last}; fix: see "
+                              f"{task.paths.stderr}, then run `kislurm export` again (done cells are replaced)") from None
+    return written

@@ -25,6 +25,10 @@ The layout megatron names and this module converts:
   - The embedding (and an untied output layer) has padded_vocab_size rows; HF gets len(tokenizer) rows (the
     padding rows are trimmed), and an import pads them back with zeros.
 
+It sits in the plan stage because a preset can come from a base model's config.json (`init_from`): the config
+loader reads it through preset_from_hf, and the train and cluster stages map weights through the same tables. The
+module is pure (tensors in, tensors out) but for the transformers models it builds and reads.
+
 State dicts here are at TP=1: a checkpoint written at any TP degree is loaded at TP=1 by megatron's distributed
 checkpointing (kislurm.train.checkpoint.load_weights), which reshards it.
 """
@@ -113,6 +117,24 @@ def _rope_theta(config: Any) -> float:
         raise HFError(f"{config.model_type}: RoPE scaling {kind!r} has no megatron-core local-layer equivalent here; "
                       "fix: start from a base with plain RoPE (rope_type default)")
     return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "position_embedding",
+               "activation", "normalization", "num_query_groups", "tie_embeddings", "linear_bias", "norm_eps",
+               "rotary_base")
+"""The preset fields a base model's config.json decides (init_from)."""
+
+
+def base_preset_fields(path: str, seq_length: int | None = None) -> dict[str, Any]:
+    """The architecture fields (and seq_length) of the preset of the HF folder `path`, read from its config.json."""
+    transformers = require_hf()
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise HFError(f"{path}: not a HuggingFace model folder ({str(e).splitlines()[0][:120]}); fix: pass a folder "
+                      "with config.json and safetensors weights (save_pretrained writes one)") from None
+    preset = preset_from_hf(config, seq_length)
+    return {k: getattr(preset, k) for k in (*ARCH_FIELDS, "seq_length")}
 
 
 def preset_from_hf(config: Any, seq_length: int | None = None) -> ModelPreset:
@@ -312,7 +334,7 @@ def hf_model(preset: ModelPreset, megatron_sd: dict[str, Any], vocab_size: int, 
     missing = [k for k in missing if not (k == "lm_head.weight" and preset.tie_embeddings)]
     if missing or unexpected:
         raise HFError(f"{cls.__name__}: missing {missing[:3]}, unexpected {unexpected[:3]} after mapping; "
-                      "fix: a bug in kislurm.train.hf's table for this transformers version")
+                      "fix: a bug in kislurm.plan.hf's table for this transformers version")
     if preset.tie_embeddings:
         model.tie_weights()
     return model.eval()
@@ -341,11 +363,17 @@ def read_hf_folder(path: str, seq_length: int | None = None) -> tuple[ModelPrese
     """The preset (from config.json, checked before any weight is read) and fp32 state dict of an HF folder,
     read offline (nothing is downloaded)."""
     transformers = require_hf()
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise HFError(f"{path}: not a HuggingFace model folder ({str(e).splitlines()[0][:120]}); fix: pass a folder "
-                      "with config.json and safetensors weights (save_pretrained writes one)") from None
-    preset = preset_from_hf(config, seq_length)
+    preset = dataclasses.replace(ModelPreset(1, 1, 1), **base_preset_fields(path, seq_length))
     model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     return preset, {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def init_from_base(model: torch.nn.Module, preset: ModelPreset) -> None:
+    """Start a TP=1 megatron model (a GPTModel, or megatron's Float16Module around one) from preset.init_from."""
+    assert preset.init_from is not None
+    base, hf_sd = read_hf_folder(preset.init_from, preset.seq_length)
+    differs = [k for k in ARCH_FIELDS if getattr(base, k) != getattr(preset, k)]
+    if differs:
+        raise HFError(f"{preset.init_from}: its config.json no longer gives this preset's {', '.join(differs)}; fix: "
+                      "plan the run again (the preset is read from config.json when the config is loaded)")
+    load_hf_weights(getattr(model, "module", model), hf_sd, preset)
