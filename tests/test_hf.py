@@ -153,6 +153,23 @@ def test_tp2_export_logits_equal_the_resharded_megatron_model(tp2_cell, tp1):
     assert all(abs(again[k] - stored[k][-1]) <= TOL or np.isnan(stored[k][-1]) for k in stored)
 
 
+def test_a_bf16_checkpoint_loads_into_the_fp32_export_model_exactly(tp1, tmp_path):
+    """GPU cells keep bf16 weights (megatron's Float16Module, same checkpoint keys): read at TP=1 in fp32, exact."""
+    from kislurm.cluster.export import megatron_weights
+    from kislurm.train import checkpoint
+
+    preset = BUILTIN_PRESETS["cpu-s-llama"]
+    distributed.seed_all(0)
+    model = build_model(preset, 100, 0.02, "bf16")
+    assert type(model).__name__ == "Float16Module" and next(model.parameters()).dtype == torch.bfloat16
+    checkpoint.save(tmp_path, 1, model, None, "bf16-cell", {}, folder=checkpoint.FINAL_DIR)
+    sd, meta = megatron_weights(hf.on_cpu_tp1(preset), 100, tmp_path / checkpoint.FINAL_DIR)
+    ref = hf.to_hf(model.module.state_dict(), preset, 100)
+    assert meta["cell_id"] == "bf16-cell"
+    assert all(v.dtype == torch.float32 and torch.equal(v, ref[k].float())
+               for k, v in hf.to_hf(sd, preset, 100).items())
+
+
 def test_tp2_export_answers_the_probes_as_the_store_recorded(tp2_cell):
     """Scored and decoded by transformers alone, multiple choice and greedy exact match equal the store's last
     evaluation (made by the TP=2 model during training). Log-probabilities are not compared: megatron normalises

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -176,12 +177,21 @@ def export_cell(job: ExportJob, log: Callable[[str], None] = print) -> Path:
         fast.save_pretrained(tmp)
         atomic_write_json(tmp / META, cell_record(run, cell, job.weights, int(meta.get("step", -1)),
                                                   hf.family(preset)))
+        _shared(tmp)
         _replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"exported {cell.name} -> {final} ({type(model).__name__}, step {meta.get('step')})")
     return final
+
+
+def _shared(folder: Path) -> None:
+    """Files readable as the run's files are (0666 less the umask): transformers writes its weights 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _replace_folder(tmp: Path, final: Path) -> None:
