@@ -97,12 +97,13 @@ def test_combination_no_stock_class_expresses_is_refused_in_one_line(change, nam
 
 @pytest.fixture(scope="module")
 def tp2_cell(tmp_path_factory):
-    """One Llama-style cell (GQA, untied) trained at TP=2 through the local executor; small knowledge bases and a
-    high learning rate so that greedy answers are a mix of right and wrong (the probe comparison can fail)."""
+    """One Llama-style cell (GQA, untied) trained at TP=2 through the local executor, keeping its full final
+    checkpoint (the init_from cell below keeps weights only); small knowledge bases and a high learning rate so that
+    greedy answers are a mix of right and wrong (the probe comparison can fail)."""
     root = tmp_path_factory.mktemp("runs")
     cfg = load_config(REPO / "configs" / "tiny.yaml", {
         "output_root": str(root), "grid.sizes": ["m"], "grid.ratios": [0.5], "grid.token_budgets": [20000],
-        "train.eval_interval": 100, "train.lr": 1e-2, "executor.array_parallelism": 1,
+        "train.eval_interval": 100, "train.lr": 1e-2, "train.keep_final": "full", "executor.array_parallelism": 1,
         "data.knowledge": {"entities": 6, "relations": 1, "values_per_relation": 10},
         "data.general": {"entities": 6, "relations": 1, "values_per_relation": 10}, "models.m": LLAMA_M})
     (cell,) = expand(cfg)
@@ -133,12 +134,13 @@ def test_tp2_cell_exports_a_folder_transformers_opens(tp2_cell):
 
 def test_tp2_export_logits_equal_the_resharded_megatron_model(tp2_cell, tp1):
     from kislurm.cluster.export import megatron_weights
+    from kislurm.train import checkpoint
 
     run, cell, folder = tp2_cell
     vocab = load_prepared(cell.data, run.data, cell.model.seq_length).tokenizer.vocab_size
     preset = hf.on_cpu_tp1(cell.model)
-    sd, meta = megatron_weights(preset, vocab, run.cell(cell.name).checkpoints / "final")
-    assert meta["layout"]["tp"] == 2  # written at TP=2, read here at TP=1
+    sd, meta = megatron_weights(preset, vocab, checkpoint.find_latest(run.cell(cell.name).checkpoints).path)
+    assert meta["layout"]["tp"] == 2 and meta["kind"] == "full"  # written at TP=2 with its optimizer, read at TP=1
     model = build_model(preset, vocab, 0.02, "fp32")
     model.load_state_dict(sd)
     tokens = _tokens(vocab)
@@ -364,6 +366,11 @@ def test_init_from_cell_starts_from_the_base_and_records_step_0(tp2_cell, tmp_pa
     assert np.array_equal(known.probe_correct, rec.probe_correct[0].astype(bool))
     assert all(abs(known.metrics[k] - rec.metrics[k][0]) <= TOL for k in rec.metrics if np.isfinite(rec.metrics[k][0]))
     assert rec.metrics["infused_acc"][0] > 0.5  # the base (trained on these facts) knows them: not a random start
+    # kept as CKPT/final (keep_final: weights), it exports too
+    result = CliRunner().invoke(main, ["export", str(run.root), "--out", str(tmp_path / "export")])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "export" / cell.cell_id / "kislurm.json").read_text())
+    assert meta["checkpoint"].endswith("/final") and meta["checkpoint_step"] == cell.steps
 
 
 def test_init_from_refuses_a_tokenizer_not_the_base_s(tp2_cell, tmp_path):
