@@ -92,15 +92,12 @@ def plan_export(run_root: Path, out: Path, cells: str | None = None) -> list[Exp
     is refused.
     """
     from kislurm.cluster.status import run_status
-    from kislurm.plan.config import load_config
-    from kislurm.plan.grid import expand
 
     run = RunPaths(Path(run_root).resolve())
     out = Path(out).resolve()
     if not run.config.is_file():
         raise ExportError(f"{run.root}: not a run folder (no config.yaml); fix: pass the folder `kislurm submit` "
                           "created (output_root/name)")
-    planned = {c.name: c for c in expand(load_config(run.config))}
     names = sorted(p.parent.name for p in run.cells.glob("*/cell.json"))
     if cells is not None:
         names = [n for n in names if fnmatch.fnmatch(n, cells) or fnmatch.fnmatch(n.rsplit("_", 1)[-1], cells)]
@@ -110,13 +107,12 @@ def plan_export(run_root: Path, out: Path, cells: str | None = None) -> list[Exp
     jobs: list[ExportJob] = []
     for row in run_status(run, names):
         name = row["cell"]
-        cell = planned.get(name)
-        if row["state"] != "done" or cell is None:
+        if row["state"] != "done":
             if cells is None:
                 continue
-            why = "no longer in the run's config" if cell is None else row["state"]
-            raise ExportError(f"cell {name} is {why}, not done; fix: wait until `kislurm status {run.root}` shows it "
-                              "done, or leave it out with --cells")
+            raise ExportError(f"cell {name} is {row['state']}, not done; fix: wait until `kislurm status {run.root}` "
+                              "shows it done, or leave it out with --cells")
+        cell = cell_of(run, name)
         try:
             weights = _weights_of(run.cell(name), name, cell.train.keep_final)
         except ExportError:
@@ -129,6 +125,14 @@ def plan_export(run_root: Path, out: Path, cells: str | None = None) -> list[Exp
         raise ExportError(f"{run.root}: no cell is done with kept weights (train.keep_final: weights or full); "
                           "fix: wait for the cells (`kislurm status`), or rerun them with train.keep_final: weights")
     return jobs
+
+
+def cell_of(run: RunPaths, name: str) -> Any:
+    """The cell that a cell folder's cell.json records (a validation cell too, which no grid of the config holds)."""
+    from kislurm.plan.grid import Cell
+
+    spec = run.cell(name).spec
+    return Cell.from_json(json.loads(spec.read_text()), str(spec))
 
 
 def _finite(values: dict[str, Any]) -> dict[str, Any]:
@@ -151,13 +155,11 @@ def cell_record(run: RunPaths, cell: Any, weights: Path, step: int, kind: str) -
 def export_cell(job: ExportJob, log: Callable[[str], None] = print) -> Path:
     """Write DIR/<cell_id> for one cell (in this process: it sets up, then tears down, a one-process TP=1 group)."""
     from kislurm.data.prepare import load_prepared
-    from kislurm.plan.config import load_config
-    from kislurm.plan.grid import expand
     from kislurm.plan import hf
 
     transformers = hf.require_hf()
     run = RunPaths(job.run)
-    cell = next(c for c in expand(load_config(run.config)) if c.name == job.cell)
+    cell = cell_of(run, job.cell)
     prepared = load_prepared(cell.data, run.data, cell.model.seq_length)
     preset = hf.on_cpu_tp1(cell.model)
     model_sd, meta = megatron_weights(preset, prepared.tokenizer.vocab_size, job.weights)
