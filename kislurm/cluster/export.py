@@ -267,5 +267,6 @@ def export_on_slurm(cfg: Any, jobs: list[ExportJob], log: Callable[[str], None] 
         except submitit.core.utils.UncompletedJobError as e:
             last = (str(e).strip().splitlines() or ["?"])[-1][:200]
             raise ExportError(f"the export task of cell {job.cell} ({task.job_id}) failed: {last}; fix: see "
-                              f"{task.paths.stderr}, then run `kislurm export` again (done cells are replaced)") from None
+                              f"{task.paths.stderr}, then run `kislurm export` again (done cells are replaced)"
+                              ) from None
     return written

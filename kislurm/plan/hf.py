@@ -57,7 +57,8 @@ def require_hf() -> Any:
         transformers = importlib.import_module("transformers")
         importlib.import_module("safetensors")
     except ImportError as e:
-        raise HFError(f"HuggingFace export and import need transformers and safetensors ({e.name or 'transformers'} is missing); "
+        missing = e.name or "transformers"
+        raise HFError(f"HuggingFace export and import need transformers and safetensors ({missing} is missing); "
                       f"fix: {HF_EXTRA}") from None
     return transformers
 
