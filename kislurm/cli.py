@@ -388,6 +388,21 @@ def status(run: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder of the exports (one per cell id).")
+@click.option("--cells", "cells", metavar="GLOB", help="Only the cells whose folder name or id matches (then each "
+              "must be done with kept weights).")
+@click.option("--in-process", is_flag=True, help="Export in this process even when the run's executor is Slurm "
+              "(default there: one CPU array task per cell).")
+def export(run: str, out: str, cells: Optional[str], in_process: bool) -> None:
+    """Every DONE cell of RUN with kept weights as a HuggingFace folder OUT/<cell_id> (docs/huggingface.md)."""
+    from kislurm.cluster.export import export_run
+
+    written = export_run(Path(run), Path(out), cells, log=click.echo, in_process=in_process)
+    click.echo(f"{len(written)} cell(s) exported to {Path(out).resolve()}")
+
+
+@main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: RUN/reports).")
 @click.option("--config", type=click.Path(dir_okay=False), help="Analysis settings (default: the run's config).")

@@ -365,7 +365,7 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                     "n_choices": probes.n_choices, "data_stats": data_stats}
             writer = RetentionWriter.open(paths.store, meta, probes.fact_ids, probes.fact_group, probes.fact_index,
                                           probes.heldout)
-            writer.truncate_after(trainer.step)
+            writer.truncate_after(trainer.step if trainer.step else -1)  # a fresh start redoes a step-0 evaluation
         heartbeat = _Heartbeat(paths, trainer, cell, watchdog) if dist.is_main else None
         evals = sorted(cell.eval_steps)
         history = [e for e in (writer.meta().get("throughput", []) if writer else []) if e["step"] <= trainer.step]
@@ -380,7 +380,7 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                 f"{time.perf_counter() - started:.2f} s")
 
         for stop in _stops(cell):
-            if stop <= trainer.step:
+            if stop < trainer.step or stop == trainer.step > 0:
                 continue  # done before an interruption (an evaluation is always stored before its checkpoint)
             while trainer.step < stop:
                 watchdog.enter("training", trainer.step)
@@ -406,7 +406,8 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                 _write_rank_report(paths, dist.rank, state="running", step=trainer.step,
                                    eval_candidates=result.scored_here)
                 previous = max([e for e in evals if e < stop], default=0)
-                mean_loss = sum(trainer.losses[previous:stop]) / (stop - previous)  # restored on resume too
+                # restored on resume too; step 0 (a base model before training) has no training loss
+                mean_loss = sum(trainer.losses[previous:stop]) / (stop - previous) if stop else float("nan")
                 if writer is not None:
                     tokens = trainer.step * cell.train.global_batch_size * cell.model.seq_length
                     writer.append(trainer.step, tokens, mean_loss, result.metrics, result.probe_correct,
@@ -418,9 +419,9 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                         + f" (rank 0 scored {result.scored_here} of {total} candidates, DP={dist.dp})")
             if stop == cell.steps:
                 break  # the last step's checkpoint is what keep_final keeps (trainer.finish), nothing routine
-            if stop in evals and _saves_after_evaluations(cell) or \
-                    cell.train.checkpoint_interval and stop % cell.train.checkpoint_interval == 0:
-                save()
+            if stop and (stop in evals and _saves_after_evaluations(cell) or
+                         cell.train.checkpoint_interval and stop % cell.train.checkpoint_interval == 0):
+                save()  # (never at step 0: nothing trained yet)
         watchdog.enter("checkpoint save", trainer.step)
         trainer.finish()  # what keep_final keeps, written before the store says complete
         heartbeat = heartbeat.stop() if heartbeat else None

@@ -64,8 +64,8 @@ from kislurm.data.knowledge import (DataError, KnowledgeBase, ProbeSet, Relation
                                     read_triplets, save_base, save_probes, subset_probes, synthetic_bases)
 from kislurm.data.streams import (PASS_UNITS, Sentences, StreamPlan, _passes, neighbour_sharing, pack,
                                   plan_fixed_exposures, plan_fixed_facts, stream_layout)
-from kislurm.data.tokenizer import (Tokenizer, corpus_texts, encode_facts, load_tokenizer, ragged_rows, train_bpe,
-                                    training_sentences)
+from kislurm.data.tokenizer import (Tokenizer, check_base_tokenizer, corpus_texts, encode_facts, load_tokenizer,
+                                    ragged_rows, train_bpe, training_sentences)
 from kislurm.publish import publish, publishing
 
 _Sentences, _pack = Sentences, pack   # the names tools/bench_data.py uses
@@ -454,6 +454,8 @@ def prepare_run(cfg, cells: Optional[list] = None, progress: Optional[Callable[[
 
     t0 = time.perf_counter()
     cells = expand(cfg) if cells is None else cells
+    for base in sorted({c.model.init_from for c in cells if c.model.init_from is not None}):
+        check_base_tokenizer(cfg.data.tokenizer, base)  # before anything is built
     data_dir = RunPaths(run_dir(cfg)).data
     log = data_dir / "builds.log"
     seen = len(log.read_text().splitlines()) if log.is_file() else 0

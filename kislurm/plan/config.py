@@ -80,6 +80,19 @@ class ModelPreset:
     Must divide num_attention_heads, and tensor_parallel must divide it."""
     tie_embeddings: bool = True
     """Share the input embedding with the output layer (GPT-2); false: a separate output layer (Llama)."""
+    linear_bias: bool = True
+    """Biases on the attention and MLP linear layers (GPT-2, megatron's add_bias_linear); false: none (Llama). Norms
+    keep theirs either way."""
+    norm_eps: float = 1e-5
+    """Epsilon of every norm (megatron's layernorm_epsilon); a base model imported from HuggingFace sets its own."""
+    rotary_base: float = 10000.0
+    """RoPE base (theta) with position_embedding: rope; a base model imported from HuggingFace sets its own."""
+    init_from: Optional[str] = None
+    """A HuggingFace model folder (Llama or GPT-2 family, docs/huggingface.md) the cells of this size start from,
+    instead of random weights: the architecture fields are read from its config.json (write none of them; seq_length
+    may be set, default its max_position_embeddings), the run's tokenizer must be the base's own (data.tokenizer
+    defaults to its tokenizer.json), and retention is also evaluated at step 0, before any training. Needs the
+    kislurm[hf] extra; tensor_parallel 1 (data_parallel any)."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Layer implementation: local (megatron's pure-PyTorch layers, the tested path, on CPU and GPU) or
     transformer_engine (Transformer Engine's fused layers: GPU only, opt-in, never run by this project's tests;
@@ -123,6 +136,11 @@ class ModelPreset:
         _check(self.transformer_impl == "local" or self.device == "gpu", "transformer_impl",
                "transformer_engine layers run on GPU only; fix: set transformer_impl: local (or device: gpu)")
         _check(self.timeout_min >= 1, "timeout_min", f"expected minutes >= 1, got {self.timeout_min}")
+        _check(self.init_from is None or self.tensor_parallel == 1, "tensor_parallel",
+               f"init_from loads the base's weights at tensor_parallel 1 only, got {self.tensor_parallel}; fix: set "
+               "tensor_parallel: 1 (data_parallel may be larger)")
+        _check(0 < self.norm_eps < 1, "norm_eps", f"expected a small positive epsilon, got {self.norm_eps}")
+        _check(self.rotary_base > 1, "rotary_base", f"expected a RoPE base > 1, got {self.rotary_base}")
 
     @property
     def ffn(self) -> int:
@@ -158,12 +176,13 @@ class ModelPreset:
         kv = self.query_groups * (h // self.num_attention_heads)  # key (and value) width
         norm = 2 * h if self.normalization == "layernorm" else h  # RMSNorm has no bias
         fc1 = 2 * f if self.activation == "swiglu" else f  # the gated unit's two halves
-        qkv = h * (h + 2 * kv) + (h + 2 * kv)
-        per_layer = norm + qkv + (h * h + h) + norm + (h * fc1 + fc1) + (f * h + h)
+        b = 1 if self.linear_bias else 0
+        qkv = h * (h + 2 * kv) + b * (h + 2 * kv)
+        per_layer = norm + qkv + (h * h + b * h) + norm + (h * fc1 + b * fc1) + (f * h + b * h)
         non_embedding = layers * per_layer + norm  # final norm
         positions = self.seq_length * h if self.position_embedding == "learned" else 0
         embedding = vocab_size * h * (1 if self.tie_embeddings else 2) + positions
-        replicated = layers * (2 * norm + 2 * h) + norm + positions
+        replicated = layers * (2 * norm + 2 * b * h) + norm + positions
         return {"total": non_embedding + embedding, "non_embedding": non_embedding, "embedding": embedding,
                 "replicated": replicated}
 
@@ -767,6 +786,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     prefix = f"{where}." if where else ""
+    if cls is ModelPreset and data.get("init_from") is not None:
+        data = _with_base_architecture(data, prefix)
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
@@ -791,6 +812,24 @@ def build_section(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{e.key}: {e}") from None
 
 
+def _with_base_architecture(data: dict, prefix: str) -> dict:
+    """A preset with init_from: its architecture fields read from the base's config.json (kislurm.plan.hf)."""
+    from kislurm.errors import KislurmError
+    from kislurm.plan import hf
+
+    _check(isinstance(data["init_from"], str), f"{prefix}init_from", "expected the path of a HuggingFace folder")
+    seq = data.get("seq_length")
+    try:
+        fields = hf.base_preset_fields(data["init_from"], seq if isinstance(seq, int) else None)
+    except KislurmError as e:
+        raise _FieldError(f"{prefix}init_from", str(e)) from None
+    differ = [k for k in hf.ARCH_FIELDS if k in data and data[k] != fields[k]]  # a run's config.yaml repeats them
+    _check(not differ, f"{prefix}{differ[0] if differ else ''}", "init_from takes the architecture from the base's "
+           f"config.json, which gives {', '.join(f'{k} {fields[k]}' for k in differ)}; fix: remove "
+           f"{', '.join(differ)} from this preset")
+    return {**data, **fields}
+
+
 def _resolve_paths(data: dict, base: Path) -> dict:
     """Make file paths in the data section relative to the config file, so a run works from any directory."""
     section = data.get("data")
@@ -798,6 +837,10 @@ def _resolve_paths(data: dict, base: Path) -> dict:
         for key in ("knowledge_triplets", "general_triplets", "templates_file", "tokenizer", "general_probes"):
             if isinstance(section.get(key), str):
                 section[key] = str((base / Path(section[key]).expanduser()).resolve())
+    models = data.get("models")
+    for preset in models.values() if isinstance(models, dict) else []:
+        if isinstance(preset, dict) and isinstance(preset.get("init_from"), str):
+            preset["init_from"] = str((base / Path(preset["init_from"]).expanduser()).resolve())
     data["output_root"] = str(Path(data.get("output_root", "runs")).expanduser().resolve())  # relative to cwd
     return data
 
@@ -811,9 +854,21 @@ def config_from_dict(data: Any, source: str = "<config>", base: Path | None = No
                           "fix: start the file with keys such as name:, grid:, data:")
     data = _resolve_paths(json.loads(json.dumps(data)), base or Path.cwd())
     try:
-        return _build(ExperimentConfig, data, "")
+        return _base_tokenizer(_build(ExperimentConfig, data, ""))
     except _FieldError as e:
         raise ConfigError(f"{source}: {e.key}: {e}") from None
+
+
+def _base_tokenizer(cfg: ExperimentConfig) -> ExperimentConfig:
+    """With init_from sizes in the grid, data.tokenizer defaults to the base's tokenizer.json (one base tokenizer
+    per run); whether a given data.tokenizer is the base's is checked by the data stage (it reads both files)."""
+    bases = sorted({cfg.presets[s].init_from for s in cfg.grid.sizes if cfg.presets[s].init_from is not None})
+    if not bases or cfg.data.tokenizer is not None:
+        return cfg
+    _check(len(bases) == 1, "data.tokenizer", f"the grid starts from {len(bases)} bases ({', '.join(bases)}): "
+           "one run has one tokenizer; fix: set data.tokenizer to the one they share, or one base per run")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(Path(bases[0]) /
+                                                                                     "tokenizer.json")))
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:

@@ -114,8 +114,11 @@ class Cell:
     @property
     def eval_steps(self) -> list[int]:
         """Steps after which retention is evaluated: every eval_interval, and always the last step (and, staged, the
-        end of the general phase: the baseline forgetting is measured from)."""
+        end of the general phase: the baseline forgetting is measured from; and step 0, before any training, for a
+        cell that starts from a base model: what the base knew)."""
         steps = list(range(self.train.eval_interval, self.steps, self.train.eval_interval))
+        if self.model.init_from is not None:
+            steps = [0, *steps]
         if self.phase1_steps and self.phase1_steps not in steps:
             steps = sorted([*steps, self.phase1_steps])
         return steps + [self.steps]
@@ -200,7 +203,7 @@ def control_data(data: DataConfig, control: str, tokens: int, lowest_ratio: floa
 
 
 _OMIT_IF_DEFAULT = ("position_embedding", "activation", "normalization", "num_query_groups", "tie_embeddings",
-                    "transformer_impl")
+                    "transformer_impl", "linear_bias", "norm_eps", "rotary_base", "init_from")
 """Architecture fields added after ids were first published: they enter the id only at a non-default value, so
 every GPT-2-shaped cell keeps the id it had before they existed."""
 
