@@ -80,3 +80,134 @@ def test_counts_equal_a_brute_force_scan_under_the_rule(facts_file):
 def test_nested_marks_names_inside_each_other(facts_file):
     nested = [is_nested(f) for f in read_facts(facts_file)]
     assert nested == [True, False, True, False, False, False, False]   # "U.S." is not in "U.S.A." (a letter follows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command: shards, resume, selection, contamination
+# ----------------------------------------------------------------------------------------------------------------------
+
+KNOWLEDGE = [
+    {"subject": "Beijing", "relation": "in_country", "object": "China"},       # inverse of a general fact's pair
+    {"subject": "Capetown", "relation": "in_country", "object": "Narnia"},     # never co-occurs, shares nothing
+    {"subject": "C-3PO", "relation": "built_by", "object": "R2-D2"},           # co-occurs and shares the pair
+    {"subject": "Zürich", "relation": "lake", "object": "Zürichsees"},         # never in the corpus: clean
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, facts_file) -> dict:
+    """A 200-document JSONL corpus (the DOCS cycled, with noise), its facts and knowledge files, one reference
+    census (1 shard, in this process) and the brute-force counts."""
+    root = tmp_path_factory.mktemp("census")
+    docs = [f"{DOCS[i % len(DOCS)]} #{i} {'Africa' if i % 7 == 0 else 'x'}" for i in range(200)]
+    path = root / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    kpath = root / "knowledge.jsonl"
+    kpath.write_text("".join(json.dumps(f) + "\n" for f in KNOWLEDGE))
+    from kislurm.data.census import Selection, run_census
+
+    ref = run_census([str(path)], facts_file, root / "one", kpath, selection=Selection(1, (1, 10, 100), 1))
+    return {"root": root, "path": path, "docs": docs, "knowledge": kpath, "summary": ref}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_one_shard_and_four_shards_in_a_pool_give_identical_counts(corpus, facts_file):
+    from kislurm.data.census import run_census
+
+    facts = read_facts(facts_file)
+    one = read_jsonl(corpus["root"] / "one" / "census.jsonl")
+    assert corpus["summary"]["shards"] == 1 and corpus["summary"]["documents"] == 200
+    expected = brute_counts(corpus["docs"], facts)
+    assert [[r[k] for r in one] for k in ("docs_subject", "docs_object", "docs_both")] == expected.tolist()
+    size = corpus["path"].stat().st_size
+    four = run_census([str(corpus["path"])], facts_file, corpus["root"] / "four", corpus["knowledge"], workers=2,
+                      shard_bytes=-(-size // 4))
+    assert four["shards"] == 4 and four["documents"] == 200
+    assert read_jsonl(corpus["root"] / "four" / "census.jsonl") == one
+    assert (read_jsonl(corpus["root"] / "four" / "contamination.jsonl")
+            == read_jsonl(corpus["root"] / "one" / "contamination.jsonl"))
+
+
+DYING = """
+import os, sys, functools
+from pathlib import Path
+from kislurm.data.census import census_salt, census_shard, name_table, read_facts
+from kislurm.data.sources import expand_inputs, map_shards, plan_shards
+
+facts_path, knowledge_path, corpus, out, shard_bytes = *sys.argv[1:4], Path(sys.argv[4]), int(sys.argv[5])
+facts = read_facts(facts_path) + read_facts(knowledge_path)     # the facts run_census matches: general, knowledge
+shards = plan_shards(expand_inputs([corpus]), shard_bytes)
+
+def dying(table, shard, tmp):
+    census_shard(table, "text", shard, tmp)
+    if shard == shards[2]:
+        os._exit(9)     # killed after writing, before the publish: the third shard is lost, the first two are kept
+
+map_shards(shards, functools.partial(dying, name_table(facts)), out / "shards", salt=census_salt(facts, "text"))
+"""
+
+
+def test_resume_after_a_killed_shard_reuses_the_published_ones(corpus, facts_file, tmp_path):
+    import subprocess
+    import sys
+
+    from kislurm.data.census import run_census
+
+    size = corpus["path"].stat().st_size
+    script = tmp_path / "dying.py"
+    script.write_text(DYING)
+    proc = subprocess.run([sys.executable, str(script), str(facts_file), str(corpus["knowledge"]),
+                           str(corpus["path"]), str(tmp_path / "run"), str(-(-size // 4))],
+                          capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    published = sorted(p for p in (tmp_path / "run" / "shards").iterdir() if not p.name.startswith("."))
+    assert len(published) == 2 and list((tmp_path / "run" / "shards").glob(".*.tmp"))   # the killed shard's tmp
+    before = {p.name: (p / "counts.npz").stat().st_mtime_ns for p in published}
+    seen: list = []
+    s = run_census([str(corpus["path"])], facts_file, tmp_path / "run", corpus["knowledge"],
+                   shard_bytes=-(-size // 4), progress=lambda shard, folder: seen.append(folder.name))
+    assert s["shards"] == 4 and s["documents"] == 200
+    assert {p.name: (p / "counts.npz").stat().st_mtime_ns for p in published} == before   # reused, not recounted
+    assert set(seen[:2]) == set(before) and len(seen) == 4                                 # 2 reused, 2 counted
+    assert not list((tmp_path / "run" / "shards").glob(".*.tmp"))                          # the dead one's tmp removed
+    assert read_jsonl(tmp_path / "run" / "census.jsonl") == read_jsonl(corpus["root"] / "one" / "census.jsonl")
+
+
+def test_contamination_lists_cooccurring_and_shared_pair_facts(corpus):
+    rows = read_jsonl(corpus["root"] / "one" / "contamination.jsonl")
+    assert [(r["subject"], r["cooccurs"], r["shared_with_general"]) for r in rows] == [
+        ("Beijing", False, [["China", "capital", "Beijing"]]),
+        ("C-3PO", True, [["R2-D2", "friend", "C-3PO"]]),
+    ]
+    assert corpus["summary"]["contaminated_share"] == 0.5
+
+
+def test_select_with_bands_keeps_frequent_unnested_facts_per_band(corpus):
+    rows = {r["subject"]: r for r in read_jsonl(corpus["root"] / "one" / "census.jsonl")}
+    probes = read_jsonl(corpus["root"] / "one" / "general_probes.jsonl")
+    eligible = {s for s, r in rows.items() if r["docs_both"] >= 1 and not r["nested"]}
+    assert {p["subject"] for p in probes} <= eligible and "Singapore" not in {p["subject"] for p in probes}
+    bands = [p["band"] for p in probes]
+    assert len(bands) == len(set(bands)) == len({("1-9" if r["docs_both"] < 10 else "10-99" if r["docs_both"] < 100
+                                                   else "100+") for s, r in rows.items() if s in eligible})
+    for p in probes:
+        lo = int(p["band"].rstrip("+").split("-")[0])
+        assert p["docs_both"] >= lo and (p["band"].endswith("+") or p["docs_both"] <= int(p["band"].split("-")[1]))
+
+
+def test_cli_census_writes_its_files_and_refuses_bad_bands(corpus, facts_file, tmp_path):
+    from click.testing import CliRunner
+
+    from kislurm.cli import main
+
+    res = CliRunner().invoke(main, ["census", str(corpus["path"]), "--facts", str(facts_file), "--out",
+                                    str(tmp_path / "c"), "--select", "1", "--bands", "1,10", "--per-band", "2"])
+    assert res.exit_code == 0, res.output
+    assert "200 documents in 1 shards" in res.output
+    assert {p.name for p in (tmp_path / "c").iterdir()} >= {"census.jsonl", "general_probes.jsonl", "summary.json"}
+    bad = CliRunner().invoke(main, ["census", str(corpus["path"]), "--facts", str(facts_file), "--out",
+                                    str(tmp_path / "d"), "--select", "1", "--bands", "10,1"])
+    assert bad.exit_code == 2 and "fix:" in bad.output

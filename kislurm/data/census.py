@@ -191,9 +191,162 @@ def count_documents(texts: Iterable[str], table: NameTable) -> tuple[np.ndarray,
     return counts, docs
 
 
-def facts_digest(facts: Sequence[CensusFact]) -> str:
-    """Hash of the names a census matches (in order): a shard's result is valid only for the same names."""
+def census_salt(facts: Sequence[CensusFact], json_key: str) -> tuple[str, ...]:
+    """What a shard's counts depend on besides the shard: the names matched (in order) and the text field."""
     h = hashlib.sha256()
     for fact in facts:
         h.update(json.dumps([fact.subject_names, fact.object_names]).encode())
-    return h.hexdigest()[:16]
+    return "census-v1", h.hexdigest()[:16], json_key
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Map over shards, exact reduction
+# ----------------------------------------------------------------------------------------------------------------------
+
+SHARD_FILE = "counts.npz"
+
+
+def census_shard(table: NameTable, json_key: str, shard, out: Path) -> None:
+    """One shard's counts into `out` (a private folder that map_shards publishes by one atomic rename)."""
+    from kislurm.data.sources import read_documents
+
+    counts, docs = count_documents((d.text for d in read_documents(shard, json_key)), table)
+    np.savez(out / SHARD_FILE, counts=counts, docs=np.int64(docs))
+
+
+def reduce_shards(folders: Sequence[Path], n_facts: int) -> tuple[np.ndarray, int]:
+    """The exact sum of the shards' counts (int64) and documents."""
+    total = np.zeros((3, n_facts), dtype=np.int64)
+    docs = 0
+    for folder in folders:
+        with np.load(Path(folder) / SHARD_FILE) as z:
+            if z["counts"].shape != total.shape:
+                raise DataError(f"{folder}: counts for {z['counts'].shape[1]} facts, expected {n_facts}; fix: "
+                                "remove that folder and rerun the census")
+            total += z["counts"]
+            docs += int(z["docs"])
+    return total, docs
+
+
+@dataclass(frozen=True)
+class Selection:
+    """--select K [--bands ... --per-band N]: the general probes the census chooses."""
+
+    min_docs: int
+    bands: tuple[int, ...] = ()
+    per_band: Optional[int] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.min_docs < 1:
+            raise DataError(f"--select {self.min_docs}: expected >= 1 documents; fix: e.g. --select 1")
+        if list(self.bands) != sorted(set(self.bands)) or any(b < 1 for b in self.bands):
+            raise DataError(f"--bands {','.join(map(str, self.bands))}: expected increasing positive edges; "
+                            "fix: e.g. --bands 1,10,100")
+        if self.per_band is not None and (self.per_band < 1 or not self.bands):
+            raise DataError("--per-band needs --bands and a count >= 1; fix: e.g. --bands 1,10,100 --per-band 50")
+
+
+def band_label(docs: int, edges: Sequence[int]) -> Optional[str]:
+    """The band [edges[i], edges[i+1]) that holds `docs` as "lo-hi" ("lo+" for the last), None below the first."""
+    if not edges or docs < edges[0]:
+        return None
+    i = int(np.searchsorted(np.asarray(edges), docs, side="right")) - 1
+    return f"{edges[i]}+" if i == len(edges) - 1 else f"{edges[i]}-{edges[i + 1] - 1}"
+
+
+def select_probes(rows: list[dict], sel: Selection) -> list[dict]:
+    """Facts with docs_both >= K that are not nested, optionally stratified into bands (at most per_band each, a
+    seeded sample kept in file order)."""
+    eligible = [r for r in rows if r["docs_both"] >= sel.min_docs and not r["nested"]]
+    if not sel.bands:
+        return eligible
+    by_band: dict[str, list[int]] = {}
+    for i, r in enumerate(eligible):
+        label = band_label(r["docs_both"], sel.bands)
+        if label is not None:
+            by_band.setdefault(label, []).append(i)
+    rng = np.random.default_rng(sel.seed)
+    keep: list[int] = []
+    for label, idx in by_band.items():
+        if sel.per_band is not None and len(idx) > sel.per_band:
+            idx = sorted(rng.choice(idx, size=sel.per_band, replace=False).tolist())
+        keep += idx
+    return [{**eligible[i], "band": band_label(eligible[i]["docs_both"], sel.bands)} for i in sorted(keep)]
+
+
+def pair(fact: CensusFact) -> frozenset:
+    return frozenset((fact.triple[0], fact.triple[2]))
+
+
+def contamination(general: Sequence[CensusFact], knowledge: Sequence[CensusFact], k_rows: list[dict]) -> list[dict]:
+    """The knowledge facts that co-occur in the general corpus (docs_both > 0), or share a subject-object pair with a
+    general fact in either direction (Beijing is in China / China's capital is Beijing), with the reason."""
+    by_pair: dict[frozenset, list[list[str]]] = {}
+    for g in general:
+        by_pair.setdefault(pair(g), []).append(list(g.triple))
+    out = []
+    for fact, row in zip(knowledge, k_rows):
+        shared = by_pair.get(pair(fact), [])
+        if row["docs_both"] > 0 or shared:
+            out.append({**row, "cooccurs": row["docs_both"] > 0, "shared_with_general": shared})
+    return out
+
+
+def _rows(facts: Sequence[CensusFact], counts: np.ndarray) -> list[dict]:
+    return [{**f.fields, **{k: int(counts[j, i]) for j, k in enumerate(COUNT_FIELDS)}, "nested": is_nested(f)}
+            for i, f in enumerate(facts)]
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    from kislurm.publish import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def run_census(inputs: Sequence[str], facts_path: str | Path, out: str | Path,
+               knowledge_path: Optional[str | Path] = None, json_key: str = "text", workers: int = 1,
+               shard_bytes: Optional[int] = None, selection: Optional[Selection] = None, executor: Any = None,
+               progress: Any = None) -> dict:
+    """`kislurm census`: count every fact over the corpus shards (resumable: published shards are reused), then
+    write OUT/census.jsonl (and knowledge_census.jsonl, contamination.jsonl, general_probes.jsonl when asked) and
+    OUT/summary.json last. Returns the summary."""
+    from kislurm.data.sources import SHARD_BYTES, expand_inputs, map_shards, plan_shards
+    from kislurm.publish import atomic_write_json
+
+    out = Path(out)
+    general = read_facts(facts_path)
+    knowledge = read_facts(knowledge_path) if knowledge_path is not None else []
+    facts = [*general, *knowledge]
+    table = name_table(facts)
+    shards = plan_shards(expand_inputs(list(inputs)), shard_bytes or SHARD_BYTES)
+    work = functools.partial(census_shard, table, json_key)
+    folders = map_shards(shards, work, out / "shards", salt=census_salt(facts, json_key),
+                         workers=workers, executor=executor, progress=progress)
+    counts, docs = reduce_shards(folders, len(facts))
+    g_rows, k_rows = _rows(general, counts[:, : len(general)]), _rows(knowledge, counts[:, len(general):])
+    _write_jsonl(out / "census.jsonl", g_rows)
+    summary: dict[str, Any] = {
+        "documents": docs, "shards": len(shards), "json_key": json_key, "facts": len(general),
+        "facts_file": str(Path(facts_path).resolve()), "names": len(table.matcher.names),
+        "facts_cooccurring": sum(r["docs_both"] > 0 for r in g_rows),
+        "facts_nested": sum(r["nested"] for r in g_rows),
+        "rule": "exact string, no isalnum() character right before or after, every occurrence, aliases"}
+    if knowledge_path is not None:
+        bad = contamination(general, knowledge, k_rows)
+        _write_jsonl(out / "knowledge_census.jsonl", k_rows)
+        _write_jsonl(out / "contamination.jsonl", bad)
+        summary.update(knowledge=len(knowledge), knowledge_file=str(Path(knowledge_path).resolve()),
+                       contaminated=len(bad), contaminated_share=len(bad) / len(knowledge),
+                       knowledge_cooccurring=sum(r["cooccurs"] for r in bad),
+                       knowledge_sharing_a_pair=sum(bool(r["shared_with_general"]) for r in bad))
+    if selection is not None:
+        probes = select_probes(g_rows, selection)
+        _write_jsonl(out / "general_probes.jsonl", probes)
+        bands: dict[str, int] = {}
+        for r in probes:
+            bands[r.get("band", "all")] = bands.get(r.get("band", "all"), 0) + 1
+        summary.update(selected=len(probes), select_min_docs=selection.min_docs, select_bands=list(selection.bands),
+                       select_per_band=selection.per_band, selected_per_band=bands)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
