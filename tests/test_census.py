@@ -211,3 +211,79 @@ def test_cli_census_writes_its_files_and_refuses_bad_bands(corpus, facts_file, t
     bad = CliRunner().invoke(main, ["census", str(corpus["path"]), "--facts", str(facts_file), "--out",
                                     str(tmp_path / "d"), "--select", "1", "--bands", "10,1"])
     assert bad.exit_code == 2 and "fix:" in bad.output
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# kislurm prepare against a census: the two refusals, the warning without one
+# ----------------------------------------------------------------------------------------------------------------------
+
+GENERAL_REAL = [("China", "capital", "Beijing"), ("France", "capital", "Paris"), ("Peru", "capital", "Lima")]
+CITY_DOCS = ["Beijing is the capital of China.", "Lyon, a city in France, and Paris.", "Cusco lies in the Andes.",
+             "Lima, Peru: a coastal capital.", "Bergen and Oslo are Norwegian."]
+TEMPLATES = ("capital:\n  train: ['The capital of {subject} is {object}']\n  heldout: []\n"
+             "in_country:\n  train: ['{subject} is in {object}']\n  heldout: []\n")
+
+
+def _triplets(path: Path, triples) -> str:
+    path.write_text("".join(json.dumps(dict(zip(("subject", "relation", "object"), t))) + "\n" for t in triples))
+    return str(path)
+
+
+def _census_config(tmp_path: Path, knowledge, max_contamination: float = 0.05):
+    from kislurm.data.census import run_census
+    from kislurm.plan.config import DataConfig
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in CITY_DOCS))
+    g, k = _triplets(tmp_path / "g.jsonl", GENERAL_REAL), _triplets(tmp_path / "k.jsonl", knowledge)
+    run_census([str(corpus)], g, tmp_path / "census", k)
+    (tmp_path / "t.yaml").write_text(TEMPLATES)
+    return DataConfig(source="triplets", general_triplets=g, knowledge_triplets=k, templates_file=str(tmp_path / "t.yaml"),
+                      distractors=1, general_census=str(tmp_path / "census"), max_contamination=max_contamination)
+
+
+def test_prepare_refuses_a_pair_shared_with_the_general_probes(tmp_path):
+    from kislurm.data import prepare as D
+    from kislurm.errors import DataError
+
+    cfg = _census_config(tmp_path, [("Beijing", "in_country", "China"), ("Cusco", "in_country", "Peru"),
+                                    ("Bergen", "in_country", "Norway")], max_contamination=1.0)
+    with pytest.raises(DataError) as e:
+        D.prepare(cfg, tmp_path / "data", 16)
+    msg = str(e.value)
+    assert msg.startswith("1 knowledge facts share a subject-object pair") and "Beijing | in_country | China" in msg
+    assert "\n" not in msg and not list((tmp_path / "data").glob("prep-*"))
+
+
+def test_prepare_refuses_a_contaminated_knowledge_base_above_the_threshold(tmp_path):
+    from kislurm.data import prepare as D
+    from kislurm.data.census import check_knowledge
+    from kislurm.data.knowledge import read_triplets
+    from kislurm.errors import DataError
+
+    knowledge = [("Lyon", "in_country", "France"), ("Cusco", "in_country", "Peru"), ("Bergen", "in_country", "Norway")]
+    cfg = _census_config(tmp_path, knowledge)
+    with pytest.raises(DataError) as e:
+        D.prepare(cfg, tmp_path / "data", 16)
+    msg = str(e.value)        # Lyon and France co-occur in one document: 1 of 3 is above 5%
+    assert msg.startswith("1 of 3 knowledge facts (33.3%) are already in the general corpus")
+    assert "Lyon | in_country | France" in msg and "max_contamination = 0.05" in msg and "\n" not in msg
+    gen, kb = read_triplets(cfg.general_triplets, "general"), read_triplets(cfg.knowledge_triplets, "knowledge")
+    check_knowledge(cfg.general_census, gen, kb, 0.34)                          # at or under the threshold: accepted
+    other = read_triplets(_triplets(tmp_path / "k2.jsonl", [*knowledge, ("Kyoto", "in_country", "Japan")]), "knowledge")
+    with pytest.raises(DataError, match=r"1 of 4 knowledge facts were not counted by the census.*Kyoto"):
+        check_knowledge(cfg.general_census, gen, other, 1.0)                   # a census of another knowledge base
+
+
+def test_prepare_warns_once_without_a_census_on_real_facts():
+    from kislurm.data.prepare import CensusWarning, warn_without_census
+    from kislurm.plan.config import DataConfig
+
+    with pytest.warns(CensusWarning, match="data.general_census is not set") as rec:
+        warn_without_census(DataConfig(source="triplets", general_triplets="g", knowledge_triplets="k",
+                                       templates_file="t"))
+    assert len(rec) == 1
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_without_census(DataConfig())                                   # synthetic facts: nothing to check

@@ -52,6 +52,7 @@ import shutil
 import socket
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -59,6 +60,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from kislurm.plan.config import DataConfig, config_to_dict
+from kislurm.data.census import census_digest, check_knowledge
 from kislurm.data.knowledge import (DataError, KnowledgeBase, ProbeSet, RelationTemplates, Templates, build_probes,
                                     check_distractors, check_templates, load_base, load_probes, read_templates,
                                     read_triplets, save_base, save_probes, subset_probes, synthetic_bases)
@@ -74,6 +76,8 @@ FORMAT_VERSION = 1
 TOKENIZER_SENTENCES = 100_000   # the BPE is trained on at most this many corpus sentences (a seeded sample)
 _CHUNK_DOCS = 1 << 17
 _CHUNK_SAMPLES = 1 << 22   # megatron indices are counted in chunks of this many samples (bounded memory)
+_CENSUS_DEFAULTS = {"general_census": None, "max_contamination": 0.05}
+"""Issue 25's fields enter the fingerprint only when set, so data prepared before them keeps its folder."""
 _NOT_BASE = ("policy", "exposures_per_fact", "mix", "schedule", "reference_ratio", "stage_tokens")
 """Data fields that change the streams a cell draws (or, for the controls, how it draws them), not the base."""
 
@@ -189,6 +193,8 @@ def fingerprint(data: DataConfig) -> str:
         _check_prefix(data.general_prefix)
         st = os.stat(data.general_prefix + ".idx")
         inputs["general_prefix"] = [st.st_size, st.st_mtime_ns]
+    if data.general_census is not None:
+        inputs["general_census"] = census_digest(data.general_census)
     blob = json.dumps({"format": FORMAT_VERSION, "data": _base_config(data), "inputs": inputs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -196,7 +202,8 @@ def fingerprint(data: DataConfig) -> str:
 def _base_config(data: DataConfig) -> dict:
     """The data config without the fields that only choose a cell's knowledge stream (one base serves both
     policies and every exposures_per_fact; the streams are named by what they hold)."""
-    return {k: v for k, v in config_to_dict(data).items() if k not in _NOT_BASE}
+    return {k: v for k, v in config_to_dict(data).items()
+            if k not in _NOT_BASE and not (k in _CENSUS_DEFAULTS and v == _CENSUS_DEFAULTS[k])}
 
 
 def _check_prefix(prefix: str) -> None:
@@ -262,6 +269,8 @@ def _bases(data: DataConfig) -> tuple[KnowledgeBase, KnowledgeBase, Templates]:
         gen = read_triplets(data.general_probes, "general")
     elif gen is None:
         gen = read_triplets(data.general_triplets, "general")
+    if data.general_census is not None:
+        check_knowledge(data.general_census, gen, kb, data.max_contamination)
     where = data.templates_file or "synthetic templates"
     for base in (gen, kb):
         check_templates(base, templates, str(where))
@@ -455,6 +464,7 @@ def prepare_run(cfg, cells: Optional[list] = None, progress: Optional[Callable[[
     t0 = time.perf_counter()
     cells = expand(cfg) if cells is None else cells
     data_dir = RunPaths(run_dir(cfg)).data
+    warn_without_census(cfg.data)
     log = data_dir / "builds.log"
     seen = len(log.read_text().splitlines()) if log.is_file() else 0
     size = _tree_bytes(data_dir)
@@ -474,6 +484,18 @@ def prepare_run(cfg, cells: Optional[list] = None, progress: Optional[Callable[[
     return {"data": str(data_dir), "cells": len(cells), "streams": len(streams),
             "built": [line.split()[0] for line in built], "bytes_written": max(0, _tree_bytes(data_dir) - size),
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def warn_without_census(data: DataConfig) -> None:
+    """Real facts without a census: nothing shows the general probes are in the corpus, nor the knowledge absent."""
+    if data.general_census is None and (data.source == "triplets" or data.general_prefix is not None):
+        warnings.warn("data.general_census is not set: nothing checks that the general probes occur in the general "
+                      "corpus nor that the knowledge facts are absent from it; fix: run `kislurm census` and set "
+                      "data.general_census (docs/census.md)", CensusWarning, stacklevel=2)
+
+
+class CensusWarning(UserWarning):
+    """Real facts prepared without a census (shown once per `kislurm prepare`)."""
 
 
 def is_prepared(cfg, cells: list) -> bool:

@@ -323,6 +323,13 @@ class DataConfig:
     """Existing Megatron indexed-dataset prefix used as the general stream (cluster runs on a real corpus)."""
     general_probes: Optional[str] = None
     """Probe file (JSONL facts) of general knowledge known to be in general_prefix's corpus."""
+    general_census: Optional[str] = None
+    """Folder written by `kislurm census` over the general corpus with --knowledge: `kislurm prepare` refuses a
+    knowledge base sharing a subject-object pair with the general probes or more contaminated than
+    max_contamination, and carries each general fact's corpus count (docs_both) into the probes."""
+    max_contamination: float = 0.05
+    """With general_census: the largest share of knowledge facts that may already co-occur in the general corpus
+    (or share a pair with a general fact) before `kislurm prepare` refuses the knowledge base."""
     mix: Literal["infusion", "fixed_general", "dilution"] = "infusion"
     """Control of the mix (issue 17; kislurm.analysis.controls). infusion: the cell's budget, a share r of knowledge samples.
     fixed_general: the general samples of every cell are those of an infusion cell at reference_ratio with the same
@@ -353,6 +360,8 @@ class DataConfig:
         _check(self.heldout_templates >= 0, "heldout_templates", "expected >= 0 held-out templates")
         _check(self.distractors >= 1, "distractors", f"expected k >= 1 distractors, got {self.distractors}")
         _check(self.exposures_per_fact >= 1, "exposures_per_fact", "expected >= 1 exposure per fact")
+        _check(0.0 <= self.max_contamination <= 1.0, "max_contamination",
+               f"expected a fraction between 0 and 1, got {self.max_contamination}")
         _check(self.vocab_size >= 64, "vocab_size", f"expected a vocabulary of >= 64 tokens, got {self.vocab_size}")
         if self.source == "triplets":
             _check(self.knowledge_triplets is not None, "knowledge_triplets",
@@ -786,7 +795,8 @@ def _resolve_paths(data: dict, base: Path) -> dict:
     """Make file paths in the data section relative to the config file, so a run works from any directory."""
     section = data.get("data")
     if isinstance(section, dict):
-        for key in ("knowledge_triplets", "general_triplets", "templates_file", "tokenizer", "general_probes"):
+        for key in ("knowledge_triplets", "general_triplets", "templates_file", "tokenizer", "general_probes",
+                    "general_census"):
             if isinstance(section.get(key), str):
                 section[key] = str((base / Path(section[key]).expanduser()).resolve())
     data["output_root"] = str(Path(data.get("output_root", "runs")).expanduser().resolve())  # relative to cwd
