@@ -443,6 +443,8 @@ def aggregate(runs: tuple[str, ...], out: Optional[str], config: Optional[str]) 
                             config=Path(config) if config else None, echo=click.echo)
     click.echo(result.table_markdown)
     click.echo(result.law_text)
+    if getattr(result, "bands", None):   # a result cached before bands existed has none
+        click.echo(f"retention by frequency band: {result.out / 'bands.md'}")
     click.echo(f"reports written to {result.out}")
 
 
@@ -467,6 +469,8 @@ def fit(csv: str, out: str, unit: str, targets: tuple[str, ...]) -> None:
     result = fit_measurements_csv(Path(csv), Path(out), unit=unit, targets=named)
     click.echo(result.table_markdown)
     click.echo(result.law_text)
+    if getattr(result, "bands", None):   # a result cached before bands existed has none
+        click.echo(f"retention by frequency band: {result.out / 'bands.md'}")
     click.echo(f"reports written to {result.out}")
 
 

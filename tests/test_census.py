@@ -217,7 +217,8 @@ def test_cli_census_writes_its_files_and_refuses_bad_bands(corpus, facts_file, t
 # kislurm prepare against a census: the two refusals, the warning without one
 # ----------------------------------------------------------------------------------------------------------------------
 
-GENERAL_REAL = [("China", "capital", "Beijing"), ("France", "capital", "Paris"), ("Peru", "capital", "Lima")]
+GENERAL_REAL = [("China", "capital", "Beijing"), ("France", "capital", "Paris"), ("Peru", "capital", "Lima"),
+                ("Chile", "capital", "Santiago")]
 CITY_DOCS = ["Beijing is the capital of China.", "Lyon, a city in France, and Paris.", "Cusco lies in the Andes.",
              "Lima, Peru: a coastal capital.", "Bergen and Oslo are Norwegian."]
 TEMPLATES = ("capital:\n  train: ['The capital of {subject} is {object}']\n  heldout: []\n"
@@ -273,6 +274,17 @@ def test_prepare_refuses_a_contaminated_knowledge_base_above_the_threshold(tmp_p
     other = read_triplets(_triplets(tmp_path / "k2.jsonl", [*knowledge, ("Kyoto", "in_country", "Japan")]), "knowledge")
     with pytest.raises(DataError, match=r"1 of 4 knowledge facts were not counted by the census.*Kyoto"):
         check_knowledge(cfg.general_census, gen, other, 1.0)                   # a census of another knowledge base
+
+
+def test_prepared_probes_carry_each_general_facts_corpus_count(tmp_path):
+    from kislurm.data import prepare as D
+
+    cfg = _census_config(tmp_path, [("Cusco", "in_country", "Peru"), ("Bergen", "in_country", "Norway")])
+    probes = D.prepare(cfg, tmp_path / "data", 16).probes
+    general = probes.fact_group == 0
+    counts = [r["docs_both"] for r in read_jsonl(tmp_path / "census" / "census.jsonl")]
+    assert probes.fact_frequency[general].tolist() == counts == [1, 1, 1, 0]
+    assert (probes.fact_frequency[~general] == -1).all()
 
 
 def test_prepare_warns_once_without_a_census_on_real_facts():

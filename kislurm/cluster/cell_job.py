@@ -351,8 +351,11 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                     "tokens": cell.tokens, "seed": cell.seed, "config": cell.to_json(),
                     "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
                     "n_choices": probes.n_choices, "data_stats": data_stats}
+            frequency, unit = data.fact_frequency(prepared, cell, dataset, probes)  # issue 25: bands in aggregate
+            if frequency is not None:
+                meta["fact_frequency_unit"] = unit
             writer = RetentionWriter.open(paths.store, meta, probes.fact_ids, probes.fact_group, probes.fact_index,
-                                          probes.heldout)
+                                          probes.heldout, fact_frequency=frequency)
             writer.truncate_after(trainer.step)
         heartbeat = _Heartbeat(paths, trainer, cell, watchdog) if dist.is_main else None
         evals = sorted(cell.eval_steps)

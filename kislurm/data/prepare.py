@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from kislurm.plan.config import DataConfig, config_to_dict
-from kislurm.data.census import census_digest, check_knowledge
+from kislurm.data.census import census_digest, check_knowledge, corpus_counts
 from kislurm.data.knowledge import (DataError, KnowledgeBase, ProbeSet, RelationTemplates, Templates, build_probes,
                                     check_distractors, check_templates, load_base, load_probes, read_templates,
                                     read_triplets, save_base, save_probes, subset_probes, synthetic_bases)
@@ -284,6 +284,9 @@ def _build_base(data: DataConfig, out: Path) -> None:
         corpus_texts([gen, kb], templates, max_sentences=TOKENIZER_SENTENCES, seed=data.seed), data.vocab_size)
     enc_g, enc_k = encode_facts(tok, gen, templates), encode_facts(tok, kb, templates)
     probes = build_probes([(gen, enc_g, 0), (kb, enc_k, 1)], data.distractors, data.seed)
+    if data.general_census is not None:     # each general fact's corpus count; knowledge facts: -1 (not counted)
+        counts = np.concatenate([corpus_counts(data.general_census, gen), np.full(len(kb.facts), -1, np.int64)])
+        probes = dataclasses.replace(probes, fact_frequency=counts)
     tok.save(out / "tokenizer.json")
     save_base(gen, out / "general.json")
     save_base(kb, out / "knowledge.json")
@@ -656,6 +659,25 @@ def _exposures(stream_dir: Path, doc_counts: np.ndarray, n_facts: int) -> tuple[
     per_sentence = np.repeat(doc_counts[: len(z["bounds"]) - 1], np.diff(z["bounds"]))
     exposures = np.bincount(z["fact"], weights=per_sentence, minlength=n_facts).astype(np.int64)
     return exposures, int(np.dot(doc_counts[: len(z["doc_tokens"])], z["doc_tokens"]))
+
+
+def fact_frequency(prepared: PreparedData, cell, dataset, probes: ProbeSet) -> tuple[Optional[np.ndarray], str]:
+    """(F,) int64 frequency of each probed fact and its unit, for the store's fact table (-1: none): the census's
+    document counts when the data has a census ("corpus_documents"); otherwise, for an infusion cell on a synthetic
+    general stream, the times this cell trains on each general fact ("general_exposures", counted from megatron's
+    indices, as blend_stats does); otherwise (None, "")."""
+    if probes.fact_frequency is not None:
+        return probes.fact_frequency, "corpus_documents"
+    if not prepared.general_is_facts or cell.control != "infusion":
+        return None, ""
+    gdir = Path(prepared.general_prefix).parent
+    g_docs = json.loads((gdir / "info.json").read_text())["docs"]
+    kinfo = knowledge_stream(prepared, cell)
+    (g_counts, _), _, _ = _usage(dataset, cell.mix_samples, prepared.seq_length, [g_docs, kinfo["docs"]])
+    exposures, _ = _exposures(gdir, g_counts, len(prepared.general.facts))
+    out = np.full(len(probes.fact_ids), -1, dtype=np.int64)
+    out[probes.fact_group == 0] = exposures      # the general facts come first, in base order, in every cell
+    return out, "general_exposures"
 
 
 def _summary(x: np.ndarray, prefix: str) -> dict:

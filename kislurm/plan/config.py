@@ -590,6 +590,13 @@ class AnalysisConfig:
     validate_sizes: list[str] = field(default_factory=list)
     """Sizes (presets) that are trained but never fitted: each one's observed r* is reported against the law's
     prediction from the other sizes (`kislurm validate RUN --size NAME` plans and submits its cells)."""
+    frequency_bands: list[float] = field(default_factory=list)
+    """Inner edges of the frequency bands (corpus documents per fact from the census, or general exposures per
+    fact at the smallest ratio in synthetic runs), e.g. [10, 100]; empty: frequency_quantiles quantile bands."""
+    frequency_quantiles: int = 3
+    """Quantile bands when frequency_bands is empty (over the facts the smallest-ratio cell knows)."""
+    min_band_facts: int = 30
+    """A band holds at least this many facts: thinner neighbours are merged (fewer bands, never thin ones)."""
 
     def __post_init__(self) -> None:
         _check(self.bootstrap >= 0, "bootstrap", "expected >= 0 resamples")
@@ -598,6 +605,10 @@ class AnalysisConfig:
         _check(self.target_width is None or self.target_width > 0, "target_width", "expected a positive width")
         _check(len(set(self.validate_sizes)) == len(self.validate_sizes), "validate_sizes",
                "duplicate sizes; fix: list each size once")
+        _check(self.frequency_quantiles >= 1, "frequency_quantiles", "expected >= 1 band")
+        _check(self.min_band_facts >= 1, "min_band_facts", "expected >= 1 fact per band")
+        _check(list(self.frequency_bands) == sorted(set(self.frequency_bands)), "frequency_bands",
+               f"expected increasing edges, got {self.frequency_bands}; fix: e.g. [10, 100]")
         _check(0.5 <= self.confidence < 1, "confidence", f"expected a coverage in [0.5, 1), got {self.confidence}")
         for name, n in self.target_sizes.items():
             _check(n > 0, f"target_sizes.{name}", f"expected a positive parameter count, got {n}")
