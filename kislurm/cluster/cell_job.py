@@ -312,7 +312,7 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
     from kislurm.train import checkpoint, distributed
     from kislurm.data import prepare as data
     from kislurm.train.cpu_shims import apply_cpu_shims
-    from kislurm.retention.evaluate import evaluate_retention
+    from kislurm.retention.evaluate import evaluate_retention, heldout_loss
     from kislurm.train.monitor import CellMonitor
     from kislurm.retention.store import RetentionWriter, read_cell
     from kislurm.train.trainer import Trainer
@@ -345,6 +345,7 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
         monitor = CellMonitor.open(run, cell, dist.rank, trainer.step, trainer.tokens_per_step)  # rank 0 writes
         trainer.on_log = monitor.train
         probes = data.cell_probes(prepared, cell)  # under fixed_exposures: the facts this cell infuses
+        heldout = data.heldout_documents(prepared)  # general documents no cell trains on (data.heldout_general)
         if dist.is_main:
             counts = trainer.params  # counted on the real model (padded vocabulary), from any TP rank
             meta = {"cell_id": cell.cell_id, "name": cell.name, "size": cell.size, "ratio": cell.ratio,
@@ -394,6 +395,8 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                 watchdog.enter("evaluation", trainer.step)
                 with trainer.params_in_sync():
                     result = evaluate_retention(trainer.model, probes, cell.eval.batch_size, cell.eval.exact_match)
+                    if heldout is not None:   # recorded beside the probe metrics
+                        result.metrics.update(heldout_loss(trainer.model, heldout, cell.eval.batch_size))
                 _write_rank_report(paths, dist.rank, state="running", step=trainer.step,
                                    eval_candidates=result.scored_here)
                 previous = max([e for e in evals if e < stop], default=0)

@@ -72,6 +72,19 @@ class ProbeSet:
 
 
 @dataclass(frozen=True)
+class HeldoutDocs:
+    """Documents of the general stream that no cell trains on (kislurm.data.prepare.heldout_documents), scored by
+    kislurm.retention.evaluate.heldout_loss: each is predicted after `context` (the EOD that precedes a document in
+    training), its own EOD left out."""
+
+    tokens: list[np.ndarray]
+    """(D,) int32 token ids of each document."""
+    n_bytes: np.ndarray
+    """(D,) int64 UTF-8 bytes of each document's text."""
+    context: int
+
+
+@dataclass(frozen=True)
 class RelationTemplates:
     """Sentence templates of one relation, each with one `{subject}` and one `{object}`. Training templates may put
     the object anywhere; those with the object last (punctuation may follow) are also probed as seen templates.

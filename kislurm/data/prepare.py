@@ -61,9 +61,10 @@ import numpy as np
 
 from kislurm.plan.config import DataConfig, config_to_dict
 from kislurm.data.census import census_digest, check_knowledge, corpus_counts
-from kislurm.data.knowledge import (DataError, KnowledgeBase, ProbeSet, RelationTemplates, Templates, build_probes,
+from kislurm.data.knowledge import (DataError, HeldoutDocs, KnowledgeBase, ProbeSet, RelationTemplates, Templates, build_probes,
                                     check_distractors, check_templates, load_base, load_probes, read_templates,
-                                    read_triplets, save_base, save_probes, subset_probes, synthetic_bases)
+                                    ragged, read_triplets, save_base, save_probes, subset_probes,
+                                    synthetic_bases)
 from kislurm.data.streams import (PASS_UNITS, Sentences, StreamPlan, _passes, neighbour_sharing, pack,
                                   plan_fixed_exposures, plan_fixed_facts, stream_layout)
 from kislurm.data.tokenizer import (Tokenizer, corpus_texts, encode_facts, load_tokenizer, ragged_rows, train_bpe,
@@ -76,7 +77,7 @@ FORMAT_VERSION = 1
 TOKENIZER_SENTENCES = 100_000   # the BPE is trained on at most this many corpus sentences (a seeded sample)
 _CHUNK_DOCS = 1 << 17
 _CHUNK_SAMPLES = 1 << 22   # megatron indices are counted in chunks of this many samples (bounded memory)
-_CENSUS_DEFAULTS = {"general_census": None, "max_contamination": 0.05}
+_CENSUS_DEFAULTS = {"general_census": None, "max_contamination": 0.05, "heldout_general": 0.0}
 """Issue 25's fields enter the fingerprint only when set, so data prepared before them keeps its folder."""
 _NOT_BASE = ("policy", "exposures_per_fact", "mix", "schedule", "reference_ratio", "stage_tokens")
 """Data fields that change the streams a cell draws (or, for the controls, how it draws them), not the base."""
@@ -358,8 +359,43 @@ def _build_general_stream(root: Path, out: Path, seq_length: int) -> None:
     ids = _passes(s, n_facts, t_max, data_seed, 1).reshape(t_max, n_facts)
     fact = np.searchsorted(s.first, ids, side="right") - 1
     ids = ids[np.arange(t_max)[:, None] < s.n_train[fact]]   # pass p holds facts with more than p templates
+    tok = load_tokenizer(root / "tokenizer.json")
+    share = float(json.loads((root / "manifest.json").read_text())["data"].get("heldout_general", 0.0))
+    if share > 0:       # documents no cell trains on: out of the stream, into heldout.npz
+        held = heldout_mask(len(s.fact), share, data_seed)
+        ids = ids[~held[ids]]
+        _write_heldout(out / "heldout.npz", s, np.flatnonzero(held), tok)
     bounds = _pack(s.lengths[ids], seq_length)
-    _write_stream(out, s, ids, bounds, seq_length, load_tokenizer(root / "tokenizer.json"), {"kind": "general"})
+    _write_stream(out, s, ids, bounds, seq_length, tok, {"kind": "general", "heldout_general": share})
+
+
+def heldout_mask(n: int, share: float, seed: int) -> np.ndarray:
+    """(n,) bool: document i is held out when a hash of (seed, i) (splitmix64) falls below `share`: spread over the
+    whole stream, not a contiguous tail, and the same set for every cell and every seq_length."""
+    with np.errstate(over="ignore"):
+        z = np.arange(n, dtype=np.uint64) + np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < share
+
+
+def _write_heldout(path: Path, s: _Sentences, held: np.ndarray, tok: Tokenizer) -> None:
+    """The held-out documents' tokens (their EOD dropped: it is not scored) and UTF-8 bytes (for bits per byte)."""
+    docs = [s.flat[s.off[i]: s.off[i + 1] - 1] for i in held.tolist()]
+    n_bytes = np.array([len(tok.decode(d.tolist()).encode("utf-8")) for d in docs], dtype=np.int64)
+    flat, off = ragged(docs) if docs else (np.zeros(0, np.int32), np.zeros(1, np.int64))
+    np.savez(path, flat=flat, off=off, n_bytes=n_bytes, index=held.astype(np.int64))
+
+
+def heldout_documents(prepared: PreparedData) -> Optional[HeldoutDocs]:
+    """The general stream's held-out documents (data.heldout_general > 0), or None."""
+    path = Path(prepared.general_prefix).parent / "heldout.npz"
+    if not prepared.general_is_facts or not path.is_file():      # a user's corpus folder is never looked into
+        return None
+    z = np.load(path)
+    docs = [z["flat"][a:b] for a, b in zip(z["off"][:-1].tolist(), z["off"][1:].tolist())]
+    return HeldoutDocs(docs, z["n_bytes"], prepared.tokenizer.eod)
 
 
 def knowledge_samples(n_samples: int, ratio: float) -> int:

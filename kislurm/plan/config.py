@@ -330,6 +330,10 @@ class DataConfig:
     max_contamination: float = 0.05
     """With general_census: the largest share of knowledge facts that may already co-occur in the general corpus
     (or share a pair with a general fact) before `kislurm prepare` refuses the knowledge base."""
+    heldout_general: float = 0.0
+    """Share of the general stream's documents (fact sentences) that no cell trains on, chosen by a hash of the
+    document index; every evaluation scores them (mean loss and bits per byte). 0: none. Needs a general stream
+    that kislurm builds (not general_prefix)."""
     mix: Literal["infusion", "fixed_general", "dilution"] = "infusion"
     """Control of the mix (issue 17; kislurm.analysis.controls). infusion: the cell's budget, a share r of knowledge samples.
     fixed_general: the general samples of every cell are those of an infusion cell at reference_ratio with the same
@@ -360,6 +364,11 @@ class DataConfig:
         _check(self.heldout_templates >= 0, "heldout_templates", "expected >= 0 held-out templates")
         _check(self.distractors >= 1, "distractors", f"expected k >= 1 distractors, got {self.distractors}")
         _check(self.exposures_per_fact >= 1, "exposures_per_fact", "expected >= 1 exposure per fact")
+        _check(0.0 <= self.heldout_general < 1.0, "heldout_general",
+               f"expected a share in [0, 1), got {self.heldout_general}; fix: e.g. 0.02")
+        _check(self.heldout_general == 0.0 or self.general_prefix is None, "heldout_general",
+               "held-out documents need a general stream that kislurm builds, not general_prefix; fix: hold "
+               "documents out when building the corpus, or set heldout_general: 0")
         _check(0.0 <= self.max_contamination <= 1.0, "max_contamination",
                f"expected a fraction between 0 and 1, got {self.max_contamination}")
         _check(self.vocab_size >= 64, "vocab_size", f"expected a vocabulary of >= 64 tokens, got {self.vocab_size}")
