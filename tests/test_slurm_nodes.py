@@ -9,6 +9,9 @@
 - A rank killed on the second node fails the cell with that rank named; a resubmission resumes it.
 - On a cluster that refuses requeue (JobRequeue=0) the timed-out cell resubmits itself as a new job that resumes,
   and `kislurm status` says so.
+- SIGTERM with no warning signal: a bare `scancel --signal=TERM` (the cell requeues itself) and a real preemption by
+  a job of the `urgent` partition (Slurm requeues the cell) each save at the next step and resume there; a plain
+  `scancel` saves, does not requeue, and the cell shows as cancelled; a complete cell whose job was PREEMPTED is done.
 """
 
 import json
@@ -118,7 +121,7 @@ def test_two_node_time_limit_saves_at_signal_requeues_resumes(two_nodes, tmp_pat
     rec = read_cell(run.cell(cell.name).store, matrix=False)
     assert rec.complete and list(rec.step) == cell.eval_steps, "every evaluation exactly once"
     log = run.cell(cell.name).log.read_text()
-    signalled = [int(s) for s in re.findall(r"time-limit signal at step (\d+): checkpoint saved; requeueing", log)]
+    signalled = [int(s) for s in re.findall(r"SIGUSR2 at step (\d+): checkpoint saved; requeueing", log)]
     resumed = [int(s) for s in re.findall(r"resumed \S+ from \S+ at step (\d+)/", log)]
     assert signalled and 0 < signalled[0] < cell.steps
     assert resumed[:len(signalled)] == signalled, (signalled, resumed)  # each run resumed where the last saved
@@ -196,3 +199,98 @@ def test_preflight_of_a_tp2_dp2_layout_across_two_nodes(two_nodes, tmp_path):
     dp_eval = report["checks"]["dp_eval"]  # rank 0's view: half of the 256 candidates, the same results
     assert dp_eval["ok"] and dp_eval["max_abs_diff"] == 0.0 and dp_eval["scored_on_this_rank"] == 128, dp_eval
     print(f"\npreflight across two nodes: {out.output.strip().splitlines()[-1]}")
+
+
+def log_lines(run: RunPaths, cell, pattern: str) -> list[int]:
+    return [int(x) for x in re.findall(pattern, run.cell(cell.name).log.read_text())]
+
+
+def wait_until(what: str, ready, timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while not (value := ready()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.5)
+    return value
+
+
+def wait_job_gone(job: str) -> None:
+    """Until the job has left the queue (its store can be complete while it still cleans up)."""
+    wait_until(f"job {job} left the queue", lambda: subprocess.run(
+        ["squeue", "-h", "-j", job], capture_output=True, text=True, timeout=60).stdout.strip() == "")
+
+
+def preempt(nodes: str = "kn[1-2]") -> str:
+    """A short job of the `urgent` partition on whole nodes: Slurm preempts what runs there (SIGTERM, requeue)."""
+    count = len(nodes.split(",")) if "[" not in nodes else 2
+    return subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-w", nodes, "-N", str(count), "--exclusive",
+                           "-o", "/dev/null", "--wrap", "sleep 1"], capture_output=True, text=True, check=True,
+                          timeout=60).stdout.strip()
+
+
+def test_sigterm_saves_at_next_step_and_resumes(two_nodes, tmp_path, monkeypatch):
+    """A bare SIGTERM (the job still RUNNING: the cell requeues itself), then a real preemption (Slurm requeues it):
+    each time every rank stops after the same step, saves there, and the next run resumes at that step."""
+    monkeypatch.setenv(MIN_STEP_ENV, "0.5")  # 60 steps of >= 0.5 s: >= 20 s of training remain after each resume
+    cfg, cells = plan(tmp_path, 1, 2, per_node=1, **{"grid.token_budgets": [60 * 512], "train.eval_interval": 10})
+    cell = cells[0]
+    run = submit_run(cfg, cells)
+    wait_for(run, lambda rows: rows[0]["step"] is not None or rows[0]["state"] in ("failed", "done"))
+    job = job_of(run, cell)
+    subprocess.run(["scancel", "--signal=TERM", job], check=True, timeout=60)
+    first = wait_until("the signalled cell saved", lambda: log_lines(
+        run, cell, r"SIGTERM at step (\d+): checkpoint saved; requeueing"))[0]
+    wait_until("the requeued cell resumed", lambda: first in log_lines(run, cell, r"resumed \S+ from \S+ at step (\d+)/"))
+    preempt()
+    second = wait_until("the preempted cell saved", lambda: log_lines(
+        run, cell, r"SIGTERM at step (\d+): checkpoint saved; Slurm requeues the job"))[0]
+    wait_for(run, all_done)
+    wait_job_gone(job)
+    assert 0 < first < second < cell.steps
+    assert log_lines(run, cell, r"resumed \S+ from \S+ at step (\d+)/") == [first, second]
+    rec = read_cell(run.cell(cell.name).store, matrix=False)
+    assert rec.complete and list(rec.step) == cell.eval_steps, "every evaluation exactly once"
+    states = sacct(job, "State")
+    assert "REQUEUED" in states and "PREEMPTED" in states and states[-1] == "COMPLETED", states
+
+
+def test_plain_scancel_saves_and_stays_cancelled(two_nodes, tmp_path, monkeypatch):
+    monkeypatch.setenv(MIN_STEP_ENV, "0.5")
+    cfg, cells = plan(tmp_path, 1, 2, per_node=1, **{"grid.token_budgets": [40 * 512], "train.eval_interval": 10})
+    cell = cells[0]
+    run = submit_run(cfg, cells)
+    wait_for(run, lambda rows: rows[0]["step"] is not None or rows[0]["state"] in ("failed", "done"))
+    job = job_of(run, cell)
+    subprocess.run(["scancel", job], check=True, timeout=60)
+    saved = wait_until("the cancelled cell saved", lambda: log_lines(
+        run, cell, r"SIGTERM at step (\d+): checkpoint saved; the job is cancelled, not requeueing"))[0]
+    wait_job_gone(job)
+    assert sacct(job, "State")[0] == "CANCELLED" and "REQUEUED" not in sacct(job, "State"), "never requeued"
+    row = run_status(run)[0]
+    assert row["state"] == "cancelled" and row["step"] == max(e for e in cell.eval_steps if e <= saved), row
+    monkeypatch.delenv(MIN_STEP_ENV)
+    submit_run(cfg, cells)  # cancelled cells are resubmitted: they resume from the saved step
+    wait_for(run, all_done)
+    assert log_lines(run, cell, r"resumed \S+ from \S+ at step (\d+)/") == [saved]
+    assert list(read_cell(run.cell(cell.name).store, matrix=False).step) == cell.eval_steps
+
+
+def test_complete_cell_whose_job_was_preempted_is_done(two_nodes, tmp_path):
+    """The store is the truth for done: a complete cell shows done while sacct says PREEMPTED (a non-requeueable job
+    preempted by an urgent one stays PREEMPTED)."""
+    from conftest import make_store
+    from kislurm.cluster.status import Submission, record_submissions
+
+    run = RunPaths(tmp_path)
+    cp = run.cell("c_r0.5_xxxxxxxxxx")
+    cp.root.mkdir(parents=True)
+    cp.spec.write_text("{}")
+    make_store(cp.store, cp.root.name, complete=True)
+    job = subprocess.run(["sbatch", "--parsable", "--no-requeue", "-w", "kn1", "--exclusive", "-o", "/dev/null",
+                          "--wrap", "sleep 600"], capture_output=True, text=True, check=True).stdout.strip()
+    record_submissions(run, [Submission(cp.root.name, job, "slurm", time.time())])
+    wait_until("the job runs", lambda: sacct(job, "State") == ["RUNNING"])
+    preempt("kn1")
+    wait_until("the job was preempted", lambda: sacct(job, "State") == ["PREEMPTED"])
+    assert run_status(run)[0]["state"] == "done"
+    shown = CliRunner().invoke(main, ["status", str(run.root)])
+    assert shown.exit_code == 0 and "done" in shown.output and "requeued" not in shown.output, shown.output

@@ -31,6 +31,9 @@
 #   KISLURM_SLURM_JOB_REQUEUE     JobRequeue (default 1); 0 makes a cluster that refuses to requeue jobs, as some
 #                                 sites do (a start with another value restarts slurmctld and slurmd, like MaxArraySize)
 #
+# Partitions: `main` (the default) and `urgent`, whose jobs preempt main's (PreemptType=preempt/partition_prio,
+# PreemptMode=REQUEUE): the running job gets SIGTERM, SIGKILL KillWait (15 s) later, and is requeued by Slurm.
+#
 # Behaviour worth knowing (Slurm 22.05 as packaged in Debian 12):
 #   - a requeued job (e.g. submitit's `scontrol requeue` after the timeout signal) may start again 10 s later
 #     (AuthInfo cred_expire, 120 s by default);
@@ -50,6 +53,10 @@ readonly DEFAULT_MAX_ARRAY_SIZE=1001
 readonly WAIT_S=60
 # AuthInfo cred_expire: also how long a requeued job waits before it may start again (Slurm default 120 s).
 readonly REQUEUE_DELAY_S=10
+# KillWait: seconds between SIGTERM and SIGKILL (Slurm's default is 30). A cell saves at the step after SIGTERM, so a
+# tiny test cell needs a few seconds on a loaded machine; 15 s leaves it a wide margin.
+readonly KILL_WAIT_S=15
+readonly PREEMPT_PARTITION=urgent
 
 BASE=${KISLURM_SLURM_BASE:-/tmp/kislurm-slurm}
 MAX_ARRAY_SIZE=${KISLURM_SLURM_MAX_ARRAY_SIZE:-$DEFAULT_MAX_ARRAY_SIZE}
@@ -227,7 +234,10 @@ render_nodes() {
         echo "NodeName=$n NodeHostname=$host NodeAddr=127.0.0.1 Port=$(slurmd_port $i) CPUs=$cpus RealMemory=$(real_memory_mb) State=UNKNOWN"
         i=$((i + 1))
     done
-    echo "PartitionName=main Nodes=$(node_names | paste -sd,) Default=YES MaxTime=INFINITE State=UP"
+    echo "PartitionName=main Nodes=$(node_names | paste -sd,) Default=YES MaxTime=INFINITE State=UP PriorityTier=1"
+    # A job here preempts the main partition's jobs: SIGTERM, then SIGKILL after KillWait, then Slurm requeues them
+    # (PreemptMode=REQUEUE), as a site that preempts without a warning signal does.
+    echo "PartitionName=$PREEMPT_PARTITION Nodes=$(node_names | paste -sd,) MaxTime=INFINITE State=UP PriorityTier=2"
 }
 
 render_slurm_conf() {
@@ -265,7 +275,9 @@ SlurmdParameters=config_overrides
 MpiDefault=none
 ReturnToService=2
 MailProg=/bin/true
-KillWait=5
+KillWait=$KILL_WAIT_S
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 MinJobAge=300
 JobRequeue=$JOB_REQUEUE
 MaxArraySize=$MAX_ARRAY_SIZE

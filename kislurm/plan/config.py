@@ -811,6 +811,15 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise _FieldError(f"{prefix}{missing[0] if missing else '?'}", f"required key is missing ({e})") from None
 
 
+def build_section(cls: type, data: Any, where: str) -> Any:
+    """A config dataclass from its plain-data form (config_to_dict's output, or YAML), checked as a config file is:
+    a bad key or value raises ConfigError naming `where`."""
+    try:
+        return _build(cls, data, where)
+    except _FieldError as e:  # e.key starts with `where`
+        raise ConfigError(f"{e.key}: {e}") from None
+
+
 def _resolve_paths(data: dict, base: Path) -> dict:
     """Make file paths in the data section relative to the config file, so a run works from any directory."""
     section = data.get("data")

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kislurm.errors import ConfigError
 from kislurm.plan.config import (CONTROL_DATA, DataConfig, EvalConfig, ExperimentConfig, ModelPreset, TrainConfig,
-                                 config_to_dict)
+                                 build_section, config_to_dict)
 from kislurm.plan.estimate import plan_vocab_size, resolve_layout
 
 
@@ -120,11 +121,41 @@ class Cell:
         return steps + [self.steps]
 
     def to_json(self) -> dict[str, Any]:
+        """The cell.json record: id, name, the effective settings, and under `cell` every field of every section, so
+        the cell can be rebuilt from this record alone (Cell.from_json), whatever config produced it."""
         return {"cell_id": self.cell_id, "name": self.name, "steps": self.steps, "n_samples": self.n_samples,
                 **self.effective(), "layout": {"tensor_parallel": self.model.tensor_parallel,
                                                "pipeline_parallel": self.model.pipeline_parallel,
                                                "data_parallel": self.model.data_parallel,
-                                               "device": self.model.device}}
+                                               "device": self.model.device},
+                "cell": {"size": self.size, "ratio": self.ratio, "tokens": self.tokens, "seed": self.seed,
+                         **{k: config_to_dict(getattr(self, k)) for k in _SECTIONS}}}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any], source: str = "cell.json") -> "Cell":
+        """The cell that wrote `record` (to_json's output); refused when the record predates the full form or its
+        sections no longer hash to the recorded id (a kislurm whose defaults or id rules changed)."""
+        full = record.get("cell")
+        if not isinstance(full, dict):
+            raise ConfigError(f"{source}: written by an older kislurm without the full cell; fix: run the cell "
+                              "through its run's config (python -m kislurm.cluster.cell_job RUN CELL) or resubmit")
+        try:
+            cell = cls(size=str(full["size"]), ratio=float(full["ratio"]), tokens=int(full["tokens"]),
+                       seed=int(full["seed"]), **{k: build_section(t, full[k], f"{source}: cell.{k}")
+                                                   for k, t in _SECTIONS.items()})
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{source}: damaged cell record ({type(e).__name__}: {e}); fix: delete it and "
+                              "resubmit the run, which writes it again") from None
+        if cell.cell_id != record.get("cell_id"):
+            raise ConfigError(f"{source}: its settings hash to cell id {cell.cell_id}, not the recorded "
+                              f"{record.get('cell_id')}; fix: use the kislurm version that wrote the run")
+        return cell
+
+
+_SECTIONS = {"model": ModelPreset, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+"""A cell's config sections, as Cell names its fields."""
 
 
 TRAIN_NOT_IN_ID = ("checkpoint_minutes", "keep_final", "async_save", "overlap_dp_comm", "timeout_startup_min",
