@@ -91,19 +91,18 @@ def test_thin_bands_are_merged_into_their_thinner_neighbour():
     assert band_edges(freq, [10, 100], 3, 60) == []                    # no split leaves 60 on both sides: one band
 
 
-def test_synthetic_cells_record_general_exposures_per_fact(tmp_path):
+def test_synthetic_cells_record_general_exposures_per_fact(prepared_tiny):
     """What a synthetic cell writes into its fact table: the times it trains on each general fact (megatron's own
     indices), the same counts blend_stats summarises; the infused facts get -1 (no corpus frequency)."""
     from kislurm.data import prepare as D
-    from kislurm.plan.config import BUILTIN_PRESETS, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig
+    from kislurm.plan.config import BUILTIN_PRESETS, EvalConfig, TrainConfig
     from kislurm.plan.grid import Cell
 
-    data = DataConfig(general=KnowledgeBaseSpec(30, 2, 8), knowledge=KnowledgeBaseSpec(60, 2, 8), vocab_size=300)
-    prepared = D.prepare(data, tmp_path, 32)
-    cell = Cell("cpu-xxs", 0.3, 102_400, 0, BUILTIN_PRESETS["cpu-xxs"], data, TrainConfig(), EvalConfig())
-    dataset, stats = D.cell_dataset(prepared, cell)
-    probes = D.cell_probes(prepared, cell)
-    freq, unit = D.fact_frequency(prepared, cell, dataset, probes)
+    cell = Cell("cpu-xxs", 0.3, 102_400, 0, BUILTIN_PRESETS["cpu-xxs"], prepared_tiny.data, TrainConfig(),
+                EvalConfig())
+    dataset, stats = D.cell_dataset(prepared_tiny, cell)
+    probes = D.cell_probes(prepared_tiny, cell)
+    freq, unit = D.fact_frequency(prepared_tiny, cell, dataset, probes)
     general = freq[probes.fact_group == 0]
     assert unit == "general_exposures" and len(general) == 60 and (freq[probes.fact_group == 1] == -1).all()
     assert (general.min(), general.mean(), general.max()) == pytest.approx(

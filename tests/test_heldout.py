@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 from pathlib import Path
 
-import cloudpickle
 import numpy as np
 import pytest
-import submitit
 import torch
 
+from conftest import run_two_tasks
 from kislurm.data.knowledge import HeldoutDocs
 from kislurm.retention.evaluate import heldout_loss
 from kislurm.train.distributed import init_model_parallel, seed_all, teardown
 from kislurm.train.model import build_model
-from test_evaluate import PRESET, REPO, SEED, VOCAB, model  # noqa: F401 (cpu-s, seq 32; the shared model fixture)
+from test_evaluate import PRESET, SEED, VOCAB, model  # noqa: F401 (cpu-s, seq 32; the shared model fixture)
 
 
 def _docs() -> HeldoutDocs:
@@ -70,15 +67,8 @@ def _heldout_dp2(docs: HeldoutDocs) -> tuple[int, dict]:
         teardown(ctx)
 
 
-def test_data_parallel_2_gives_dp1_within_1e9(model, tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    try:
-        executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
-        executor.update_parameters(tasks_per_node=2, nodes=1, timeout_min=5)
-        results = executor.submit(_heldout_dp2, _docs()).results()
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+def test_data_parallel_2_gives_dp1_within_1e9(model, tmp_path):
+    results = run_two_tasks(tmp_path / "jobs", _heldout_dp2, _docs(), timeout_min=5)
     reference = heldout_loss(model, _docs(), batch_size=3)
     assert sorted(rank for rank, _ in results) == [0, 1]
     for _, got in results:
