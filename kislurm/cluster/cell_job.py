@@ -324,7 +324,7 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
     from kislurm.train import checkpoint, distributed
     from kislurm.data import prepare as data
     from kislurm.train.cpu_shims import apply_cpu_shims
-    from kislurm.retention.evaluate import evaluate_retention
+    from kislurm.retention.evaluate import evaluate_retention, heldout_loss
     from kislurm.train.monitor import CellMonitor
     from kislurm.retention.store import RetentionWriter, read_cell
     from kislurm.train.trainer import Trainer
@@ -357,14 +357,18 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
         monitor = CellMonitor.open(run, cell, dist.rank, trainer.step, trainer.tokens_per_step)  # rank 0 writes
         trainer.on_log = monitor.train
         probes = data.cell_probes(prepared, cell)  # under fixed_exposures: the facts this cell infuses
+        heldout = data.heldout_documents(prepared)  # general documents no cell trains on (data.heldout_general)
         if dist.is_main:
             counts = trainer.params  # counted on the real model (padded vocabulary), from any TP rank
             meta = {"cell_id": cell.cell_id, "name": cell.name, "size": cell.size, "ratio": cell.ratio,
                     "tokens": cell.tokens, "seed": cell.seed, "config": cell.to_json(),
                     "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
                     "n_choices": probes.n_choices, "data_stats": data_stats}
+            frequency, unit = data.fact_frequency(prepared, cell, dataset, probes)  # issue 25: bands in aggregate
+            if frequency is not None:
+                meta["fact_frequency_unit"] = unit
             writer = RetentionWriter.open(paths.store, meta, probes.fact_ids, probes.fact_group, probes.fact_index,
-                                          probes.heldout)
+                                          probes.heldout, fact_frequency=frequency)
             writer.truncate_after(trainer.step if trainer.step else -1)  # a fresh start redoes a step-0 evaluation
         heartbeat = _Heartbeat(paths, trainer, cell, watchdog) if dist.is_main else None
         evals = sorted(cell.eval_steps)
@@ -403,6 +407,8 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                 watchdog.enter("evaluation", trainer.step)
                 with trainer.params_in_sync():
                     result = evaluate_retention(trainer.model, probes, cell.eval.batch_size, cell.eval.exact_match)
+                    if heldout is not None:   # recorded beside the probe metrics
+                        result.metrics.update(heldout_loss(trainer.model, heldout, cell.eval.batch_size))
                 _write_rank_report(paths, dist.rank, state="running", step=trainer.step,
                                    eval_candidates=result.scored_here)
                 previous = max([e for e in evals if e < stop], default=0)

@@ -342,6 +342,17 @@ class DataConfig:
     """Existing Megatron indexed-dataset prefix used as the general stream (cluster runs on a real corpus)."""
     general_probes: Optional[str] = None
     """Probe file (JSONL facts) of general knowledge known to be in general_prefix's corpus."""
+    general_census: Optional[str] = None
+    """Folder written by `kislurm census` over the general corpus with --knowledge: `kislurm prepare` refuses a
+    knowledge base sharing a subject-object pair with the general probes or more contaminated than
+    max_contamination, and carries each general fact's corpus count (docs_both) into the probes."""
+    max_contamination: float = 0.05
+    """With general_census: the largest share of knowledge facts that may already co-occur in the general corpus
+    (or share a pair with a general fact) before `kislurm prepare` refuses the knowledge base."""
+    heldout_general: float = 0.0
+    """Share of the general stream's documents (fact sentences) that no cell trains on, chosen by a hash of the
+    document index; every evaluation scores them (mean loss and bits per byte). 0: none. Needs a general stream
+    that kislurm builds (not general_prefix)."""
     mix: Literal["infusion", "fixed_general", "dilution"] = "infusion"
     """Control of the mix (issue 17; kislurm.analysis.controls). infusion: the cell's budget, a share r of knowledge samples.
     fixed_general: the general samples of every cell are those of an infusion cell at reference_ratio with the same
@@ -372,6 +383,13 @@ class DataConfig:
         _check(self.heldout_templates >= 0, "heldout_templates", "expected >= 0 held-out templates")
         _check(self.distractors >= 1, "distractors", f"expected k >= 1 distractors, got {self.distractors}")
         _check(self.exposures_per_fact >= 1, "exposures_per_fact", "expected >= 1 exposure per fact")
+        _check(0.0 <= self.heldout_general < 1.0, "heldout_general",
+               f"expected a share in [0, 1), got {self.heldout_general}; fix: e.g. 0.02")
+        _check(self.heldout_general == 0.0 or self.general_prefix is None, "heldout_general",
+               "held-out documents need a general stream that kislurm builds, not general_prefix; fix: hold "
+               "documents out when building the corpus, or set heldout_general: 0")
+        _check(0.0 <= self.max_contamination <= 1.0, "max_contamination",
+               f"expected a fraction between 0 and 1, got {self.max_contamination}")
         _check(self.vocab_size >= 64, "vocab_size", f"expected a vocabulary of >= 64 tokens, got {self.vocab_size}")
         if self.source == "triplets":
             _check(self.knowledge_triplets is not None, "knowledge_triplets",
@@ -600,6 +618,13 @@ class AnalysisConfig:
     validate_sizes: list[str] = field(default_factory=list)
     """Sizes (presets) that are trained but never fitted: each one's observed r* is reported against the law's
     prediction from the other sizes (`kislurm validate RUN --size NAME` plans and submits its cells)."""
+    frequency_bands: list[float] = field(default_factory=list)
+    """Inner edges of the frequency bands (corpus documents per fact from the census, or general exposures per
+    fact at the smallest ratio in synthetic runs), e.g. [10, 100]; empty: frequency_quantiles quantile bands."""
+    frequency_quantiles: int = 3
+    """Quantile bands when frequency_bands is empty (over the facts the smallest-ratio cell knows)."""
+    min_band_facts: int = 30
+    """A band holds at least this many facts: thinner neighbours are merged (fewer bands, never thin ones)."""
 
     def __post_init__(self) -> None:
         _check(self.bootstrap >= 0, "bootstrap", "expected >= 0 resamples")
@@ -608,6 +633,10 @@ class AnalysisConfig:
         _check(self.target_width is None or self.target_width > 0, "target_width", "expected a positive width")
         _check(len(set(self.validate_sizes)) == len(self.validate_sizes), "validate_sizes",
                "duplicate sizes; fix: list each size once")
+        _check(self.frequency_quantiles >= 1, "frequency_quantiles", "expected >= 1 band")
+        _check(self.min_band_facts >= 1, "min_band_facts", "expected >= 1 fact per band")
+        _check(list(self.frequency_bands) == sorted(set(self.frequency_bands)), "frequency_bands",
+               f"expected increasing edges, got {self.frequency_bands}; fix: e.g. [10, 100]")
         _check(0.5 <= self.confidence < 1, "confidence", f"expected a coverage in [0.5, 1), got {self.confidence}")
         for name, n in self.target_sizes.items():
             _check(n > 0, f"target_sizes.{name}", f"expected a positive parameter count, got {n}")
@@ -834,7 +863,8 @@ def _resolve_paths(data: dict, base: Path) -> dict:
     """Make file paths in the data section relative to the config file, so a run works from any directory."""
     section = data.get("data")
     if isinstance(section, dict):
-        for key in ("knowledge_triplets", "general_triplets", "templates_file", "tokenizer", "general_probes"):
+        for key in ("knowledge_triplets", "general_triplets", "templates_file", "tokenizer", "general_probes",
+                    "general_census"):
             if isinstance(section.get(key), str):
                 section[key] = str((base / Path(section[key]).expanduser()).resolve())
     models = data.get("models")

@@ -171,8 +171,9 @@ def share_samples(n_samples: int, ratio: float) -> int:
     return min(max(int(round(ratio * n_samples)), 1), max(n_samples - 1, 1))
 
 
-_DATA_OMIT_IF_DEFAULT = {"mix": "infusion", "schedule": "mixed", "reference_ratio": None, "stage_tokens": None}
-"""Data fields of issue 17's controls: they enter the id only at a non-default value, so every infusion cell keeps
+_DATA_OMIT_IF_DEFAULT = {"mix": "infusion", "schedule": "mixed", "reference_ratio": None, "stage_tokens": None,
+                         "general_census": None, "max_contamination": 0.05, "heldout_general": 0.0}
+"""Data fields of issue 17's controls (and issue 25's census): they enter the id only at a non-default value, so every infusion cell keeps
 the id it had before they existed (the demo's table stays reproducible)."""
 
 
