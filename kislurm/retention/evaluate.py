@@ -114,11 +114,56 @@ def _score_all(model, probes: ProbeSet, batch_size: int, exact_match: bool, proj
                shard_over_dp: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
     """score_candidates, with the batches dealt over the DP ranks when `shard_over_dp` (a collective over the DP
     group then: every DP rank must call it); also returns how many candidates this rank scored."""
-    if batch_size < 1:
-        raise EvalError(f"batch_size must be >= 1, got {batch_size}; fix: pass a positive batch size")
     core = _unwrap(model)
     check_probes(probes, max_length=core.max_sequence_length, vocab_size=core.vocab_size)
     seqs = _flatten(probes)
+    scores, greedy, scored_here = _score_flat(model, core, seqs, seqs.is_answer & exact_match, batch_size,
+                                              project_scored_only, shard_over_dp)
+    n_probes = len(probes.prompt)
+    probe_exact = greedy[seqs.is_answer] if exact_match else None  # answer rows in probe order
+    return scores.reshape(n_probes, probes.n_choices), probe_exact, scored_here
+
+
+def score_continuations(model, contexts: list[np.ndarray], continuations: list[np.ndarray],
+                        batch_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Summed log-probability (N,) float64 of each continuation right after its context, whether greedy decoding
+    reproduces it (N,) bool (the target's logit strictly above every other token's at each position), and how many
+    sequences this rank scored: the probes' scorer for arbitrary (context, continuation) token pairs, which is
+    what lm-eval's loglikelihood requests are (kislurm.retention.downstream).
+
+    A collective over the model's DP and TP groups (every rank calls it with the same pairs and gets the whole
+    result); the batches are dealt over the DP ranks as for the probes. Each context needs a token, and each pair
+    must fit the model's sequence length (the caller truncates)."""
+    if len(contexts) != len(continuations):
+        raise EvalError(f"{len(contexts)} contexts but {len(continuations)} continuations; fix: pass one each")
+    core = _unwrap(model)
+    tokens, prompt_len = [], []
+    for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
+        if len(ctx) == 0 or len(cont) == 0:
+            raise EvalError(f"request {i} has an empty {'context' if len(ctx) == 0 else 'continuation'}; fix: "
+                            "give every context and continuation a token (an empty context starts with EOD)")
+        tokens.append(np.concatenate([np.asarray(ctx, np.int64), np.asarray(cont, np.int64)]))
+        prompt_len.append(len(ctx))
+    input_len = np.fromiter((len(t) - 1 for t in tokens), dtype=np.int64, count=len(tokens))
+    if len(tokens) and int(input_len.max()) > core.max_sequence_length:
+        i = int(input_len.argmax())
+        raise EvalError(f"request {i} needs {input_len[i]} positions but the model has {core.max_sequence_length}; "
+                        "fix: truncate its context from the left")
+    everything = np.ones(len(tokens), dtype=bool)
+    seqs = _Sequences(tokens=tokens, prompt_len=np.asarray(prompt_len, np.int64), input_len=input_len,
+                      is_answer=everything)
+    if not len(tokens):
+        return np.zeros(0), np.zeros(0, bool), 0
+    scores, greedy, scored_here = _score_flat(model, core, seqs, everything, batch_size, True, shard_over_dp=True)
+    return scores, greedy, scored_here
+
+
+def _score_flat(model, core: torch.nn.Module, seqs: _Sequences, need_exact_rows: np.ndarray, batch_size: int,
+                project_scored_only: bool, shard_over_dp: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """(N,) summed log-probabilities of the scored tokens, (N,) greedy match (rows in need_exact_rows; False
+    elsewhere), and the sequences this rank scored."""
+    if batch_size < 1:
+        raise EvalError(f"batch_size must be >= 1, got {batch_size}; fix: pass a positive batch size")
     n = len(seqs.tokens)
     device = _device(core)
     scores = torch.zeros(n, dtype=torch.float64, device=device)
@@ -132,7 +177,7 @@ def _score_all(model, probes: ProbeSet, batch_size: int, exact_match: bool, proj
         for start in starts:
             rows = order[start : start + batch_size]
             inputs, labels, scored = _pad_batch(seqs, rows, device)
-            need_exact = torch.from_numpy(seqs.is_answer[rows] & exact_match).to(device)
+            need_exact = torch.from_numpy(need_exact_rows[rows]).to(device)
             logits = _scored_logits(model, core, inputs, scored, project_scored_only)
             batch_scores, batch_misses = _score_batch(logits, labels, scored, need_exact)
             index = torch.from_numpy(rows).to(device)
@@ -143,10 +188,13 @@ def _score_all(model, probes: ProbeSet, batch_size: int, exact_match: bool, proj
         group = parallel_state.get_data_parallel_group()
         torch.distributed.all_reduce(scores, group=group)
         torch.distributed.all_reduce(misses, group=group)
-    greedy = (misses == 0).cpu().numpy()
-    n_probes = len(probes.prompt)
-    probe_exact = greedy[seqs.is_answer] if exact_match else None  # answer rows in probe order
-    return scores.cpu().numpy().reshape(n_probes, probes.n_choices), probe_exact, scored_here
+    greedy = (misses == 0).cpu().numpy() & need_exact_rows
+    return scores.cpu().numpy(), greedy, scored_here
+
+
+def sequence_limit(model) -> int:
+    """Positions the model attends over (its max_sequence_length): the longest context + continuation - 1."""
+    return int(_unwrap(model).max_sequence_length)
 
 
 def _dp_share() -> tuple[int, int]:

@@ -1,0 +1,180 @@
+"""Downstream scores through lm-eval with kislurm's scorer as the model (kislurm.retention.downstream), on a tiny
+prepared run (configs/tiny.yaml): the cell's probes as an lm-eval task give lm-eval an `acc` equal to the store's
+probe accuracy, at DP=1, DP=2 and TP=2; ties are counted; in-loop scores survive a SIGKILL and are recorded once;
+`kislurm downstream` scores final weights and skips what it has."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import pytest
+import submitit
+import torch
+
+pytest.importorskip("lm_eval", reason="needs the kislurm[eval] extra")
+
+from kislurm.cluster.submit import write_plan  # noqa: E402
+from kislurm.data import prepare as data  # noqa: E402
+from kislurm.plan.config import load_config  # noqa: E402
+from kislurm.plan.grid import expand  # noqa: E402
+from kislurm.retention.downstream import (PROBE_TASK, metric_name, probe_documents, run_tasks,  # noqa: E402
+                                          write_probe_task)
+from kislurm.retention.evaluate import EvalError, evaluate_retention  # noqa: E402
+from kislurm.retention.store import read_cell  # noqa: E402
+from kislurm.train.distributed import init_model_parallel, seed_all, teardown  # noqa: E402
+from kislurm.train.model import build_model  # noqa: E402
+from kislurm.train.trainer import MIN_STEP_ENV  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRY = [sys.executable, str(REPO / "jobs" / "run_cell.py")]
+ACC = metric_name(PROBE_TASK, "acc")
+TIES = metric_name(PROBE_TASK, "ties")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A planned and prepared one-cell run with in-loop downstream scores on the probe task (every 2nd evaluation)."""
+    root = tmp_path_factory.mktemp("downstream")
+    cfg = load_config(REPO / "configs" / "tiny.yaml", {
+        "output_root": str(root), "grid.sizes": ["cpu-xs"], "grid.ratios": [0.5], "grid.token_budgets": [20480],
+        "train.eval_interval": 8, "eval.downstream.tasks": [PROBE_TASK], "eval.downstream.every": 2})
+    cell = expand(cfg)[0]
+    run = write_plan(cfg, [cell])
+    data.prepare_run(cfg, [cell])
+    prepared = data.load_prepared(cell.data, run.data, cell.model.seq_length)
+    return {"run": run, "cell": cell, "tokenizer": prepared.tokenizer, "probes": data.cell_probes(prepared, cell),
+            "root": root}
+
+
+def _model(world, tp: int = 1, expected_world: int | None = None):
+    """The cell's model as its trainer builds it (same seed: the same weights at any TP), untrained."""
+    ctx = init_model_parallel(tp, expected_world=expected_world)
+    seed_all(world["cell"].seed)
+    cell = world["cell"]
+    return ctx, build_model(cell.model, world["tokenizer"].vocab_size, cell.train.init_std, "fp32")
+
+
+def _scores(model, world, task_dir: Path) -> tuple[dict, float, np.ndarray]:
+    """lm-eval's metrics on the probe task, and the probe accuracy and scores of kislurm's own evaluation."""
+    result = run_tasks(model, world["tokenizer"], [PROBE_TASK], [task_dir], batch_size=64)
+    retention = evaluate_retention(model, world["probes"], 64, exact_match=False)
+    return result.metrics, float(retention.probe_correct.mean()), retention.scores
+
+
+@pytest.fixture(scope="module")
+def task_dir(world) -> Path:
+    return write_probe_task(world["probes"], world["tokenizer"], world["root"] / "task").parent
+
+
+def test_probe_task_keeps_the_store_order_and_tokens(world, task_dir):
+    docs = [json.loads(line) for line in (task_dir / f"{PROBE_TASK}.jsonl").read_text().splitlines()]
+    probes, tok = world["probes"], world["tokenizer"]
+    assert len(docs) == len(probes.prompt) > 20
+    for doc, prompt, cands, answer in zip(docs, probes.prompt, probes.candidates, probes.answer):
+        assert tok.encode(doc["query"]) == prompt.tolist() and doc["gold"] == answer
+        assert [tok.encode(c) for c in doc["choices"]] == [c.tolist() for c in cands]
+        assert all(c.startswith(" ") for c in doc["choices"])  # the delimiter is in the candidate: target_delimiter ""
+
+
+def test_lm_eval_acc_equals_probe_accuracy(world, task_dir):
+    ctx, model = _model(world)
+    try:
+        metrics, probe_acc, scores = _scores(model, world, task_dir)
+    finally:
+        teardown(ctx)
+    n = len(world["probes"].prompt)
+    top2 = np.sort(scores, axis=1)[:, -2:]
+    assert metrics[TIES] == np.sum(top2[:, 1] - top2[:, 0] < 1e-5) == 0
+    assert metrics[metric_name(PROBE_TASK, "n")] == n
+    assert metrics[ACC] == pytest.approx(probe_acc, abs=1e-12)
+    assert 0 < probe_acc < 1
+
+
+def test_ties_are_counted_not_hidden(world, task_dir):
+    """A model whose logits are all equal scores every candidate of a length alike: lm-eval's argmax picks the first
+    of tied choices (acc above the probes', where a tie is wrong), and each tied document is counted."""
+    ctx, model = _model(world)
+    try:
+        with torch.no_grad():
+            model.decoder.final_layernorm.weight.zero_()
+            model.decoder.final_layernorm.bias.zero_()
+        metrics, probe_acc, scores = _scores(model, world, task_dir)
+    finally:
+        teardown(ctx)
+    top2 = np.sort(scores, axis=1)[:, -2:]
+    tied = int(np.sum(top2[:, 1] - top2[:, 0] < 1e-5))
+    n = len(world["probes"].prompt)
+    assert metrics[TIES] == tied > 0
+    assert probe_acc < metrics[ACC] <= probe_acc + tied / n
+
+
+def _dp2_and_tp2(world_spec: dict, task_dir: str) -> list:
+    """One task of a 2-task submitit job: the probe task at TP=2 (DP=1), then at DP=2 (TP=1), in one process
+    group (megatron's groups are rebuilt; the process group is torn down once)."""
+    torch.set_num_threads(1)
+    out, first = [], None
+    try:
+        for tp in (2, 1):
+            ctx, model = _model(world_spec, tp, expected_world=2)
+            first = first or ctx
+            out.append((tp, _scores(model, world_spec, Path(task_dir))[:2]))
+    finally:
+        teardown(first)
+    return out
+
+
+def test_same_acc_at_dp2_and_tp2(world, task_dir, tmp_path, monkeypatch):
+    ctx, model = _model(world)
+    try:
+        reference, probe_acc, _ = _scores(model, world, task_dir)
+    finally:
+        teardown(ctx)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
+        executor.update_parameters(tasks_per_node=2, nodes=1, timeout_min=5)
+        spec = {k: world[k] for k in ("cell", "tokenizer", "probes")}
+        ranks = executor.submit(_dp2_and_tp2, spec, str(task_dir)).results()
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert len(ranks) == 2
+    for per_rank in ranks:
+        assert [tp for tp, _ in per_rank] == [2, 1]
+        for _, (metrics, acc) in per_rank:
+            assert acc == probe_acc
+            assert metrics[ACC] == pytest.approx(probe_acc, abs=1e-12) and metrics[TIES] == 0
+
+
+def test_generation_tasks_and_missing_task_files_are_refused(world, task_dir):
+    from kislurm.retention.downstream import KislurmLM
+
+    with pytest.raises(EvalError, match="generate_until.*fix:"):
+        KislurmLM.generate_until(None, [])
+    with pytest.raises(EvalError, match="no_such_task.yaml: no such task file.*fix:"):
+        run_tasks(None, world["tokenizer"], [str(task_dir / "no_such_task.yaml")], [task_dir])
+
+
+def test_probes_whose_text_tokenizes_otherwise_are_refused(world):
+    """A candidate spelled out character by character decodes to the same text, which lm-eval would tokenize
+    canonically: scores of other sequences, so the task is refused instead."""
+    probes, tok = world["probes"], world["tokenizer"]
+    text = tok.decode(probes.candidates[3][0])
+    spelled = np.array([i for ch in text for i in tok.encode(ch)], dtype=np.int32)
+    assert len(spelled) > len(probes.candidates[3][0])
+    cands = [list(row) for row in probes.candidates]
+    cands[3][0] = spelled
+    bad = type(probes)(probes.fact_ids, probes.fact_group, probes.fact_index, probes.heldout, probes.prompt, cands,
+                       probes.answer, probes.n_choices)
+    with pytest.raises(EvalError, match="probe 3: .* does not tokenize back.*fix:"):
+        probe_documents(bad, tok)
