@@ -403,6 +403,25 @@ def aggregate(runs: tuple[str, ...], out: Optional[str], config: Optional[str]) 
 
 
 @main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--tasks", required=True, metavar="TASKS",
+              help="Comma-separated lm-eval tasks: names (arc_easy, piqa...), task YAML paths, or kislurm_probes.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Documents per task (default: all).")
+def downstream(run: str, tasks: str, limit: Optional[int]) -> None:
+    """Score every finished cell's final weights on lm-eval TASKS through kislurm's scorer (needs kislurm[eval]);
+    results go to each cell's downstream.json; tasks already scored with this lm-eval version are skipped."""
+    from kislurm.cluster.downstream_job import score_run
+
+    paths = RunPaths(Path(run))
+    if not paths.config.is_file():
+        raise ConfigError(f"{run}: not a run folder (no config.yaml); fix: pass runs/NAME of a submitted run")
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    done, waiting = score_run(paths, expand(load_config(paths.config)), names, limit, log=click.echo)
+    click.echo(f"{len(done)} cells scored or up to date" + (f"; {len(waiting)} not finished yet (skipped): "
+                                                          + ", ".join(waiting) if waiting else ""))
+
+
+@main.command()
 @click.argument("csv", type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default="fit-report", show_default=True,
               help="Report folder.")

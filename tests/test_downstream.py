@@ -178,3 +178,68 @@ def test_probes_whose_text_tokenizes_otherwise_are_refused(world):
                        probes.answer, probes.n_choices)
     with pytest.raises(EvalError, match="probe 3: .* does not tokenize back.*fix:"):
         probe_documents(bad, tok)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In the training loop, and after it
+
+
+def _last_step(store: Path) -> int:
+    return int(read_cell(store, matrix=False).step[-1]) if store.exists() and read_cell(store, matrix=False).step.size \
+        else 0
+
+
+@pytest.fixture(scope="module")
+def trained(world):
+    """The cell trained with in-loop downstream scores, SIGKILLed once just after storing a scored evaluation
+    (before or after its checkpoint: either way the resumed run redoes what follows its checkpoint), then resumed."""
+    run, cell = world["run"], world["cell"]
+    store = run.cell(cell.name).store
+    due = cell.eval_steps[::2]  # every 2nd evaluation, from the first; the last is one of them here
+    assert due[-1] == cell.eval_steps[-1] and len(due) == 3
+    proc = subprocess.Popen([*ENTRY, str(run.root), cell.name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, MIN_STEP_ENV: "0.1"})
+    deadline = time.monotonic() + 300
+    while _last_step(store) < due[1]:
+        assert proc.poll() is None and time.monotonic() < deadline, "the cell stored no scored evaluation"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = read_cell(store, matrix=False)
+    assert not killed_at.complete
+    subprocess.run([*ENTRY, str(run.root), cell.name], check=True, capture_output=True, timeout=300)
+    return {**world, "due": due, "killed_steps": killed_at.step.tolist(), "store": read_cell(store)}
+
+
+def test_in_loop_scores_survive_a_kill_and_are_recorded_once(trained):
+    rec, cell, due = trained["store"], trained["cell"], trained["due"]
+    assert rec.complete and rec.step.tolist() == cell.eval_steps  # each evaluation once, none lost
+    assert due[1] in trained["killed_steps"] and len(rec.meta["writers"]) == 2
+    acc, ties = rec.metrics[ACC], rec.metrics[TIES]
+    scored = ~np.isnan(acc)
+    assert rec.step[scored].tolist() == due  # every 2nd evaluation and the last; NaN in between
+    probe_acc = rec.probe_correct.mean(axis=1)
+    n = rec.probe_correct.shape[1]
+    for row in np.flatnonzero(scored):  # lm-eval's acc is the probes' accuracy of the same step's weights
+        assert probe_acc[row] <= acc[row] <= probe_acc[row] + ties[row] / n
+    info = rec.meta["downstream"]
+    assert info["lm_eval_version"] == __import__("importlib.metadata").metadata.version("lm_eval")
+    assert set(info["task_hashes"]) == {PROBE_TASK} and info["tasks"] == [PROBE_TASK] and info["every"] == 2
+
+
+def test_cli_scores_final_weights_once(trained):
+    from click.testing import CliRunner
+
+    from kislurm.cli import main
+
+    run, cell, rec = trained["run"], trained["cell"], trained["store"]
+    args = ["downstream", str(run.root), "--tasks", PROBE_TASK]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    path = run.cell(cell.name).root / "downstream.json"
+    scored = json.loads(path.read_text())["tasks"][PROBE_TASK]
+    assert scored["metrics"]["acc"] == pytest.approx(rec.metrics[ACC][-1], abs=1e-12)  # final weights = last step
+    assert scored["step"] == cell.eval_steps[-1] and scored["limit"] is None
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "skipped" in again.output
+    assert json.loads(path.read_text())["tasks"][PROBE_TASK] == scored
