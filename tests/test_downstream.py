@@ -243,3 +243,28 @@ def test_cli_scores_final_weights_once(trained):
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and "skipped" in again.output
     assert json.loads(path.read_text())["tasks"][PROBE_TASK] == scored
+
+
+def test_aggregate_reports_downstream_vs_ratio_and_collapses_on_it(trained, tmp_path):
+    """The report table holds both sources for the cell; analysis.metric set to a downstream metric runs the
+    retention machinery on it."""
+    import yaml
+
+    from kislurm.analysis.aggregate import aggregate_runs
+
+    run = trained["run"]
+    config = yaml.safe_load(run.config.read_text())
+    config["analysis"] = {**config.get("analysis", {}), "metric": ACC, "bootstrap": 20}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    lines: list[str] = []
+    result = aggregate_runs([run.root], out=tmp_path / "reports", config=tmp_path / "config.yaml",
+                            echo=lines.append)
+    rows = list(__import__("csv").DictReader((tmp_path / "reports" / "downstream.csv").open()))
+    assert {(r["source"], r["task"], r["metric"]) for r in rows} == {("in-loop", PROBE_TASK, "acc"),
+                                                                    ("final weights", PROBE_TASK, "acc")}
+    final = trained["store"].metrics[ACC][-1]
+    assert all(float(r["mean"]) == pytest.approx(final, abs=1e-12) for r in rows)
+    assert (tmp_path / "reports" / "downstream_vs_ratio.png").stat().st_size > 1000
+    assert any("downstream.md" in line for line in lines)
+    assert [c.size for c in result.collapses] == [trained["cell"].size]  # the downstream metric's collapse rows
+    assert json.loads((tmp_path / "reports" / "collapse_points.json").read_text())

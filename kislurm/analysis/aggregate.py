@@ -394,7 +394,7 @@ def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optiona
             print_ = fingerprint(keys, cfg)
             previous = _load_result(out, print_)
             if previous is not None:
-                return previous  # nothing changed since the last aggregation: its reports stand
+                return _with_downstream(previous, keys, out, echo)  # nothing changed: its reports stand
             importing = threading.Thread(target=_import_analysis, name="kislurm-imports")
             importing.start()
             summaries, unreadable, n_read = load_summaries(keys, cache or out / CACHE_NAME, cfg.metric,
@@ -403,6 +403,16 @@ def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optiona
         with worker_pool() as pool:  # forked with no other thread alive (the readers' are shut down)
             result = _aggregate(runs, keys, cfg, out, summaries, unreadable, n_read, echo, pool)
     _save_result(out, print_, result)
+    return _with_downstream(result, keys, out, echo)
+
+
+def _with_downstream(result: AggregateResult, keys: dict[str, tuple[int, int]], out: Path,
+                     echo: Callable[[str], Any]) -> AggregateResult:
+    """Downstream scores vs ratio (kislurm.analysis.downstream) beside the reports, every time: CELL/downstream.json
+    (kislurm downstream) is not among the inputs the cached result is keyed on."""
+    from kislurm.analysis.downstream import write_downstream_reports
+
+    write_downstream_reports(list(keys), out, echo)
     return result
 
 

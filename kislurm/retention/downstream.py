@@ -255,7 +255,8 @@ def run_tasks(model: Any, tokenizer: Tokenizer, tasks: list[str], include: list[
     for task in loaded["tasks"]:
         for key, value in out["results"][task].items():
             metric, _, filt = key.partition(",")
-            if "_stderr" in metric or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if "_stderr" in metric or metric == "sample_len" or not isinstance(value, (int, float)) \
+                    or isinstance(value, bool):  # sample_len: the documents, recorded as n
                 continue
             metrics[metric_name(task, metric if filt in ("", "none") else f"{metric}:{filt}")] = float(value)
         samples = out.get("samples", {}).get(task, [])
