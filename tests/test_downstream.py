@@ -25,8 +25,8 @@ from kislurm.cluster.submit import write_plan  # noqa: E402
 from kislurm.data import prepare as data  # noqa: E402
 from kislurm.plan.config import load_config  # noqa: E402
 from kislurm.plan.grid import expand  # noqa: E402
-from kislurm.retention.downstream import (PROBE_TASK, metric_name, probe_documents, run_tasks,  # noqa: E402
-                                          write_probe_task)
+from kislurm.retention.downstream import (PROBE_TASK, TEXT_TASK, KislurmLM, metric_name,  # noqa: E402
+                                          probe_documents, run_tasks, write_probe_task)
 from kislurm.retention.evaluate import EvalError, evaluate_retention  # noqa: E402
 from kislurm.retention.store import read_cell  # noqa: E402
 from kislurm.train.distributed import init_model_parallel, seed_all, teardown  # noqa: E402
@@ -47,7 +47,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("downstream")
     cfg = load_config(REPO / "configs" / "tiny.yaml", {
         "output_root": str(root), "grid.sizes": ["cpu-xs"], "grid.ratios": [0.5], "grid.token_budgets": [20480],
-        "train.eval_interval": 8, "eval.downstream.tasks": [PROBE_TASK], "eval.downstream.every": 2})
+        "train.eval_interval": 8, "eval.downstream.tasks": [PROBE_TASK, TEXT_TASK], "eval.downstream.every": 2})
     cell = expand(cfg)[0]
     run = write_plan(cfg, [cell])
     data.prepare_run(cfg, [cell])
@@ -156,9 +156,33 @@ def test_same_acc_at_dp2_and_tp2(world, task_dir, tmp_path, monkeypatch):
             assert metrics[ACC] == pytest.approx(probe_acc, abs=1e-12) and metrics[TIES] == 0
 
 
-def test_generation_tasks_and_missing_task_files_are_refused(world, task_dir):
-    from kislurm.retention.downstream import KislurmLM
+def test_rolling_loglikelihood_sums_every_token_once(world):
+    """lm-eval's rolling windows over a text longer than the model's L = 32 positions (its docstring: EOD first,
+    windows predicting L tokens each, the last one with a full context): the total equals the sum of each token's
+    log-probability given its window's context, computed here token by token."""
+    from lm_eval.api.instance import Instance
 
+    from kislurm.retention.evaluate import score_continuations
+
+    tok = world["tokenizer"]
+    text = " ".join(tok.decode(p) for p in world["probes"].prompt[:12])
+    ids = tok.encode(text)
+    assert len(ids) > 2 * 32
+    ctx, model = _model(world)
+    try:
+        lm = KislurmLM(model, tok, batch_size=16)
+        [total] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+        full, n = [tok.eod, *ids], len(ids)
+        window_end = [min(n, (j // 32 + 1) * 32) for j in range(n)]  # token j is predicted by window j // 32
+        contexts = [np.asarray(full[max(0, b - 32):j + 1], np.int64) for j, b in enumerate(window_end)]
+        each, _, _ = score_continuations(model, contexts, [np.asarray([t], np.int64) for t in ids], 16)
+    finally:
+        teardown(ctx)
+    windowed = each.sum()
+    assert total == pytest.approx(windowed, abs=1e-3) and total < 0
+
+
+def test_generation_tasks_and_missing_task_files_are_refused(world, task_dir):
     with pytest.raises(EvalError, match="generate_until.*fix:"):
         KislurmLM.generate_until(None, [])
     with pytest.raises(EvalError, match="no_such_task.yaml: no such task file.*fix:"):
@@ -222,9 +246,12 @@ def test_in_loop_scores_survive_a_kill_and_are_recorded_once(trained):
     n = rec.probe_correct.shape[1]
     for row in np.flatnonzero(scored):  # lm-eval's acc is the probes' accuracy of the same step's weights
         assert probe_acc[row] <= acc[row] <= probe_acc[row] + ties[row] / n
+    bpb = rec.metrics[metric_name(TEXT_TASK, "bits_per_byte")]
+    assert np.array_equal(np.isnan(bpb), ~scored) and (bpb[scored] > 0).all()
+    assert bpb[scored][-1] < bpb[scored][0]  # training lowers the held-out text's bits per byte
     info = rec.meta["downstream"]
     assert info["lm_eval_version"] == __import__("importlib.metadata").metadata.version("lm_eval")
-    assert set(info["task_hashes"]) == {PROBE_TASK} and info["tasks"] == [PROBE_TASK] and info["every"] == 2
+    assert set(info["task_hashes"]) == {PROBE_TASK, TEXT_TASK} and info["tasks"] == [PROBE_TASK, TEXT_TASK]
 
 
 def test_cli_scores_final_weights_once(trained):
@@ -260,10 +287,12 @@ def test_aggregate_reports_downstream_vs_ratio_and_collapses_on_it(trained, tmp_
     result = aggregate_runs([run.root], out=tmp_path / "reports", config=tmp_path / "config.yaml",
                             echo=lines.append)
     rows = list(__import__("csv").DictReader((tmp_path / "reports" / "downstream.csv").open()))
-    assert {(r["source"], r["task"], r["metric"]) for r in rows} == {("in-loop", PROBE_TASK, "acc"),
-                                                                    ("final weights", PROBE_TASK, "acc")}
-    final = trained["store"].metrics[ACC][-1]
-    assert all(float(r["mean"]) == pytest.approx(final, abs=1e-12) for r in rows)
+    assert {(r["source"], r["task"], r["metric"]) for r in rows} == {
+        ("in-loop", PROBE_TASK, "acc"), ("final weights", PROBE_TASK, "acc"),
+        *(("in-loop", TEXT_TASK, m) for m in ("bits_per_byte", "byte_perplexity", "word_perplexity"))}
+    final = trained["store"].metrics
+    for r in rows:
+        assert float(r["mean"]) == pytest.approx(final[metric_name(r["task"], r["metric"])][-1], rel=1e-9)
     assert (tmp_path / "reports" / "downstream_vs_ratio.png").stat().st_size > 1000
     assert any("downstream.md" in line for line in lines)
     assert [c.size for c in result.collapses] == [trained["cell"].size]  # the downstream metric's collapse rows

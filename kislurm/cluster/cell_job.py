@@ -355,7 +355,7 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                                           probes.heldout)
             writer.truncate_after(trainer.step)
         heartbeat = _Heartbeat(paths, trainer, cell, watchdog) if dist.is_main else None
-        downstream = _in_loop_downstream(cell, paths, probes, prepared.tokenizer, dist.rank, writer)
+        downstream = _in_loop_downstream(cell, paths, prepared, probes, dist.rank, writer)
         evals = sorted(cell.eval_steps)
         history = [e for e in (writer.meta().get("throughput", []) if writer else []) if e["step"] <= trainer.step]
         segment = [0.0, 0.0]  # steps and seconds trained since the last evaluation (this process)
@@ -440,7 +440,7 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
     return _summary(paths.store) if dist.is_main else {}
 
 
-def _in_loop_downstream(cell: Cell, paths: CellPaths, probes: Any, tokenizer: Any, rank: int,
+def _in_loop_downstream(cell: Cell, paths: CellPaths, prepared: Any, probes: Any, rank: int,
                         writer: Any) -> Any:
     """eval.downstream's scorer for this cell (kislurm.retention.downstream.InLoop), or None when off. Each rank
     writes its own copy of the probe task (no rank waits on another's file on a shared filesystem); rank 0 picks
@@ -450,7 +450,7 @@ def _in_loop_downstream(cell: Cell, paths: CellPaths, probes: Any, tokenizer: An
     from kislurm.retention.downstream import InLoop
 
     stored = writer.meta().get("downstream") if writer is not None else None
-    return InLoop(cell.eval.downstream, cell.eval_steps, probes, tokenizer,
+    return InLoop(cell.eval.downstream, cell.eval_steps, prepared, probes,
                   paths.root / "downstream" / "tasks" / f"rank{rank}", cell.eval.batch_size, stored)
 
 

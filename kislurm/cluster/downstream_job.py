@@ -54,7 +54,7 @@ def score_cell(run: RunPaths, cell: Cell, tasks: list[str], limit: int | None, b
     """Score one cell's final weights on the tasks it lacks; returns its (merged) record."""
     from kislurm.data import prepare as data
     from kislurm.plan.config import resolve_precision
-    from kislurm.retention.downstream import PROBE_TASK, require_lm_eval, run_tasks, write_probe_task
+    from kislurm.retention.downstream import require_lm_eval, run_tasks, write_local_tasks
     from kislurm.train import checkpoint
     from kislurm.train.distributed import init_model_parallel, seed_all, teardown
     from kislurm.train.model import build_model
@@ -72,8 +72,7 @@ def score_cell(run: RunPaths, cell: Cell, tasks: list[str], limit: int | None, b
                         "train.keep_final weights (the default) or full")
     prepared = data.load_prepared(cell.data, run.data, cell.model.seq_length)
     folder = paths.root / "downstream" / "tasks" / "final"
-    if PROBE_TASK in todo:
-        write_probe_task(data.cell_probes(prepared, cell), prepared.tokenizer, folder)
+    write_local_tasks(todo, prepared, data.cell_probes(prepared, cell), folder)
     preset = replace(cell.model, tensor_parallel=1, pipeline_parallel=1, data_parallel=1)
     ctx = init_model_parallel(1, device=preset.device)
     try:

@@ -39,6 +39,10 @@ from kislurm.retention.evaluate import score_continuations, sequence_limit
 
 PROBE_TASK = "kislurm_probes"
 """The task made from the cell's own probes (write_probe_task); name it in eval.downstream.tasks."""
+TEXT_TASK = "kislurm_general_text"
+"""The general facts under their held-out templates, never trained on, as text scored by its rolling
+log-likelihood (bits per byte, perplexities): lm-eval's wikitext form, on local files (write_text_task)."""
+LOCAL_TASKS = (PROBE_TASK, TEXT_TASK)
 TIE_MARGIN = 1e-5
 """Choices whose log-likelihoods differ by less than this are a tie (counted, never broken silently)."""
 METRIC_PREFIX = "downstream/"
@@ -165,6 +169,42 @@ def write_probe_task(probes: ProbeSet, tokenizer: Tokenizer, folder: Path, name:
     return yaml_path
 
 
+def general_texts(prepared: Any) -> list[str]:
+    """Every general fact under each held-out template of its relation (sentences no cell trains on)."""
+    from kislurm.data.knowledge import render
+    from kislurm.data.prepare import load_templates
+
+    templates = load_templates(prepared)
+    return [render(t, f) for f in prepared.general.facts for t in templates[f.relation].heldout]
+
+
+def write_text_task(texts: list[str], folder: Path, name: str = TEXT_TASK) -> Path:
+    """A loglikelihood_rolling task over `texts` (one document each) in `folder`; returns its YAML."""
+    if not texts:
+        raise EvalError(f"{name}: no text to score (no held-out templates, or no general facts); fix: drop "
+                        f"{name} from the tasks, or give the relations held-out templates")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    atomic_write_text(data, "".join(json.dumps({"text": t}) + "\n" for t in texts))
+    config = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
+              "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "",
+              "doc_to_target": "text", "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity",
+                                                                                 "bits_per_byte")],
+              "metadata": {"version": 1.0, "source": "kislurm.retention.downstream.write_text_task"}}
+    yaml_path = folder / f"{name}.yaml"
+    atomic_write_text(yaml_path, json.dumps(config, indent=1) + "\n")
+    return yaml_path
+
+
+def write_local_tasks(tasks: list[str], prepared: Any, probes: ProbeSet, folder: Path) -> None:
+    """Write the kislurm tasks named in `tasks` (the cell's probes, the general held-out text) into `folder`."""
+    if PROBE_TASK in tasks:
+        write_probe_task(probes, prepared.tokenizer, folder)
+    if TEXT_TASK in tasks:
+        write_text_task(general_texts(prepared), folder)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Running tasks
 
@@ -222,16 +262,9 @@ def _yaml_task_name(path: Path) -> str:
                         "key, or a task name") from None
 
 
-def run_tasks(model: Any, tokenizer: Tokenizer, tasks: list[str], include: list[Path], limit: int | None = None,
-              batch_size: int = 512) -> DownstreamResult:
-    """Score `model` on lm-eval `tasks` (names, or YAML paths; local task folders in `include`), zero-shot.
-
-    A collective: every rank of the model calls it with the same arguments, and every rank gets the result. Global
-    RNGs are left alone (lm-eval's evaluate, not simple_evaluate, which reseeds python, numpy and torch)."""
-    from lm_eval import evaluator
-    from lm_eval.utils import hash_string
-
-    version = require_lm_eval()
+def load_tasks(tasks: list[str], include: list[Path]) -> dict[str, Any]:
+    """lm-eval's loaded tasks (its TaskManager.load), zero-shot; one line naming what is wrong otherwise. Building
+    the task index costs about a second: the training loop loads once and scores many times."""
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files or the cluster's cache, never a download
     manager, names = task_manager(tasks, include)
@@ -247,6 +280,21 @@ def run_tasks(model: Any, tokenizer: Tokenizer, tasks: list[str], include: list[
     for task in loaded["tasks"].values():
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
+    return loaded
+
+
+def run_tasks(model: Any, tokenizer: Tokenizer, tasks: list[str], include: list[Path], limit: int | None = None,
+              batch_size: int = 512, loaded: dict[str, Any] | None = None) -> DownstreamResult:
+    """Score `model` on lm-eval `tasks` (names, or YAML paths; local task folders in `include`), zero-shot;
+    `loaded`: those tasks already loaded (load_tasks).
+
+    A collective: every rank of the model calls it with the same arguments, and every rank gets the result. Global
+    RNGs are left alone (lm-eval's evaluate, not simple_evaluate, which reseeds python, numpy and torch)."""
+    from lm_eval import evaluator
+    from lm_eval.utils import hash_string
+
+    version = require_lm_eval()
+    loaded = loaded or load_tasks(tasks, include)
     lm = KislurmLM(model, tokenizer, batch_size)
     out = evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=True,
                              verbosity="WARNING")
@@ -282,15 +330,15 @@ class InLoop:
     since a store keeps one metric set. The scores are appended with the evaluation's record, so a resumed cell
     redoes exactly the evaluations after its checkpoint, downstream scores included: each is recorded once."""
 
-    def __init__(self, cfg: Any, eval_steps: list[int], probes: ProbeSet, tokenizer: Tokenizer, folder: Path,
+    def __init__(self, cfg: Any, eval_steps: list[int], prepared: Any, probes: ProbeSet, folder: Path,
                  batch_size: int, stored: dict[str, Any] | None = None):
-        self.cfg, self.tokenizer, self.batch_size = cfg, tokenizer, batch_size
+        self.cfg, self.tokenizer, self.batch_size = cfg, prepared.tokenizer, batch_size
         steps = sorted(eval_steps)
         self.due = {s for i, s in enumerate(steps) if i % cfg.every == 0} | {steps[-1]}
         self.folder = Path(folder)
         self.tasks = list(cfg.tasks)
-        if PROBE_TASK in self.tasks:
-            write_probe_task(probes, tokenizer, self.folder)
+        write_local_tasks(self.tasks, prepared, probes, self.folder)
+        self._loaded: dict[str, Any] | None = None
         self.record: dict[str, Any] = dict(stored or {})
         """What the store's meta["downstream"] holds: tasks, lm-eval version, task hashes, limit, metric names."""
 
@@ -298,7 +346,9 @@ class InLoop:
         """The downstream metrics of the evaluation at `step` (a collective when due: every rank calls it)."""
         if step not in self.due:
             return nan_metrics(self.record.get("metrics", []))
-        result = run_tasks(model, self.tokenizer, self.tasks, [self.folder], self.cfg.limit, self.batch_size)
+        self._loaded = self._loaded or load_tasks(self.tasks, [self.folder])
+        result = run_tasks(model, self.tokenizer, self.tasks, [self.folder], self.cfg.limit, self.batch_size,
+                           self._loaded)
         self.record = {"tasks": self.tasks, "every": self.cfg.every, **result.record(),
                        "metrics": sorted(result.metrics)}
         return result.metrics
