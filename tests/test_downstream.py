@@ -254,25 +254,34 @@ def test_in_loop_scores_survive_a_kill_and_are_recorded_once(trained):
     assert set(info["task_hashes"]) == {PROBE_TASK, TEXT_TASK} and info["tasks"] == [PROBE_TASK, TEXT_TASK]
 
 
-def test_cli_scores_final_weights_once(trained):
+@pytest.fixture(scope="module")
+def final_scores(trained):
+    """`kislurm downstream RUN --tasks kislurm_probes` run once on the trained cell: its output and downstream.json."""
     from click.testing import CliRunner
 
     from kislurm.cli import main
 
-    run, cell, rec = trained["run"], trained["cell"], trained["store"]
-    args = ["downstream", str(run.root), "--tasks", PROBE_TASK]
-    first = CliRunner().invoke(main, args)
+    run, cell = trained["run"], trained["cell"]
+    first = CliRunner().invoke(main, ["downstream", str(run.root), "--tasks", PROBE_TASK])
     assert first.exit_code == 0, first.output
-    path = run.cell(cell.name).root / "downstream.json"
-    scored = json.loads(path.read_text())["tasks"][PROBE_TASK]
+    return run.cell(cell.name).root / "downstream.json"
+
+
+def test_cli_scores_final_weights_once(trained, final_scores):
+    from click.testing import CliRunner
+
+    from kislurm.cli import main
+
+    cell, rec = trained["cell"], trained["store"]
+    scored = json.loads(final_scores.read_text())["tasks"][PROBE_TASK]
     assert scored["metrics"]["acc"] == pytest.approx(rec.metrics[ACC][-1], abs=1e-12)  # final weights = last step
     assert scored["step"] == cell.eval_steps[-1] and scored["limit"] is None
-    again = CliRunner().invoke(main, args)
+    again = CliRunner().invoke(main, ["downstream", str(trained["run"].root), "--tasks", PROBE_TASK])
     assert again.exit_code == 0 and "skipped" in again.output
-    assert json.loads(path.read_text())["tasks"][PROBE_TASK] == scored
+    assert json.loads(final_scores.read_text())["tasks"][PROBE_TASK] == scored
 
 
-def test_aggregate_reports_downstream_vs_ratio_and_collapses_on_it(trained, tmp_path):
+def test_aggregate_reports_downstream_vs_ratio_and_collapses_on_it(trained, final_scores, tmp_path):
     """The report table holds both sources for the cell; analysis.metric set to a downstream metric runs the
     retention machinery on it."""
     import yaml
@@ -294,6 +303,6 @@ def test_aggregate_reports_downstream_vs_ratio_and_collapses_on_it(trained, tmp_
     for r in rows:
         assert float(r["mean"]) == pytest.approx(final[metric_name(r["task"], r["metric"])][-1], rel=1e-9)
     assert (tmp_path / "reports" / "downstream_vs_ratio.png").stat().st_size > 1000
-    assert any("downstream.md" in line for line in lines)
+    assert any(line.startswith(f"downstream scores of 1 cells on {TEXT_TASK}, {PROBE_TASK}") for line in lines)
     assert [c.size for c in result.collapses] == [trained["cell"].size]  # the downstream metric's collapse rows
     assert json.loads((tmp_path / "reports" / "collapse_points.json").read_text())

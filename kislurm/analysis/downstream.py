@@ -119,9 +119,15 @@ def figure(table: list[dict[str, Any]]):
             several = len({k[2] for k in lines}) > 1
             ax.plot(x, y, marker="o" if source == "in-loop" else "s", linestyle="-" if source == "in-loop" else "--",
                     color=colors[size], label=f"{size}" + (f" D={tokens:.3g}" if several else "") + f" ({source})")
-        ax.set_xlabel("infusion ratio")
+        ratios = sorted({t["ratio"] for t in table if 0 < t["ratio"] < 1})
+        if ratios:  # the retention plot's axis (log-odds), so the two figures read side by side
+            ax.set_xscale("logit")
+            ax.set_xticks(ratios)
+            ax.set_xticklabels([f"{r:.2g}" for r in ratios], fontsize=7)
+            ax.minorticks_off()
+        ax.set_xlabel("infusion ratio r (log-odds scale)")
         ax.set_ylabel(metric)
-        ax.set_title(task, fontsize=10)
+        ax.set_title(f"{task}: {metric}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in axes[len(panels):]:
@@ -149,5 +155,7 @@ def write_downstream_reports(stores: list[str], out: Path, echo: Callable[[str],
         buf = io.BytesIO()
         figure(table).savefig(buf, format="png", dpi=100)
         atomic_write_bytes(out / "downstream_vs_ratio.png", buf.getvalue())
-    echo("downstream scores (reports/downstream.md):\n" + md)
+    tasks = sorted({t["task"] for t in table})
+    echo(f"downstream scores of {len({r['cell'] for r in rows})} cells on {', '.join(tasks)} vs ratio: "
+         f"{out / 'downstream.md'}, downstream_vs_ratio.png")
     return table
