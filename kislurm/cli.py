@@ -204,6 +204,10 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
         from kislurm.train.monitor import check_monitor
 
         check_monitor(cfg.monitor)
+        if cfg.eval.downstream.tasks:  # eval.downstream without kislurm[eval]: one line naming it
+            from kislurm.retention.downstream import require_lm_eval
+
+            require_lm_eval()
     run = write_plan(cfg, planned if planned is not None else cells, force=force)
     states = cells_to_run(run, cells)
     todo = [c for c, s in states if s in RESUBMIT]

@@ -306,3 +306,13 @@ def test_aggregate_reports_downstream_vs_ratio_and_collapses_on_it(trained, fina
     assert any(line.startswith(f"downstream scores of 1 cells on {TEXT_TASK}, {PROBE_TASK}") for line in lines)
     assert [c.size for c in result.collapses] == [trained["cell"].size]  # the downstream metric's collapse rows
     assert json.loads((tmp_path / "reports" / "collapse_points.json").read_text())
+
+
+def test_without_the_extra_the_command_says_what_to_install(world):
+    """lm-eval absent (a None entry in sys.modules makes its import fail): one line naming kislurm[eval], exit 2."""
+    code = ("import sys; sys.modules['lm_eval'] = None; from kislurm.cli import main; "
+            f"main(['downstream', {str(world['run'].root)!r}, '--tasks', 'arc_easy'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if "lm-eval" in line]
+    assert len(lines) == 1 and "fix: pip install 'kislurm[eval]'" in lines[0]

@@ -101,7 +101,10 @@ def score_cell(run: RunPaths, cell: Cell, tasks: list[str], limit: int | None, b
 def score_run(run: RunPaths, cells: list[Cell], tasks: list[str], limit: int | None,
               log: Callable[[str], None] = print) -> tuple[list[str], list[str]]:
     """Every cell with final weights, one after another; returns (scored or skipped cells, cells not finished)."""
+    from kislurm.retention.downstream import require_lm_eval  # without the extra: one line, before any cell
     from kislurm.retention.store import read_cell
+
+    require_lm_eval()
 
     done, waiting = [], []
     for cell in cells:
