@@ -316,3 +316,22 @@ def test_without_the_extra_the_command_says_what_to_install(world):
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if "lm-eval" in line]
     assert len(lines) == 1 and "fix: pip install 'kislurm[eval]'" in lines[0]
+
+
+def test_in_loop_scores_change_no_other_result(trained, tmp_path):
+    """The same cell without eval.downstream (the same id: eval settings are not part of it) trains and probes
+    exactly alike: lm-eval leaves the RNGs and the model as it found them."""
+    cfg = load_config(REPO / "configs" / "tiny.yaml", {
+        "output_root": str(tmp_path), "grid.sizes": ["cpu-xs"], "grid.ratios": [0.5], "grid.token_budgets": [20480],
+        "train.eval_interval": 8})
+    cell = expand(cfg)[0]
+    assert cell.cell_id == trained["cell"].cell_id
+    run = write_plan(cfg, [cell])
+    data.prepare_run(cfg, [cell])
+    subprocess.run([*ENTRY, str(run.root), cell.name], check=True, capture_output=True, timeout=300)
+    plain, with_scores = read_cell(run.cell(cell.name).store), trained["store"]
+    assert not any(k.startswith("downstream/") for k in plain.metrics)
+    np.testing.assert_array_equal(plain.train_loss, with_scores.train_loss)
+    np.testing.assert_array_equal(plain.probe_correct, with_scores.probe_correct)
+    for name, series in plain.metrics.items():
+        np.testing.assert_array_equal(series, with_scores.metrics[name], err_msg=name)

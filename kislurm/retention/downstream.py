@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +219,6 @@ class DownstreamResult:
     task_hashes: dict[str, str]
     """TASK -> lm-eval's hash of its documents, prompts and targets (as its EvaluationTracker computes it)."""
     limit: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         """What the store's meta and downstream.json keep beside the scores."""
