@@ -13,13 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-import cloudpickle
 import numpy as np
 import pytest
-import submitit
 import torch
 
 pytest.importorskip("lm_eval", reason="needs the kislurm[eval] extra")
+pytestmark = pytest.mark.xdist_group("downstream")  # one worker trains the module's cell once
+
+from conftest import run_two_tasks  # noqa: E402
 
 from kislurm.cluster.submit import write_plan  # noqa: E402
 from kislurm.data import prepare as data  # noqa: E402
@@ -133,21 +134,14 @@ def _dp2_and_tp2(world_spec: dict, task_dir: str) -> list:
     return out
 
 
-def test_same_acc_at_dp2_and_tp2(world, task_dir, tmp_path, monkeypatch):
+def test_same_acc_at_dp2_and_tp2(world, task_dir, tmp_path):
     ctx, model = _model(world)
     try:
         reference, probe_acc, _ = _scores(model, world, task_dir)
     finally:
         teardown(ctx)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    try:
-        executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
-        executor.update_parameters(tasks_per_node=2, nodes=1, timeout_min=5)
-        spec = {k: world[k] for k in ("cell", "tokenizer", "probes")}
-        ranks = executor.submit(_dp2_and_tp2, spec, str(task_dir)).results()
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    spec = {k: world[k] for k in ("cell", "tokenizer", "probes")}
+    ranks = run_two_tasks(tmp_path / "jobs", _dp2_and_tp2, spec, str(task_dir), timeout_min=5)
     assert len(ranks) == 2
     for per_rank in ranks:
         assert [tp for tp, _ in per_rank] == [2, 1]

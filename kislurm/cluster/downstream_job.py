@@ -98,16 +98,25 @@ def score_cell(run: RunPaths, cell: Cell, tasks: list[str], limit: int | None, b
     return record
 
 
-def score_run(run: RunPaths, cells: list[Cell], tasks: list[str], limit: int | None,
+def run_cells(run: RunPaths) -> list[Cell]:
+    """Every cell of the run folder, from its own cell.json (validation and ladder cells too, as export reads them)."""
+    cells = []
+    for folder in sorted(p for p in run.cells.iterdir() if p.is_dir()) if run.cells.is_dir() else []:
+        spec = CellPaths(folder).spec
+        if spec.is_file():
+            cells.append(Cell.from_json(json.loads(spec.read_text()), str(spec)))
+    return cells
+
+
+def score_run(run: RunPaths, tasks: list[str], limit: int | None,
               log: Callable[[str], None] = print) -> tuple[list[str], list[str]]:
     """Every cell with final weights, one after another; returns (scored or skipped cells, cells not finished)."""
     from kislurm.retention.downstream import require_lm_eval  # without the extra: one line, before any cell
     from kislurm.retention.store import read_cell
 
     require_lm_eval()
-
     done, waiting = [], []
-    for cell in cells:
+    for cell in run_cells(run):
         store = run.cell(cell.name).store
         if not store.exists() or not read_cell(store, matrix=False).complete:
             waiting.append(cell.name)

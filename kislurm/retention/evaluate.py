@@ -40,7 +40,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.utils import VocabUtility
 
-from kislurm.data.knowledge import ProbeSet
+from kislurm.data.knowledge import HeldoutDocs, ProbeSet
 from kislurm.errors import EvalError  # noqa: F401 (re-exported)
 
 GROUPS: tuple[str, ...] = ("general", "infused")
@@ -114,14 +114,50 @@ def _score_all(model, probes: ProbeSet, batch_size: int, exact_match: bool, proj
                shard_over_dp: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
     """score_candidates, with the batches dealt over the DP ranks when `shard_over_dp` (a collective over the DP
     group then: every DP rank must call it); also returns how many candidates this rank scored."""
+    if batch_size < 1:
+        raise EvalError(f"batch_size must be >= 1, got {batch_size}; fix: pass a positive batch size")
     core = _unwrap(model)
     check_probes(probes, max_length=core.max_sequence_length, vocab_size=core.vocab_size)
     seqs = _flatten(probes)
-    scores, greedy, scored_here = _score_flat(model, core, seqs, seqs.is_answer & exact_match, batch_size,
-                                              project_scored_only, shard_over_dp)
+    scores, misses, scored_here = _score_sequences(model, seqs, batch_size, exact_match, project_scored_only,
+                                                   shard_over_dp)
+    greedy = (misses == 0).cpu().numpy()
     n_probes = len(probes.prompt)
     probe_exact = greedy[seqs.is_answer] if exact_match else None  # answer rows in probe order
-    return scores.reshape(n_probes, probes.n_choices), probe_exact, scored_here
+    return scores.cpu().numpy().reshape(n_probes, probes.n_choices), probe_exact, scored_here
+
+
+def _score_sequences(model, seqs: _Sequences, batch_size: int, exact_match: bool, project_scored_only: bool,
+                     shard_over_dp: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(N,) float64 summed log-probability of each sequence's scored tokens (after its prompt), (N,) int32 tokens
+    that greedy decoding misses, and how many sequences this rank scored. With `shard_over_dp` the batches are dealt
+    over the DP ranks and the results all-reduced as sums (each sequence is scored on exactly one rank)."""
+    core = _unwrap(model)
+    n = len(seqs.tokens)
+    device = _device(core)
+    scores = torch.zeros(n, dtype=torch.float64, device=device)
+    misses = torch.zeros(n, dtype=torch.int32, device=device)  # 0 = greedy decoding reproduces the candidate
+    order = np.argsort(seqs.input_len, kind="stable")
+    dp_rank, dp = _dp_share() if shard_over_dp else (0, 1)
+    starts = list(range(0, n, batch_size))[dp_rank::dp]  # round-robin: every rank gets short and long batches
+    project_scored_only = project_scored_only and _can_project_scored_only(core)
+    scored_here = 0
+    with eval_mode(model), torch.no_grad():
+        for start in starts:
+            rows = order[start : start + batch_size]
+            inputs, labels, scored = _pad_batch(seqs, rows, device)
+            need_exact = torch.from_numpy(seqs.is_answer[rows] & exact_match).to(device)
+            logits = _scored_logits(model, core, inputs, scored, project_scored_only)
+            batch_scores, batch_misses = _score_batch(logits, labels, scored, need_exact)
+            index = torch.from_numpy(rows).to(device)
+            scores[index] = batch_scores
+            misses[index] = batch_misses
+            scored_here += len(rows)
+    if dp > 1:  # each candidate was scored on exactly one DP rank; the others hold exact zeros for it
+        group = parallel_state.get_data_parallel_group()
+        torch.distributed.all_reduce(scores, group=group)
+        torch.distributed.all_reduce(misses, group=group)
+    return scores, misses, scored_here
 
 
 def score_continuations(model, contexts: list[np.ndarray], continuations: list[np.ndarray],
@@ -136,6 +172,8 @@ def score_continuations(model, contexts: list[np.ndarray], continuations: list[n
     must fit the model's sequence length (the caller truncates)."""
     if len(contexts) != len(continuations):
         raise EvalError(f"{len(contexts)} contexts but {len(continuations)} continuations; fix: pass one each")
+    if batch_size < 1:
+        raise EvalError(f"batch_size must be >= 1, got {batch_size}; fix: pass a positive batch size")
     core = _unwrap(model)
     tokens, prompt_len = [], []
     for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
@@ -144,57 +182,55 @@ def score_continuations(model, contexts: list[np.ndarray], continuations: list[n
                             "give every context and continuation a token (an empty context starts with EOD)")
         tokens.append(np.concatenate([np.asarray(ctx, np.int64), np.asarray(cont, np.int64)]))
         prompt_len.append(len(ctx))
+    if not tokens:
+        return np.zeros(0), np.zeros(0, bool), 0
     input_len = np.fromiter((len(t) - 1 for t in tokens), dtype=np.int64, count=len(tokens))
-    if len(tokens) and int(input_len.max()) > core.max_sequence_length:
+    if int(input_len.max()) > core.max_sequence_length:
         i = int(input_len.argmax())
         raise EvalError(f"request {i} needs {input_len[i]} positions but the model has {core.max_sequence_length}; "
                         "fix: truncate its context from the left")
-    everything = np.ones(len(tokens), dtype=bool)
     seqs = _Sequences(tokens=tokens, prompt_len=np.asarray(prompt_len, np.int64), input_len=input_len,
-                      is_answer=everything)
-    if not len(tokens):
-        return np.zeros(0), np.zeros(0, bool), 0
-    scores, greedy, scored_here = _score_flat(model, core, seqs, everything, batch_size, True, shard_over_dp=True)
-    return scores, greedy, scored_here
-
-
-def _score_flat(model, core: torch.nn.Module, seqs: _Sequences, need_exact_rows: np.ndarray, batch_size: int,
-                project_scored_only: bool, shard_over_dp: bool) -> tuple[np.ndarray, np.ndarray, int]:
-    """(N,) summed log-probabilities of the scored tokens, (N,) greedy match (rows in need_exact_rows; False
-    elsewhere), and the sequences this rank scored."""
-    if batch_size < 1:
-        raise EvalError(f"batch_size must be >= 1, got {batch_size}; fix: pass a positive batch size")
-    n = len(seqs.tokens)
-    device = _device(core)
-    scores = torch.zeros(n, dtype=torch.float64, device=device)
-    misses = torch.zeros(n, dtype=torch.int32, device=device)  # 0 = greedy decoding reproduces the candidate
-    order = np.argsort(seqs.input_len, kind="stable")
-    dp_rank, dp = _dp_share() if shard_over_dp else (0, 1)
-    starts = list(range(0, n, batch_size))[dp_rank::dp]  # round-robin: every rank gets short and long batches
-    project_scored_only = project_scored_only and _can_project_scored_only(core)
-    scored_here = 0
-    with eval_mode(model), torch.no_grad():
-        for start in starts:
-            rows = order[start : start + batch_size]
-            inputs, labels, scored = _pad_batch(seqs, rows, device)
-            need_exact = torch.from_numpy(need_exact_rows[rows]).to(device)
-            logits = _scored_logits(model, core, inputs, scored, project_scored_only)
-            batch_scores, batch_misses = _score_batch(logits, labels, scored, need_exact)
-            index = torch.from_numpy(rows).to(device)
-            scores[index] = batch_scores
-            misses[index] = batch_misses
-            scored_here += len(rows)
-    if dp > 1:  # each candidate was scored on exactly one DP rank; the others hold exact zeros for it
-        group = parallel_state.get_data_parallel_group()
-        torch.distributed.all_reduce(scores, group=group)
-        torch.distributed.all_reduce(misses, group=group)
-    greedy = (misses == 0).cpu().numpy() & need_exact_rows
-    return scores.cpu().numpy(), greedy, scored_here
+                      is_answer=np.ones(len(tokens), dtype=bool))  # greedy match is checked for every pair
+    scores, misses, scored_here = _score_sequences(model, seqs, batch_size, True, True, shard_over_dp=True)
+    return scores.cpu().numpy(), (misses == 0).cpu().numpy(), scored_here
 
 
 def sequence_limit(model) -> int:
     """Positions the model attends over (its max_sequence_length): the longest context + continuation - 1."""
     return int(_unwrap(model).max_sequence_length)
+
+
+def heldout_loss(model, docs: HeldoutDocs, batch_size: int) -> dict[str, float]:
+    """Mean loss per token (nats) and bits per byte of the held-out general documents.
+
+    Each document is scored after its context token, its own EOD left out. A document longer than the model's
+    window is cut into pieces, each predicted after the token before it. Like the probes, the batches are dealt over
+    the DP ranks (a collective over the DP group). Each piece's NLL is summed in float64 and all-reduced as a sum,
+    then the pieces are summed in one fixed order on the host, so DP=N gives DP=1's numbers. Bits per byte: the
+    summed NLL / (ln 2 x the documents' UTF-8 bytes)."""
+    core = _unwrap(model)
+    window = int(core.max_sequence_length)
+    tokens, prompt_len = [], []
+    for doc in docs.tokens:
+        doc = np.asarray(doc, dtype=np.int64)
+        for start in range(0, len(doc), window):
+            before = docs.context if start == 0 else int(doc[start - 1])
+            tokens.append(np.concatenate([[before], doc[start: start + window]]))
+            prompt_len.append(1)
+    if not tokens:
+        raise EvalError("no held-out documents to score; fix: raise data.heldout_general or leave it at 0")
+    ids = np.concatenate(tokens)
+    if ids.min() < 0 or ids.max() >= core.vocab_size:
+        raise EvalError(f"a held-out document has a token id outside the model's vocabulary [0, {core.vocab_size}); "
+                        "fix: build the model with this tokenizer's vocab size")
+    seqs = _Sequences(tokens=tokens, prompt_len=np.asarray(prompt_len, dtype=np.int64),
+                      input_len=np.array([len(t) - 1 for t in tokens], dtype=np.int64),
+                      is_answer=np.zeros(len(tokens), dtype=bool))
+    sums, _, _ = _score_sequences(model, seqs, batch_size, False, True, shard_over_dp=True)
+    nll = -float(np.sum(sums.cpu().numpy(), dtype=np.float64))
+    n_tokens = int(seqs.input_len.sum())
+    n_bytes = int(np.sum(docs.n_bytes))
+    return {"heldout_loss": nll / n_tokens, "heldout_bpb": nll / (math.log(2) * n_bytes) if n_bytes else math.nan}
 
 
 def _dp_share() -> tuple[int, int]:
