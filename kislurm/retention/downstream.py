@@ -42,7 +42,6 @@ PROBE_TASK = "kislurm_probes"
 TEXT_TASK = "kislurm_general_text"
 """The general facts under their held-out templates, never trained on, as text scored by its rolling
 log-likelihood (bits per byte, perplexities): lm-eval's wikitext form, on local files (write_text_task)."""
-LOCAL_TASKS = (PROBE_TASK, TEXT_TASK)
 TIE_MARGIN = 1e-5
 """Choices whose log-likelihoods differ by less than this are a tie (counted, never broken silently)."""
 METRIC_PREFIX = "downstream/"
