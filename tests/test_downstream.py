@@ -301,6 +301,17 @@ def test_aggregate_reports_downstream_vs_ratio_and_collapses_on_it(trained, fina
     assert [c.size for c in result.collapses] == [trained["cell"].size]  # the downstream metric's collapse rows
     assert json.loads((tmp_path / "reports" / "collapse_points.json").read_text())
 
+    table = tmp_path / "reports" / "downstream.csv"
+
+    def again() -> list[str]:
+        said: list[str] = []
+        aggregate_runs([run.root], out=tmp_path / "reports", config=tmp_path / "config.yaml", echo=said.append)
+        return said
+    assert not any(line.startswith("downstream scores") for line in again())  # nothing new: the reports stand
+    later = table.stat().st_mtime + 10
+    os.utime(final_scores, (later, later))  # kislurm downstream ran again since
+    assert any(line.startswith("downstream scores") for line in again())
+
 
 def test_without_the_extra_the_command_says_what_to_install(world):
     """lm-eval absent (a None entry in sys.modules makes its import fail): one line naming kislurm[eval], exit 2."""

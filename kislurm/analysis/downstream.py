@@ -137,6 +137,23 @@ def figure(table: list[dict[str, Any]]):
     return fig
 
 
+def reports_stand(stores: list[str], out: Path, stores_changed: bool) -> bool:
+    """Whether out/downstream.* need no rewrite: no store with in-loop scores changed (`stores_changed`), and no
+    cell's downstream.json is newer than downstream.csv (or exists without it)."""
+    if stores_changed:
+        return False
+    table = out / "downstream.csv"
+    stamp = table.stat().st_mtime if table.is_file() else None
+    for store in stores:
+        try:
+            written = (Path(store).parent / "downstream.json").stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if stamp is None or written >= stamp:
+            return False
+    return True
+
+
 def write_downstream_reports(stores: list[str], out: Path, echo: Callable[[str], Any] = print) -> list[dict]:
     """downstream.{md,csv} and downstream_vs_ratio.png in `out` when any cell has downstream scores (nothing
     otherwise); the figure is redrawn only when the table changed. Returns the table."""
