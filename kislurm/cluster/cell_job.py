@@ -46,7 +46,7 @@ from kislurm.paths import CellPaths, RunPaths
 from kislurm.publish import atomic_write_json
 from kislurm.plan.grid import Cell
 from kislurm.cluster import scheduler
-from kislurm.cluster.status import rank_reports_summary, write_status
+from kislurm.cluster.status import rank_reports_summary, recorded_cell, write_status
 
 HEARTBEAT_S = 60.0
 
@@ -537,12 +537,8 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip().splitlines()[-1], file=sys.stderr)
         return 2
     run = RunPaths(Path(argv[1]))
-    spec = run.cell(argv[2]).spec
     try:
-        if not spec.is_file():
-            raise KislurmError(f"{spec}: no such cell record; fix: pass a run folder and one of the folders under "
-                               f"{run.cells}")
-        cell = Cell.from_json(json.loads(spec.read_text()), str(spec))
+        cell = recorded_cell(run, argv[2])
         allow = load_config(run.config).executor.allow_tp_across_nodes if run.config.exists() else False
     except (KislurmError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ from kislurm.errors import EvalError
 from kislurm.paths import CellPaths, RunPaths
 from kislurm.plan.grid import Cell
 from kislurm.publish import atomic_write_json
+from kislurm.cluster.status import recorded_cell
 
 RESULTS = "downstream.json"
 """The cell folder's file of downstream scores of its final weights."""
@@ -102,9 +103,8 @@ def run_cells(run: RunPaths) -> list[Cell]:
     """Every cell of the run folder, from its own cell.json (validation and ladder cells too, as export reads them)."""
     cells = []
     for folder in sorted(p for p in run.cells.iterdir() if p.is_dir()) if run.cells.is_dir() else []:
-        spec = CellPaths(folder).spec
-        if spec.is_file():
-            cells.append(Cell.from_json(json.loads(spec.read_text()), str(spec)))
+        if CellPaths(folder).spec.is_file():
+            cells.append(recorded_cell(run, folder.name))
     return cells
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable
 from kislurm.errors import KislurmError
 from kislurm.paths import CellPaths, RunPaths
 from kislurm.publish import atomic_write_json, publish, temp_name
+from kislurm.cluster.status import recorded_cell
 
 META = "kislurm.json"
 
@@ -112,7 +113,7 @@ def plan_export(run_root: Path, out: Path, cells: str | None = None) -> list[Exp
                 continue
             raise ExportError(f"cell {name} is {row['state']}, not done; fix: wait until `kislurm status {run.root}` "
                               "shows it done, or leave it out with --cells")
-        cell = cell_of(run, name)
+        cell = recorded_cell(run, name)
         try:
             weights = _weights_of(run.cell(name), name, cell.train.keep_final)
         except ExportError:
@@ -125,14 +126,6 @@ def plan_export(run_root: Path, out: Path, cells: str | None = None) -> list[Exp
         raise ExportError(f"{run.root}: no cell is done with kept weights (train.keep_final: weights or full); "
                           "fix: wait for the cells (`kislurm status`), or rerun them with train.keep_final: weights")
     return jobs
-
-
-def cell_of(run: RunPaths, name: str) -> Any:
-    """The cell that a cell folder's cell.json records (a validation cell too, which no grid of the config holds)."""
-    from kislurm.plan.grid import Cell
-
-    spec = run.cell(name).spec
-    return Cell.from_json(json.loads(spec.read_text()), str(spec))
 
 
 def _finite(values: dict[str, Any]) -> dict[str, Any]:
@@ -159,7 +152,7 @@ def export_cell(job: ExportJob, log: Callable[[str], None] = print) -> Path:
 
     transformers = hf.require_hf()
     run = RunPaths(job.run)
-    cell = cell_of(run, job.cell)
+    cell = recorded_cell(run, job.cell)
     prepared = load_prepared(cell.data, run.data, cell.model.seq_length)
     preset = hf.on_cpu_tp1(cell.model)
     model_sd, meta = megatron_weights(preset, prepared.tokenizer.vocab_size, job.weights)

@@ -17,7 +17,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from kislurm.paths import CellPaths, RunPaths
 from kislurm.publish import atomic_write_text
@@ -178,6 +178,29 @@ def cell_state(cell: CellPaths, complete: bool, scheduler_word: Optional[str], n
             return "failed"  # the process that owned the cell is gone: a dead job
         return ("running" if word == "RUNNING" else "pending") if fresh else "failed"
     return "failed"  # DONE without a complete store means the store was lost or damaged: rerun
+
+
+def recorded_cell(run: RunPaths, name: str) -> Any:
+    """The cell that a cell folder's cell.json records: a validation or ladder cell too, which no grid holds. A
+    record written before cell.json held the whole cell is found among the cells of the run's own config.yaml; a
+    missing or unrecognised record is refused in one line."""
+    from kislurm.errors import ConfigError
+    from kislurm.plan.config import load_config
+    from kislurm.plan.grid import Cell, expand
+
+    spec = run.cell(name).spec
+    try:
+        record = json.loads(spec.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{spec}: no readable cell record ({type(e).__name__}); fix: pass a run folder and one of "
+                          f"the folders under {run.cells}") from None
+    if "cell" in record or not run.config.exists():
+        return Cell.from_json(record, str(spec))
+    found = [c for c in expand(load_config(run.config)) if c.cell_id == record.get("cell_id")]
+    if not found:
+        raise ConfigError(f"{spec}: written by an older kislurm and not a cell of {run.config}; fix: rerun it "
+                          "with the kislurm version that wrote the run")
+    return found[0]
 
 
 def preparation_state(run: RunPaths) -> dict:
