@@ -12,13 +12,15 @@ per-document Python lists. Memory is bounded by a shard's index and a chunk, nev
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import itertools
 import json
-import os
+import queue
 import shutil
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,32 +149,81 @@ def text_batches(docs: Iterable[Any], chars: int = BATCH_CHARS) -> Iterator[list
         yield batch
 
 
-def encode_with_eod(tok: HFTokenizer, texts: list[str], eod: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def with_eod(encodings: list, eod: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, lengths) of the non-empty documents of a batch, each followed by `eod`; lengths include the eod."""
-    ids = [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+    ids = [e.ids for e in encodings]
     n = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(n.sum()))
     n = n[n > 0]
     return np.insert(flat, np.cumsum(n), eod).astype(dtype, copy=False), (n + 1).astype(np.int32)
 
 
+def in_background(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """The items of `items`, produced by a thread up to `depth` ahead (an exception is re-raised here), so that
+    reading and JSON parsing overlap encode_batch, which runs in Rust without the GIL."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((end, None))
+        except BaseException as e:  # handed to the consumer
+            q.put((end, e))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
 def tokenize_shard(shard: Shard, out: Path, tokenizer: str, eod: int, json_key: str, dtype: str) -> None:
-    """A map_shards work function: out/tokens.bin, out/tokens.idx (a megatron prefix) and out/stats.json."""
+    """A map_shards work function: out/tokens.bin, out/tokens.idx (a megatron prefix) and out/stats.json.
+
+    Three stages overlap: a thread reads and parses the next batch, this thread encodes one (Rust threads), and a
+    writer thread turns the previous batch's encodings into arrays and writes them, in order."""
     tok = _cached_tokenizer(tokenizer)
     dt = np.dtype(dtype)
     lengths: list[np.ndarray] = []
-    docs = empty = 0
-    with open(out / "tokens.bin", "wb") as f:
-        for texts in text_batches(read_documents(shard, json_key)):
-            tokens, n = encode_with_eod(tok, texts, eod, dt)
-            f.write(tokens.tobytes())
-            lengths.append(n)
-            docs += len(n)
-            empty += len(texts) - len(n)
+    counts = {"documents": 0, "empty": 0}
+
+    def write(f: Any, encodings: list) -> None:
+        tokens, n = with_eod(encodings, eod, dt)
+        f.write(tokens.tobytes())
+        lengths.append(n)
+        counts["documents"] += len(n)
+        counts["empty"] += len(encodings) - len(n)
+
+    with open(out / "tokens.bin", "wb") as f, concurrent.futures.ThreadPoolExecutor(1) as writer:
+        pending = None
+        for texts in in_background(text_batches(read_documents(shard, json_key))):
+            encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write, f, encodings)
+        if pending is not None:
+            pending.result()
     seq = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
     write_index(out / "tokens.idx", dt, len(seq), len(seq) + 1, lambda: [seq],
                 lambda: [np.arange(len(seq) + 1, dtype=np.int64)])
-    atomic_write_json(out / "stats.json", {"documents": docs, "empty": empty, "tokens": int(seq.sum(dtype=np.int64))})
+    atomic_write_json(out / "stats.json", {**counts, "tokens": int(seq.sum(dtype=np.int64))})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -235,7 +286,6 @@ def merge_prefixes(prefixes: Sequence[str], out_prefix: str, dtype: np.dtype, ch
                 shutil.copyfileobj(src, f, 16 << 20)
     with publishing(Path(f"{out_prefix}.idx")) as tmp:
         write_index(tmp, dtype, n_seq, n_doc, lengths, documents)
-    del indices
 
 
 # ----------------------------------------------------------------------------------------------------------------------
