@@ -84,27 +84,32 @@ def memory(inputs: list[Path], tokenizer: Path, out: Path) -> dict:
 
 
 MERGE = """
-import sys, numpy as np
+import sys, time, numpy as np, psutil
 from pathlib import Path
+from kislurm.data.corpus import merge_prefixes
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 prefixes = sorted(str(p.with_suffix('')) for p in Path(sys.argv[2]).glob('*/tokens.idx'))
+before = psutil.Process().memory_info().rss
+t0 = time.perf_counter()
 if sys.argv[1] == 'kislurm':
-    from kislurm.data.corpus import merge_prefixes
     merge_prefixes(prefixes, sys.argv[3], np.dtype(np.uint16))
 else:
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     b = IndexedDatasetBuilder(sys.argv[3] + '.bin', dtype=np.uint16)
     for p in prefixes:
         b.add_index(p)
     b.finalize(sys.argv[3] + '.idx')
+print(time.perf_counter() - t0, before / 2**20)
 """
 
 
 def merges(prefix: Path) -> dict:
-    """The merge alone, kislurm's streaming one and megatron-core's add_index loop, on the kept shards."""
+    """The merge alone, kislurm's streaming one and megatron-core's add_index loop, on the kept shards: its own time,
+    and the process's peak RSS against its RSS after the imports."""
     res = {}
     for who in ("kislurm", "megatron"):
-        secs, peak, _ = tree_peak([sys.executable, "-c", MERGE, who, f"{prefix}.shards", f"{prefix}.{who}-merge"])
-        res[who] = {"seconds": secs, "peak_mb": peak}
+        _, peak, out = tree_peak([sys.executable, "-c", MERGE, who, f"{prefix}.shards", f"{prefix}.{who}-merge"])
+        secs, before = map(float, out.split()[-2:])
+        res[who] = {"seconds": secs, "peak_mb": peak, "after_imports_mb": before, "merge_mb": peak - before}
     a, b = (Path(f"{prefix}.{w}-merge.idx").read_bytes() for w in ("kislurm", "megatron"))
     res["identical_idx"] = a == b
     return res
