@@ -25,7 +25,7 @@ from tokenizers import processors
 from kislurm.cli import main
 from kislurm.data.corpus import build_corpus, merge_prefixes
 from kislurm.data.tokenizer import train_bpe
-from kislurm.data.wordnet import wordnet_installed, write_wordnet_jsonl
+from kislurm.data.wordnet import capital_documents, wordnet_installed, write_wordnet_jsonl
 
 DOCS = 4000
 
@@ -178,3 +178,35 @@ def test_bad_input_one_line_nothing_published(real, tmp_path, name, file, conten
     assert out.exit_code == 2 and len(errors) == 1, out.output
     assert where in errors[0] and "fix:" in errors[0], errors[0]
     assert not list((tmp_path / "o").glob("p.bin")) and not list((tmp_path / "o").glob("p.idx"))
+
+
+def test_config_route_builds_once_per_content_and_is_the_general_stream(real, tmp_path):
+    """data.general_corpus: `kislurm prepare` builds the corpus under OUTPUT_ROOT/corpora/<fingerprint>/ and uses it
+    as general_prefix; a second experiment on the same files and tokenizer reuses it."""
+    import dataclasses
+
+    from kislurm.data import prepare as D
+    from kislurm.plan.config import DataConfig, GeneralCorpus, KnowledgeBaseSpec
+
+    stated = capital_documents()[:12]
+    src = tmp_path / "wn.jsonl"
+    src.write_bytes(real["jsonl"].read_bytes() + "".join(json.dumps({"text": t}) + "\n" for t, _ in stated).encode())
+    probes = tmp_path / "capitals.jsonl"
+    probes.write_text("".join(json.dumps(f) + "\n" for _, f in stated))
+    templates = tmp_path / "t.yaml"
+    templates.write_text("capital_of: {train: ['{subject} is the capital of {object}'], heldout: []}\n")
+    cfg = DataConfig(general=KnowledgeBaseSpec(30, 2, 8), knowledge=KnowledgeBaseSpec(20, 2, 8),
+                     tokenizer=str(real["dir"] / "tokenizer.json"), general_probes=str(probes),
+                     templates_file=str(templates), general_corpus=GeneralCorpus([str(tmp_path / "wn.*")]))
+    with pytest.raises(D.DataError, match="kislurm prepare"):
+        D.load_prepared(cfg, tmp_path / "out" / "one" / "data", 64)
+    first = D.prepare(cfg, tmp_path / "out" / "one" / "data", 64)
+    prefix = Path(first.general_prefix)
+    assert prefix.parent.parent == tmp_path / "out" / "corpora" and prefix.name == "general"
+    direct = build_corpus([str(src)], tmp_path / "direct", tokenizer=real["dir"] / "tokenizer.json", progress=False)
+    assert files(prefix) == files(direct.prefix)
+    built = Path(f"{prefix}.bin").stat().st_mtime_ns
+    other = D.prepare(dataclasses.replace(cfg, seed=7), tmp_path / "out" / "two" / "data", 64)
+    assert other.general_prefix == first.general_prefix and Path(f"{prefix}.bin").stat().st_mtime_ns == built
+    assert D.load_prepared(cfg, tmp_path / "out" / "one" / "data", 64).general_prefix == str(prefix)
+    assert int((first.probes.fact_group == 0).sum()) == 12     # the general probes: capitals the corpus states

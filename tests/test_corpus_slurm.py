@@ -13,27 +13,13 @@ from click.testing import CliRunner
 from kislurm.cli import corpus_executor, main, submit_run
 from kislurm.data.corpus import build_corpus
 from kislurm.data.tokenizer import train_bpe
-from kislurm.data.wordnet import wordnet_documents, wordnet_installed, write_wordnet_jsonl
+from kislurm.data.wordnet import capital_documents, wordnet_installed, write_wordnet_jsonl
 from kislurm.plan.config import load_config
 from kislurm.plan.grid import expand
 from slurm_fixtures import wait_for_cells
 
 pytestmark = pytest.mark.slurm
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-NAME = re.compile(r"^[A-Z][a-z]+( [A-Z][a-z]+)*$")
-
-
-def capital_documents() -> list[tuple[str, dict]]:
-    """WordNet's synsets that state a capital, e.g. 'Canberra, ..., capital of Australia: ...', with that fact."""
-    found = []
-    for text in wordnet_documents():
-        lemmas = text.split(":")[0].split(", ")
-        countries = [w.removeprefix("capital of ") for w in lemmas if w.startswith("capital of ")]
-        if countries and NAME.match(lemmas[0]) and NAME.match(countries[0]):
-            found.append((text, {"subject": lemmas[0], "relation": "capital_of", "object": countries[0]}))
-    return found
-
-
 def test_corpus_as_a_slurm_array_then_a_grid_trains_on_it(slurm_cluster, tmp_path):
     if not wordnet_installed():
         pytest.fail("WordNet is not installed; fix: tools/dev test installs it (apt-get install wordnet-base)")

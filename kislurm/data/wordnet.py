@@ -19,6 +19,7 @@ from kislurm.publish import publishing
 
 WORDNET_DIR = Path("/usr/share/wordnet")
 PARTS = ("noun", "verb", "adj", "adv")
+_NAME = re.compile(r"^[A-Z][a-z]+( [A-Z][a-z]+)*$")
 LICENCE = "WordNet 3.0 licence (Princeton University; permissive: any use, keep the copyright notice)"
 _ADJ_MARKER = re.compile(r"\((a|p|ip)\)$")
 
@@ -61,3 +62,15 @@ def write_wordnet_jsonl(out: Path, limit: Optional[int] = None, root: Path = WOR
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def capital_documents(root: Path = WORDNET_DIR) -> list[tuple[str, dict]]:
+    """The synsets that state a capital ('Canberra, ..., capital of Australia: ...'), each with that fact as
+    {"subject": city, "relation": "capital_of", "object": country}: real facts that the corpus itself holds."""
+    found = []
+    for text in wordnet_documents(root):
+        lemmas = text.split(":")[0].split(", ")
+        countries = [w.removeprefix("capital of ") for w in lemmas if w.startswith("capital of ")]
+        if countries and _NAME.match(lemmas[0]) and _NAME.match(countries[0]):
+            found.append((text, {"subject": lemmas[0], "relation": "capital_of", "object": countries[0]}))
+    return found

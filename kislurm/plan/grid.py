@@ -137,9 +137,10 @@ def share_samples(n_samples: int, ratio: float) -> int:
     return min(max(int(round(ratio * n_samples)), 1), max(n_samples - 1, 1))
 
 
-_DATA_OMIT_IF_DEFAULT = {"mix": "infusion", "schedule": "mixed", "reference_ratio": None, "stage_tokens": None}
-"""Data fields of issue 17's controls: they enter the id only at a non-default value, so every infusion cell keeps
-the id it had before they existed (the demo's table stays reproducible)."""
+_DATA_OMIT_IF_DEFAULT = {"mix": "infusion", "schedule": "mixed", "reference_ratio": None, "stage_tokens": None,
+                         "general_corpus": None}
+"""Data fields of issue 17's controls and issue 24's general_corpus: they enter the id only at a non-default value,
+so every infusion cell keeps the id it had before they existed (the demo's table stays reproducible)."""
 
 
 @functools.lru_cache(maxsize=1024)
