@@ -93,6 +93,17 @@ def test_shards_workers_and_formats_give_identical_bytes(real, tmp_path):
     assert not Path(f"{four.prefix}.shards").exists()     # only PREFIX.bin and PREFIX.idx remain
 
 
+def test_shards_that_own_no_line_add_nothing(real, tmp_path):
+    lines = real["jsonl"].read_text(encoding="utf-8").splitlines(keepends=True)[:30]
+    lines.insert(5, json.dumps({"text": "long " * 200}) + "\n")        # spans many 64-byte shards
+    (tmp_path / "s.jsonl").write_text("".join(lines), encoding="utf-8")
+    tok = real["dir"] / "tokenizer.json"
+    many = build_corpus([str(tmp_path / "s.jsonl")], tmp_path / "many", tokenizer=tok, shard_bytes=64, progress=False)
+    one = build_corpus([str(tmp_path / "s.jsonl")], tmp_path / "one", tokenizer=tok, progress=False)
+    assert many.shards > len(lines) and (many.documents, many.empty) == (one.documents, 1)
+    assert files(many.prefix) == files(one.prefix)
+
+
 def test_streaming_merge_is_byte_identical_to_add_index(real, tmp_path):
     src = real["jsonl"]
     build_corpus([str(src)], tmp_path / "k", tokenizer=real["dir"] / "tokenizer.json",

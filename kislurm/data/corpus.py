@@ -17,6 +17,7 @@ import functools
 import hashlib
 import itertools
 import json
+import os
 import queue
 import shutil
 import struct
@@ -36,8 +37,9 @@ from kislurm.publish import atomic_write_json, publishing
 FORMAT_VERSION = 1
 EOD_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>")
 SHARD_BYTES = 64 << 20          # small enough for a progress bar that moves, large enough to amortise a worker's start
-BATCH_CHARS = 1 << 20           # characters per encode_batch call
-MERGE_CHUNK = 1 << 22           # index entries per chunk in the merge (bounded memory)
+BATCH_CHARS = 1 << 20           # characters per encode_batch call, at most
+BATCH_DOCS = 1 << 14            # documents per encode_batch call, at most (an Encoding costs memory per document)
+MERGE_CHUNK = 1 << 20           # index entries per chunk in the merge (bounded memory: ~8 MB an array)
 SAMPLE_CHARS = 8 << 20          # characters a tokenizer is trained on when none is given
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
 
@@ -136,13 +138,13 @@ def _cached_tokenizer(path: str) -> HFTokenizer:
     return HFTokenizer.from_file(path)
 
 
-def text_batches(docs: Iterable[Any], chars: int = BATCH_CHARS) -> Iterator[list[str]]:
-    """Texts grouped into batches of about `chars` characters (one encode_batch call each)."""
+def text_batches(docs: Iterable[Any], chars: int = BATCH_CHARS, max_docs: int = BATCH_DOCS) -> Iterator[list[str]]:
+    """Texts grouped into batches of about `chars` characters or `max_docs` documents (one encode_batch call each)."""
     batch, size = [], 0
     for doc in docs:
         batch.append(doc.text)
         size += len(doc.text)
-        if size >= chars:
+        if size >= chars or len(batch) >= max_docs:
             yield batch
             batch, size = [], 0
     if batch:
@@ -253,32 +255,49 @@ def write_index(path: Path, dtype: np.dtype, n_seq: int, n_doc: int, lengths: Ca
             f.write(np.asarray(chunk, dtype=np.int64).tobytes())
 
 
+def index_chunks(prefix: str, array: str, start: int, chunk: int) -> Iterator[np.ndarray]:
+    """Copies of `chunk` entries of one index array (megatron-core's reader: 'sequence_lengths' or
+    'document_indices') from entry `start`; the memory map is closed when the shard is done, so the resident pages
+    of a merge are one shard's at most."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    dataset = IndexedDataset(prefix, mmap=True)
+    values = getattr(dataset.index, array)
+    for a in range(start, len(values), chunk):
+        yield np.array(values[a:a + chunk])
+    del values, dataset
+
+
+def index_counts(prefix: str, dtype: np.dtype) -> tuple[int, int]:
+    """(sequences, documents) of a prefix; refuses another dtype or a multimodal index."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    idx = IndexedDataset(prefix, mmap=True).index
+    if np.dtype(idx.dtype) != np.dtype(dtype) or idx.sequence_modes is not None:
+        raise CorpusInputError(f"{prefix}.idx: dtype {np.dtype(idx.dtype)} (or multimodal) where {np.dtype(dtype)} "
+                               f"was expected; fix: build every shard with the same tokenizer")
+    return len(idx.sequence_lengths), len(idx.document_indices)
+
+
 def merge_prefixes(prefixes: Sequence[str], out_prefix: str, dtype: np.dtype, chunk: int = MERGE_CHUNK) -> None:
     """Concatenate indexed datasets of one dtype into out_prefix.bin/.idx: the bytes megatron-core's
-    IndexedDatasetBuilder gives with one add_index per prefix, streamed (each file published atomically)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-    indices = [IndexedDataset(p, mmap=True).index for p in prefixes]
-    for p, idx in zip(prefixes, indices):
-        if np.dtype(idx.dtype) != np.dtype(dtype) or idx.sequence_modes is not None:
-            raise CorpusInputError(f"{p}.idx: dtype {np.dtype(idx.dtype)} (or multimodal) where {np.dtype(dtype)} was "
-                                   f"expected; fix: build every shard with the same tokenizer")
+    IndexedDatasetBuilder gives with one add_index per prefix, streamed (each file published atomically). A prefix
+    whose .bin is empty (a shard that owns no line, or only empty documents) adds nothing, as with add_index."""
+    prefixes = [p for p in prefixes if os.path.getsize(f"{p}.bin") > 0]
+    counts = [index_counts(p, dtype) for p in prefixes]
 
     def lengths() -> Iterator[np.ndarray]:
-        for idx in indices:
-            for a in range(0, len(idx.sequence_lengths), chunk):
-                yield idx.sequence_lengths[a:a + chunk]
+        for p in prefixes:
+            yield from index_chunks(p, "sequence_lengths", 0, chunk)
 
     def documents() -> Iterator[np.ndarray]:
         yield np.zeros(1, np.int64)
         offset = 0
-        for idx in indices:
-            d = idx.document_indices
-            for a in range(1, len(d), chunk):
-                yield offset + d[a:a + chunk]
-            offset += len(idx.sequence_lengths)
+        for p, (n_seq, _) in zip(prefixes, counts):
+            for d in index_chunks(p, "document_indices", 1, chunk):
+                yield offset + d
+            offset += n_seq
 
-    n_seq = sum(len(i.sequence_lengths) for i in indices)
-    n_doc = 1 + sum(len(i.document_indices) - 1 for i in indices)
+    n_seq = sum(c[0] for c in counts)
+    n_doc = 1 + sum(c[1] - 1 for c in counts)
     Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
     with publishing(Path(f"{out_prefix}.bin")) as tmp, open(tmp, "wb") as f:
         for p in prefixes:
