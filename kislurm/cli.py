@@ -354,6 +354,50 @@ def prepare(config: str, overrides: tuple[str, ...]) -> None:
                + (": " + ", ".join(built) if built else " (everything was already prepared)"))
 
 
+def _int_list(ctx: Any, param: Any, value: Optional[str]) -> tuple[int, ...]:
+    if not value:
+        return ()
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers, e.g. 1,10,100") from None
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--facts", "facts", required=True, type=click.Path(dir_okay=False),
+              help="General facts: triplet JSONL (optional subject_aliases / object_aliases lists).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Census folder (created if missing).")
+@click.option("--knowledge", type=click.Path(dir_okay=False), help="Knowledge facts to check for contamination.")
+@click.option("--json-key", default="text", show_default=True, help="The JSONL/parquet field holding the text.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Local processes.")
+@click.option("--shard-mb", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Shard size of uncompressed JSONL / parquet (MB).")
+@click.option("--select", "select", type=click.IntRange(min=1), default=None,
+              help="Write general_probes.jsonl: the facts with docs_both >= K that are not nested.")
+@click.option("--bands", callback=_int_list, default=None, help="Band edges of docs_both for --select, e.g. 1,10,100.")
+@click.option("--per-band", type=click.IntRange(min=1), default=None, help="At most N probes per band (seeded).")
+def census(inputs: tuple[str, ...], facts: str, out: str, knowledge: Optional[str], json_key: str, workers: int,
+           shard_mb: int, select: Optional[int], bands: tuple[int, ...], per_band: Optional[int]) -> None:
+    """Count in how many documents of INPUT... (paths or globs: JSONL, .gz, .zst, parquet, text) each fact's subject,
+    object and both occur (exact string, no letter or digit beside it, every occurrence, aliases). Writes
+    OUT/census.jsonl; resumable: a rerun reuses the shards already counted (docs/census.md)."""
+    from kislurm.data.census import Selection, run_census
+
+    if (bands or per_band) and select is None:
+        raise click.UsageError("--bands/--per-band need --select K")
+    selection = Selection(select, bands, per_band) if select is not None else None
+    s = run_census(inputs, facts, out, knowledge, json_key, workers, shard_mb << 20, selection)
+    line = (f"{out}: {s['documents']} documents in {s['shards']} shards; {s['facts_cooccurring']} of {s['facts']} "
+            f"facts co-occur in at least one document ({s['facts_nested']} nested)")
+    if "contaminated" in s:
+        line += (f"; {s['contaminated']} of {s['knowledge']} knowledge facts contaminated "
+                 f"({s['knowledge_cooccurring']} co-occur, {s['knowledge_sharing_a_pair']} share a pair)")
+    if "selected" in s:
+        line += f"; {s['selected']} general probes selected {s['selected_per_band']}"
+    click.echo(line)
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("--out", "out_prefix", required=True, metavar="PREFIX", help="Writes PREFIX.bin and PREFIX.idx.")
@@ -437,6 +481,21 @@ def status(run: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder of the exports (one per cell id).")
+@click.option("--cells", "cells", metavar="GLOB", help="Only the cells whose folder name or id matches (then each "
+              "must be done with kept weights).")
+@click.option("--in-process", is_flag=True, help="Export in this process even when the run's executor is Slurm "
+              "(default there: one CPU array task per cell).")
+def export(run: str, out: str, cells: Optional[str], in_process: bool) -> None:
+    """Every DONE cell of RUN with kept weights as a HuggingFace folder OUT/<cell_id> (docs/huggingface.md)."""
+    from kislurm.cluster.export import export_run
+
+    written = export_run(Path(run), Path(out), cells, log=click.echo, in_process=in_process)
+    click.echo(f"{len(written)} cell(s) exported to {Path(out).resolve()}")
+
+
+@main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: RUN/reports).")
 @click.option("--config", type=click.Path(dir_okay=False), help="Analysis settings (default: the run's config).")
@@ -448,6 +507,8 @@ def aggregate(runs: tuple[str, ...], out: Optional[str], config: Optional[str]) 
                             config=Path(config) if config else None, echo=click.echo)
     click.echo(result.table_markdown)
     click.echo(result.law_text)
+    if getattr(result, "bands", None):   # a result cached before bands existed has none
+        click.echo(f"retention by frequency band: {result.out / 'bands.md'}")
     click.echo(f"reports written to {result.out}")
 
 
@@ -472,6 +533,8 @@ def fit(csv: str, out: str, unit: str, targets: tuple[str, ...]) -> None:
     result = fit_measurements_csv(Path(csv), Path(out), unit=unit, targets=named)
     click.echo(result.table_markdown)
     click.echo(result.law_text)
+    if getattr(result, "bands", None):   # a result cached before bands existed has none
+        click.echo(f"retention by frequency band: {result.out / 'bands.md'}")
     click.echo(f"reports written to {result.out}")
 
 

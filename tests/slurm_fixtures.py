@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 __all__ = [
-    "SlurmCluster", "SlurmUnavailable", "connect", "job_requeue", "max_array_size", "read_env_sh", "slurm_base",
-    "slurm_cluster", "wait_for_cells", "wait_until_queue_empty",
+    "SlurmCluster", "SlurmUnavailable", "base_of", "cluster_of", "connect", "job_requeue", "max_array_size",
+    "read_env_sh", "slurm_base", "slurm_cluster", "wait_for_cells", "wait_until_queue_empty", "two_nodes", "plan",
+    "all_done", "sacct", "job_of", "SHAPE", "TINY",
 ]
 
 DEFAULT_BASE = Path("/tmp/kislurm-slurm")
@@ -175,19 +176,83 @@ def _connect_or_problem(base: Path) -> SlurmCluster | str:
         return f"Slurm test cluster at {base} is not up ({err}); {START_HINT}"
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    """The running test cluster, with SLURM_CONF exported for the session; skip (or fail in CI) when it is down."""
-    base = slurm_base()
-    found = _connect_or_problem(base)
+SECOND_CLUSTER_FILES = frozenset({"test_slurm_nodes.py"})
+"""Test files whose tests use the second cluster ($KISLURM_SLURM_BASE_B, which `tools/dev test` starts beside the
+first), so the two halves of the Slurm tests wait in parallel; tests/conftest.py gives each half its own xdist group."""
+DEFAULT_BASE_B = Path("/tmp/kislurm-slurm-b")
+
+
+def cluster_of(test_file: Path) -> str:
+    """Which cluster ("a" or "b") the tests of a file use; also their xdist group's suffix."""
+    return "b" if test_file.name in SECOND_CLUSTER_FILES and os.environ.get("KISLURM_SLURM_BASE_B") != "" else "a"
+
+
+def base_of(cluster: str) -> Path:
+    """The base folder of cluster "a" ($KISLURM_SLURM_BASE) or "b" ($KISLURM_SLURM_BASE_B, default
+    /tmp/kislurm-slurm-b)."""
+    return slurm_base() if cluster == "a" else Path(os.environ.get("KISLURM_SLURM_BASE_B") or DEFAULT_BASE_B)
+
+
+_FOUND: dict[Path, SlurmCluster | str] = {}
+"""Each cluster is checked once per test session (per xdist worker)."""
+
+
+@pytest.fixture
+def slurm_cluster(request, monkeypatch) -> Iterator[SlurmCluster]:
+    """The running test cluster of this test's file, with SLURM_CONF exported for the test; skip (or fail in CI)
+    when it is down."""
+    base = base_of(cluster_of(Path(str(request.node.fspath))))
+    if base not in _FOUND:
+        _FOUND[base] = _connect_or_problem(base)
+    found = _FOUND[base]
     if isinstance(found, str):
         if os.environ.get(REQUIRE_ENV) == "1":
             pytest.fail(f"{found} ({REQUIRE_ENV}=1)", pytrace=False)
         pytest.skip(found)
-    cluster = found
-    patch = pytest.MonkeyPatch()
-    patch.setenv("SLURM_CONF", str(cluster.conf))
-    try:
-        yield cluster
-    finally:
-        patch.undo()
+    monkeypatch.setenv("SLURM_CONF", str(found.conf))
+    yield found
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cells across the test cluster's two nodes (tests/test_slurm_nodes.py, tests/test_slurm_signals.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+SHAPE = {"num_layers": 2, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 32}
+
+
+@pytest.fixture
+def two_nodes(slurm_cluster):
+    if len(slurm_cluster.nodes) < 2:
+        problem = f"the test cluster has one node ({slurm_cluster.node}); fix: tools/slurm_cluster.sh start --nodes 2"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(problem, pytrace=False)
+        pytest.skip(problem)
+    return slurm_cluster
+
+
+def plan(root: Path, tp: int, dp: int, per_node: int, **overrides):
+    """A one-cell tiny grid at layout TP x DP with `per_node` ranks on each node, on Slurm."""
+    from kislurm.plan.config import load_config
+    from kislurm.plan.grid import expand
+
+    cfg = load_config(TINY, {"output_root": str(root), "executor.cluster": "slurm", "executor.time": "10",
+                             "executor.tasks_per_node": per_node, "grid.sizes": ["m"], "grid.ratios": [0.5],
+                             "train.micro_batch_size": 16 // dp,
+                             "models.m": {**SHAPE, "tensor_parallel": tp, "data_parallel": dp}, **overrides})
+    return cfg, expand(cfg)
+
+
+def all_done(rows: list[dict]) -> bool:
+    return all(r["state"] == "done" for r in rows)
+
+
+def sacct(job_id: str, fields: str) -> list[str]:
+    return subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", fields], capture_output=True,
+                          text=True, check=True, timeout=60).stdout.split()
+
+
+def job_of(run, cell) -> str:
+    from kislurm.cluster.status import latest_submissions
+
+    return latest_submissions(run)[cell.name].job_id

@@ -16,7 +16,7 @@ from kislurm.data.prepare import cell_probes, load_prepared, prepare_run
 from kislurm.train.distributed import init_model_parallel, seed_all, teardown
 from kislurm.retention.evaluate import evaluate_retention
 from kislurm.train.model import build_model
-from kislurm.plan.grid import expand
+from kislurm.plan.grid import expand, size_cells
 from kislurm.retention.store import read_cell
 from kislurm.cluster.submit import write_plan
 from kislurm.train.trainer import MIN_STEP_ENV
@@ -85,3 +85,26 @@ def test_async_saves_give_the_synchronous_record(tmp_path):
     np.testing.assert_array_equal(got.train_loss, ref.train_loss)
     final = checkpoint.find_latest(async_run.cell(cell.name).checkpoints)
     assert final.step == cell.steps and json.loads((final.path / checkpoint.META_FILE).read_text())["kind"] == "full"
+
+
+def test_a_validation_cell_reruns_by_hand_from_its_cell_json(tmp_path):
+    """A validation cell (a size and ratio the planner placed, in no grid of the config) runs by hand from its
+    cell.json alone; a damaged record is refused in one line."""
+    cfg = load_config(REPO / "configs" / "tiny.yaml", {"output_root": str(tmp_path), "grid.sizes": ["cpu-xs"],
+                                                        "grid.token_budgets": [5120], "train.eval_interval": 5})
+    cell = size_cells(cfg, "cpu-xxs", [0.37])[0]  # what kislurm validate plans: not in expand(cfg)
+    assert cell.name not in {c.name for c in expand(cfg)}
+    run = write_plan(cfg, [cell])
+    prepare_run(cfg, [cell])
+    out = subprocess.run([*ENTRY, str(run.root), cell.name], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    rec = read_cell(run.cell(cell.name).store, matrix=False)
+    assert rec.complete and list(rec.step) == cell.eval_steps and rec.meta["cell_id"] == cell.cell_id
+
+    spec = run.cell(cell.name).spec
+    record = json.loads(spec.read_text())
+    record["cell"]["train"]["lr"] = "fast"
+    spec.write_text(json.dumps(record))
+    bad = subprocess.run([*ENTRY, str(run.root), cell.name], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "cell.json: cell.train.lr: expected a number, got 'fast'" in bad.stderr, bad.stderr

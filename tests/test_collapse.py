@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy.optimize import least_squares
 
+from conftest import simulate_cells
 from kislurm.analysis.collapse import (ratio_axis, CollapseOptions, Logistic, Measurement, _bounds, _cell_replicates,
                                        detect_collapse, detect_collapses, fit_logistic, segmented_fit)
 from kislurm.analysis.measurements_csv import MeasurementError, measurements_from_csv
@@ -20,15 +21,10 @@ GRID = (0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
 def simulate(rng: np.random.Generator, r_star: float, ratios=GRID, n_facts: int = 200, seeds=(0,),
              steepness: float | None = None, plateau: float = 0.95, floor: float = 0.1, size: str = "m",
              params: float = 1e6, tokens: float = 1e6) -> list[Measurement]:
-    """Each fact is answered correctly with the logistic's probability at the cell's ratio (independently)."""
-    curve = Logistic(plateau, floor, float(ratio_axis(r_star)), steepness or 3.0 / (1.0 - r_star))
-    out = []
-    for seed in seeds:
-        for r in ratios:
-            fc = (rng.random(n_facts) < curve(np.array([r]))[0]).astype(float)
-            out.append(Measurement(size, params, r, tokens, seed, float(fc.mean()), fc, n_choices=10,
-                                   exposures_per_fact=500.0 * r))
-    return out
+    """One size's cells with ten choices per probe, and 500 exposures per fact at r = 1."""
+    return simulate_cells(rng, size, params, r_star, ratios, n_facts=n_facts, seeds=seeds, tokens=tokens,
+                          steepness=steepness, plateau=plateau, floor=floor, n_choices=10,
+                          exposures_per_fact=lambda r: 500.0 * r)
 
 
 def table(values: dict[float, float], **kw) -> list[Measurement]:

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_SEQ, tiny_data
 from kislurm.data import prepare as D
 from kislurm.analysis.collapse import Measurement, detect_collapse
-from kislurm.plan.config import (BUILTIN_PRESETS, ConfigError, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig,
-                                 load_config)
+from kislurm.plan.config import BUILTIN_PRESETS, ConfigError, EvalConfig, TrainConfig, load_config
 from kislurm.analysis.controls import rule_exposure, rule_interference, rule_staged, staged_drops, ControlCurve, verdict
 from kislurm.analysis.pilot import pilot_cells
 from kislurm.plan.grid import Cell, control_data, expand
 
 torch.set_num_threads(1)
-SEQ = 32
-TINY = DataConfig(general=KnowledgeBaseSpec(30, 2, 8), knowledge=KnowledgeBaseSpec(60, 2, 8), vocab_size=300)
+SEQ = TINY_SEQ
+TINY = tiny_data()
 TOKENS = 102_400   # 100 steps of 32 x 32 = 3,200 samples
 
 
@@ -30,9 +30,9 @@ def _cell(control: str, ratio: float, tokens: int = TOKENS, **data) -> Cell:
     return Cell("cpu-xxs", ratio, tokens, 0, BUILTIN_PRESETS["cpu-xxs"], cfg, TrainConfig(), EvalConfig())
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    return D.prepare(TINY, tmp_path_factory.mktemp("data"), SEQ)
+@pytest.fixture
+def prepared(prepared_tiny):
+    return prepared_tiny  # built once per session (conftest), read-only to the cells
 
 
 def _fact_sentences(prepared) -> dict[tuple, int]:

@@ -14,14 +14,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import TINY_SEQ, tiny_data
 from kislurm.data import prepare as D
 from kislurm.plan.config import BUILTIN_PRESETS, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig
 from kislurm.data.knowledge import DataError
 from kislurm.plan.grid import Cell
 
 torch.set_num_threads(1)
-SEQ = 32
-TINY = DataConfig(general=KnowledgeBaseSpec(30, 2, 8), knowledge=KnowledgeBaseSpec(60, 2, 8), vocab_size=300)
+SEQ = TINY_SEQ
+TINY = tiny_data()
 
 
 def _cell(data: DataConfig, ratio: float, tokens: int = 102_400, seed: int = 0) -> Cell:
@@ -29,9 +30,9 @@ def _cell(data: DataConfig, ratio: float, tokens: int = 102_400, seed: int = 0) 
     return Cell("cpu-xxs", ratio, tokens, seed, BUILTIN_PRESETS["cpu-xxs"], data, TrainConfig(), EvalConfig())
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    return D.prepare(TINY, tmp_path_factory.mktemp("data"), SEQ)
+@pytest.fixture
+def prepared(prepared_tiny):
+    return prepared_tiny  # built once per session (conftest), read-only to the cells
 
 
 @pytest.fixture(scope="module")

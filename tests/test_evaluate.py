@@ -9,16 +9,13 @@ multiple-choice outcome and greedy match of a hand-built probe set can be comput
 from __future__ import annotations
 
 import math
-import os
-import sys
 from pathlib import Path
 
-import cloudpickle
 import numpy as np
 import pytest
-import submitit
 import torch
 
+from conftest import run_two_tasks
 from kislurm.plan.config import BUILTIN_PRESETS
 from kislurm.train.distributed import init_model_parallel, seed_all, teardown
 from kislurm.retention.evaluate import (
@@ -36,7 +33,6 @@ from kislurm.train.model import build_model
 PRESET = BUILTIN_PRESETS["cpu-s"]  # 2 layers, hidden 32, 4 heads, seq 32
 VOCAB = 200
 SEED = 1234
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,16 +310,8 @@ def _evaluate_tp2(probes: ProbeSet, batch_size: int) -> tuple[int, EvalResult, n
         teardown(ctx)
 
 
-def test_tensor_parallel_2_gives_tp1_results(model, probes, tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the job need not import this test module
-    try:
-        executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
-        executor.update_parameters(tasks_per_node=2, nodes=1, timeout_min=5)
-        job = executor.submit(_evaluate_tp2, probes, 8)
-        results = job.results()
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+def test_tensor_parallel_2_gives_tp1_results(model, probes, tmp_path):
+    results = run_two_tasks(tmp_path / "jobs", _evaluate_tp2, probes, 8, timeout_min=5)
     reference = evaluate_retention(model, probes, batch_size=8)
     assert sorted(r[0] for r in results) == [0, 1]
     for _, result, naive_scores in results:
@@ -349,15 +337,8 @@ def _evaluate_dp2(probes: ProbeSet, batch_size: int) -> tuple[int, EvalResult]:
         teardown(ctx)
 
 
-def test_data_parallel_2_splits_the_candidates_and_gives_dp1_results(model, probes, tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    try:
-        executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
-        executor.update_parameters(tasks_per_node=2, nodes=1, timeout_min=5)
-        results = executor.submit(_evaluate_dp2, probes, 8).results()
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+def test_data_parallel_2_splits_the_candidates_and_gives_dp1_results(model, probes, tmp_path):
+    results = run_two_tasks(tmp_path / "jobs", _evaluate_dp2, probes, 8, timeout_min=5)
     reference = evaluate_retention(model, probes, batch_size=8)
     total = len(probes.prompt) * probes.n_choices  # 120 candidates in 15 batches of 8: 8 batches and 7
     assert reference.scored_here == total

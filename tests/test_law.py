@@ -8,7 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from kislurm.analysis.collapse import ratio_axis, CollapseResult, Logistic, Measurement, detect_collapses
+from conftest import simulate_cells
+from kislurm.analysis.collapse import CollapseResult, Measurement, detect_collapses
 from kislurm.analysis.law import (LawFit, Prediction, covers, fit_law, interp_loglog, law_points, predict_law,
                                   unit_of_ratio, wls)
 
@@ -24,17 +25,10 @@ def true_r_star(params: float, tokens: float = 1e6, c: float = 0.0) -> float:
 
 def simulate(rng: np.random.Generator, sizes=SIZES, tokens=(1e6,), c: float = 0.0, n_facts: int = 200,
              bits: float | None = None) -> list[Measurement]:
-    """Logistic retention in the log-odds of r around the true r*; binomial fact noise."""
-    out = []
-    for size, n in sizes.items():
-        for d in tokens:
-            r_star = true_r_star(n, d, c)
-            curve = Logistic(0.95, 0.1, float(ratio_axis(r_star)), 3.0)
-            for r in GRID:
-                fc = (rng.random(n_facts) < curve(np.array([r]))[0]).astype(float)
-                out.append(Measurement(size, n, r, d, 0, float(fc.mean()), fc, exposures_per_fact=800.0 * r,
-                                       knowledge_bits=bits))
-    return out
+    """Every size and budget around the true law's r*, at a fixed steepness of 3, 800 exposures per fact at r = 1."""
+    return [m for size, n in sizes.items() for d in tokens
+            for m in simulate_cells(rng, size, n, true_r_star(n, d, c), GRID, n_facts=n_facts, tokens=d,
+                                    steepness=3.0, exposures_per_fact=lambda r: 800.0 * r, knowledge_bits=bits)]
 
 
 def fake(size: str, params: float, r: float, rel_width: float, flag: str = "ok", tokens: float = 1e6,

@@ -223,3 +223,16 @@ def test_transformer_engine_is_opt_in():
     with pytest.raises(ConfigError, match="models.m.transformer_impl: transformer_engine layers run on GPU only"):
         config_from_dict({"models": {"m": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
                                            "transformer_impl": "transformer_engine"}}})
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_bias_eps_and_rope_base_reach_megatron(tp1, bias):
+    """The options a base model imported from HuggingFace sets (kislurm.plan.hf): counted by the one formula."""
+    preset = ModelPreset(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, position_embedding="rope",
+                         activation="swiglu", normalization="rmsnorm", linear_bias=bias, norm_eps=1e-6,
+                         rotary_base=5e5)
+    model = build_model(preset, vocab_size=100, init_std=0.02, precision="fp32")
+    assert count_parameters(model) == preset.param_counts(padded_vocab_size(100))
+    assert any(n.endswith("linear_fc1.bias") for n, _ in model.named_parameters()) == bias
+    assert model.decoder.layers[0].input_layernorm.eps == 1e-6 and model.rotary_pos_emb.inv_freq[1].item() == \
+        pytest.approx(5e5 ** (-2 / 8))

@@ -1,9 +1,15 @@
 """Grid expansion: every combination once, stable ids that change exactly when the computation changes."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
+from kislurm.errors import ConfigError
 from kislurm.plan.config import config_from_dict
-from kislurm.plan.grid import expand
+from kislurm.plan.grid import Cell, expand
 
 
 def cfg(**grid):
@@ -23,10 +29,36 @@ def test_ids_are_stable_across_processes_and_orders():
     a = {c.name: c.cell_id for c in expand(cfg())}
     b = {c.name: c.cell_id for c in expand(cfg(ratios=[0.1, 0.5], seeds=[1, 0]))}
     assert a == b
-    # a fixed, known id: changes only when the effective-config schema changes (a deliberate break)
-    first = expand(config_from_dict({"grid": {"sizes": ["cpu-s"], "ratios": [0.1], "token_budgets": [1000]}}))[0]
-    assert first.cell_id == expand(config_from_dict(
-        {"grid": {"sizes": ["cpu-s"], "ratios": [0.1], "token_budgets": [1000]}}))[0].cell_id
+
+
+GOLDEN = "cpu-s_r0.1_t1k_s0_38f5190da5"
+"""The name (and id) of the default cell below, pinned: it changes only when the effective-config schema or a default
+that enters the id changes, a deliberate break that orphans every finished cell of every run folder."""
+
+
+@pytest.mark.parametrize("hash_seed", ["0", "12345"])
+def test_golden_cell_id_in_a_fresh_process(hash_seed):
+    """A fresh interpreter (another str hash seed, nothing cached) computes the pinned id."""
+    code = ("from kislurm.plan.config import config_from_dict; from kislurm.plan.grid import expand; "
+            "print(expand(config_from_dict({'grid': {'sizes': ['cpu-s'], 'ratios': [0.1], "
+            "'token_budgets': [1000]}}))[0].name)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                         env={**os.environ, "PYTHONHASHSEED": hash_seed})
+    assert out.stdout.strip() == GOLDEN
+
+
+def test_cell_rebuilds_from_its_record():
+    """cell.json alone gives back the cell (a validation cell's ratio is in no grid); a record whose settings no
+    longer hash to its id, or an older record without the full cell, is refused in one line."""
+    cell = expand(cfg(ratios=[0.123]))[0]
+    record = json.loads(json.dumps(cell.to_json()))
+    assert Cell.from_json(record) == cell
+    record["cell"]["train"]["lr"] *= 2
+    with pytest.raises(ConfigError, match=f"hash to cell id .* not the recorded {cell.cell_id}"):
+        Cell.from_json(record)
+    del record["cell"]
+    with pytest.raises(ConfigError, match="older kislurm"):
+        Cell.from_json(record)
 
 
 def test_id_changes_with_what_changes_results_only():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 
 import numpy as np
 import pytest
@@ -14,7 +13,8 @@ from matplotlib.image import imread
 import kislurm.analysis.collapse
 import kislurm.analysis.law
 import kislurm.analysis.report
-from kislurm.analysis.collapse import ratio_axis, Logistic, Measurement, detect_collapses
+from conftest import simulate_cells
+from kislurm.analysis.collapse import ratio_axis, Logistic, detect_collapses
 from kislurm.analysis.measurements_csv import measurements_from_csv
 from kislurm.analysis.law import fit_law
 from kislurm.analysis.report import (Curve, collapse_table_csv, plot_law, plot_retention_vs_ratio, summary_md,
@@ -24,16 +24,16 @@ GRID = (0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.98)
 
 
 def simulate(rng: np.random.Generator, r_stars: dict[str, tuple[float, float]], n_facts: int = 200):
-    """Cells of every size (r*, params) on GRID with binomial fact noise, plus retention-vs-step curves."""
+    """Cells of every size (r*, params) on GRID with binomial fact noise, plus retention-vs-step curves that end at
+    each cell's expected retention."""
     ms, curves = [], []
+    steps = np.arange(0, 1001, 100)
     for size, (r_star, params) in r_stars.items():
+        cells = simulate_cells(rng, size, params, r_star, GRID, n_facts=n_facts, knowledge_bits=1e4)
         curve = Logistic(0.95, 0.1, float(ratio_axis(r_star)), 3.0 / (1.0 - r_star))
-        for r in GRID:
-            p = float(curve(np.array([r]))[0])
-            fc = (rng.random(n_facts) < p).astype(float)
-            ms.append(Measurement(size, params, r, 1e6, 0, float(fc.mean()), fc, knowledge_bits=1e4))
-            steps = np.arange(0, 1001, 100)
-            curves.append(Curve(size, r, 1e6, 0, steps, p + (0.1 - p) * np.exp(-steps / 200.0)))
+        ms += cells
+        curves += [Curve(size, m.ratio, 1e6, 0, steps, p + (0.1 - p) * np.exp(-steps / 200.0))
+                   for m in cells for p in [float(curve(np.array([m.ratio]))[0])]]
     return ms, curves
 
 

@@ -9,6 +9,7 @@
 - A rank killed on the second node fails the cell with that rank named; a resubmission resumes it.
 - On a cluster that refuses requeue (JobRequeue=0) the timed-out cell resubmits itself as a new job that resumes,
   and `kislurm status` says so.
+(SIGTERM and preemption: tests/test_slurm_signals.py.)
 """
 
 import json
@@ -17,57 +18,19 @@ import re
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from kislurm.cli import main, submit_run
-from kislurm.plan.config import load_config
-from kislurm.paths import RunPaths
-from kislurm.plan.grid import expand
-from kislurm.cluster.status import latest_submissions, run_status, submissions_of
+from kislurm.cluster.status import run_status, submissions_of
 from kislurm.retention.store import read_cell
 from kislurm.train.trainer import MIN_STEP_ENV
-from slurm_fixtures import REQUIRE_ENV, job_requeue, wait_for_cells as wait_for
+from slurm_fixtures import SHAPE, TINY, all_done, job_of, job_requeue, plan, sacct
+from slurm_fixtures import wait_for_cells as wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.yaml"
-SHAPE = {"num_layers": 2, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 32}
-
-
-@pytest.fixture
-def two_nodes(slurm_cluster):
-    if len(slurm_cluster.nodes) < 2:
-        problem = f"the test cluster has one node ({slurm_cluster.node}); fix: tools/slurm_cluster.sh start --nodes 2"
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(problem, pytrace=False)
-        pytest.skip(problem)
-    return slurm_cluster
-
-
-def plan(root: Path, tp: int, dp: int, per_node: int, **overrides):
-    """A one-cell tiny grid at layout TP x DP with `per_node` ranks on each node, on Slurm."""
-    cfg = load_config(TINY, {"output_root": str(root), "executor.cluster": "slurm", "executor.time": "10",
-                             "executor.tasks_per_node": per_node, "grid.sizes": ["m"], "grid.ratios": [0.5],
-                             "train.micro_batch_size": 16 // dp,
-                             "models.m": {**SHAPE, "tensor_parallel": tp, "data_parallel": dp}, **overrides})
-    return cfg, expand(cfg)
-
-
-def all_done(rows: list[dict]) -> bool:
-    return all(r["state"] == "done" for r in rows)
-
-
-def sacct(job_id: str, fields: str) -> list[str]:
-    return subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", fields], capture_output=True,
-                          text=True, check=True, timeout=60).stdout.split()
-
-
-def job_of(run: RunPaths, cell) -> str:
-    return latest_submissions(run)[cell.name].job_id
 
 
 def extend_time_limit_after_requeue(job_id: str, minutes: int = 10, timeout: float = 600) -> None:
@@ -118,7 +81,7 @@ def test_two_node_time_limit_saves_at_signal_requeues_resumes(two_nodes, tmp_pat
     rec = read_cell(run.cell(cell.name).store, matrix=False)
     assert rec.complete and list(rec.step) == cell.eval_steps, "every evaluation exactly once"
     log = run.cell(cell.name).log.read_text()
-    signalled = [int(s) for s in re.findall(r"time-limit signal at step (\d+): checkpoint saved; requeueing", log)]
+    signalled = [int(s) for s in re.findall(r"SIGUSR2 at step (\d+): checkpoint saved; requeueing", log)]
     resumed = [int(s) for s in re.findall(r"resumed \S+ from \S+ at step (\d+)/", log)]
     assert signalled and 0 < signalled[0] < cell.steps
     assert resumed[:len(signalled)] == signalled, (signalled, resumed)  # each run resumed where the last saved
@@ -196,3 +159,4 @@ def test_preflight_of_a_tp2_dp2_layout_across_two_nodes(two_nodes, tmp_path):
     dp_eval = report["checks"]["dp_eval"]  # rank 0's view: half of the 256 candidates, the same results
     assert dp_eval["ok"] and dp_eval["max_abs_diff"] == 0.0 and dp_eval["scored_on_this_rank"] == 128, dp_eval
     print(f"\npreflight across two nodes: {out.output.strip().splitlines()[-1]}")
+

@@ -1,32 +1,17 @@
 """Cell states from STATUS files, stores and the scheduler; the nightly entry's lock, dated reports and exit codes."""
 
-import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from kislurm.paths import RunPaths
 from kislurm.cluster.status import STALE_AFTER_S, cell_state, read_status, run_status, write_status
-from kislurm.retention.store import RetentionWriter
+from conftest import make_store
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_store(path: Path, name: str, complete: bool, ratio: float = 0.5, acc: float = 0.9, size: str = "cpu-s",
-               params: float = 1e5) -> None:
-    meta = {"cell_id": name[-10:], "name": name, "size": size, "ratio": ratio, "tokens": 1000, "seed": 0,
-            "config": {}, "params_total": params, "params_non_embedding": params, "n_choices": 4, "data_stats": {}}
-    w = RetentionWriter.open(path, meta, ["f0", "f1"], np.array([0, 1], np.int8), np.array([0, 0, 1, 1]),
-                             np.array([False, True, False, True]))
-    w.append(10, 320, 2.0, {"general_acc": acc, "infused_acc": 0.5}, np.array([1, 1, 0, 1], bool), None)
-    if complete:
-        w.mark_complete()
-    w.close()
 
 
 def test_states_from_status_file_store_and_scheduler(tmp_path):

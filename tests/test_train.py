@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_two_tasks
 from kislurm.train import checkpoint, distributed
 from kislurm.plan.config import BUILTIN_PRESETS, ConfigError, DataConfig, EvalConfig, ModelPreset, TrainConfig, \
     config_from_dict
@@ -224,14 +225,7 @@ def _job_train(cell: Cell, ckpt_dir: str, save_at: tuple[int, ...]) -> dict:
 
 
 def _run_two_tasks(tmp_path: Path, cell: Cell, ckpt_dir: Path, save_at: tuple[int, ...] = ()) -> list[dict]:
-    import cloudpickle
-    import submitit
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the job pickles this module's helpers by value
-    executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
-    executor.update_parameters(timeout_min=10, tasks_per_node=2)
-    job = executor.submit(_job_train, cell, str(ckpt_dir), save_at)
-    return job.results()
+    return run_two_tasks(tmp_path / "submitit", _job_train, cell, str(ckpt_dir), save_at)
 
 
 @ARCHS

@@ -28,8 +28,14 @@
 #                                 then one more per extra node (default 6817, so 6817..6820 for one node and
 #                                 6817..6821 for two)
 #   KISLURM_SLURM_NODES           node count when --nodes is not given (default 1); kept in env.sh
+#   KISLURM_SLURM_FIRST_JOB_ID    FirstJobId (default 1) for a new cluster: two clusters on one host need apart ranges,
+#                                 since submitit derives a job's MASTER_PORT from its job id (tools/dev test starts a
+#                                 second cluster for half the Slurm tests at 500000)
 #   KISLURM_SLURM_JOB_REQUEUE     JobRequeue (default 1); 0 makes a cluster that refuses to requeue jobs, as some
 #                                 sites do (a start with another value restarts slurmctld and slurmd, like MaxArraySize)
+#
+# Partitions: `main` (the default) and `urgent`, whose jobs preempt main's (PreemptType=preempt/partition_prio,
+# PreemptMode=REQUEUE): the running job gets SIGTERM, SIGKILL KillWait (15 s) later, and is requeued by Slurm.
 #
 # Behaviour worth knowing (Slurm 22.05 as packaged in Debian 12):
 #   - a requeued job (e.g. submitit's `scontrol requeue` after the timeout signal) may start again 10 s later
@@ -50,12 +56,17 @@ readonly DEFAULT_MAX_ARRAY_SIZE=1001
 readonly WAIT_S=60
 # AuthInfo cred_expire: also how long a requeued job waits before it may start again (Slurm default 120 s).
 readonly REQUEUE_DELAY_S=10
+# KillWait: seconds between SIGTERM and SIGKILL (Slurm's default is 30). A cell saves at the step after SIGTERM, so a
+# tiny test cell needs a few seconds on a loaded machine; 15 s leaves it a wide margin.
+readonly KILL_WAIT_S=15
+readonly PREEMPT_PARTITION=urgent
 
 BASE=${KISLURM_SLURM_BASE:-/tmp/kislurm-slurm}
 MAX_ARRAY_SIZE=${KISLURM_SLURM_MAX_ARRAY_SIZE:-$DEFAULT_MAX_ARRAY_SIZE}
 PORT=${KISLURM_SLURM_PORT:-6817}
 NODES=${KISLURM_SLURM_NODES:-1}
 JOB_REQUEUE=${KISLURM_SLURM_JOB_REQUEUE:-1}
+FIRST_JOB_ID=${KISLURM_SLURM_FIRST_JOB_ID:-1}
 readonly HOSTS_FILE=/etc/hosts
 
 log() { printf 'slurm_cluster: %s\n' "$*" >&2; }
@@ -124,6 +135,8 @@ validate_env() {
     if ! [[ "$MAX_ARRAY_SIZE" =~ ^[0-9]{1,7}$ ]] || ! ((10#$MAX_ARRAY_SIZE >= 1 && 10#$MAX_ARRAY_SIZE <= 4000001)); then
         die "KISLURM_SLURM_MAX_ARRAY_SIZE='$MAX_ARRAY_SIZE' is not an integer in 1..4000001; fix: unset it, or e.g. 3"
     fi
+    [[ "$FIRST_JOB_ID" =~ ^[1-9][0-9]{0,7}$ ]] ||
+        die "KISLURM_SLURM_FIRST_JOB_ID='$FIRST_JOB_ID' is not an integer in 1..99999999; fix: unset it, or e.g. 500000"
     if ! [[ "$NODES" =~ ^[0-9]{1,2}$ ]] || ! ((10#$NODES >= 1 && 10#$NODES <= 16)); then
         die "--nodes / KISLURM_SLURM_NODES='$NODES' is not an integer in 1..16; fix: e.g. --nodes 2"
     fi
@@ -227,7 +240,10 @@ render_nodes() {
         echo "NodeName=$n NodeHostname=$host NodeAddr=127.0.0.1 Port=$(slurmd_port $i) CPUs=$cpus RealMemory=$(real_memory_mb) State=UNKNOWN"
         i=$((i + 1))
     done
-    echo "PartitionName=main Nodes=$(node_names | paste -sd,) Default=YES MaxTime=INFINITE State=UP"
+    echo "PartitionName=main Nodes=$(node_names | paste -sd,) Default=YES MaxTime=INFINITE State=UP PriorityTier=1"
+    # A job here preempts the main partition's jobs: SIGTERM, then SIGKILL after KillWait, then Slurm requeues them
+    # (PreemptMode=REQUEUE), as a site that preempts without a warning signal does.
+    echo "PartitionName=$PREEMPT_PARTITION Nodes=$(node_names | paste -sd,) MaxTime=INFINITE State=UP PriorityTier=2"
 }
 
 render_slurm_conf() {
@@ -265,9 +281,12 @@ SlurmdParameters=config_overrides
 MpiDefault=none
 ReturnToService=2
 MailProg=/bin/true
-KillWait=5
+KillWait=$KILL_WAIT_S
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 MinJobAge=300
 JobRequeue=$JOB_REQUEUE
+FirstJobId=$FIRST_JOB_ID
 MaxArraySize=$MAX_ARRAY_SIZE
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
@@ -523,6 +542,7 @@ export SLURM_CONF=$(printf %q "$CONF")
 export KISLURM_SLURM_BASE=$(printf %q "$BASE")
 export KISLURM_SLURM_PORT=$PORT
 export KISLURM_SLURM_NODES=$NODES
+export KISLURM_SLURM_FIRST_JOB_ID=$FIRST_JOB_ID
 EOF
 }
 

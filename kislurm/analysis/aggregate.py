@@ -31,7 +31,7 @@ from kislurm.retention.store import StoreDigest, StoreError, read_digest
 from kislurm.errors import AggregateError  # noqa: F401 (re-exported)
 
 CACHE_NAME = ".aggregate-cache.pkl"
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 _METRIC = re.compile(r"^(general|infused)_(seen_|heldout_)?acc(_cc)?$")
 
 
@@ -62,8 +62,10 @@ class CellDigest:
     control: str = "infusion"             # issue 17's control (kislurm.analysis.controls): infusion, dilution, fixed_general, staged
     general_exposures: Optional[float] = None   # mean general exposures per fact (data_stats; None: a user's corpus)
     boundary_value: Optional[float] = None      # staged: the metric at the end of the general-only phase
+    fact_frequency: Optional[np.ndarray] = None  # (F,) float64 beside fact_scores: corpus documents or exposures
+    frequency_unit: str = ""
 
-    _PACKED = {"step": np.int32, "series": np.float32, "fact_scores": np.float64}
+    _PACKED = {"step": np.int32, "series": np.float32, "fact_scores": np.float64, "fact_frequency": np.float64}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -74,7 +76,7 @@ class CellDigest:
 
     def __setstate__(self, state: dict) -> None:
         for key, dtype in self._PACKED.items():
-            if state[key] is not None:
+            if state.get(key) is not None:
                 state[key] = np.frombuffer(state[key], dtype)
         self.__dict__.update(state)
 
@@ -109,7 +111,8 @@ def summarise(path: str, metric: str) -> CellDigest | str:
         step=np.asarray(d.step, np.int32),
         series=None if column is None else np.array(d.series[:, column], np.float32),
         fact_scores=fact_scores(d, metric), control=control,
-        general_exposures=_num(stats.get("general_exposures_per_fact_mean")), boundary_value=boundary)
+        general_exposures=_num(stats.get("general_exposures_per_fact_mean")), boundary_value=boundary,
+        fact_frequency=fact_frequencies(d, metric), frequency_unit=str(meta.get("fact_frequency_unit") or ""))
 
 
 def infused_metric(metric: str) -> str:
@@ -275,6 +278,17 @@ def fact_scores(d: StoreDigest, metric: str) -> Optional[np.ndarray]:
     return scores
 
 
+def fact_frequencies(d: StoreDigest, metric: str) -> Optional[np.ndarray]:
+    """The recorded frequency of each fact behind fact_scores (same facts, same order), or None."""
+    m = _METRIC.match(metric)
+    if not m or d.fact_frequency is None or d.probe_fact_index is None or d.fact_group is None:
+        return None
+    keep = _probe_selection(d.probe_fact_index.dtype.str, d.probe_fact_index.tobytes(),
+                            np.packbits(d.probe_heldout).tobytes(), d.fact_group.tobytes(), m.group(1),
+                            m.group(2) or "")[3]
+    return np.asarray(d.fact_frequency, np.float64)[keep]
+
+
 @functools.lru_cache(maxsize=16)
 def _probe_selection(index_dtype: str, index: bytes, heldout_bits: bytes, fact_group: bytes, group_name: str,
                      split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -336,6 +350,7 @@ class AggregateResult:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     n_read: int = 0
     controls: list = field(default_factory=list)   # kislurm.analysis.controls.SizeVerdict per size, when the run has controls
+    bands: list = field(default_factory=list)      # kislurm.analysis.bands.BandCollapse, when stores record frequencies
 
 
 def _analysis_config(runs: list[Path], config: Optional[Path]) -> AnalysisConfig:
@@ -428,9 +443,21 @@ def _aggregate(runs: list[Path], keys: dict[str, tuple[int, int]], cfg: Analysis
                               "controls in controls.md)"
     result = analyse(ms, cfg, out, summary, curves, executor=pool)
     result.excluded, result.unreadable, result.n_read = excluded, unreadable, n_read
+    result.bands = analyse_bands(summaries, cfg, out)
     if controls != ["infusion"]:
         result.controls = analyse_controls(everything, cfg, out, runs)
     return result
+
+
+def analyse_bands(summaries: list[CellDigest], cfg: AnalysisConfig, out: Path) -> list:
+    """Issue 25: retention and the collapse point per frequency band, bands.{md,json,png} (when any store recorded
+    fact frequencies)."""
+    from kislurm.analysis.bands import frequency_bands, write_bands
+
+    bands = frequency_bands(summaries, cfg, np.random.default_rng([cfg.seed, 25]))
+    if bands:
+        write_bands(out, bands, cfg.metric)
+    return bands
 
 
 def analyse_controls(summaries: list[CellDigest], cfg: AnalysisConfig, out: Path, runs: list[Path]) -> list:

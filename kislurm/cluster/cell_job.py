@@ -15,6 +15,10 @@ the ranks all-reduce it (Megatron-LM's exit-signal handler does the same), so al
 save a checkpoint there, and rank 0 hands over to submitit, which requeues the job. Where the cluster refuses
 requeue (JobRequeue=0, or a job submitted with --no-requeue), rank 0 submits the cell again as a new job that
 starts after this one ends (`afterany`), records it in submissions.jsonl with the reason, and exits.
+SIGTERM (preemption with no warning signal, `scancel`, `scontrol requeue`) is the same flag: the cell saves after the
+next step and must be gone within Slurm's KillWait; rank 0 then asks the scheduler why the job ends
+(kislurm.cluster.scheduler): a cancelled job stays cancelled (STATUS CANCELLED), a job Slurm requeues itself just
+exits, and any other requeues itself as after USR2.
 
 Failures: a rank that raises writes its error to ranks/K.json; rank 0 writes STATUS FAILED naming every rank that
 reported an error and every rank that ended without one (killed, or crashed outside Python). On Slurm, srun's
@@ -28,20 +32,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import submitit
 
 from kislurm.paths import CellPaths, RunPaths
 from kislurm.publish import atomic_write_json
 from kislurm.plan.grid import Cell
+from kislurm.cluster import scheduler
 from kislurm.cluster.status import rank_reports_summary, write_status
 
 HEARTBEAT_S = 60.0
@@ -229,19 +233,27 @@ def _error_line(e: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class _TimeLimitSignal:
-    """USR2 as a flag (set by the handler, read at step boundaries by _StepFlags)."""
+class _StopSignal:
+    """USR2 (Slurm's time-limit or preemption warning, `--signal`) and SIGTERM (preemption without a warning,
+    `scancel`, `scontrol requeue`) as a flag, set by the handler and read at step boundaries by _StepFlags.
+    submitit installs its USR2 handler (checkpoint and requeue) and ignores SIGTERM; both are restored on the way
+    out."""
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.received = False
-        self.submitit_handler = signal.getsignal(signal.SIGUSR2)  # installed by submitit before the job ran
-        signal.signal(signal.SIGUSR2, self._receive)
+        self.received: Optional[int] = None
+        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS}  # installed by submitit before the job ran
+        for s in self.SIGNALS:
+            signal.signal(s, self._receive)
 
     def _receive(self, signum: int, frame: Any) -> None:
-        self.received = True
+        if self.received is None:  # the first signal decides (a TERM after USR2 is the same stop)
+            self.received = signum
 
     def restore(self) -> None:
-        signal.signal(signal.SIGUSR2, self.submitit_handler)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 class _StepFlags:
@@ -249,7 +261,7 @@ class _StepFlags:
     received the time-limit signal (Megatron-LM's exit-signal handler does the same), and whether a timed
     checkpoint is due (rank 0's clock alone decides: clocks of different nodes need not agree)."""
 
-    def __init__(self, dist_ctx: Any, sig: _TimeLimitSignal, checkpoint_minutes: float, watchdog: _Watchdog):
+    def __init__(self, dist_ctx: Any, sig: _StopSignal, checkpoint_minutes: float, watchdog: _Watchdog):
         self._dist, self._sig, self._watchdog = dist_ctx, sig, watchdog
         self._every_s = 60.0 * checkpoint_minutes
         self._last_save = time.monotonic()
@@ -263,7 +275,7 @@ class _StepFlags:
         """After a step (a collective: every rank calls it): True when training must pause here."""
         self._watchdog.enter("training", step)  # the step finished: a new step budget
         due = bool(self._every_s) and self._dist.is_main and time.monotonic() - self._last_save >= self._every_s
-        flags = [1.0 if self._sig.received else 0.0, 1.0 if due else 0.0]
+        flags = [1.0 if self._sig.received is not None else 0.0, 1.0 if due else 0.0]
         if self._dist.world_size > 1:
             import torch
             import torch.distributed as tdist
@@ -275,26 +287,26 @@ class _StepFlags:
         return self.signalled or self.save_due
 
 
-def _requeue_refused() -> bool:
-    """Whether Slurm refuses to requeue this job (JobRequeue=0, --no-requeue): `scontrol show job` says Requeue=0."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return False
-    try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True,
-                             timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return " Requeue=0 " in f" {out} "
+def _hand_over(sig: _StopSignal, step: int, log: Callable[[str], None], paths: CellPaths) -> None:
+    """Rank 0, after every rank saved at `step`: leave the job the way the scheduler says it is ending.
 
-
-def _hand_over(sig: _TimeLimitSignal, step: int, log: Callable[[str], None]) -> None:
-    """Rank 0, after every rank saved at `step`: submitit's handler calls CellJob.checkpoint and requeues."""
-    log(f"time-limit signal at step {step}: checkpoint saved; requeueing")
-    handler = sig.submitit_handler
+    USR2 (the time limit or a preemption warning) and a SIGTERM that nobody will follow with a requeue go to
+    submitit's handler, which calls CellJob.checkpoint and requeues the job. A SIGTERM of a job that Slurm requeues
+    itself, or that a user cancelled, just exits: asking the scheduler decides which (kislurm.cluster.scheduler)."""
+    name = signal.Signals(sig.received).name if sig.received else "signal"
+    why = "requeue" if sig.received == signal.SIGUSR2 else scheduler.termination()
+    if why == "cancelled":
+        log(f"{name} at step {step}: checkpoint saved; the job is cancelled, not requeueing")
+        write_status(paths, "CANCELLED", step=step, error=f"cancelled ({name}) at step {step}, checkpoint saved")
+        raise SystemExit(f"cancelled by {name} at step {step} (checkpoint saved); submit the run again to resume")
+    if why == "requeued":
+        log(f"{name} at step {step}: checkpoint saved; Slurm requeues the job")
+        raise SystemExit(0)
+    log(f"{name} at step {step}: checkpoint saved; requeueing")
+    handler = sig.previous[signal.SIGUSR2]
     if callable(handler):
         handler(signal.SIGUSR2, None)  # submitit: CellJob.checkpoint() -> scontrol requeue -> exit
-    raise SystemExit(f"stopped by USR2 at step {step} (checkpoint saved); run the cell again to resume")
+    raise SystemExit(f"stopped by {name} at step {step} (checkpoint saved); run the cell again to resume")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -312,7 +324,7 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
     from kislurm.train import checkpoint, distributed
     from kislurm.data import prepare as data
     from kislurm.train.cpu_shims import apply_cpu_shims
-    from kislurm.retention.evaluate import evaluate_retention
+    from kislurm.retention.evaluate import evaluate_retention, heldout_loss
     from kislurm.train.monitor import CellMonitor
     from kislurm.retention.store import RetentionWriter, read_cell
     from kislurm.train.trainer import Trainer
@@ -335,7 +347,7 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
         watchdog = _Watchdog(paths, dist.rank, cell.train, dist.world_size, log)
         _write_rank_report(paths, dist.rank, state="running")  # replaces this rank's report of an earlier session
         check_tp_placement(_gather_nodes(dist), dist.tp, allow_tp_across_nodes)
-        sig = _TimeLimitSignal()
+        sig = _StopSignal()
         flags = _StepFlags(dist, sig, cell.train.checkpoint_minutes, watchdog)
         if dist.is_main:
             write_status(paths, "RUNNING", step=0, phase="start-up")
@@ -345,15 +357,19 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
         monitor = CellMonitor.open(run, cell, dist.rank, trainer.step, trainer.tokens_per_step)  # rank 0 writes
         trainer.on_log = monitor.train
         probes = data.cell_probes(prepared, cell)  # under fixed_exposures: the facts this cell infuses
+        heldout = data.heldout_documents(prepared)  # general documents no cell trains on (data.heldout_general)
         if dist.is_main:
             counts = trainer.params  # counted on the real model (padded vocabulary), from any TP rank
             meta = {"cell_id": cell.cell_id, "name": cell.name, "size": cell.size, "ratio": cell.ratio,
                     "tokens": cell.tokens, "seed": cell.seed, "config": cell.to_json(),
                     "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
                     "n_choices": probes.n_choices, "data_stats": data_stats}
+            frequency, unit = data.fact_frequency(prepared, cell, dataset, probes)  # issue 25: bands in aggregate
+            if frequency is not None:
+                meta["fact_frequency_unit"] = unit
             writer = RetentionWriter.open(paths.store, meta, probes.fact_ids, probes.fact_group, probes.fact_index,
-                                          probes.heldout)
-            writer.truncate_after(trainer.step)
+                                          probes.heldout, fact_frequency=frequency)
+            writer.truncate_after(trainer.step if trainer.step else -1)  # a fresh start redoes a step-0 evaluation
         heartbeat = _Heartbeat(paths, trainer, cell, watchdog) if dist.is_main else None
         evals = sorted(cell.eval_steps)
         history = [e for e in (writer.meta().get("throughput", []) if writer else []) if e["step"] <= trainer.step]
@@ -368,21 +384,21 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                 f"{time.perf_counter() - started:.2f} s")
 
         for stop in _stops(cell):
-            if stop <= trainer.step:
+            if stop < trainer.step or stop == trainer.step > 0:
                 continue  # done before an interruption (an evaluation is always stored before its checkpoint)
             while trainer.step < stop:
                 watchdog.enter("training", trainer.step)
                 ran = trainer.train_steps(stop - trainer.step, stop=lambda: flags.poll(trainer.step))
                 segment = [segment[0] + ran["steps"], segment[1] + ran["seconds"]]
                 trainer.poll_saves()  # publish an asynchronous save whose writes have finished
-                if flags.signalled:  # every rank stopped after the same step: save there, then requeue
+                if flags.signalled:  # every rank stopped after the same step: save there, then hand over
                     save()
                     trainer.close()
                     heartbeat = heartbeat.stop() if heartbeat else None
                     sig.restore()
                     if dist.is_main:
-                        _hand_over(sig, trainer.step, log)
-                    raise SystemExit(0)  # the other ranks: rank 0 requeues the job
+                        _hand_over(sig, trainer.step, log, paths)
+                    raise SystemExit(0)  # the other ranks: rank 0 requeues the job, or leaves it cancelled
                 if flags.save_due:  # checkpoint_minutes since the last save (rank 0's clock, agreed)
                     save()
             if stop in evals:
@@ -391,10 +407,13 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                 watchdog.enter("evaluation", trainer.step)
                 with trainer.params_in_sync():
                     result = evaluate_retention(trainer.model, probes, cell.eval.batch_size, cell.eval.exact_match)
+                    if heldout is not None:   # recorded beside the probe metrics
+                        result.metrics.update(heldout_loss(trainer.model, heldout, cell.eval.batch_size))
                 _write_rank_report(paths, dist.rank, state="running", step=trainer.step,
                                    eval_candidates=result.scored_here)
                 previous = max([e for e in evals if e < stop], default=0)
-                mean_loss = sum(trainer.losses[previous:stop]) / (stop - previous)  # restored on resume too
+                # restored on resume too; step 0 (a base model before training) has no training loss
+                mean_loss = sum(trainer.losses[previous:stop]) / (stop - previous) if stop else float("nan")
                 if writer is not None:
                     tokens = trainer.step * cell.train.global_batch_size * cell.model.seq_length
                     writer.append(trainer.step, tokens, mean_loss, result.metrics, result.probe_correct,
@@ -406,9 +425,9 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                         + f" (rank 0 scored {result.scored_here} of {total} candidates, DP={dist.dp})")
             if stop == cell.steps:
                 break  # the last step's checkpoint is what keep_final keeps (trainer.finish), nothing routine
-            if stop in evals and _saves_after_evaluations(cell) or \
-                    cell.train.checkpoint_interval and stop % cell.train.checkpoint_interval == 0:
-                save()
+            if stop and (stop in evals and _saves_after_evaluations(cell) or
+                         cell.train.checkpoint_interval and stop % cell.train.checkpoint_interval == 0):
+                save()  # (never at step 0: nothing trained yet)
         watchdog.enter("checkpoint save", trainer.step)
         trainer.finish()  # what keep_final keeps, written before the store says complete
         heartbeat = heartbeat.stop() if heartbeat else None
@@ -449,7 +468,7 @@ class CellJob(submitit.helpers.Checkpointable):
     def checkpoint(self, run_root: str, cell: Cell) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on rank 0 before it requeues the job. Where the cluster refuses requeue, submit the
         cell as a new job that starts after this one ends, record why, and exit instead."""
-        if _requeue_refused():
+        if scheduler.requeue_refused():
             from kislurm.cluster.submit import resubmit_cell
 
             old = os.environ["SLURM_JOB_ID"]
@@ -492,20 +511,25 @@ def _cancel_waiting_cells(run: RunPaths, job: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    """Run one cell by hand from its own cell.json: any cell of the run folder, a validation or ladder cell too."""
+    from kislurm.errors import KislurmError
+    from kislurm.plan.config import load_config
+
     if len(argv) != 3:
         print(__doc__.strip().splitlines()[-1], file=sys.stderr)
         return 2
     run = RunPaths(Path(argv[1]))
-    spec = json.loads(run.cell(argv[2]).spec.read_text())
-    from kislurm.plan.config import load_config
-    from kislurm.plan.grid import expand
-
-    cells = {c.name: c for c in expand(load_config(run.config))}
-    if spec["name"] not in cells:
-        print(f"{argv[2]}: not a cell of {run.config}; fix: pick a folder under {run.cells}", file=sys.stderr)
+    spec = run.cell(argv[2]).spec
+    try:
+        if not spec.is_file():
+            raise KislurmError(f"{spec}: no such cell record; fix: pass a run folder and one of the folders under "
+                               f"{run.cells}")
+        cell = Cell.from_json(json.loads(spec.read_text()), str(spec))
+        allow = load_config(run.config).executor.allow_tp_across_nodes if run.config.exists() else False
+    except (KislurmError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    allow = load_config(run.config).executor.allow_tp_across_nodes
-    print(json.dumps(run_cell(run, cells[spec["name"]], allow), indent=2))
+    print(json.dumps(run_cell(run, cell, allow), indent=2))
     return 0
 
 

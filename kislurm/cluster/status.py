@@ -1,9 +1,10 @@
 """Where each cell stands: a one-word STATUS file with a heartbeat, the retention store, and the scheduler's view.
 
-The STATUS file is written by the cell's job (RUNNING with a heartbeat while it trains, DONE, FAILED) and is only
-advisory; the store's completion flag is the truth for DONE, and the scheduler (sacct, polled once per call for all
-cells together) is the truth for PENDING, CANCELLED and requeues. A RUNNING cell whose heartbeat is older than
-`STALE_AFTER_S` and that the scheduler no longer knows is reported as failed (a dead job).
+The STATUS file is written by the cell's job (RUNNING with a heartbeat while it trains, DONE, FAILED, CANCELLED) and
+is only advisory; the store's completion flag is the truth for DONE (whatever sacct says), and the scheduler (sacct,
+polled once per call for all cells together) is the truth for PENDING, CANCELLED and requeues. A RUNNING cell
+whose heartbeat is older than `STALE_AFTER_S` and that the scheduler no longer knows is reported as failed (a dead
+job).
 """
 
 from __future__ import annotations
@@ -168,6 +169,8 @@ def cell_state(cell: CellPaths, complete: bool, scheduler_word: Optional[str], n
         return "missing"
     if word == "FAILED":
         return "failed"
+    if word == "CANCELLED":  # stopped by SIGTERM with its checkpoint saved (the scheduler no longer knows it)
+        return "cancelled"
     if word in ("RUNNING", "PENDING"):
         fresh = now - float(info.get("time", 0)) < STALE_AFTER_S
         same_host = info.get("host") == socket.gethostname()
@@ -225,9 +228,7 @@ def run_status(run: RunPaths, names: Optional[list[str]] = None) -> list[dict]:
             # Slurm keeps no accounting record of an array task cancelled while pending: its array is known to
             # sacct but the task is gone without ever running.
             word = "CANCELLED"
-        row["state"] = cell_state(cp, complete, word, now)
-        if row["state"] == "requeued" or (word == "PREEMPTED"):
-            row["state"] = "requeued"
+        row["state"] = cell_state(cp, complete, word, now)  # a complete store is done, whatever sacct says
         _, info = read_status(cp)
         row["steps"] = info.get("of")
         if row["step"] is None and info.get("step"):

@@ -66,6 +66,22 @@ class ProbeSet:
     """(P,) int64: index of the correct candidate."""
     n_choices: int
     """k + 1."""
+    fact_frequency: Optional[np.ndarray] = None
+    """(F,) int64 corpus count of each fact where a census gave one (general facts: the documents holding subject
+    and object, kislurm.data.census; -1: not counted), else None."""
+
+
+@dataclass(frozen=True)
+class HeldoutDocs:
+    """Documents of the general stream that no cell trains on (kislurm.data.prepare.heldout_documents), scored by
+    kislurm.retention.evaluate.heldout_loss: each is predicted after `context` (the EOD that precedes a document in
+    training), its own EOD left out."""
+
+    tokens: list[np.ndarray]
+    """(D,) int32 token ids of each document."""
+    n_bytes: np.ndarray
+    """(D,) int64 UTF-8 bytes of each document's text."""
+    context: int
 
 
 @dataclass(frozen=True)
@@ -517,7 +533,8 @@ def save_probes(p: ProbeSet, path: Path) -> None:
     of, oo = ragged(objects)
     np.savez(path, fact_ids=np.array(p.fact_ids), fact_group=p.fact_group, fact_index=p.fact_index,
              heldout=p.heldout, answer=p.answer, n_choices=p.n_choices, pf=pf, po=po, of=of, oo=oo,
-             table=np.array(table, dtype=np.int64).reshape(len(table), p.n_choices), probe_list=probe_list)
+             table=np.array(table, dtype=np.int64).reshape(len(table), p.n_choices), probe_list=probe_list,
+             **({} if p.fact_frequency is None else {"fact_frequency": p.fact_frequency.astype(np.int64)}))
 
 
 def load_probes(path: Path) -> ProbeSet:
@@ -526,7 +543,8 @@ def load_probes(path: Path) -> ProbeSet:
     lists = [[objects[a] for a in row] for row in z["table"].tolist()]
     cands = [lists[j] for j in z["probe_list"].tolist()]
     return ProbeSet(z["fact_ids"].tolist(), z["fact_group"], z["fact_index"], z["heldout"], _slices(z["pf"], z["po"]),
-                    cands, z["answer"], int(z["n_choices"]))
+                    cands, z["answer"], int(z["n_choices"]),
+                    z["fact_frequency"] if "fact_frequency" in z.files else None)
 
 
 def subset_probes(probes: ProbeSet, keep_fact: np.ndarray) -> ProbeSet:
@@ -536,4 +554,5 @@ def subset_probes(probes: ProbeSet, keep_fact: np.ndarray) -> ProbeSet:
     sel = np.flatnonzero(keep_probe)
     return ProbeSet([fid for fid, k in zip(probes.fact_ids, keep_fact) if k], probes.fact_group[keep_fact],
                     new_index[probes.fact_index[sel]], probes.heldout[sel], [probes.prompt[i] for i in sel],
-                    [probes.candidates[i] for i in sel], probes.answer[sel], probes.n_choices)
+                    [probes.candidates[i] for i in sel], probes.answer[sel], probes.n_choices,
+                    None if probes.fact_frequency is None else probes.fact_frequency[keep_fact])

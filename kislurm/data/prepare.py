@@ -52,6 +52,7 @@ import shutil
 import socket
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -59,13 +60,15 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from kislurm.plan.config import DataConfig, config_to_dict
-from kislurm.data.knowledge import (DataError, KnowledgeBase, ProbeSet, RelationTemplates, Templates, build_probes,
+from kislurm.data.census import census_digest, check_knowledge, corpus_counts
+from kislurm.data.knowledge import (DataError, HeldoutDocs, KnowledgeBase, ProbeSet, RelationTemplates, Templates, build_probes,
                                     check_distractors, check_templates, load_base, load_probes, read_templates,
-                                    read_triplets, save_base, save_probes, subset_probes, synthetic_bases)
+                                    ragged, read_triplets, save_base, save_probes, subset_probes,
+                                    synthetic_bases)
 from kislurm.data.streams import (PASS_UNITS, Sentences, StreamPlan, _passes, neighbour_sharing, pack,
                                   plan_fixed_exposures, plan_fixed_facts, stream_layout)
-from kislurm.data.tokenizer import (Tokenizer, corpus_texts, encode_facts, load_tokenizer, ragged_rows, train_bpe,
-                                    training_sentences)
+from kislurm.data.tokenizer import (Tokenizer, check_base_tokenizer, corpus_texts, encode_facts, load_tokenizer,
+                                    ragged_rows, train_bpe, training_sentences)
 from kislurm.publish import publish, publishing
 
 _Sentences, _pack = Sentences, pack   # the names tools/bench_data.py uses
@@ -74,6 +77,8 @@ FORMAT_VERSION = 1
 TOKENIZER_SENTENCES = 100_000   # the BPE is trained on at most this many corpus sentences (a seeded sample)
 _CHUNK_DOCS = 1 << 17
 _CHUNK_SAMPLES = 1 << 22   # megatron indices are counted in chunks of this many samples (bounded memory)
+_CENSUS_DEFAULTS = {"general_census": None, "max_contamination": 0.05, "heldout_general": 0.0}
+"""Issue 25's fields enter the fingerprint only when set, so data prepared before them keeps its folder."""
 _NOT_BASE = ("policy", "exposures_per_fact", "mix", "schedule", "reference_ratio", "stage_tokens")
 """Data fields that change the streams a cell draws (or, for the controls, how it draws them), not the base."""
 
@@ -189,6 +194,8 @@ def fingerprint(data: DataConfig) -> str:
         _check_prefix(data.general_prefix)
         st = os.stat(data.general_prefix + ".idx")
         inputs["general_prefix"] = [st.st_size, st.st_mtime_ns]
+    if data.general_census is not None:
+        inputs["general_census"] = census_digest(data.general_census)
     blob = json.dumps({"format": FORMAT_VERSION, "data": _base_config(data), "inputs": inputs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -196,7 +203,8 @@ def fingerprint(data: DataConfig) -> str:
 def _base_config(data: DataConfig) -> dict:
     """The data config without the fields that only choose a cell's knowledge stream (one base serves both
     policies and every exposures_per_fact; the streams are named by what they hold)."""
-    return {k: v for k, v in config_to_dict(data).items() if k not in _NOT_BASE}
+    return {k: v for k, v in config_to_dict(data).items()
+            if k not in _NOT_BASE and not (k in _CENSUS_DEFAULTS and v == _CENSUS_DEFAULTS[k])}
 
 
 def _check_prefix(prefix: str) -> None:
@@ -297,6 +305,8 @@ def _bases(data: DataConfig) -> tuple[KnowledgeBase, KnowledgeBase, Templates]:
         gen = read_triplets(data.general_probes, "general")
     elif gen is None:
         gen = read_triplets(data.general_triplets, "general")
+    if data.general_census is not None:
+        check_knowledge(data.general_census, gen, kb, data.max_contamination)
     where = data.templates_file or "synthetic templates"
     for base in (gen, kb):
         check_templates(base, templates, str(where))
@@ -310,6 +320,9 @@ def _build_base(data: DataConfig, out: Path) -> None:
         corpus_texts([gen, kb], templates, max_sentences=TOKENIZER_SENTENCES, seed=data.seed), data.vocab_size)
     enc_g, enc_k = encode_facts(tok, gen, templates), encode_facts(tok, kb, templates)
     probes = build_probes([(gen, enc_g, 0), (kb, enc_k, 1)], data.distractors, data.seed)
+    if data.general_census is not None:     # each general fact's corpus count; knowledge facts: -1 (not counted)
+        counts = np.concatenate([corpus_counts(data.general_census, gen), np.full(len(kb.facts), -1, np.int64)])
+        probes = dataclasses.replace(probes, fact_frequency=counts)
     tok.save(out / "tokenizer.json")
     save_base(gen, out / "general.json")
     save_base(kb, out / "knowledge.json")
@@ -381,8 +394,43 @@ def _build_general_stream(root: Path, out: Path, seq_length: int) -> None:
     ids = _passes(s, n_facts, t_max, data_seed, 1).reshape(t_max, n_facts)
     fact = np.searchsorted(s.first, ids, side="right") - 1
     ids = ids[np.arange(t_max)[:, None] < s.n_train[fact]]   # pass p holds facts with more than p templates
+    tok = load_tokenizer(root / "tokenizer.json")
+    share = float(json.loads((root / "manifest.json").read_text())["data"].get("heldout_general", 0.0))
+    if share > 0:       # documents no cell trains on: out of the stream, into heldout.npz
+        held = heldout_mask(len(s.fact), share, data_seed)
+        ids = ids[~held[ids]]
+        _write_heldout(out / "heldout.npz", s, np.flatnonzero(held), tok)
     bounds = _pack(s.lengths[ids], seq_length)
-    _write_stream(out, s, ids, bounds, seq_length, load_tokenizer(root / "tokenizer.json"), {"kind": "general"})
+    _write_stream(out, s, ids, bounds, seq_length, tok, {"kind": "general", "heldout_general": share})
+
+
+def heldout_mask(n: int, share: float, seed: int) -> np.ndarray:
+    """(n,) bool: document i is held out when a hash of (seed, i) (splitmix64) falls below `share`: spread over the
+    whole stream, not a contiguous tail, and the same set for every cell and every seq_length."""
+    with np.errstate(over="ignore"):
+        z = np.arange(n, dtype=np.uint64) + np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < share
+
+
+def _write_heldout(path: Path, s: _Sentences, held: np.ndarray, tok: Tokenizer) -> None:
+    """The held-out documents' tokens (their EOD dropped: it is not scored) and UTF-8 bytes (for bits per byte)."""
+    docs = [s.flat[s.off[i]: s.off[i + 1] - 1] for i in held.tolist()]
+    n_bytes = np.array([len(tok.decode(d.tolist()).encode("utf-8")) for d in docs], dtype=np.int64)
+    flat, off = ragged(docs) if docs else (np.zeros(0, np.int32), np.zeros(1, np.int64))
+    np.savez(path, flat=flat, off=off, n_bytes=n_bytes, index=held.astype(np.int64))
+
+
+def heldout_documents(prepared: PreparedData) -> Optional[HeldoutDocs]:
+    """The general stream's held-out documents (data.heldout_general > 0), or None."""
+    path = Path(prepared.general_prefix).parent / "heldout.npz"
+    if not prepared.general_is_facts or not path.is_file():      # a user's corpus folder is never looked into
+        return None
+    z = np.load(path)
+    docs = [z["flat"][a:b] for a, b in zip(z["off"][:-1].tolist(), z["off"][1:].tolist())]
+    return HeldoutDocs(docs, z["n_bytes"], prepared.tokenizer.eod)
 
 
 def knowledge_samples(n_samples: int, ratio: float) -> int:
@@ -489,7 +537,10 @@ def prepare_run(cfg, cells: Optional[list] = None, progress: Optional[Callable[[
 
     t0 = time.perf_counter()
     cells = expand(cfg) if cells is None else cells
+    for base in sorted({c.model.init_from for c in cells if c.model.init_from is not None}):
+        check_base_tokenizer(cfg.data.tokenizer, base)  # before anything is built
     data_dir = RunPaths(run_dir(cfg)).data
+    warn_without_census(cfg.data)
     log = data_dir / "builds.log"
     seen = len(log.read_text().splitlines()) if log.is_file() else 0
     size = _tree_bytes(data_dir)
@@ -509,6 +560,18 @@ def prepare_run(cfg, cells: Optional[list] = None, progress: Optional[Callable[[
     return {"data": str(data_dir), "cells": len(cells), "streams": len(streams),
             "built": [line.split()[0] for line in built], "bytes_written": max(0, _tree_bytes(data_dir) - size),
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def warn_without_census(data: DataConfig) -> None:
+    """Real facts without a census: nothing shows the general probes are in the corpus, nor the knowledge absent."""
+    if data.general_census is None and (data.source == "triplets" or data.general_prefix is not None):
+        warnings.warn("data.general_census is not set: nothing checks that the general probes occur in the general "
+                      "corpus nor that the knowledge facts are absent from it; fix: run `kislurm census` and set "
+                      "data.general_census (docs/census.md)", CensusWarning, stacklevel=2)
+
+
+class CensusWarning(UserWarning):
+    """Real facts prepared without a census (shown once per `kislurm prepare`)."""
 
 
 def is_prepared(cfg, cells: list) -> bool:
@@ -669,6 +732,25 @@ def _exposures(stream_dir: Path, doc_counts: np.ndarray, n_facts: int) -> tuple[
     per_sentence = np.repeat(doc_counts[: len(z["bounds"]) - 1], np.diff(z["bounds"]))
     exposures = np.bincount(z["fact"], weights=per_sentence, minlength=n_facts).astype(np.int64)
     return exposures, int(np.dot(doc_counts[: len(z["doc_tokens"])], z["doc_tokens"]))
+
+
+def fact_frequency(prepared: PreparedData, cell, dataset, probes: ProbeSet) -> tuple[Optional[np.ndarray], str]:
+    """(F,) int64 frequency of each probed fact and its unit, for the store's fact table (-1: none): the census's
+    document counts when the data has a census ("corpus_documents"); otherwise, for an infusion cell on a synthetic
+    general stream, the times this cell trains on each general fact ("general_exposures", counted from megatron's
+    indices, as blend_stats does); otherwise (None, "")."""
+    if probes.fact_frequency is not None:
+        return probes.fact_frequency, "corpus_documents"
+    if not prepared.general_is_facts or cell.control != "infusion":
+        return None, ""
+    gdir = Path(prepared.general_prefix).parent
+    g_docs = json.loads((gdir / "info.json").read_text())["docs"]
+    kinfo = knowledge_stream(prepared, cell)
+    (g_counts, _), _, _ = _usage(dataset, cell.mix_samples, prepared.seq_length, [g_docs, kinfo["docs"]])
+    exposures, _ = _exposures(gdir, g_counts, len(prepared.general.facts))
+    out = np.full(len(probes.fact_ids), -1, dtype=np.int64)
+    out[probes.fact_group == 0] = exposures      # the general facts come first, in base order, in every cell
+    return out, "general_exposures"
 
 
 def _summary(x: np.ndarray, prefix: str) -> dict:

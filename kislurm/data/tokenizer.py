@@ -9,6 +9,7 @@ prompt + object + suffix, so a probe's candidate tokens are exactly the tokens i
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -86,6 +87,26 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise DataError(f"{path}: not a tokenizers JSON file ({str(e)[:120]}); fix: save it with "
                         "tokenizers' Tokenizer.save") from None
     return Tokenizer(tok, source=str(path))
+
+
+def _tokenizing(path: Path) -> dict:
+    """What decides a tokenizer's ids: its model (vocabulary, merges), normalizer, pre-tokenizer and added tokens."""
+    spec = json.loads(HFTokenizer.from_file(str(path)).to_str())
+    added = sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])
+    return {"model": spec.get("model"), "normalizer": spec.get("normalizer"),
+            "pre_tokenizer": spec.get("pre_tokenizer"), "added_tokens": added}
+
+
+def check_base_tokenizer(path: str | None, base: str) -> None:
+    """A cell that starts from a base model (init_from) must tokenize as the base did: data.tokenizer must be the
+    base's own tokenizer.json (same vocabulary, merges, pre-tokenization and added tokens)."""
+    base_file = Path(base) / "tokenizer.json"
+    if not base_file.is_file():
+        raise DataError(f"{base}: the base has no tokenizer.json; fix: save its fast tokenizer there "
+                        "(tokenizer.save_pretrained(folder))")
+    if path is None or _tokenizing(Path(path)) != _tokenizing(base_file):
+        raise DataError(f"data.tokenizer {path} differs from the base's {base_file}; fix: unset data.tokenizer (the "
+                        "base's is then used) or set it to the base's tokenizer.json")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:

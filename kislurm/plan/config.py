@@ -80,6 +80,19 @@ class ModelPreset:
     Must divide num_attention_heads, and tensor_parallel must divide it."""
     tie_embeddings: bool = True
     """Share the input embedding with the output layer (GPT-2); false: a separate output layer (Llama)."""
+    linear_bias: bool = True
+    """Biases on the attention and MLP linear layers (GPT-2, megatron's add_bias_linear); false: none (Llama). Norms
+    keep theirs either way."""
+    norm_eps: float = 1e-5
+    """Epsilon of every norm (megatron's layernorm_epsilon); a base model imported from HuggingFace sets its own."""
+    rotary_base: float = 10000.0
+    """RoPE base (theta) with position_embedding: rope; a base model imported from HuggingFace sets its own."""
+    init_from: Optional[str] = None
+    """A HuggingFace model folder (Llama or GPT-2 family, docs/huggingface.md) the cells of this size start from,
+    instead of random weights: the architecture fields are read from its config.json (write none of them; seq_length
+    may be set, default its max_position_embeddings), the run's tokenizer must be the base's own (data.tokenizer
+    defaults to its tokenizer.json), and retention is also evaluated at step 0, before any training. Needs the
+    kislurm[hf] extra; tensor_parallel 1 (data_parallel any)."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Layer implementation: local (megatron's pure-PyTorch layers, the tested path, on CPU and GPU) or
     transformer_engine (Transformer Engine's fused layers: GPU only, opt-in, never run by this project's tests;
@@ -123,6 +136,11 @@ class ModelPreset:
         _check(self.transformer_impl == "local" or self.device == "gpu", "transformer_impl",
                "transformer_engine layers run on GPU only; fix: set transformer_impl: local (or device: gpu)")
         _check(self.timeout_min >= 1, "timeout_min", f"expected minutes >= 1, got {self.timeout_min}")
+        _check(self.init_from is None or self.tensor_parallel == 1, "tensor_parallel",
+               f"init_from loads the base's weights at tensor_parallel 1 only, got {self.tensor_parallel}; fix: set "
+               "tensor_parallel: 1 (data_parallel may be larger)")
+        _check(0 < self.norm_eps < 1, "norm_eps", f"expected a small positive epsilon, got {self.norm_eps}")
+        _check(self.rotary_base > 1, "rotary_base", f"expected a RoPE base > 1, got {self.rotary_base}")
 
     @property
     def ffn(self) -> int:
@@ -158,12 +176,13 @@ class ModelPreset:
         kv = self.query_groups * (h // self.num_attention_heads)  # key (and value) width
         norm = 2 * h if self.normalization == "layernorm" else h  # RMSNorm has no bias
         fc1 = 2 * f if self.activation == "swiglu" else f  # the gated unit's two halves
-        qkv = h * (h + 2 * kv) + (h + 2 * kv)
-        per_layer = norm + qkv + (h * h + h) + norm + (h * fc1 + fc1) + (f * h + h)
+        b = 1 if self.linear_bias else 0
+        qkv = h * (h + 2 * kv) + b * (h + 2 * kv)
+        per_layer = norm + qkv + (h * h + b * h) + norm + (h * fc1 + b * fc1) + (f * h + b * h)
         non_embedding = layers * per_layer + norm  # final norm
         positions = self.seq_length * h if self.position_embedding == "learned" else 0
         embedding = vocab_size * h * (1 if self.tie_embeddings else 2) + positions
-        replicated = layers * (2 * norm + 2 * h) + norm + positions
+        replicated = layers * (2 * norm + 2 * b * h) + norm + positions
         return {"total": non_embedding + embedding, "non_embedding": non_embedding, "embedding": embedding,
                 "replicated": replicated}
 
@@ -341,6 +360,17 @@ class DataConfig:
     """Raw text (files: [...], json_key: text) that `kislurm prepare` tokenizes with data.tokenizer into the general
     stream, once per content: the prefix lives under OUTPUT_ROOT/corpora/<fingerprint>/ and is used as
     general_prefix, so another experiment on the same files and tokenizer reuses it."""
+    general_census: Optional[str] = None
+    """Folder written by `kislurm census` over the general corpus with --knowledge: `kislurm prepare` refuses a
+    knowledge base sharing a subject-object pair with the general probes or more contaminated than
+    max_contamination, and carries each general fact's corpus count (docs_both) into the probes."""
+    max_contamination: float = 0.05
+    """With general_census: the largest share of knowledge facts that may already co-occur in the general corpus
+    (or share a pair with a general fact) before `kislurm prepare` refuses the knowledge base."""
+    heldout_general: float = 0.0
+    """Share of the general stream's documents (fact sentences) that no cell trains on, chosen by a hash of the
+    document index; every evaluation scores them (mean loss and bits per byte). 0: none. Needs a general stream
+    that kislurm builds (not general_prefix)."""
     mix: Literal["infusion", "fixed_general", "dilution"] = "infusion"
     """Control of the mix (issue 17; kislurm.analysis.controls). infusion: the cell's budget, a share r of knowledge samples.
     fixed_general: the general samples of every cell are those of an infusion cell at reference_ratio with the same
@@ -371,6 +401,13 @@ class DataConfig:
         _check(self.heldout_templates >= 0, "heldout_templates", "expected >= 0 held-out templates")
         _check(self.distractors >= 1, "distractors", f"expected k >= 1 distractors, got {self.distractors}")
         _check(self.exposures_per_fact >= 1, "exposures_per_fact", "expected >= 1 exposure per fact")
+        _check(0.0 <= self.heldout_general < 1.0, "heldout_general",
+               f"expected a share in [0, 1), got {self.heldout_general}; fix: e.g. 0.02")
+        _check(self.heldout_general == 0.0 or self.general_prefix is None, "heldout_general",
+               "held-out documents need a general stream that kislurm builds, not general_prefix; fix: hold "
+               "documents out when building the corpus, or set heldout_general: 0")
+        _check(0.0 <= self.max_contamination <= 1.0, "max_contamination",
+               f"expected a fraction between 0 and 1, got {self.max_contamination}")
         _check(self.vocab_size >= 64, "vocab_size", f"expected a vocabulary of >= 64 tokens, got {self.vocab_size}")
         if self.source == "triplets":
             _check(self.knowledge_triplets is not None, "knowledge_triplets",
@@ -386,6 +423,9 @@ class DataConfig:
         _check(self.general_corpus is None or (self.general_probes is not None and self.tokenizer is not None),
                "general_corpus", "general_corpus needs general_probes (facts known to be in it) and tokenizer (the "
                "tokenizer.json to encode it with); fix: set both")
+        _check(self.general_corpus is None or self.heldout_general == 0.0, "heldout_general",
+               "heldout_general needs a general stream that kislurm builds from facts, not general_corpus; fix: set "
+               "heldout_general: 0")
         # Files are checked by the data stage when it needs them (before anything is submitted), not here:
         # a cluster config must still plan and dry-run on a laptop that lacks the cluster's data.
 
@@ -604,6 +644,13 @@ class AnalysisConfig:
     validate_sizes: list[str] = field(default_factory=list)
     """Sizes (presets) that are trained but never fitted: each one's observed r* is reported against the law's
     prediction from the other sizes (`kislurm validate RUN --size NAME` plans and submits its cells)."""
+    frequency_bands: list[float] = field(default_factory=list)
+    """Inner edges of the frequency bands (corpus documents per fact from the census, or general exposures per
+    fact at the smallest ratio in synthetic runs), e.g. [10, 100]; empty: frequency_quantiles quantile bands."""
+    frequency_quantiles: int = 3
+    """Quantile bands when frequency_bands is empty (over the facts the smallest-ratio cell knows)."""
+    min_band_facts: int = 30
+    """A band holds at least this many facts: thinner neighbours are merged (fewer bands, never thin ones)."""
 
     def __post_init__(self) -> None:
         _check(self.bootstrap >= 0, "bootstrap", "expected >= 0 resamples")
@@ -612,6 +659,10 @@ class AnalysisConfig:
         _check(self.target_width is None or self.target_width > 0, "target_width", "expected a positive width")
         _check(len(set(self.validate_sizes)) == len(self.validate_sizes), "validate_sizes",
                "duplicate sizes; fix: list each size once")
+        _check(self.frequency_quantiles >= 1, "frequency_quantiles", "expected >= 1 band")
+        _check(self.min_band_facts >= 1, "min_band_facts", "expected >= 1 fact per band")
+        _check(list(self.frequency_bands) == sorted(set(self.frequency_bands)), "frequency_bands",
+               f"expected increasing edges, got {self.frequency_bands}; fix: e.g. [10, 100]")
         _check(0.5 <= self.confidence < 1, "confidence", f"expected a coverage in [0.5, 1), got {self.confidence}")
         for name, n in self.target_sizes.items():
             _check(n > 0, f"target_sizes.{name}", f"expected a positive parameter count, got {n}")
@@ -790,6 +841,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     prefix = f"{where}." if where else ""
+    if cls is ModelPreset and data.get("init_from") is not None:
+        data = _with_base_architecture(data, prefix)
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
@@ -805,16 +858,48 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise _FieldError(f"{prefix}{missing[0] if missing else '?'}", f"required key is missing ({e})") from None
 
 
+def build_section(cls: type, data: Any, where: str) -> Any:
+    """A config dataclass from its plain-data form (config_to_dict's output, or YAML), checked as a config file is:
+    a bad key or value raises ConfigError naming `where`."""
+    try:
+        return _build(cls, data, where)
+    except _FieldError as e:  # e.key starts with `where`
+        raise ConfigError(f"{e.key}: {e}") from None
+
+
+def _with_base_architecture(data: dict, prefix: str) -> dict:
+    """A preset with init_from: its architecture fields read from the base's config.json (kislurm.plan.hf)."""
+    from kislurm.errors import KislurmError
+    from kislurm.plan import hf
+
+    _check(isinstance(data["init_from"], str), f"{prefix}init_from", "expected the path of a HuggingFace folder")
+    seq = data.get("seq_length")
+    try:
+        fields = hf.base_preset_fields(data["init_from"], seq if isinstance(seq, int) else None)
+    except KislurmError as e:
+        raise _FieldError(f"{prefix}init_from", str(e)) from None
+    differ = [k for k in hf.ARCH_FIELDS if k in data and data[k] != fields[k]]  # a run's config.yaml repeats them
+    _check(not differ, f"{prefix}{differ[0] if differ else ''}", "init_from takes the architecture from the base's "
+           f"config.json, which gives {', '.join(f'{k} {fields[k]}' for k in differ)}; fix: remove "
+           f"{', '.join(differ)} from this preset")
+    return {**data, **fields}
+
+
 def _resolve_paths(data: dict, base: Path) -> dict:
     """Make file paths in the data section relative to the config file, so a run works from any directory."""
     section = data.get("data")
     if isinstance(section, dict):
-        for key in ("knowledge_triplets", "general_triplets", "templates_file", "tokenizer", "general_probes"):
+        for key in ("knowledge_triplets", "general_triplets", "templates_file", "tokenizer", "general_probes",
+                    "general_census"):
             if isinstance(section.get(key), str):
                 section[key] = str((base / Path(section[key]).expanduser()).resolve())
         corpus = section.get("general_corpus")
         if isinstance(corpus, dict) and isinstance(corpus.get("files"), list):
             corpus["files"] = [str(base / Path(f).expanduser()) if isinstance(f, str) else f for f in corpus["files"]]
+    models = data.get("models")
+    for preset in models.values() if isinstance(models, dict) else []:
+        if isinstance(preset, dict) and isinstance(preset.get("init_from"), str):
+            preset["init_from"] = str((base / Path(preset["init_from"]).expanduser()).resolve())
     data["output_root"] = str(Path(data.get("output_root", "runs")).expanduser().resolve())  # relative to cwd
     return data
 
@@ -828,9 +913,21 @@ def config_from_dict(data: Any, source: str = "<config>", base: Path | None = No
                           "fix: start the file with keys such as name:, grid:, data:")
     data = _resolve_paths(json.loads(json.dumps(data)), base or Path.cwd())
     try:
-        return _build(ExperimentConfig, data, "")
+        return _base_tokenizer(_build(ExperimentConfig, data, ""))
     except _FieldError as e:
         raise ConfigError(f"{source}: {e.key}: {e}") from None
+
+
+def _base_tokenizer(cfg: ExperimentConfig) -> ExperimentConfig:
+    """With init_from sizes in the grid, data.tokenizer defaults to the base's tokenizer.json (one base tokenizer
+    per run); whether a given data.tokenizer is the base's is checked by the data stage (it reads both files)."""
+    bases = sorted({cfg.presets[s].init_from for s in cfg.grid.sizes if cfg.presets[s].init_from is not None})
+    if not bases or cfg.data.tokenizer is not None:
+        return cfg
+    _check(len(bases) == 1, "data.tokenizer", f"the grid starts from {len(bases)} bases ({', '.join(bases)}): "
+           "one run has one tokenizer; fix: set data.tokenizer to the one they share, or one base per run")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(Path(bases[0]) /
+                                                                                     "tokenizer.json")))
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kislurm.errors import ConfigError
 from kislurm.plan.config import (CONTROL_DATA, DataConfig, EvalConfig, ExperimentConfig, ModelPreset, TrainConfig,
-                                 config_to_dict)
+                                 build_section, config_to_dict)
 from kislurm.plan.estimate import plan_vocab_size, resolve_layout
 
 
@@ -113,18 +114,51 @@ class Cell:
     @property
     def eval_steps(self) -> list[int]:
         """Steps after which retention is evaluated: every eval_interval, and always the last step (and, staged, the
-        end of the general phase: the baseline forgetting is measured from)."""
+        end of the general phase: the baseline forgetting is measured from; and step 0, before any training, for a
+        cell that starts from a base model: what the base knew)."""
         steps = list(range(self.train.eval_interval, self.steps, self.train.eval_interval))
+        if self.model.init_from is not None:
+            steps = [0, *steps]
         if self.phase1_steps and self.phase1_steps not in steps:
             steps = sorted([*steps, self.phase1_steps])
         return steps + [self.steps]
 
     def to_json(self) -> dict[str, Any]:
+        """The cell.json record: id, name, the effective settings, and under `cell` every field of every section, so
+        the cell can be rebuilt from this record alone (Cell.from_json), whatever config produced it."""
         return {"cell_id": self.cell_id, "name": self.name, "steps": self.steps, "n_samples": self.n_samples,
                 **self.effective(), "layout": {"tensor_parallel": self.model.tensor_parallel,
                                                "pipeline_parallel": self.model.pipeline_parallel,
                                                "data_parallel": self.model.data_parallel,
-                                               "device": self.model.device}}
+                                               "device": self.model.device},
+                "cell": {"size": self.size, "ratio": self.ratio, "tokens": self.tokens, "seed": self.seed,
+                         **{k: config_to_dict(getattr(self, k)) for k in _SECTIONS}}}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any], source: str = "cell.json") -> "Cell":
+        """The cell that wrote `record` (to_json's output); refused when the record predates the full form or its
+        sections no longer hash to the recorded id (a kislurm whose defaults or id rules changed)."""
+        full = record.get("cell")
+        if not isinstance(full, dict):
+            raise ConfigError(f"{source}: written by an older kislurm without the full cell; fix: run the cell "
+                              "through its run's config (python -m kislurm.cluster.cell_job RUN CELL) or resubmit")
+        try:
+            cell = cls(size=str(full["size"]), ratio=float(full["ratio"]), tokens=int(full["tokens"]),
+                       seed=int(full["seed"]), **{k: build_section(t, full[k], f"{source}: cell.{k}")
+                                                   for k, t in _SECTIONS.items()})
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{source}: damaged cell record ({type(e).__name__}: {e}); fix: delete it and "
+                              "resubmit the run, which writes it again") from None
+        if cell.cell_id != record.get("cell_id"):
+            raise ConfigError(f"{source}: its settings hash to cell id {cell.cell_id}, not the recorded "
+                              f"{record.get('cell_id')}; fix: use the kislurm version that wrote the run")
+        return cell
+
+
+_SECTIONS = {"model": ModelPreset, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+"""A cell's config sections, as Cell names its fields."""
 
 
 TRAIN_NOT_IN_ID = ("checkpoint_minutes", "keep_final", "async_save", "overlap_dp_comm", "timeout_startup_min",
@@ -138,9 +172,11 @@ def share_samples(n_samples: int, ratio: float) -> int:
 
 
 _DATA_OMIT_IF_DEFAULT = {"mix": "infusion", "schedule": "mixed", "reference_ratio": None, "stage_tokens": None,
+                         "general_census": None, "max_contamination": 0.05, "heldout_general": 0.0,
                          "general_corpus": None}
-"""Data fields of issue 17's controls and issue 24's general_corpus: they enter the id only at a non-default value,
-so every infusion cell keeps the id it had before they existed (the demo's table stays reproducible)."""
+"""Data fields of issue 17's controls, issue 25's census and issue 24's general_corpus: they enter the id only at a
+non-default value, so every infusion cell keeps the id it had before they existed (the demo's table stays
+reproducible)."""
 
 
 @functools.lru_cache(maxsize=1024)
@@ -170,7 +206,7 @@ def control_data(data: DataConfig, control: str, tokens: int, lowest_ratio: floa
 
 
 _OMIT_IF_DEFAULT = ("position_embedding", "activation", "normalization", "num_query_groups", "tie_embeddings",
-                    "transformer_impl")
+                    "transformer_impl", "linear_bias", "norm_eps", "rotary_base", "init_from")
 """Architecture fields added after ids were first published: they enter the id only at a non-default value, so
 every GPT-2-shaped cell keeps the id it had before they existed."""
 

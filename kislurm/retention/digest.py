@@ -14,7 +14,8 @@ Layout (DIGEST_VERSION 1), little-endian:
   payload header JSON {schema, schema_version, complete, n_steps, n_probes, metric_names, meta, arrays: [[name,
           dtype, shape], ...]}, then each array's bytes in that order, each starting on an 8-byte boundary:
           step (S,) int64, series (S, M) float32, final (M,) float64, last_correct (P bits), probe_fact_index (P,)
-          narrowest unsigned int, probe_heldout (P bits), fact_group (F,) int8.
+          narrowest unsigned int, probe_heldout (P bits), fact_group (F,) int8, and optionally fact_frequency (F,)
+          int64 (readers look arrays up by name, so an older reader ignores it).
 The file size and the checksum catch a truncated copy or an in-place edit: such a file is reported, not trusted.
 """
 
@@ -54,6 +55,7 @@ class StoreDigest:
     probe_fact_index: np.ndarray | None   # (P,) narrow_index form
     probe_heldout: np.ndarray | None      # (P,) bool
     fact_group: np.ndarray | None         # (F,) int8
+    fact_frequency: np.ndarray | None = None   # (F,) int64, where the store has one
 
 
 def narrow_index(index: np.ndarray) -> np.ndarray:

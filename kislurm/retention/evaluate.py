@@ -40,7 +40,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.utils import VocabUtility
 
-from kislurm.data.knowledge import ProbeSet
+from kislurm.data.knowledge import HeldoutDocs, ProbeSet
 from kislurm.errors import EvalError  # noqa: F401 (re-exported)
 
 GROUPS: tuple[str, ...] = ("general", "infused")
@@ -119,6 +119,20 @@ def _score_all(model, probes: ProbeSet, batch_size: int, exact_match: bool, proj
     core = _unwrap(model)
     check_probes(probes, max_length=core.max_sequence_length, vocab_size=core.vocab_size)
     seqs = _flatten(probes)
+    scores, misses, scored_here = _score_sequences(model, seqs, batch_size, exact_match, project_scored_only,
+                                                   shard_over_dp)
+    greedy = (misses == 0).cpu().numpy()
+    n_probes = len(probes.prompt)
+    probe_exact = greedy[seqs.is_answer] if exact_match else None  # answer rows in probe order
+    return scores.cpu().numpy().reshape(n_probes, probes.n_choices), probe_exact, scored_here
+
+
+def _score_sequences(model, seqs: _Sequences, batch_size: int, exact_match: bool, project_scored_only: bool,
+                     shard_over_dp: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(N,) float64 summed log-probability of each sequence's scored tokens (after its prompt), (N,) int32 tokens
+    that greedy decoding misses, and how many sequences this rank scored. With `shard_over_dp` the batches are dealt
+    over the DP ranks and the results all-reduced as sums (each sequence is scored on exactly one rank)."""
+    core = _unwrap(model)
     n = len(seqs.tokens)
     device = _device(core)
     scores = torch.zeros(n, dtype=torch.float64, device=device)
@@ -143,10 +157,40 @@ def _score_all(model, probes: ProbeSet, batch_size: int, exact_match: bool, proj
         group = parallel_state.get_data_parallel_group()
         torch.distributed.all_reduce(scores, group=group)
         torch.distributed.all_reduce(misses, group=group)
-    greedy = (misses == 0).cpu().numpy()
-    n_probes = len(probes.prompt)
-    probe_exact = greedy[seqs.is_answer] if exact_match else None  # answer rows in probe order
-    return scores.cpu().numpy().reshape(n_probes, probes.n_choices), probe_exact, scored_here
+    return scores, misses, scored_here
+
+
+def heldout_loss(model, docs: HeldoutDocs, batch_size: int) -> dict[str, float]:
+    """Mean loss per token (nats) and bits per byte of the held-out general documents.
+
+    Each document is scored after its context token, its own EOD left out. A document longer than the model's
+    window is cut into pieces, each predicted after the token before it. Like the probes, the batches are dealt over
+    the DP ranks (a collective over the DP group). Each piece's NLL is summed in float64 and all-reduced as a sum,
+    then the pieces are summed in one fixed order on the host, so DP=N gives DP=1's numbers. Bits per byte: the
+    summed NLL / (ln 2 x the documents' UTF-8 bytes)."""
+    core = _unwrap(model)
+    window = int(core.max_sequence_length)
+    tokens, prompt_len = [], []
+    for doc in docs.tokens:
+        doc = np.asarray(doc, dtype=np.int64)
+        for start in range(0, len(doc), window):
+            before = docs.context if start == 0 else int(doc[start - 1])
+            tokens.append(np.concatenate([[before], doc[start: start + window]]))
+            prompt_len.append(1)
+    if not tokens:
+        raise EvalError("no held-out documents to score; fix: raise data.heldout_general or leave it at 0")
+    ids = np.concatenate(tokens)
+    if ids.min() < 0 or ids.max() >= core.vocab_size:
+        raise EvalError(f"a held-out document has a token id outside the model's vocabulary [0, {core.vocab_size}); "
+                        "fix: build the model with this tokenizer's vocab size")
+    seqs = _Sequences(tokens=tokens, prompt_len=np.asarray(prompt_len, dtype=np.int64),
+                      input_len=np.array([len(t) - 1 for t in tokens], dtype=np.int64),
+                      is_answer=np.zeros(len(tokens), dtype=bool))
+    sums, _, _ = _score_sequences(model, seqs, batch_size, False, True, shard_over_dp=True)
+    nll = -float(np.sum(sums.cpu().numpy(), dtype=np.float64))
+    n_tokens = int(seqs.input_len.sum())
+    n_bytes = int(np.sum(docs.n_bytes))
+    return {"heldout_loss": nll / n_tokens, "heldout_bpb": nll / (math.log(2) * n_bytes) if n_bytes else math.nan}
 
 
 def _dp_share() -> tuple[int, int]:

@@ -26,7 +26,8 @@ Layout (SCHEMA_VERSION 1; HDF5 format bounds v110, readable by HDF5 >= 1.10 and 
   step (S,) int64 [dimension scale "step"], tokens (S,) int64, train_loss (S,) float64,
   metrics (S, M) float64 (attr `names`) with scale metric (M,), all chunked with an unlimited step axis;
   probe_correct / probe_exact (S, P) uint8 0/1, chunked and gzip-compressed, scales step and probe (P,);
-  fact (F,) fact ids [scale "fact"], fact_group (F,) int8, probe_fact_index (P,) int64, probe_heldout (P,) uint8.
+  fact (F,) fact ids [scale "fact"], fact_group (F,) int8, probe_fact_index (P,) int64, probe_heldout (P,) uint8;
+  optionally fact_frequency (F,) int64 (corpus documents or exposures per fact, unit in meta fact_frequency_unit).
   User block (ignored by HDF5): the digest aggregation reads (kislurm.retention.digest), the file's size and a checksum.
   Files written before the digest existed have none and are read through their datasets.
 
@@ -91,6 +92,7 @@ class CellRecord:
     fact_group: np.ndarray | None
     probe_fact_index: np.ndarray | None
     probe_heldout: np.ndarray | None
+    fact_frequency: np.ndarray | None = None   # (F,) int64, where the cell recorded one (meta: fact_frequency_unit)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class _Probes:
     fact_group: np.ndarray        # (F,) int8
     probe_fact_index: np.ndarray  # (P,) int64
     probe_heldout: np.ndarray     # (P,) bool
+    fact_frequency: np.ndarray | None = None   # (F,) int64 corpus documents or exposures per fact (-1: none)
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,7 @@ def _check_json(values: dict, what: str) -> dict:
                          "lists and dicts") from None
 
 
-def _probes(fact_ids, fact_group, probe_fact_index, probe_heldout) -> _Probes:
+def _probes(fact_ids, fact_group, probe_fact_index, probe_heldout, fact_frequency=None) -> _Probes:
     ids = tuple(str(x) for x in fact_ids)
     group = np.asarray(fact_group).astype(np.int8).reshape(-1)
     index = np.asarray(probe_fact_index).astype(np.int64).reshape(-1)
@@ -176,7 +179,10 @@ def _probes(fact_ids, fact_group, probe_fact_index, probe_heldout) -> _Probes:
                          "fix: pass the ProbeSet's arrays")
     if len(index) and (index.min() < 0 or index.max() >= len(ids)):
         raise ValueError("probe_fact_index points outside fact_ids; fix: pass the ProbeSet's fact_index")
-    return _Probes(ids, group, index, heldout)
+    freq = None if fact_frequency is None else np.asarray(fact_frequency).astype(np.int64).reshape(-1)
+    if freq is not None and len(freq) != len(ids):
+        raise ValueError(f"fact_frequency has {len(freq)} values for {len(ids)} facts; fix: one value per fact")
+    return _Probes(ids, group, index, heldout, freq)
 
 
 def _same_probes(a: _Probes, b: _Probes) -> bool:
@@ -199,6 +205,7 @@ def _record_json(state: _State) -> dict:
             "status": "complete" if state.complete else "running", "n_steps": int(len(state.step)),
             "metric_names": list(state.metric_names), "probe_exact": state.has_exact,
             "n_probes": int(len(state.probes.probe_fact_index)), "n_facts": len(state.probes.fact_ids),
+            "fact_frequency": state.probes.fact_frequency is not None,
             "step": state.step.tolist(), "tokens": state.tokens.tolist(), "train_loss": state.train_loss.tolist(),
             "meta": state.meta}
 
@@ -224,7 +231,8 @@ def _digest_payload(state: _State) -> tuple[bytes, int]:
         ("step", state.step.astype("<i8")), ("series", metrics.astype("<f4")),
         ("final", metrics[-1].astype("<f8") if n else np.zeros(0, "<f8")), ("last_correct", np.packbits(last)),
         ("probe_fact_index", narrow_index(p.probe_fact_index)), ("probe_heldout", np.packbits(p.probe_heldout)),
-        ("fact_group", p.fact_group.astype(np.int8))])
+        ("fact_group", p.fact_group.astype(np.int8)),
+        *([] if p.fact_frequency is None else [("fact_frequency", p.fact_frequency.astype("<i8"))])])
 
 
 def read_digest(path: str | Path) -> StoreDigest:
@@ -242,7 +250,8 @@ def read_digest(path: str | Path) -> StoreDigest:
             meta=header["meta"], complete=bool(header["complete"]), step=a["step"].astype(np.int64),
             metric_names=names, series=a["series"], final=dict(zip(names, a["final"].tolist())),
             last_correct=bits(a["last_correct"]) if n else None, probe_fact_index=a["probe_fact_index"],
-            probe_heldout=bits(a["probe_heldout"]), fact_group=a["fact_group"])
+            probe_heldout=bits(a["probe_heldout"]), fact_group=a["fact_group"],
+            fact_frequency=a.get("fact_frequency"))
     except (KeyError, ValueError, TypeError) as exc:
         raise _damaged(path, exc) from None
 
@@ -289,7 +298,7 @@ def _digest_from_cell(rec: CellRecord) -> StoreDigest:
                        {k: float(v[-1]) for k, v in rec.metrics.items() if len(v)},
                        rec.probe_correct[-1].astype(bool) if rec.probe_correct is not None and len(rec.step)
                        else None, None if rec.probe_fact_index is None else narrow_index(rec.probe_fact_index),
-                       rec.probe_heldout, rec.fact_group)
+                       rec.probe_heldout, rec.fact_group, rec.fact_frequency)
 
 
 def _layout(f: h5py.File, state: _State) -> None:
@@ -325,6 +334,8 @@ def _layout(f: h5py.File, state: _State) -> None:
     probe = f.create_dataset("probe", data=np.arange(n_probes, dtype=np.int64))
     probe.make_scale("probe")
     f.create_dataset("fact_group", data=p.fact_group).dims[0].attach_scale(fact)
+    if p.fact_frequency is not None:
+        f.create_dataset("fact_frequency", data=p.fact_frequency).dims[0].attach_scale(fact)
     f.create_dataset("probe_fact_index", data=p.probe_fact_index).dims[0].attach_scale(probe)
     f.create_dataset("probe_heldout", data=p.probe_heldout.astype(np.uint8)).dims[0].attach_scale(probe)
     rows = min(64, max(1, 8192 // max(n_probes, 1)))  # ~8 KB chunks: reading the last row inflates little
@@ -369,14 +380,14 @@ class RetentionWriter:
 
     @classmethod
     def open(cls, path: Path, meta: dict, fact_ids: list[str], fact_group, probe_fact_index,
-             probe_heldout) -> "RetentionWriter":
+             probe_heldout, fact_frequency=None) -> "RetentionWriter":
         """Create the store, or resume an existing one after checking it belongs to the same cell and probe set."""
         path = Path(path)
         missing = [k for k in REQUIRED_META if k not in meta]
         if missing:
             raise ValueError(f"{path}: meta lacks {missing}; fix: pass at least {list(REQUIRED_META)}")
         meta = _check_json({k: v for k, v in meta.items() if k not in STORE_META}, f"{path}: meta")
-        probes = _probes(fact_ids, fact_group, probe_fact_index, probe_heldout)
+        probes = _probes(fact_ids, fact_group, probe_fact_index, probe_heldout, fact_frequency)
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)  # left by a writer killed mid-publish; never visible to readers
@@ -508,7 +519,8 @@ def _resume_state(path: Path, meta: dict, probes: _Probes) -> _State:
     if rec.meta.get("cell_id") != meta["cell_id"]:
         raise StoreError(f"{path}: holds cell {rec.meta.get('cell_id')!r}, not {meta['cell_id']!r}; fix: give each "
                          "cell its own folder, or delete the stale file")
-    stored = _Probes(tuple(rec.fact_ids), rec.fact_group, rec.probe_fact_index, rec.probe_heldout)
+    stored = _Probes(tuple(rec.fact_ids), rec.fact_group, rec.probe_fact_index, rec.probe_heldout,
+                     probes.fact_frequency)     # the frequencies of this session (a fact table, not a result)
     if not _same_probes(stored, probes):
         raise StoreError(f"{path}: was written with a different probe set; fix: rerun the cell from scratch "
                          "(delete the file and its checkpoints) or restore the original prepared data")
@@ -603,7 +615,7 @@ def _read(path: Path, matrix: bool | str, fact_ids: bool = True) -> CellRecord:
         if not len(step) == len(tokens) == len(loss) == n:
             raise ValueError(f"the record's series lengths {len(step)}, {len(tokens)}, {len(loss)} are not {n}")
         values = _read_array(fid, b"metrics", np.float64, (n, len(names)))
-        probe = dict.fromkeys(("correct", "exact", "ids", "group", "index", "heldout"))
+        probe = dict.fromkeys(("correct", "exact", "ids", "group", "index", "heldout", "frequency"))
         if matrix:
             last, n_probes = matrix == "last", record["n_probes"]
             probe["correct"] = _read_matrix(fid, b"probe_correct", n, n_probes, last)
@@ -612,11 +624,14 @@ def _read(path: Path, matrix: bool | str, fact_ids: bool = True) -> CellRecord:
             probe.update(ids=_read_fact_ids(fid) if fact_ids else None,
                          group=_read_array(fid, b"fact_group", np.int8),
                          index=_read_array(fid, b"probe_fact_index", np.int64),
-                         heldout=_read_array(fid, b"probe_heldout", np.uint8).astype(bool))
+                         heldout=_read_array(fid, b"probe_heldout", np.uint8).astype(bool),
+                         frequency=_read_array(fid, b"fact_frequency", np.int64)
+                         if record.get("fact_frequency") else None)
         return CellRecord(path=path, meta=record["meta"], complete=bool(record["complete"]), step=step,
                           tokens=tokens, train_loss=loss, metrics={k: values[:, j] for j, k in enumerate(names)},
                           probe_correct=probe["correct"], probe_exact=probe["exact"], fact_ids=probe["ids"],
-                          fact_group=probe["group"], probe_fact_index=probe["index"], probe_heldout=probe["heldout"])
+                          fact_group=probe["group"], probe_fact_index=probe["index"], probe_heldout=probe["heldout"],
+                          fact_frequency=probe["frequency"])
 
 
 def read_cell(path: Path, matrix: bool | str = True, fact_ids: bool = True) -> CellRecord:

@@ -98,6 +98,8 @@ def transformer_config(preset: ModelPreset, init_std: float, precision: str) -> 
         num_query_groups=preset.query_groups,
         ffn_hidden_size=preset.ffn,
         normalization=_NORM[preset.normalization],
+        layernorm_epsilon=preset.norm_eps,
+        add_bias_linear=preset.linear_bias,
         gated_linear_unit=swiglu,
         activation_func=F.silu if swiglu else F.gelu,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
@@ -137,6 +139,7 @@ def build_model(preset: ModelPreset, vocab_size: int, init_std: float, precision
         parallel_output=True,
         share_embeddings_and_output_weights=preset.tie_embeddings,
         position_embedding_type="rope" if preset.position_embedding == "rope" else "learned_absolute",
+        rotary_base=preset.rotary_base,
     )
     if preset.device == "gpu" and torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())

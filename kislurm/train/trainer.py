@@ -229,6 +229,10 @@ class Trainer:
 
         seed_all(cell.seed)
         self.model: GPTModel = build_model(cell.model, vocab_size, cell.train.init_std, self.precision)
+        if cell.model.init_from is not None and found is None:  # a fresh start from a base model's weights
+            from kislurm.plan import hf
+
+            hf.init_from_base(self.model, cell.model)
         gpu = dist.device.type == "cuda"
         # On GPU the DP reduce-scatter of each gradient bucket starts as soon as its gradients are ready, and the
         # parameter all-gather of the distributed optimizer overlaps the next forward (megatron DDP's overlap);
