@@ -216,7 +216,7 @@ def tokenize_shard(shard: Shard, out: Path, tokenizer: str, eod: int, json_key: 
     with open(out / "tokens.bin", "wb") as f, concurrent.futures.ThreadPoolExecutor(1) as writer:
         pending = None
         for texts in in_background(text_batches(read_documents(shard, json_key))):
-            encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
+            encodings = tok.encode_batch(texts, add_special_tokens=False)
             if pending is not None:
                 pending.result()
             pending = writer.submit(write, f, encodings)
