@@ -204,6 +204,10 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
         from kislurm.train.monitor import check_monitor
 
         check_monitor(cfg.monitor)
+        if cfg.eval.downstream.tasks:  # eval.downstream without kislurm[eval]: one line naming it
+            from kislurm.retention.downstream import require_lm_eval
+
+            require_lm_eval()
     run = write_plan(cfg, planned if planned is not None else cells, force=force)
     states = cells_to_run(run, cells)
     todo = [c for c, s in states if s in RESUBMIT]
@@ -510,6 +514,25 @@ def aggregate(runs: tuple[str, ...], out: Optional[str], config: Optional[str]) 
     if getattr(result, "bands", None):   # a result cached before bands existed has none
         click.echo(f"retention by frequency band: {result.out / 'bands.md'}")
     click.echo(f"reports written to {result.out}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--tasks", required=True, metavar="TASKS",
+              help="Comma-separated lm-eval tasks: names (arc_easy, piqa...), task YAML paths, or kislurm_probes.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Documents per task (default: all).")
+def downstream(run: str, tasks: str, limit: Optional[int]) -> None:
+    """Score every finished cell's final weights on lm-eval TASKS through kislurm's scorer (needs kislurm[eval]);
+    results go to each cell's downstream.json; tasks already scored with this lm-eval version are skipped."""
+    from kislurm.cluster.downstream_job import score_run
+
+    paths = RunPaths(Path(run))
+    if not paths.config.is_file():
+        raise ConfigError(f"{run}: not a run folder (no config.yaml); fix: pass runs/NAME of a submitted run")
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    done, waiting = score_run(paths, names, limit, log=click.echo)
+    click.echo(f"{len(done)} cells scored or up to date" + (f"; {len(waiting)} not finished yet (skipped): "
+                                                          + ", ".join(waiting) if waiting else ""))
 
 
 @main.command()

@@ -34,16 +34,22 @@ def pytest_configure(config):
     cell_speed.apply(config.getoption("--cells"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`--dist loadgroup`), the Slurm tests of one cluster run in one worker, in file order:
     they share that cluster, and some restart it with other settings once its queue is empty. The two clusters'
     halves (slurm_fixtures.cluster_of) and everything else spread over the other workers, so the Slurm tests'
-    waiting overlaps the CPU-bound tests."""
+    waiting overlaps the CPU-bound tests.
+
+    A module that wants its other tests in one worker too (to build its module-scoped fixtures once) says so with
+    `XDIST_GROUP = "name"`; its Slurm tests still go with their cluster."""
     from slurm_fixtures import cluster_of
 
     for item in items:
         if item.get_closest_marker("slurm") is not None:
             item.add_marker(pytest.mark.xdist_group(f"slurm-{cluster_of(Path(str(item.fspath)))}"))
+        elif getattr(getattr(item, "module", None), "XDIST_GROUP", None):
+            item.add_marker(pytest.mark.xdist_group(item.module.XDIST_GROUP))
 
 
 def pytest_runtest_setup(item):

@@ -28,7 +28,7 @@ from kislurm.train import distributed
 from kislurm.train.model import build_model
 
 transformers = pytest.importorskip("transformers")  # the extra kislurm[hf]; tools/dev test installs it
-pytestmark = pytest.mark.xdist_group("hf")  # one worker trains the module's cells once (the Slurm test: its group)
+XDIST_GROUP = "hf"  # one worker trains the module's cells once (tests/conftest.py; the Slurm test: its cluster's)
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4

@@ -409,7 +409,7 @@ def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optiona
             print_ = fingerprint(keys, cfg)
             previous = _load_result(out, print_)
             if previous is not None:
-                return previous  # nothing changed since the last aggregation: its reports stand
+                return _with_downstream(previous, keys, out, echo, None)  # nothing changed: its reports stand
             importing = threading.Thread(target=_import_analysis, name="kislurm-imports")
             importing.start()
             summaries, unreadable, n_read = load_summaries(keys, cache or out / CACHE_NAME, cfg.metric,
@@ -418,6 +418,19 @@ def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optiona
         with worker_pool() as pool:  # forked with no other thread alive (the readers' are shut down)
             result = _aggregate(runs, keys, cfg, out, summaries, unreadable, n_read, echo, pool)
     _save_result(out, print_, result)
+    return _with_downstream(result, keys, out, echo, summaries)
+
+
+def _with_downstream(result: AggregateResult, keys: dict[str, tuple[int, int]], out: Path,
+                     echo: Callable[[str], Any], summaries: Optional[list[CellDigest]]) -> AggregateResult:
+    """Downstream scores vs ratio (kislurm.analysis.downstream) beside the reports. CELL/downstream.json (kislurm
+    downstream) is not among the inputs the cached result is keyed on, so it is looked at every time (a stat per
+    cell); the stores are read again only when some cell has downstream scores that the reports lack."""
+    from kislurm.analysis.downstream import reports_stand, write_downstream_reports
+
+    in_loop = summaries is not None and any(n.startswith("downstream/") for s in summaries for n in s.metric_names)
+    if not reports_stand(list(keys), out, stores_changed=in_loop):
+        write_downstream_reports(list(keys), out, echo)
     return result
 
 

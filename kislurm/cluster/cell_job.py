@@ -371,6 +371,7 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                                           probes.heldout, fact_frequency=frequency)
             writer.truncate_after(trainer.step if trainer.step else -1)  # a fresh start redoes a step-0 evaluation
         heartbeat = _Heartbeat(paths, trainer, cell, watchdog) if dist.is_main else None
+        downstream = _in_loop_downstream(cell, paths, prepared, probes, dist.rank, writer)
         evals = sorted(cell.eval_steps)
         history = [e for e in (writer.meta().get("throughput", []) if writer else []) if e["step"] <= trainer.step]
         segment = [0.0, 0.0]  # steps and seconds trained since the last evaluation (this process)
@@ -409,6 +410,7 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                     result = evaluate_retention(trainer.model, probes, cell.eval.batch_size, cell.eval.exact_match)
                     if heldout is not None:   # recorded beside the probe metrics
                         result.metrics.update(heldout_loss(trainer.model, heldout, cell.eval.batch_size))
+                    scores = downstream.scores(trainer.model, stop) if downstream else {}
                 _write_rank_report(paths, dist.rank, state="running", step=trainer.step,
                                    eval_candidates=result.scored_here)
                 previous = max([e for e in evals if e < stop], default=0)
@@ -416,9 +418,11 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                 mean_loss = sum(trainer.losses[previous:stop]) / (stop - previous) if stop else float("nan")
                 if writer is not None:
                     tokens = trainer.step * cell.train.global_batch_size * cell.model.seq_length
-                    writer.append(trainer.step, tokens, mean_loss, result.metrics, result.probe_correct,
-                                  result.probe_exact, meta={"throughput": history})
-                    monitor.retention(trainer.step, tokens, result.metrics)
+                    writer.append(trainer.step, tokens, mean_loss, {**result.metrics, **scores}, result.probe_correct,
+                                  result.probe_exact, meta={"throughput": history,
+                                                            **({"downstream": downstream.record} if downstream else {})})
+                    monitor.retention(trainer.step, tokens, {**result.metrics, **{k: v for k, v in scores.items()
+                                                                                  if v == v}})  # NaN: not scored
                     total = len(probes.prompt) * probes.n_choices
                     log(f"step {trainer.step}/{cell.steps} eval " + " ".join(
                         f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("_acc"))
@@ -453,6 +457,20 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
             monitor.close()
         distributed.teardown()
     return _summary(paths.store) if dist.is_main else {}
+
+
+def _in_loop_downstream(cell: Cell, paths: CellPaths, prepared: Any, probes: Any, rank: int,
+                        writer: Any) -> Any:
+    """eval.downstream's scorer for this cell (kislurm.retention.downstream.InLoop), or None when off. Each rank
+    writes its own copy of the probe task (no rank waits on another's file on a shared filesystem); rank 0 picks
+    up the downstream record a resumed store holds (the metric names of the evaluations that do not score)."""
+    if not cell.eval.downstream.tasks:
+        return None
+    from kislurm.retention.downstream import InLoop
+
+    stored = writer.meta().get("downstream") if writer is not None else None
+    return InLoop(cell.eval.downstream, cell.eval_steps, prepared, probes,
+                  paths.root / "downstream" / "tasks" / f"rank{rank}", cell.eval.batch_size, stored)
 
 
 class CellJob(submitit.helpers.Checkpointable):

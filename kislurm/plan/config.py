@@ -528,6 +528,24 @@ def effective_train(base: TrainConfig, preset: ModelPreset) -> TrainConfig:
 
 
 @dataclass(frozen=True)
+class DownstreamConfig:
+    """lm-eval tasks scored during training, through kislurm's own scorer (docs/downstream.md; needs the
+    kislurm[eval] extra). Not part of a cell's id: it adds scores, it changes no other result."""
+
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task names, paths of task YAML files, or kislurm_probes (the cell's probes as an lm-eval task);
+    empty: off."""
+    every: int = 1
+    """Score at every N-th evaluation; the first and the last evaluation always score."""
+    limit: Optional[int] = None
+    """Documents per task (lm-eval's limit); None: all of them."""
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, "every", "expected a positive number of evaluations")
+        _check(self.limit is None or self.limit >= 1, "limit", "expected a positive number of documents")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Retention probing."""
 
@@ -535,6 +553,8 @@ class EvalConfig:
     """Candidate sequences scored per forward pass."""
     exact_match: bool = True
     """Also record greedy exact match (a stricter second metric)."""
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    """lm-eval tasks scored beside the probes (off by default)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "batch_size", "expected a positive batch size")

@@ -160,6 +160,46 @@ def _score_sequences(model, seqs: _Sequences, batch_size: int, exact_match: bool
     return scores, misses, scored_here
 
 
+def score_continuations(model, contexts: list[np.ndarray], continuations: list[np.ndarray],
+                        batch_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Summed log-probability (N,) float64 of each continuation right after its context, whether greedy decoding
+    reproduces it (N,) bool (the target's logit strictly above every other token's at each position), and how many
+    sequences this rank scored: the probes' scorer for arbitrary (context, continuation) token pairs, which is
+    what lm-eval's loglikelihood requests are (kislurm.retention.downstream).
+
+    A collective over the model's DP and TP groups (every rank calls it with the same pairs and gets the whole
+    result); the batches are dealt over the DP ranks as for the probes. Each context needs a token, and each pair
+    must fit the model's sequence length (the caller truncates)."""
+    if len(contexts) != len(continuations):
+        raise EvalError(f"{len(contexts)} contexts but {len(continuations)} continuations; fix: pass one each")
+    if batch_size < 1:
+        raise EvalError(f"batch_size must be >= 1, got {batch_size}; fix: pass a positive batch size")
+    core = _unwrap(model)
+    tokens, prompt_len = [], []
+    for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
+        if len(ctx) == 0 or len(cont) == 0:
+            raise EvalError(f"request {i} has an empty {'context' if len(ctx) == 0 else 'continuation'}; fix: "
+                            "give every context and continuation a token (an empty context starts with EOD)")
+        tokens.append(np.concatenate([np.asarray(ctx, np.int64), np.asarray(cont, np.int64)]))
+        prompt_len.append(len(ctx))
+    if not tokens:
+        return np.zeros(0), np.zeros(0, bool), 0
+    input_len = np.fromiter((len(t) - 1 for t in tokens), dtype=np.int64, count=len(tokens))
+    if int(input_len.max()) > core.max_sequence_length:
+        i = int(input_len.argmax())
+        raise EvalError(f"request {i} needs {input_len[i]} positions but the model has {core.max_sequence_length}; "
+                        "fix: truncate its context from the left")
+    seqs = _Sequences(tokens=tokens, prompt_len=np.asarray(prompt_len, np.int64), input_len=input_len,
+                      is_answer=np.ones(len(tokens), dtype=bool))  # greedy match is checked for every pair
+    scores, misses, scored_here = _score_sequences(model, seqs, batch_size, True, True, shard_over_dp=True)
+    return scores.cpu().numpy(), (misses == 0).cpu().numpy(), scored_here
+
+
+def sequence_limit(model) -> int:
+    """Positions the model attends over (its max_sequence_length): the longest context + continuation - 1."""
+    return int(_unwrap(model).max_sequence_length)
+
+
 def heldout_loss(model, docs: HeldoutDocs, batch_size: int) -> dict[str, float]:
     """Mean loss per token (nats) and bits per byte of the held-out general documents.
 
