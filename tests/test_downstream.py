@@ -18,7 +18,7 @@ import pytest
 import torch
 
 pytest.importorskip("lm_eval", reason="needs the kislurm[eval] extra")
-pytestmark = pytest.mark.xdist_group("downstream")  # one worker trains the module's cell once
+XDIST_GROUP = "downstream"  # one worker trains the module's cell once (tests/conftest.py)
 
 from conftest import run_two_tasks  # noqa: E402
 
