@@ -403,6 +403,55 @@ def census(inputs: tuple[str, ...], facts: str, out: str, knowledge: Optional[st
 
 
 @main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("--out", "out_prefix", required=True, metavar="PREFIX", help="Writes PREFIX.bin and PREFIX.idx.")
+@click.option("--tokenizer", type=click.Path(dir_okay=False), help="A tokenizers JSON file (default: train a BPE on "
+              "a sample of the corpus, saved as PREFIX.tokenizer.json).")
+@click.option("--eod", metavar="TOKEN", help="End-of-document token (default: the first of <|endoftext|>, </s>, "
+              "<|end_of_text|> the tokenizer holds).")
+@click.option("--json-key", default="text", show_default=True, help="The key (or parquet column) holding the text.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local processes (each encode_batch already uses every core).")
+@click.option("--vocab-size", type=click.IntRange(min=300), default=32000, show_default=True,
+              help="Vocabulary of the trained tokenizer (without --tokenizer).")
+@click.option("--shard-mb", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Byte range per shard of an uncompressed JSONL file.")
+@click.option("--keep-shards", is_flag=True, help="Keep PREFIX.shards/ (the per-shard datasets) after the merge.")
+@click.option("--cluster", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="slurm: one array task per unfinished shard (submitit).")
+@click.option("--partition", help="Slurm partition (with --cluster slurm).")
+@click.option("--cpus", type=click.IntRange(min=1), default=2, show_default=True, help="CPUs per Slurm task.")
+@click.option("--time", "time_min", type=click.IntRange(min=1), default=60, show_default=True,
+              help="Minutes per Slurm task.")
+def corpus(inputs: tuple[str, ...], out_prefix: str, tokenizer: Optional[str], eod: Optional[str], json_key: str,
+           workers: int, vocab_size: int, shard_mb: int, keep_shards: bool, cluster: str, partition: Optional[str],
+           cpus: int, time_min: int) -> None:
+    """Tokenize INPUT... (JSONL, .jsonl.gz, .jsonl.zst, parquet, .txt; paths or quoted globs) into one megatron-core
+    indexed dataset PREFIX.bin/.idx, end-of-document after every document, as Megatron-LM's preprocess_data.py
+    --append-eod. Sharded and resumable: run the same command again after a kill or a time limit."""
+    from kislurm.data.corpus import build_corpus
+
+    executor = corpus_executor(Path(f"{out_prefix}.shards") / "submitit", partition, cpus, time_min) \
+        if cluster == "slurm" else None
+    report = build_corpus(inputs, out_prefix, tokenizer=tokenizer, eod=eod, json_key=json_key, workers=workers,
+                          executor=executor, shard_bytes=shard_mb << 20, vocab_size=vocab_size,
+                          keep_shards=keep_shards)
+    click.echo(report.line())
+
+
+def corpus_executor(folder: Path, partition: Optional[str], cpus: int, time_min: int) -> Any:
+    """A submitit Slurm executor for the corpus shards: one array task per shard, `cpus` CPUs each."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    params: dict[str, Any] = {"timeout_min": time_min, "cpus_per_task": cpus, "nodes": 1, "tasks_per_node": 1}
+    if partition:
+        params["slurm_partition"] = partition
+    executor.update_parameters(**params)
+    return executor
+
+
+@main.command()
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per cell, for scripts.")
 def status(run: str, as_json: bool) -> None:

@@ -219,6 +219,39 @@ def _check_prefix(prefix: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def corpora_dir(data_dir: Path) -> Path:
+    """OUTPUT_ROOT/corpora (a run's data folder is OUTPUT_ROOT/NAME/data): built general corpora, shared by every
+    experiment under the same output root."""
+    return Path(data_dir).absolute().parent.parent / "corpora"
+
+
+def general_corpus_prefix(data: DataConfig, data_dir: Path) -> Path:
+    """Where data.general_corpus is built: named by a fingerprint of its files (path, size, mtime), its JSON key
+    and the tokenizer's content, so the same corpus and tokenizer map to the same prefix in any experiment."""
+    from kislurm.data.sources import expand_inputs
+
+    corpus = data.general_corpus
+    files = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_inputs(list(corpus.files))]
+    blob = json.dumps({"files": files, "json_key": corpus.json_key, "tokenizer": _sha256_file(data.tokenizer)})
+    return corpora_dir(data_dir) / hashlib.sha256(blob.encode()).hexdigest()[:16] / "general"
+
+
+def with_general_corpus(data: DataConfig, data_dir: Path, build: bool) -> DataConfig:
+    """The data config with data.general_corpus replaced by the general_prefix it is built into (built here when
+    `build` and not yet published; otherwise a one-line error naming `kislurm prepare`)."""
+    if data.general_corpus is None:
+        return data
+    prefix = general_corpus_prefix(data, data_dir)
+    if not Path(f"{prefix}.idx").is_file():
+        if not build:
+            raise DataError(f"{prefix}.idx: data.general_corpus is not built yet; fix: run `kislurm prepare CONFIG`")
+        from kislurm.data.corpus import build_corpus
+
+        build_corpus(list(data.general_corpus.files), prefix, tokenizer=data.tokenizer,
+                     json_key=data.general_corpus.json_key, progress=False)
+    return dataclasses.replace(data, general_corpus=None, general_prefix=str(prefix))
+
+
 def prepare(data: DataConfig, data_dir: Path, seq_length: int) -> PreparedData:
     """Build (or reuse) everything a run's cells share: idempotent, process-safe, atomic.
 
@@ -228,6 +261,7 @@ def prepare(data: DataConfig, data_dir: Path, seq_length: int) -> PreparedData:
     data_dir = Path(data_dir)
     if seq_length < 2:
         raise DataError(f"seq_length {seq_length}: expected >= 2; fix: use the model's seq_length")
+    data = with_general_corpus(data, data_dir, build=True)
     if data.general_prefix is not None and data.tokenizer is None:
         raise DataError("data.general_prefix needs data.tokenizer: the tokenizer.json that tokenized that corpus; "
                         "fix: set data.tokenizer")
@@ -248,6 +282,7 @@ def prepare(data: DataConfig, data_dir: Path, seq_length: int) -> PreparedData:
 def load_prepared(data: DataConfig, data_dir: Path, seq_length: int) -> PreparedData:
     """What a cell reads: the prepared data, never built here. Anything missing is a one-line error naming
     `kislurm prepare`; the cell's knowledge stream is checked too when the cell asks for it."""
+    data = with_general_corpus(data, data_dir, build=False)
     root = Path(data_dir) / f"prep-{fingerprint(data)}"
     missing = [p for p in (root / "manifest.json", root / f"general-L{seq_length}" / "info.json")
                if not p.is_file() and not (data.general_prefix is not None and "general-L" in str(p))]

@@ -203,32 +203,24 @@ def _open_compressed(shard: Shard) -> Any:
 
 def _jsonl_lines(lines: Any, path: str, json_key: str, first_line: Optional[int],
                  first_offset: int = 0) -> Iterator[Document]:
-    """Documents of JSON lines. first_line None: the line number is counted from the file only when needed (an error,
-    or a document's line), since a byte-range shard does not know how many lines come before it."""
-    base = first_line
-    offset = first_offset
+    """Documents of JSON lines. first_line None: a byte-range shard does not know how many lines come before it, so
+    they are counted in the file (once per shard: a fast scan of the bytes before it)."""
+    base = first_line if first_line is not None else line_at(path, first_offset)
     try:
         for k, raw in enumerate(lines):
-            here = offset
-            offset += len(raw)
             if raw.isspace():
                 continue
             try:
-                rec = json.loads(raw)
+                rec = json.loads(raw.decode("utf-8"))   # decoded here: json.loads(bytes) would guess the encoding
             except UnicodeDecodeError as e:
-                base = base or line_at(path, first_offset)
                 raise CorpusInputError(f"{path}:{base + k}: bytes that are not UTF-8 ({e.reason} at byte "
                                        f"{e.start} of the line); fix: re-encode the file as UTF-8") from None
             except ValueError as e:
-                base = base or line_at(path, first_offset)
                 raise CorpusInputError(f"{path}:{base + k}: malformed JSON ({_first_line(e)}); fix: make every line "
                                        f"one JSON object, e.g. {{\"{json_key}\": \"...\"}}") from None
             text = rec.get(json_key) if isinstance(rec, dict) else None
             if not isinstance(text, str):
-                base = base or line_at(path, first_offset)
                 raise CorpusInputError(f"{path}:{base + k}: {_missing(rec, json_key)}")
-            if base is None:
-                base = line_at(path, first_offset)
             yield Document(text, path, base + k)
     except (OSError, EOFError) as e:  # gzip/zstd damage (BadGzipFile is an OSError; zstd raises ZstdError)
         raise CorpusInputError(f"{path}: unreadable ({_first_line(e)}); fix: recompress the file or name it "

@@ -305,6 +305,20 @@ class KnowledgeBaseSpec:
 
 
 @dataclass(frozen=True)
+class GeneralCorpus:
+    """A raw text corpus that `kislurm prepare` tokenizes into the general stream (as `kislurm corpus` does)."""
+
+    files: list[str] = field(default_factory=list)
+    """JSONL (.gz/.zst), parquet or .txt files and globs, relative to the config file."""
+    json_key: str = "text"
+    """The JSON key or parquet column that holds each document's text."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "files", tuple(self.files))   # hashable, as a frozen config must be
+        _check(len(self.files) >= 1, "files", "expected at least one file or glob; fix: e.g. files: [corpus/*.jsonl]")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the general and knowledge streams come from and how knowledge is infused."""
 
@@ -342,6 +356,10 @@ class DataConfig:
     """Existing Megatron indexed-dataset prefix used as the general stream (cluster runs on a real corpus)."""
     general_probes: Optional[str] = None
     """Probe file (JSONL facts) of general knowledge known to be in general_prefix's corpus."""
+    general_corpus: Optional[GeneralCorpus] = None
+    """Raw text (files: [...], json_key: text) that `kislurm prepare` tokenizes with data.tokenizer into the general
+    stream, once per content: the prefix lives under OUTPUT_ROOT/corpora/<fingerprint>/ and is used as
+    general_prefix, so another experiment on the same files and tokenizer reuses it."""
     general_census: Optional[str] = None
     """Folder written by `kislurm census` over the general corpus with --knowledge: `kislurm prepare` refuses a
     knowledge base sharing a subject-object pair with the general probes or more contaminated than
@@ -400,6 +418,14 @@ class DataConfig:
                    "source: triplets needs general_triplets or general_prefix for the general stream")
         _check(self.general_prefix is None or self.general_probes is not None, "general_probes",
                "general_prefix needs general_probes (facts known to be in that corpus) to measure retention")
+        _check(self.general_corpus is None or self.general_prefix is None, "general_corpus",
+               "general_corpus and general_prefix both name the general stream; fix: keep one of them")
+        _check(self.general_corpus is None or (self.general_probes is not None and self.tokenizer is not None),
+               "general_corpus", "general_corpus needs general_probes (facts known to be in it) and tokenizer (the "
+               "tokenizer.json to encode it with); fix: set both")
+        _check(self.general_corpus is None or self.heldout_general == 0.0, "heldout_general",
+               "heldout_general needs a general stream that kislurm builds from facts, not general_corpus; fix: set "
+               "heldout_general: 0")
         # Files are checked by the data stage when it needs them (before anything is submitted), not here:
         # a cluster config must still plan and dry-run on a laptop that lacks the cluster's data.
 
@@ -887,6 +913,9 @@ def _resolve_paths(data: dict, base: Path) -> dict:
                     "general_census"):
             if isinstance(section.get(key), str):
                 section[key] = str((base / Path(section[key]).expanduser()).resolve())
+        corpus = section.get("general_corpus")
+        if isinstance(corpus, dict) and isinstance(corpus.get("files"), list):
+            corpus["files"] = [str(base / Path(f).expanduser()) if isinstance(f, str) else f for f in corpus["files"]]
     models = data.get("models")
     for preset in models.values() if isinstance(models, dict) else []:
         if isinstance(preset, dict) and isinstance(preset.get("init_from"), str):

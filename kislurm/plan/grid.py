@@ -172,9 +172,11 @@ def share_samples(n_samples: int, ratio: float) -> int:
 
 
 _DATA_OMIT_IF_DEFAULT = {"mix": "infusion", "schedule": "mixed", "reference_ratio": None, "stage_tokens": None,
-                         "general_census": None, "max_contamination": 0.05, "heldout_general": 0.0}
-"""Data fields of issue 17's controls (and issue 25's census): they enter the id only at a non-default value, so every infusion cell keeps
-the id it had before they existed (the demo's table stays reproducible)."""
+                         "general_census": None, "max_contamination": 0.05, "heldout_general": 0.0,
+                         "general_corpus": None}
+"""Data fields of issue 17's controls, issue 25's census and issue 24's general_corpus: they enter the id only at a
+non-default value, so every infusion cell keeps the id it had before they existed (the demo's table stays
+reproducible)."""
 
 
 @functools.lru_cache(maxsize=1024)

@@ -1,0 +1,371 @@
+"""`kislurm corpus`: raw text (JSONL, parquet, text files) to one megatron-core indexed dataset, PREFIX.bin/.idx.
+
+Each document is encoded with the HF `tokenizers` tokenizer (encode_batch, no special tokens from the post-processor)
+and followed by the end-of-document id, as Megatron-LM's `tools/preprocess_data.py --append-eod` does: one sequence per
+document, dtype `DType.optimal_dtype(vocab size)`. Documents that encode to no token are skipped and counted.
+
+Shards (kislurm.data.sources) each publish their own small indexed dataset under PREFIX.shards/, so a kill or a time
+limit loses only the shards in flight. The merge then streams: the shards' .bin files are concatenated and the .idx
+arrays written chunk by chunk, giving the bytes of megatron-core's `IndexedDatasetBuilder.add_index` loop without its
+per-document Python lists. Memory is bounded by a shard's index and a chunk, never by the corpus.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import hashlib
+import itertools
+import json
+import os
+import queue
+import shutil
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+
+from kislurm.data.sources import (CorpusInputError, Shard, expand_inputs, map_shards, plan_shards, read_documents)
+from kislurm.data.tokenizer import train_bpe
+from kislurm.publish import atomic_write_json, publishing
+
+FORMAT_VERSION = 1
+EOD_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>")
+SHARD_BYTES = 64 << 20          # small enough for a progress bar that moves, large enough to amortise a worker's start
+BATCH_CHARS = 1 << 20           # characters per encode_batch call, at most
+BATCH_DOCS = 1 << 14            # documents per encode_batch call, at most (an Encoding costs memory per document)
+MERGE_CHUNK = 1 << 20           # index entries per chunk in the merge (bounded memory: ~8 MB an array)
+SAMPLE_CHARS = 8 << 20          # characters a tokenizer is trained on when none is given
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+
+
+@dataclass(frozen=True)
+class CorpusReport:
+    """What a build did: counts, the choices it made, and how long it took."""
+    prefix: str
+    documents: int
+    empty: int
+    tokens: int
+    shards: int
+    shards_reused: int
+    eod: int
+    eod_token: str
+    dtype: str
+    tokenizer: str
+    seconds: float
+
+    def line(self) -> str:
+        rate = f"{self.documents / max(self.seconds, 1e-9):,.0f} docs/s, {self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s"
+        return (f"{self.prefix}.bin/.idx: {self.documents:,} documents, {self.tokens:,} tokens ({self.dtype}, end of "
+                f"document {self.eod_token!r} = {self.eod}), {self.empty:,} empty documents skipped; {self.shards} "
+                f"shards ({self.shards_reused} reused); {self.seconds:.1f} s, {rate}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer and end-of-document
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_hf_tokenizer(path: str | Path) -> HFTokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusInputError(f"{path}: tokenizer file not found; fix: pass --tokenizer with a tokenizers JSON file "
+                               f"(tokenizer.json), or leave it out to train one on the corpus")
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # the Rust error is one long line
+        raise CorpusInputError(f"{path}: not a tokenizers JSON file ({str(e)[:120]}); fix: save it with tokenizers' "
+                               f"Tokenizer.save (a transformers tokenizer folder holds one as tokenizer.json)") from None
+
+
+def end_of_document(tok: HFTokenizer, eod: Optional[str], where: str) -> tuple[str, int]:
+    """The end-of-document token and id: `eod` if given, else the first of EOD_NAMES the tokenizer holds. A token is
+    never added to a user's tokenizer: without one, a one-line refusal naming --eod."""
+    if eod is not None:
+        i = tok.token_to_id(eod)
+        if i is None:
+            raise CorpusInputError(f"{where}: the tokenizer has no token {eod!r}; fix: pass --eod with a token it holds "
+                                   f"(its end-of-document token)")
+        return eod, i
+    for name in EOD_NAMES:
+        i = tok.token_to_id(name)
+        if i is not None:
+            return name, i
+    raise CorpusInputError(f"{where}: the tokenizer holds none of {', '.join(EOD_NAMES)}; fix: pass --eod TOKEN "
+                           f"naming its end-of-document token (kislurm never adds one to your tokenizer)")
+
+
+def token_dtype(tok: HFTokenizer) -> np.dtype:
+    """The dtype megatron-core picks for this vocabulary (DType.optimal_dtype)."""
+    from megatron.core.datasets.indexed_dataset import DType
+    return np.dtype(DType.optimal_dtype(tok.get_vocab_size(with_added_tokens=True)))
+
+
+def sample_texts(shards: Sequence[Shard], json_key: str, chars: int = SAMPLE_CHARS) -> Iterator[str]:
+    """A deterministic sample for training a tokenizer: the first documents of every shard, an equal share each."""
+    share = max(1, chars // max(1, len(shards)))
+    for shard in shards:
+        taken = 0
+        for doc in read_documents(shard, json_key):
+            if taken >= share:
+                break
+            taken += len(doc.text)
+            yield doc.text
+
+
+def trained_tokenizer(prefix: Path, shards: Sequence[Shard], json_key: str, vocab_size: int) -> Path:
+    """PREFIX.tokenizer.json: trained on a sample of the corpus, or the one a killed run already trained."""
+    path = Path(f"{prefix}.tokenizer.json")
+    if not path.is_file():
+        tok = train_bpe(sample_texts(shards, json_key), vocab_size)
+        with publishing(path) as tmp:
+            tok.save(tmp)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One shard
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_tokenizer(path: str) -> HFTokenizer:
+    return HFTokenizer.from_file(path)
+
+
+def text_batches(docs: Iterable[Any], chars: int = BATCH_CHARS, max_docs: int = BATCH_DOCS) -> Iterator[list[str]]:
+    """Texts grouped into batches of about `chars` characters or `max_docs` documents (one encode_batch call each)."""
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc.text)
+        size += len(doc.text)
+        if size >= chars or len(batch) >= max_docs:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def with_eod(encodings: list, eod: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, lengths) of the non-empty documents of a batch, each followed by `eod`; lengths include the eod."""
+    ids = [e.ids for e in encodings]
+    n = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(n.sum()))
+    n = n[n > 0]
+    return np.insert(flat, np.cumsum(n), eod).astype(dtype, copy=False), (n + 1).astype(np.int32)
+
+
+def in_background(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """The items of `items`, produced by a thread up to `depth` ahead (an exception is re-raised here), so that
+    reading and JSON parsing overlap encode_batch, which runs in Rust without the GIL."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((end, None))
+        except BaseException as e:  # handed to the consumer
+            q.put((end, e))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def tokenize_shard(shard: Shard, out: Path, tokenizer: str, eod: int, json_key: str, dtype: str) -> None:
+    """A map_shards work function: out/tokens.bin, out/tokens.idx (a megatron prefix) and out/stats.json.
+
+    Three stages overlap: a thread reads and parses the next batch, this thread encodes one (Rust threads), and a
+    writer thread turns the previous batch's encodings into arrays and writes them, in order."""
+    tok = _cached_tokenizer(tokenizer)
+    dt = np.dtype(dtype)
+    lengths: list[np.ndarray] = []
+    counts = {"documents": 0, "empty": 0}
+
+    def write(f: Any, encodings: list) -> None:
+        tokens, n = with_eod(encodings, eod, dt)
+        f.write(tokens.tobytes())
+        lengths.append(n)
+        counts["documents"] += len(n)
+        counts["empty"] += len(encodings) - len(n)
+
+    with open(out / "tokens.bin", "wb") as f, concurrent.futures.ThreadPoolExecutor(1) as writer:
+        pending = None
+        for texts in in_background(text_batches(read_documents(shard, json_key))):
+            encodings = tok.encode_batch(texts, add_special_tokens=False)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write, f, encodings)
+        if pending is not None:
+            pending.result()
+    seq = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+    write_index(out / "tokens.idx", dt, len(seq), len(seq) + 1, lambda: [seq],
+                lambda: [np.arange(len(seq) + 1, dtype=np.int64)])
+    atomic_write_json(out / "stats.json", {**counts, "tokens": int(seq.sum(dtype=np.int64))})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The index, written in chunks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def write_index(path: Path, dtype: np.dtype, n_seq: int, n_doc: int, lengths: Callable[[], Iterable[np.ndarray]],
+                documents: Callable[[], Iterable[np.ndarray]]) -> None:
+    """A megatron-core .idx (the layout of its _IndexWriter) from chunks: `lengths()` yields the int32 sequence
+    lengths, `documents()` the int64 document indices (from 0); each is called once per pass, so chunks can be
+    read from disk again rather than held."""
+    from megatron.core.datasets.indexed_dataset import DType
+    itemsize = np.int64(np.dtype(dtype).itemsize)
+    with open(path, "wb") as f:
+        f.write(_INDEX_HEADER + struct.pack("<Q", 1) + struct.pack("<B", DType.code_from_dtype(np.dtype(dtype).type)))
+        f.write(struct.pack("<Q", n_seq) + struct.pack("<Q", n_doc))
+        for chunk in lengths():
+            f.write(np.asarray(chunk, dtype=np.int32).tobytes())
+        pointer = np.int64(0)
+        for chunk in lengths():
+            ends = np.cumsum(np.asarray(chunk, dtype=np.int64) * itemsize)
+            if len(ends):
+                f.write((pointer + np.concatenate(([0], ends[:-1]))).astype(np.int64).tobytes())
+                pointer += ends[-1]
+        for chunk in documents():
+            f.write(np.asarray(chunk, dtype=np.int64).tobytes())
+
+
+def index_chunks(prefix: str, array: str, start: int, chunk: int) -> Iterator[np.ndarray]:
+    """Copies of `chunk` entries of one index array (megatron-core's reader: 'sequence_lengths' or
+    'document_indices') from entry `start`; the memory map is closed when the shard is done, so the resident pages
+    of a merge are one shard's at most."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    dataset = IndexedDataset(prefix, mmap=True)
+    values = getattr(dataset.index, array)
+    for a in range(start, len(values), chunk):
+        yield np.array(values[a:a + chunk])
+    del values, dataset
+
+
+def index_counts(prefix: str, dtype: np.dtype) -> tuple[int, int]:
+    """(sequences, documents) of a prefix; refuses another dtype or a multimodal index."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    idx = IndexedDataset(prefix, mmap=True).index
+    if np.dtype(idx.dtype) != np.dtype(dtype) or idx.sequence_modes is not None:
+        raise CorpusInputError(f"{prefix}.idx: dtype {np.dtype(idx.dtype)} (or multimodal) where {np.dtype(dtype)} "
+                               f"was expected; fix: build every shard with the same tokenizer")
+    return len(idx.sequence_lengths), len(idx.document_indices)
+
+
+def merge_prefixes(prefixes: Sequence[str], out_prefix: str, dtype: np.dtype, chunk: int = MERGE_CHUNK) -> None:
+    """Concatenate indexed datasets of one dtype into out_prefix.bin/.idx: the bytes megatron-core's
+    IndexedDatasetBuilder gives with one add_index per prefix, streamed (each file published atomically). A prefix
+    whose .bin is empty (a shard that owns no line, or only empty documents) adds nothing, as with add_index."""
+    prefixes = [p for p in prefixes if os.path.getsize(f"{p}.bin") > 0]
+    counts = [index_counts(p, dtype) for p in prefixes]
+
+    def lengths() -> Iterator[np.ndarray]:
+        for p in prefixes:
+            yield from index_chunks(p, "sequence_lengths", 0, chunk)
+
+    def documents() -> Iterator[np.ndarray]:
+        yield np.zeros(1, np.int64)
+        offset = 0
+        for p, (n_seq, _) in zip(prefixes, counts):
+            for d in index_chunks(p, "document_indices", 1, chunk):
+                yield offset + d
+            offset += n_seq
+
+    n_seq = sum(c[0] for c in counts)
+    n_doc = 1 + sum(c[1] - 1 for c in counts)
+    Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
+    with publishing(Path(f"{out_prefix}.bin")) as tmp, open(tmp, "wb") as f:
+        for p in prefixes:
+            with open(f"{p}.bin", "rb") as src:
+                shutil.copyfileobj(src, f, 16 << 20)
+    with publishing(Path(f"{out_prefix}.idx")) as tmp:
+        write_index(tmp, dtype, n_seq, n_doc, lengths, documents)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The whole build
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_corpus(inputs: Sequence[str], out_prefix: str | Path, tokenizer: Optional[str | Path] = None,
+                 eod: Optional[str] = None, json_key: str = "text", workers: int = 1, executor: Any = None,
+                 shard_bytes: int = SHARD_BYTES, vocab_size: int = 32000, progress: bool = True,
+                 keep_shards: bool = False) -> CorpusReport:
+    """Tokenize `inputs` into out_prefix.bin/.idx; a rerun after a kill redoes only the unfinished shards."""
+    t0 = time.perf_counter()
+    prefix = Path(out_prefix).absolute()
+    shards = plan_shards(expand_inputs(inputs), shard_bytes)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tok_path = Path(tokenizer) if tokenizer is not None else trained_tokenizer(prefix, shards, json_key, vocab_size)
+    tok = load_hf_tokenizer(tok_path)
+    eod_token, eod_id = end_of_document(tok, eod, str(tok_path))
+    dtype = token_dtype(tok)
+    tok_json = tok.to_str()
+    tok_hash = hashlib.sha256(tok_json.encode()).hexdigest()
+    work_dir = Path(f"{prefix}.shards")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tok_copy = work_dir / f"tokenizer-{tok_hash[:16]}.json"
+    if not tok_copy.is_file():
+        with publishing(tok_copy) as tmp:
+            tmp.write_text(tok_json)
+    salt = (f"v{FORMAT_VERSION}", tok_hash, str(eod_id), json_key, dtype.name)
+    reused = sum(1 for s in shards if (work_dir / s.identity(*salt)[:16]).is_dir())
+    work = functools.partial(tokenize_shard, tokenizer=str(tok_copy), eod=eod_id, json_key=json_key, dtype=dtype.name)
+    bar = _Progress(len(shards), progress)
+    try:
+        dirs = map_shards(shards, work, work_dir, salt=salt, workers=workers, executor=executor, progress=bar.update)
+    finally:
+        bar.close()
+    stats = [json.loads((d / "stats.json").read_text()) for d in dirs]
+    merge_prefixes([str(d / "tokens") for d in dirs], str(prefix), dtype)
+    if not keep_shards:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return CorpusReport(str(prefix), sum(s["documents"] for s in stats), sum(s["empty"] for s in stats),
+                        sum(s["tokens"] for s in stats), len(shards), reused, eod_id, eod_token, dtype.name,
+                        str(tok_path), time.perf_counter() - t0)
+
+
+class _Progress:
+    """A tqdm bar over documents, with tokens/s beside it, moved as each shard is done."""
+
+    def __init__(self, n_shards: int, enabled: bool):
+        from tqdm import tqdm
+        self.bar = tqdm(unit=" docs", unit_scale=True, disable=not enabled, desc="corpus", dynamic_ncols=True)
+        self.n_shards, self.done, self.tokens, self.t0 = n_shards, 0, 0, time.perf_counter()
+
+    def update(self, shard: Shard, folder: Path) -> None:
+        stats = json.loads((folder / "stats.json").read_text())
+        self.done += 1
+        self.tokens += stats["tokens"]
+        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"shards {self.done}/{self.n_shards}, {rate:,.0f} tokens/s", refresh=False)
+        self.bar.update(stats["documents"])
+
+    def close(self) -> None:
+        self.bar.close()
+
