@@ -6,6 +6,14 @@ knowledge retention in HDF5, and aggregate every run into collapse points and a 
 
 __version__ = "0.1.0"
 
+import warnings  # noqa: E402
+
+# megatron-core warns at import, eight times in all, that Transformer Engine and Apex are not installed and that it
+# falls back to its torch implementations: known-harmless (kislurm's default path is those fallbacks, and a preset that
+# asks for Transformer Engine without it is refused in one line), so every command starts with its own output.
+warnings.filterwarnings("ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed",
+                        category=UserWarning, module=r"megatron\.")
+
 from kislurm.plan.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
 from kislurm.plan.grid import Cell, expand  # noqa: E402
 

@@ -466,13 +466,6 @@ def mean_curves(curves: Sequence[Curve]) -> list[tuple[float, np.ndarray, np.nda
     return out
 
 
-def plot_training_curves(ax: Axes, curves: Sequence[Curve], metric: str = "retention", legend: bool = True) -> Figure:
-    """Retention over training steps of one (size, tokens), one line per infusion ratio (mean over seeds), coloured
-    by ratio. All lines are one LineCollection: a grid of thousands of cells draws in a second, not a minute."""
-    return _plot_lines(ax, mean_curves(curves), curves[0].size if curves else "", curves[0].tokens if curves else 0,
-                       metric, legend)
-
-
 def _plot_lines(ax: Axes, lines: Sequence[tuple[float, np.ndarray, np.ndarray, int]], size: str, tokens: float,
                 metric: str, legend: bool = True) -> Figure:
     lines = [m for m in lines if len(m[1])]

@@ -519,13 +519,6 @@ def published_stream(prepared: PreparedData, out: Path, cell, what: str, build: 
     return json.loads((out / "info.json").read_text())
 
 
-def prepare_cells(prepared: PreparedData, cells: list) -> None:
-    """Build every cell's knowledge stream now (e.g. at submission), so an impossible ratio fails before any job."""
-    for cell in cells:
-        if cell.model.seq_length == prepared.seq_length:
-            knowledge_stream(prepared, cell)
-
-
 def prepare_run(cfg, cells: Optional[list] = None, progress: Optional[Callable[[int], None]] = None) -> dict:
     """Build everything a run's cells read, as the one writer of the run's shared data: tokenizer, bases, probes and
     general stream per seq_length, every cell's knowledge stream, and a check of every cell's blend (megatron's
