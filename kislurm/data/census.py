@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from kislurm.data.knowledge import jsonl_triplets
 from kislurm.errors import DataError
 
 COUNT_FIELDS = ("docs_subject", "docs_object", "docs_both")
@@ -59,20 +60,8 @@ def read_facts(path: str | Path) -> list[CensusFact]:
     if not path.is_file():
         raise DataError(f"{path}: facts file not found; fix: give a JSONL file of "
                         "{\"subject\", \"relation\", \"object\"} lines")
-    facts: list[CensusFact] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix: one JSON object per line") from None
-            if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) and obj[k].strip()
-                                                    for k in ("subject", "relation", "object")):
-                raise DataError(f"{path}:{lineno}: expected {{\"subject\": str, \"relation\": str, \"object\": str}} "
-                                "with non-empty strings; fix: correct or remove the line")
-            facts.append(CensusFact(obj, _names(obj, "subject", path, lineno), _names(obj, "object", path, lineno)))
+    facts = [CensusFact(obj, _names(obj, "subject", path, lineno), _names(obj, "object", path, lineno))
+             for lineno, obj in jsonl_triplets(path)]
     if not facts:
         raise DataError(f"{path}: no facts; fix: give at least one (subject, relation, object) line")
     return facts

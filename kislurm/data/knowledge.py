@@ -329,17 +329,24 @@ def neutral_base(kb: KnowledgeBase, n_facts: int, seed: Any, exclude: set[str]) 
 
 def _triplet_rows(path: Path) -> Iterator[tuple[int, tuple[str, str, str]]]:
     """(line number, (subject, relation, object)) of a JSONL or TSV file; raises DataError naming file:line."""
-    jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
+    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        for lineno, obj in jsonl_triplets(path):
+            yield lineno, (obj["subject"].strip(), obj["relation"].strip(), obj["object"].strip())
+        return
     with path.open(newline="", encoding="utf-8") as f:
-        if not jsonl:
-            for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue
-                if len(row) != 3 or not all(c.strip() for c in row):
-                    raise DataError(f"{path}:{lineno}: expected 3 non-empty tab-separated columns (subject, relation, "
-                                    f"object), got {len(row)}; fix: correct or remove the line")
-                yield lineno, (row[0].strip(), row[1].strip(), row[2].strip())
-            return
+        for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if len(row) != 3 or not all(c.strip() for c in row):
+                raise DataError(f"{path}:{lineno}: expected 3 non-empty tab-separated columns (subject, relation, "
+                                f"object), got {len(row)}; fix: correct or remove the line")
+            yield lineno, (row[0].strip(), row[1].strip(), row[2].strip())
+
+
+def jsonl_triplets(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of every line of a triplet JSONL file, each checked to hold non-empty string subject,
+    relation and object (other keys, such as a census's alias lists, pass through); DataError names file:line."""
+    with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -351,7 +358,7 @@ def _triplet_rows(path: Path) -> Iterator[tuple[int, tuple[str, str, str]]]:
                                                     for k in ("subject", "relation", "object")):
                 raise DataError(f"{path}:{lineno}: expected {{\"subject\": str, \"relation\": str, \"object\": str}} "
                                 "with non-empty strings; fix: correct or remove the line")
-            yield lineno, (obj["subject"].strip(), obj["relation"].strip(), obj["object"].strip())
+            yield lineno, obj
 
 
 def read_triplets(path: str | Path, name: str) -> KnowledgeBase:
