@@ -464,6 +464,8 @@ def aggregate(runs: tuple[str, ...], out: Optional[str], config: Optional[str]) 
     click.echo(result.law_text)
     if getattr(result, "bands", None):   # a result cached before bands existed has none
         click.echo(f"retention by frequency band: {result.out / 'bands.md'}")
+    if getattr(result, "heldout", None):
+        click.echo(f"held-out general loss against ratio: {result.out / 'heldout.md'}")
     click.echo(f"reports written to {result.out}")
 
 
