@@ -367,6 +367,22 @@ def _int_list(ctx: Any, param: Any, value: Optional[str]) -> tuple[int, ...]:
         raise click.BadParameter(f"{value!r}: expected comma-separated integers, e.g. 1,10,100") from None
 
 
+def shard_cluster_options(command: Any) -> Any:
+    """--cluster/--partition/--cpus/--time of the shard-parallel commands (census, corpus): with --cluster slurm the
+    map over shards is a submitit array (kislurm.data.sources.slurm_shard_executor)."""
+    options = [
+        click.option("--cluster", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+                     help="slurm: one array task per unfinished shard (submitit)."),
+        click.option("--partition", help="Slurm partition (with --cluster slurm)."),
+        click.option("--cpus", type=click.IntRange(min=1), default=2, show_default=True, help="CPUs per Slurm task."),
+        click.option("--time", "time_min", type=click.IntRange(min=1), default=60, show_default=True,
+                     help="Minutes per Slurm task."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--facts", "facts", required=True, type=click.Path(dir_okay=False),
@@ -381,12 +397,7 @@ def _int_list(ctx: Any, param: Any, value: Optional[str]) -> tuple[int, ...]:
               help="Write general_probes.jsonl: the facts with docs_both >= K that are not nested.")
 @click.option("--bands", callback=_int_list, default=None, help="Band edges of docs_both for --select, e.g. 1,10,100.")
 @click.option("--per-band", type=click.IntRange(min=1), default=None, help="At most N probes per band (seeded).")
-@click.option("--cluster", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
-              help="slurm: one array task per uncounted shard (submitit), logs in OUT/submitit.")
-@click.option("--partition", help="Slurm partition (with --cluster slurm).")
-@click.option("--cpus", type=click.IntRange(min=1), default=2, show_default=True, help="CPUs per Slurm task.")
-@click.option("--time", "time_min", type=click.IntRange(min=1), default=60, show_default=True,
-              help="Minutes per Slurm task.")
+@shard_cluster_options
 def census(inputs: tuple[str, ...], facts: str, out: str, knowledge: Optional[str], json_key: str, workers: int,
            shard_mb: int, select: Optional[int], bands: tuple[int, ...], per_band: Optional[int], cluster: str,
            partition: Optional[str], cpus: int, time_min: int) -> None:
