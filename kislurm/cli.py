@@ -367,6 +367,22 @@ def _int_list(ctx: Any, param: Any, value: Optional[str]) -> tuple[int, ...]:
         raise click.BadParameter(f"{value!r}: expected comma-separated integers, e.g. 1,10,100") from None
 
 
+def shard_cluster_options(command: Any) -> Any:
+    """--cluster/--partition/--cpus/--time of the shard-parallel commands (census, corpus): with --cluster slurm the
+    map over shards is a submitit array (kislurm.data.sources.slurm_shard_executor)."""
+    options = [
+        click.option("--cluster", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+                     help="slurm: one array task per unfinished shard (submitit)."),
+        click.option("--partition", help="Slurm partition (with --cluster slurm)."),
+        click.option("--cpus", type=click.IntRange(min=1), default=2, show_default=True, help="CPUs per Slurm task."),
+        click.option("--time", "time_min", type=click.IntRange(min=1), default=60, show_default=True,
+                     help="Minutes per Slurm task."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--facts", "facts", required=True, type=click.Path(dir_okay=False),
@@ -381,17 +397,21 @@ def _int_list(ctx: Any, param: Any, value: Optional[str]) -> tuple[int, ...]:
               help="Write general_probes.jsonl: the facts with docs_both >= K that are not nested.")
 @click.option("--bands", callback=_int_list, default=None, help="Band edges of docs_both for --select, e.g. 1,10,100.")
 @click.option("--per-band", type=click.IntRange(min=1), default=None, help="At most N probes per band (seeded).")
+@shard_cluster_options
 def census(inputs: tuple[str, ...], facts: str, out: str, knowledge: Optional[str], json_key: str, workers: int,
-           shard_mb: int, select: Optional[int], bands: tuple[int, ...], per_band: Optional[int]) -> None:
+           shard_mb: int, select: Optional[int], bands: tuple[int, ...], per_band: Optional[int], cluster: str,
+           partition: Optional[str], cpus: int, time_min: int) -> None:
     """Count in how many documents of INPUT... (paths or globs: JSONL, .gz, .zst, parquet, text) each fact's subject,
     object and both occur (exact string, no letter or digit beside it, every occurrence, aliases). Writes
     OUT/census.jsonl; resumable: a rerun reuses the shards already counted (docs/census.md)."""
     from kislurm.data.census import Selection, run_census
+    from kislurm.data.sources import slurm_shard_executor
 
     if (bands or per_band) and select is None:
         raise click.UsageError("--bands/--per-band need --select K")
     selection = Selection(select, bands, per_band) if select is not None else None
-    s = run_census(inputs, facts, out, knowledge, json_key, workers, shard_mb << 20, selection)
+    executor = slurm_shard_executor(Path(out) / "submitit", partition, cpus, time_min) if cluster == "slurm" else None
+    s = run_census(inputs, facts, out, knowledge, json_key, workers, shard_mb << 20, selection, executor=executor)
     line = (f"{out}: {s['documents']} documents in {s['shards']} shards; {s['facts_cooccurring']} of {s['facts']} "
             f"facts co-occur in at least one document ({s['facts_nested']} nested)")
     if "contaminated" in s:
@@ -513,6 +533,8 @@ def aggregate(runs: tuple[str, ...], out: Optional[str], config: Optional[str]) 
     click.echo(result.law_text)
     if getattr(result, "bands", None):   # a result cached before bands existed has none
         click.echo(f"retention by frequency band: {result.out / 'bands.md'}")
+    if getattr(result, "heldout", None):
+        click.echo(f"held-out general loss against ratio: {result.out / 'heldout.md'}")
     click.echo(f"reports written to {result.out}")
 
 

@@ -31,7 +31,7 @@ from kislurm.retention.store import StoreDigest, StoreError, read_digest
 from kislurm.errors import AggregateError  # noqa: F401 (re-exported)
 
 CACHE_NAME = ".aggregate-cache.pkl"
-CACHE_VERSION = 6
+CACHE_VERSION = 7
 _METRIC = re.compile(r"^(general|infused)_(seen_|heldout_)?acc(_cc)?$")
 
 
@@ -64,6 +64,8 @@ class CellDigest:
     boundary_value: Optional[float] = None      # staged: the metric at the end of the general-only phase
     fact_frequency: Optional[np.ndarray] = None  # (F,) float64 beside fact_scores: corpus documents or exposures
     frequency_unit: str = ""
+    heldout_loss: Optional[float] = None        # held-out general loss at the last evaluation (data.heldout_general)
+    heldout_bpb: Optional[float] = None         # its bits per byte
 
     _PACKED = {"step": np.int32, "series": np.float32, "fact_scores": np.float64, "fact_frequency": np.float64}
 
@@ -112,7 +114,8 @@ def summarise(path: str, metric: str) -> CellDigest | str:
         series=None if column is None else np.array(d.series[:, column], np.float32),
         fact_scores=fact_scores(d, metric), control=control,
         general_exposures=_num(stats.get("general_exposures_per_fact_mean")), boundary_value=boundary,
-        fact_frequency=fact_frequencies(d, metric), frequency_unit=str(meta.get("fact_frequency_unit") or ""))
+        fact_frequency=fact_frequencies(d, metric), frequency_unit=str(meta.get("fact_frequency_unit") or ""),
+        heldout_loss=d.final.get("heldout_loss"), heldout_bpb=d.final.get("heldout_bpb"))
 
 
 def infused_metric(metric: str) -> str:
@@ -248,7 +251,7 @@ def fingerprint(keys: dict[str, tuple[int, int]], cfg: AnalysisConfig) -> str:
     """Identity of an aggregation's inputs: every store's (path, size, mtime) (store_keys) and the analysis
     settings."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
-    h.update(__version__.encode())
+    h.update(f"{__version__}|{CACHE_VERSION}".encode())   # a new digest layout means new reports, too
     for path in sorted(keys):
         size, mtime = keys[path]
         h.update(f"{path}|{size}|{mtime}\n".encode())
@@ -351,6 +354,7 @@ class AggregateResult:
     n_read: int = 0
     controls: list = field(default_factory=list)   # kislurm.analysis.controls.SizeVerdict per size, when the run has controls
     bands: list = field(default_factory=list)      # kislurm.analysis.bands.BandCollapse, when stores record frequencies
+    heldout: list = field(default_factory=list)    # kislurm.analysis.heldout.HeldoutCurve, when stores record it
 
 
 def _analysis_config(runs: list[Path], config: Optional[Path]) -> AnalysisConfig:
@@ -457,6 +461,7 @@ def _aggregate(runs: list[Path], keys: dict[str, tuple[int, int]], cfg: Analysis
     result = analyse(ms, cfg, out, summary, curves, executor=pool)
     result.excluded, result.unreadable, result.n_read = excluded, unreadable, n_read
     result.bands = analyse_bands(summaries, cfg, out)
+    result.heldout = analyse_heldout(everything, cfg, out)
     if controls != ["infusion"]:
         result.controls = analyse_controls(everything, cfg, out, runs)
     return result
@@ -471,6 +476,18 @@ def analyse_bands(summaries: list[CellDigest], cfg: AnalysisConfig, out: Path) -
     if bands:
         write_bands(out, bands, cfg.metric)
     return bands
+
+
+def analyse_heldout(summaries: list[CellDigest], cfg: AnalysisConfig, out: Path) -> list:
+    """Issue 25: held-out general loss against ratio, its collapse, and fixed_general's view beside infusion's,
+    heldout.{md,json,png} (when any store recorded heldout_loss)."""
+    from kislurm.analysis.heldout import heldout_curves, write_heldout
+
+    curves = heldout_curves(summaries, cfg.bootstrap, cfg.confidence, np.random.default_rng([cfg.seed, 2025]),
+                            cfg.safe_drop)
+    if curves:
+        write_heldout(out, curves)
+    return curves
 
 
 def analyse_controls(summaries: list[CellDigest], cfg: AnalysisConfig, out: Path, runs: list[Path]) -> list:

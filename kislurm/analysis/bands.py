@@ -153,19 +153,27 @@ def bands_markdown(bands: Sequence[BandCollapse], metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def panel_rows(items: Sequence[Any], width: float, height: float) -> tuple[Any, list[tuple[Any, tuple, list]]]:
+    """A figure with one row of axes per (params, size, tokens) of `items` (anything with those attributes), in
+    first-seen order, `height` inches each: the figure and (axes, key, that key's items) per row."""
+    from matplotlib.figure import Figure
+
+    panels: dict[tuple, list[Any]] = defaultdict(list)
+    for item in items:
+        panels[(item.params, item.size, item.tokens)].append(item)
+    fig = Figure(figsize=(width, 0.6 + height * max(len(panels), 1)))
+    axes = fig.subplots(max(len(panels), 1), 1, squeeze=False)[:, 0]
+    return fig, [(ax, key, group) for ax, (key, group) in zip(axes, panels.items())]
+
+
 def bands_figure(bands: Sequence[BandCollapse], metric: str) -> Any:
     """Retention against ratio, one curve per band, one panel per (size, tokens)."""
-    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     from kislurm.analysis.report import plot_retention_vs_ratio
 
-    panels: dict[tuple, list[BandCollapse]] = defaultdict(list)
-    for b in bands:
-        panels[(b.params, b.size, b.tokens)].append(b)
-    fig = Figure(figsize=(9.5, 0.6 + 4.4 * max(len(panels), 1)))
-    axes = fig.subplots(max(len(panels), 1), 1, squeeze=False)[:, 0]
-    for ax, ((_, size, tokens), group) in zip(axes, panels.items()):
+    fig, panels = panel_rows(bands, 9.5, 4.4)
+    for ax, (_, size, tokens), group in panels:
         shown = [dataclasses.replace(b.collapse, size=b.band, params=float(i + 1)) for i, b in enumerate(group)]
         plot_retention_vs_ratio(ax, shown, metric, legend=False)
         ax.set_title(f"{size}, D = {tokens:.3g}: retention of the facts known at the smallest ratio, by "

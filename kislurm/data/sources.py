@@ -386,3 +386,17 @@ def _run_submitit(executor: Any, work: Callable, shards: Sequence[Shard], finals
     for i, job in jobs:
         job.result()
         done(i)
+
+
+def slurm_shard_executor(folder: Path, partition: Optional[str] = None, cpus: int = 2, time_min: int = 60) -> Any:
+    """A submitit Slurm executor for map_shards: one array task per unfinished shard, `cpus` CPUs each, its logs in
+    folder/<job id>. Shared by the shard-parallel commands (`kislurm census`, `kislurm corpus`) so that their
+    --cluster slurm --partition --cpus --time flags mean the same."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster="slurm")
+    params: dict[str, Any] = {"timeout_min": time_min, "cpus_per_task": cpus, "nodes": 1, "tasks_per_node": 1}
+    if partition:
+        params["slurm_partition"] = partition
+    executor.update_parameters(**params)
+    return executor
