@@ -437,12 +437,7 @@ def census(inputs: tuple[str, ...], facts: str, out: str, knowledge: Optional[st
 @click.option("--shard-mb", type=click.IntRange(min=1), default=64, show_default=True,
               help="Byte range per shard of an uncompressed JSONL file.")
 @click.option("--keep-shards", is_flag=True, help="Keep PREFIX.shards/ (the per-shard datasets) after the merge.")
-@click.option("--cluster", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
-              help="slurm: one array task per unfinished shard (submitit).")
-@click.option("--partition", help="Slurm partition (with --cluster slurm).")
-@click.option("--cpus", type=click.IntRange(min=1), default=2, show_default=True, help="CPUs per Slurm task.")
-@click.option("--time", "time_min", type=click.IntRange(min=1), default=60, show_default=True,
-              help="Minutes per Slurm task.")
+@shard_cluster_options
 def corpus(inputs: tuple[str, ...], out_prefix: str, tokenizer: Optional[str], eod: Optional[str], json_key: str,
            workers: int, vocab_size: int, shard_mb: int, keep_shards: bool, cluster: str, partition: Optional[str],
            cpus: int, time_min: int) -> None:
@@ -450,25 +445,14 @@ def corpus(inputs: tuple[str, ...], out_prefix: str, tokenizer: Optional[str], e
     indexed dataset PREFIX.bin/.idx, end-of-document after every document, as Megatron-LM's preprocess_data.py
     --append-eod. Sharded and resumable: run the same command again after a kill or a time limit."""
     from kislurm.data.corpus import build_corpus
+    from kislurm.data.sources import slurm_shard_executor
 
-    executor = corpus_executor(Path(f"{out_prefix}.shards") / "submitit", partition, cpus, time_min) \
+    executor = slurm_shard_executor(Path(f"{out_prefix}.shards") / "submitit", partition, cpus, time_min) \
         if cluster == "slurm" else None
     report = build_corpus(inputs, out_prefix, tokenizer=tokenizer, eod=eod, json_key=json_key, workers=workers,
                           executor=executor, shard_bytes=shard_mb << 20, vocab_size=vocab_size,
                           keep_shards=keep_shards)
     click.echo(report.line())
-
-
-def corpus_executor(folder: Path, partition: Optional[str], cpus: int, time_min: int) -> Any:
-    """A submitit Slurm executor for the corpus shards: one array task per shard, `cpus` CPUs each."""
-    import submitit
-
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
-    params: dict[str, Any] = {"timeout_min": time_min, "cpus_per_task": cpus, "nodes": 1, "tasks_per_node": 1}
-    if partition:
-        params["slurm_partition"] = partition
-    executor.update_parameters(**params)
-    return executor
 
 
 @main.command()

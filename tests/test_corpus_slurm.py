@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kislurm.cli import corpus_executor, main, submit_run
+from kislurm.cli import main, submit_run
+from kislurm.data.sources import slurm_shard_executor
 from kislurm.data.corpus import build_corpus
 from kislurm.data.tokenizer import train_bpe
 from kislurm.data.wordnet import capital_documents, wordnet_installed, write_wordnet_jsonl
@@ -30,7 +31,7 @@ def test_corpus_as_a_slurm_array_then_a_grid_trains_on_it(slurm_cluster, tmp_pat
         f.writelines(json.dumps({"text": text}) + "\n" for text, _ in stated)
     tok = tmp_path / "tok.json"
     train_bpe((json.loads(line)["text"] for line in src.open()), 3000).save(tok)   # the fact sentences fit seq_length
-    executor = corpus_executor(tmp_path / "submitit", None, 1, 10)
+    executor = slurm_shard_executor(tmp_path / "submitit", None, 1, 10)
     shard_bytes = src.stat().st_size // 3 + 1
     on_slurm = build_corpus([str(src)], tmp_path / "slurm" / "wn", tokenizer=tok, executor=executor,
                             shard_bytes=shard_bytes, keep_shards=True, progress=False)
