@@ -275,6 +275,40 @@ def test_cli_scores_final_weights_once(trained, final_scores):
     assert json.loads(final_scores.read_text())["tasks"][PROBE_TASK] == scored
 
 
+@pytest.mark.slurm
+def test_on_slurm_each_cell_scores_as_an_array_task(trained, final_scores, slurm_cluster, tmp_path):
+    """A copy of the run whose executor is Slurm: its cell is scored by a submitit array task, to the record the
+    local scoring wrote (but the seconds); a rerun submits nothing."""
+    import shutil
+
+    import yaml
+    from click.testing import CliRunner
+
+    from kislurm.cli import main
+
+    run, cell = trained["run"], trained["cell"]
+    copy = tmp_path / run.root.name
+    shutil.copytree(run.root, copy, ignore=shutil.ignore_patterns("submitit", "downstream.json"))
+    spec = yaml.safe_load((copy / "config.yaml").read_text())
+    spec.setdefault("executor", {}).update(cluster="slurm", time="10", prepare_cpus=1)  # ids do not change
+    (copy / "config.yaml").write_text(yaml.safe_dump(spec))
+    scored = CliRunner().invoke(main, ["downstream", str(copy), "--tasks", PROBE_TASK])
+    assert scored.exit_code == 0, scored.output
+    assert "submitted 1 downstream task(s) as Slurm array" in scored.output
+    results = list((copy / "submitit" / "downstream").rglob("*_result.pkl"))
+    assert len(results) == 1  # ran as a Slurm job, through submitit
+
+    def without_seconds(path: Path) -> dict:
+        record = json.loads(path.read_text())
+        return {**record, "tasks": {t: {k: v for k, v in r.items() if k != "seconds"}
+                                    for t, r in record["tasks"].items()}}
+    there = without_seconds(copy / "cells" / run.cell(cell.name).root.name / "downstream.json")
+    assert there == without_seconds(final_scores)
+    again = CliRunner().invoke(main, ["downstream", str(copy), "--tasks", PROBE_TASK])
+    assert again.exit_code == 0 and "skipped" in again.output and "submitted" not in again.output, again.output
+    assert list((copy / "submitit" / "downstream").rglob("*_result.pkl")) == results
+
+
 def test_aggregate_reports_downstream_vs_ratio_and_collapses_on_it(trained, final_scores, tmp_path):
     """The report table holds both sources for the cell; analysis.metric set to a downstream metric runs the
     retention machinery on it."""
