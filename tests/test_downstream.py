@@ -278,7 +278,7 @@ def test_cli_scores_final_weights_once(trained, final_scores):
 @pytest.mark.slurm
 def test_on_slurm_each_cell_scores_as_an_array_task(trained, final_scores, slurm_cluster, tmp_path):
     """A copy of the run whose executor is Slurm: its cell is scored by a submitit array task, to the record the
-    local scoring wrote (but the seconds); a rerun submits nothing."""
+    local scoring wrote (but the seconds); a rerun submits nothing; a task that fails is one line naming it."""
     import shutil
 
     import yaml
@@ -307,6 +307,15 @@ def test_on_slurm_each_cell_scores_as_an_array_task(trained, final_scores, slurm
     again = CliRunner().invoke(main, ["downstream", str(copy), "--tasks", PROBE_TASK])
     assert again.exit_code == 0 and "skipped" in again.output and "submitted" not in again.output, again.output
     assert list((copy / "submitit" / "downstream").rglob("*_result.pkl")) == results
+
+    folder = copy / "cells" / run.cell(cell.name).root.name
+    (folder / "downstream.json").unlink()
+    shutil.rmtree(folder / "checkpoints" / "final")  # the task fails on its node: one line naming it, exit 2
+    failed = CliRunner().invoke(main, ["downstream", str(copy), "--tasks", PROBE_TASK])
+    assert failed.exit_code == 2, failed.output
+    lines = [line for line in failed.output.splitlines() if line.startswith("the downstream task of cell")]
+    assert len(lines) == 1 and cell.name in lines[0] and "no final weights" in lines[0], failed.output
+    assert "1 of 1 cells' downstream tasks failed" in failed.output and not (folder / "downstream.json").exists()
 
 
 def test_aggregate_reports_downstream_vs_ratio_and_collapses_on_it(trained, final_scores, tmp_path):

@@ -63,9 +63,22 @@ def wait_array(submitted: list[tuple[str, Any]]) -> tuple[list[Any], list[TaskFa
         try:
             results.append(task.result())
         except submitit.core.utils.UncompletedJobError as e:
-            reason = (str(e).strip().splitlines() or ["?"])[-1][:200]
-            failures.append(TaskFailure(cell, task.job_id, Path(task.paths.stderr), reason))
+            failures.append(TaskFailure(cell, task.job_id, Path(task.paths.stderr), failure_reason(e)))
     return results, failures
+
+
+def failure_reason(error: Exception) -> str:
+    """One line from submitit's error: the last line of the task's traceback when its function raised (the
+    kislurm error that names the fix), else Slurm's state ("has not produced any output (state: TIMEOUT)")."""
+    import submitit
+
+    lines = [line.strip() for line in str(error).strip().splitlines()]
+    if isinstance(error, submitit.core.utils.FailedJobError):
+        dividers = [i for i, line in enumerate(lines) if line and set(line) == {"-"}]
+        trace = [line for line in lines[dividers[0] + 1:dividers[1]] if line] if len(dividers) >= 2 else []
+        if trace:
+            return trace[-1][:300]
+    return next((line for line in lines if "has not produced any output" in line), lines[0] if lines else "?")[:300]
 
 
 def run_array(executor: Any, fn: Callable[..., Any], calls: list[tuple[str, tuple]], what: str,
