@@ -318,6 +318,30 @@ def test_on_slurm_each_cell_scores_as_an_array_task(trained, final_scores, slurm
     assert "1 of 1 cells' downstream tasks failed" in failed.output and not (folder / "downstream.json").exists()
 
 
+def test_on_slurm_gpu_cells_score_on_their_partition_with_one_gpu_cpu_cells_as_preparation(tmp_path):
+    """The sbatch scripts (rendered by submitit) of a GPU cell's and a CPU cell's scoring task: one process, the
+    cells' time limit; a GPU and the cells' partition for GPU cells, the preparation job's CPUs for CPU ones."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from kislurm.cluster.downstream_job import slurm_parameters
+
+    executor = {"executor.cluster": "slurm", "executor.partition": "gpus", "executor.prepare_partition": "cpus",
+                "executor.cpus_per_task": 6, "executor.prepare_cpus": 2}
+
+    def script(config: str, sizes: list[str]) -> str:
+        cfg = load_config(REPO / "configs" / config, {**executor, "grid.sizes": sizes})
+        cells = expand(cfg)[:2]
+        params = slurm_parameters(cfg, cells, cells[0].model.device == "gpu")
+        return _make_sbatch_string(command="true", folder=tmp_path / "%j", map_count=2, **params)
+    gpu, cpu = script("paper.yaml", ["137M-llama"]), script("tiny.yaml", ["cpu-xs"])
+    assert all(line in gpu for line in ["#SBATCH --partition=gpus", "#SBATCH --gpus-per-node=1",
+                                         "#SBATCH --cpus-per-task=6", "#SBATCH --ntasks-per-node=1",
+                                         "#SBATCH --time=2880", "#SBATCH --job-name=kislurm-paper-downstream"]), gpu
+    assert all(line in cpu for line in ["#SBATCH --partition=cpus", "#SBATCH --cpus-per-task=2",
+                                         "#SBATCH --ntasks-per-node=1"]), cpu
+    assert "gpus" not in cpu.replace("#SBATCH --partition=cpus", "") and "hold" not in gpu + cpu
+
+
 def test_aggregate_reports_downstream_vs_ratio_and_collapses_on_it(trained, final_scores, tmp_path):
     """The report table holds both sources for the cell; analysis.metric set to a downstream metric runs the
     retention machinery on it."""
