@@ -528,8 +528,9 @@ def aggregate(runs: tuple[str, ...], out: Optional[str], config: Optional[str]) 
               help="Comma-separated lm-eval tasks: names (arc_easy, piqa...), task YAML paths, or kislurm_probes.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Documents per task (default: all).")
 def downstream(run: str, tasks: str, limit: Optional[int]) -> None:
-    """Score every finished cell's final weights on lm-eval TASKS through kislurm's scorer (needs kislurm[eval]);
-    results go to each cell's downstream.json; tasks already scored with this lm-eval version are skipped."""
+    """Score every finished cell's final weights on lm-eval TASKS through kislurm's scorer (needs kislurm[eval]):
+    one Slurm array task per cell when the run's executor is Slurm, else one after another here. Results go to each
+    cell's downstream.json; tasks already scored with this lm-eval version are skipped."""
     from kislurm.cluster.downstream_job import score_run
 
     paths = RunPaths(Path(run))

@@ -275,6 +275,73 @@ def test_cli_scores_final_weights_once(trained, final_scores):
     assert json.loads(final_scores.read_text())["tasks"][PROBE_TASK] == scored
 
 
+@pytest.mark.slurm
+def test_on_slurm_each_cell_scores_as_an_array_task(trained, final_scores, slurm_cluster, tmp_path):
+    """A copy of the run whose executor is Slurm: its cell is scored by a submitit array task, to the record the
+    local scoring wrote (but the seconds); a rerun submits nothing; a task that fails is one line naming it."""
+    import shutil
+
+    import yaml
+    from click.testing import CliRunner
+
+    from kislurm.cli import main
+
+    run, cell = trained["run"], trained["cell"]
+    copy = tmp_path / run.root.name
+    shutil.copytree(run.root, copy, ignore=shutil.ignore_patterns("submitit", "downstream.json"))
+    spec = yaml.safe_load((copy / "config.yaml").read_text())
+    spec.setdefault("executor", {}).update(cluster="slurm", time="10", prepare_cpus=1)  # ids do not change
+    (copy / "config.yaml").write_text(yaml.safe_dump(spec))
+    scored = CliRunner().invoke(main, ["downstream", str(copy), "--tasks", PROBE_TASK])
+    assert scored.exit_code == 0, scored.output
+    assert "submitted 1 downstream task(s) as Slurm array" in scored.output
+    results = list((copy / "submitit" / "downstream").rglob("*_result.pkl"))
+    assert len(results) == 1  # ran as a Slurm job, through submitit
+
+    def without_seconds(path: Path) -> dict:
+        record = json.loads(path.read_text())
+        return {**record, "tasks": {t: {k: v for k, v in r.items() if k != "seconds"}
+                                    for t, r in record["tasks"].items()}}
+    there = without_seconds(copy / "cells" / run.cell(cell.name).root.name / "downstream.json")
+    assert there == without_seconds(final_scores)
+    again = CliRunner().invoke(main, ["downstream", str(copy), "--tasks", PROBE_TASK])
+    assert again.exit_code == 0 and "skipped" in again.output and "submitted" not in again.output, again.output
+    assert list((copy / "submitit" / "downstream").rglob("*_result.pkl")) == results
+
+    folder = copy / "cells" / run.cell(cell.name).root.name
+    (folder / "downstream.json").unlink()
+    shutil.rmtree(folder / "checkpoints" / "final")  # the task fails on its node: one line naming it, exit 2
+    failed = CliRunner().invoke(main, ["downstream", str(copy), "--tasks", PROBE_TASK])
+    assert failed.exit_code == 2, failed.output
+    lines = [line for line in failed.output.splitlines() if line.startswith("the downstream task of cell")]
+    assert len(lines) == 1 and cell.name in lines[0] and "no final weights" in lines[0], failed.output
+    assert "1 of 1 cells' downstream tasks failed" in failed.output and not (folder / "downstream.json").exists()
+
+
+def test_on_slurm_gpu_cells_score_on_their_partition_with_one_gpu_cpu_cells_as_preparation(tmp_path):
+    """The sbatch scripts (rendered by submitit) of a GPU cell's and a CPU cell's scoring task: one process, the
+    cells' time limit; a GPU and the cells' partition for GPU cells, the preparation job's CPUs for CPU ones."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from kislurm.cluster.downstream_job import slurm_parameters
+
+    executor = {"executor.cluster": "slurm", "executor.partition": "gpus", "executor.prepare_partition": "cpus",
+                "executor.cpus_per_task": 6, "executor.prepare_cpus": 2}
+
+    def script(config: str, sizes: list[str]) -> str:
+        cfg = load_config(REPO / "configs" / config, {**executor, "grid.sizes": sizes})
+        cells = expand(cfg)[:2]
+        params = slurm_parameters(cfg, cells, cells[0].model.device == "gpu")
+        return _make_sbatch_string(command="true", folder=tmp_path / "%j", map_count=2, **params)
+    gpu, cpu = script("paper.yaml", ["137M-llama"]), script("tiny.yaml", ["cpu-xs"])
+    assert all(line in gpu for line in ["#SBATCH --partition=gpus", "#SBATCH --gpus-per-node=1",
+                                         "#SBATCH --cpus-per-task=6", "#SBATCH --ntasks-per-node=1",
+                                         "#SBATCH --time=2880", "#SBATCH --job-name=kislurm-paper-downstream"]), gpu
+    assert all(line in cpu for line in ["#SBATCH --partition=cpus", "#SBATCH --cpus-per-task=2",
+                                         "#SBATCH --ntasks-per-node=1"]), cpu
+    assert "gpus" not in cpu.replace("#SBATCH --partition=cpus", "") and "hold" not in gpu + cpu
+
+
 def test_aggregate_reports_downstream_vs_ratio_and_collapses_on_it(trained, final_scores, tmp_path):
     """The report table holds both sources for the cell; analysis.metric set to a downstream metric runs the
     retention machinery on it."""

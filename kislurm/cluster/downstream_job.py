@@ -1,10 +1,12 @@
 """`kislurm downstream RUN --tasks TASKS`: lm-eval scores of every finished cell's final weights.
 
 Each cell's `checkpoints/final` weights are loaded into the cell's own model (kislurm.train.checkpoint.load_weights,
-any layout) and scored through kislurm's scorer (kislurm.retention.downstream); locally the cells run one after
-another in this process, at TP=1. The scores go to CELL/downstream.json, written atomically and merged per task:
-a rerun skips every task already scored there with the same lm-eval version and limit, so adding a task scores
-only that one.
+any layout) and scored through kislurm's scorer (kislurm.retention.downstream), at TP=1. Locally the cells run one
+after another in this process; when the run's executor is Slurm, each cell that still lacks a task is one task of a
+submitit array (the cells' partition and one GPU when they trained on GPUs, the preparation job's CPU resources
+otherwise), and the command waits for them. The scores go to CELL/downstream.json, written atomically and merged
+per task: a rerun skips every task already scored there with the same lm-eval version and limit, so adding a task
+scores only that one.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ def missing_tasks(record: dict[str, Any], tasks: list[str], version: str, limit:
                                      and done[t].get("limit") == limit)]
 
 
+def skipped_line(cell: Cell, tasks: list[str], version: str) -> str:
+    return f"{cell.name}: {', '.join(tasks)} already scored (lm-eval {version}); skipped"
+
+
 def score_cell(run: RunPaths, cell: Cell, tasks: list[str], limit: int | None, batch_size: int | None = None,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score one cell's final weights on the tasks it lacks; returns its (merged) record."""
@@ -65,7 +71,7 @@ def score_cell(run: RunPaths, cell: Cell, tasks: list[str], limit: int | None, b
     record = read_results(paths)
     todo = missing_tasks(record, tasks, version, limit)
     if not todo:
-        log(f"{cell.name}: {', '.join(tasks)} already scored (lm-eval {version}); skipped")
+        log(skipped_line(cell, tasks, version))
         return record
     weights = paths.checkpoints / checkpoint.FINAL_DIR
     if not weights.is_dir():
@@ -108,19 +114,79 @@ def run_cells(run: RunPaths) -> list[Cell]:
     return cells
 
 
-def score_run(run: RunPaths, tasks: list[str], limit: int | None,
-              log: Callable[[str], None] = print) -> tuple[list[str], list[str]]:
-    """Every cell with final weights, one after another; returns (scored or skipped cells, cells not finished)."""
+def score_run(run: RunPaths, tasks: list[str], limit: int | None, log: Callable[[str], None] = print,
+              in_process: bool = False) -> tuple[list[str], list[str]]:
+    """Every cell with final weights; returns (scored or skipped cells, cells not finished). A run whose executor
+    is Slurm scores as one array task per cell that lacks a task (waited for), unless `in_process`; other runs
+    one cell after another in this process. Failed Slurm tasks: one line each, then EvalError."""
+    from kislurm.plan.config import load_config
     from kislurm.retention.downstream import require_lm_eval  # without the extra: one line, before any cell
+
+    version = require_lm_eval()
+    finished, waiting = finished_cells(run)
+    cfg = load_config(run.config)
+    if cfg.executor.cluster == "slurm" and not in_process:
+        todo = []
+        for cell in finished:
+            if missing_tasks(read_results(run.cell(cell.name)), tasks, version, limit):
+                todo.append(cell)
+            else:
+                log(skipped_line(cell, tasks, version))
+        failures = score_on_slurm(cfg, run, todo, tasks, limit, log) if todo else []
+        for failure in failures:
+            log(failure.line("downstream"))
+        if failures:
+            raise EvalError(f"{len(failures)} of {len(todo)} cells' downstream tasks failed (lines above); fix: see "
+                            "their stderr, then run `kislurm downstream` again (scored cells are skipped)")
+    else:
+        for cell in finished:
+            score_cell(run, cell, tasks, limit, log=log)
+    return [c.name for c in finished], waiting
+
+
+def finished_cells(run: RunPaths) -> tuple[list[Cell], list[str]]:
+    """The run's cells whose store is complete, and the names of the others."""
     from kislurm.retention.store import read_cell
 
-    require_lm_eval()
-    done, waiting = [], []
+    finished, waiting = [], []
     for cell in run_cells(run):
         store = run.cell(cell.name).store
-        if not store.exists() or not read_cell(store, matrix=False).complete:
+        if store.exists() and read_cell(store, matrix=False).complete:
+            finished.append(cell)
+        else:
             waiting.append(cell.name)
-            continue
-        score_cell(run, cell, tasks, limit, log=log)
-        done.append(cell.name)
-    return done, waiting
+    return finished, waiting
+
+
+def slurm_parameters(cfg: Any, cells: list[Cell], gpu: bool) -> dict[str, Any]:
+    """sbatch options of one cell's scoring task: one process at TP=1, for the cells' time limit; on GPU cells the
+    cells' partition and one GPU, otherwise the preparation job's CPU resources (as `kislurm export`)."""
+    from kislurm.cluster.arrays import cpu_task_parameters
+    from kislurm.cluster.submit import resources_for
+
+    ex = cfg.executor
+    params = cpu_task_parameters(cfg, "downstream")
+    params["time"] = max(resources_for(c.model, ex).timeout_min for c in cells)
+    if gpu:
+        params.pop("partition", None)
+        params.update(gpus_per_node=1, cpus_per_task=ex.cpus_per_task, **({"partition": ex.partition}
+                                                                          if ex.partition else {}))
+        if ex.mem_gb:
+            params["mem"] = f"{ex.mem_gb}GB"
+    return params
+
+
+def score_on_slurm(cfg: Any, run: RunPaths, cells: list[Cell], tasks: list[str], limit: int | None,
+                   log: Callable[[str], None] = print) -> list[Any]:
+    """One array task per cell (a CPU array and a GPU array when the run has both kinds), all submitted before
+    any is waited for; returns the failed tasks (kislurm.cluster.arrays.TaskFailure)."""
+    from kislurm.cluster.arrays import slurm_executor, submit_array, wait_array
+
+    submitted = []
+    for gpu in sorted({c.model.device == "gpu" for c in cells}):
+        group = [c for c in cells if (c.model.device == "gpu") == gpu]
+        executor = slurm_executor(run.submitit / "downstream", slurm_parameters(cfg, group, gpu),
+                                  cfg.executor.array_parallelism)
+        submitted += submit_array(executor, score_cell, [(c.name, (run, c, tasks, limit)) for c in group],
+                                  "downstream", log)
+    return wait_array(submitted)[1]

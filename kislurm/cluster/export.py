@@ -241,25 +241,12 @@ def export_run(run_root: Path, out: Path, cells: str | None = None, log: Callabl
 
 def export_on_slurm(cfg: Any, jobs: list[ExportJob], log: Callable[[str], None] = print) -> list[Path]:
     """One CPU array task per cell (the preparation job's resources: partition, CPUs, time, setup lines)."""
-    import submitit
+    from kislurm.cluster.arrays import cpu_task_parameters, run_array, slurm_executor
 
-    from kislurm.cluster.submit import preparation_parameters
-
-    params = preparation_parameters(cfg.executor, f"kislurm-{cfg.name}")
-    params["job_name"] = f"kislurm-{cfg.name}-export"
-    params["additional_parameters"] = {k: v for k, v in params["additional_parameters"].items() if k != "hold"}
-    executor = submitit.AutoExecutor(folder=RunPaths(jobs[0].run).submitit / "export" / "%j", cluster="slurm")
-    executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()},
-                               slurm_array_parallelism=cfg.executor.array_parallelism)
-    submitted = executor.map_array(export_cell, jobs)
-    log(f"submitted {len(submitted)} export task(s) as Slurm array {submitted[0].job_id.split('_')[0]}")
-    written = []
-    for job, task in zip(jobs, submitted):
-        try:
-            written.append(task.result())
-        except submitit.core.utils.UncompletedJobError as e:
-            last = (str(e).strip().splitlines() or ["?"])[-1][:200]
-            raise ExportError(f"the export task of cell {job.cell} ({task.job_id}) failed: {last}; fix: see "
-                              f"{task.paths.stderr}, then run `kislurm export` again (done cells are replaced)"
-                              ) from None
+    executor = slurm_executor(RunPaths(jobs[0].run).submitit / "export", cpu_task_parameters(cfg, "export"),
+                              cfg.executor.array_parallelism)
+    written, failures = run_array(executor, export_cell, [(job.cell, (job,)) for job in jobs], "export", log)
+    if failures:
+        raise ExportError("; ".join(f.line("export") for f in failures)
+                          + "; fix: run `kislurm export` again (done cells are replaced)")
     return written
