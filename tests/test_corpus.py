@@ -221,3 +221,25 @@ def test_config_route_builds_once_per_content_and_is_the_general_stream(real, tm
     assert other.general_prefix == first.general_prefix and Path(f"{prefix}.bin").stat().st_mtime_ns == built
     assert D.load_prepared(cfg, tmp_path / "out" / "one" / "data", 64).general_prefix == str(prefix)
     assert int((first.probes.fact_group == 0).sum()) == 12     # the general probes: capitals the corpus states
+
+
+def test_held_out_documents_follow_the_global_index_whatever_the_shards(real, tmp_path):
+    """build_corpus(heldout=...): the prefix is the whole build less the documents heldout_mask picks by global
+    index, and heldout.npz holds them without their EOD; 1 shard and 5 shards give the same bytes."""
+    from kislurm.data.prepare import heldout_mask
+
+    src, tok_path = real["jsonl"], real["dir"] / "tokenizer.json"
+    one = build_corpus([str(src)], tmp_path / "a" / "wn", tokenizer=tok_path, progress=False, heldout=0.1, seed=3)
+    five = build_corpus([str(src)], tmp_path / "b" / "wn", tokenizer=tok_path, progress=False, heldout=0.1, seed=3,
+                        shard_bytes=src.stat().st_size // 5 + 1)
+    assert five.shards == 5 and files(one.prefix) == files(five.prefix)
+    a, b = np.load(tmp_path / "a" / "heldout.npz"), np.load(tmp_path / "b" / "heldout.npz")
+    assert all(np.array_equal(a[k], b[k]) for k in ("flat", "off", "n_bytes", "index"))
+    whole = IndexedDataset(real["one"].prefix)
+    held = heldout_mask(len(whole), 0.1, 3)
+    assert one.heldout == held.sum() > 0 and a["index"].tolist() == np.flatnonzero(held).tolist()
+    ds = IndexedDataset(one.prefix)
+    assert [ds[i].tolist() for i in range(len(ds))] == [whole[i].tolist() for i in np.flatnonzero(~held)]
+    docs = [a["flat"][x:y].tolist() for x, y in zip(a["off"][:-1], a["off"][1:])]
+    assert docs == [whole[i][:-1].tolist() for i in np.flatnonzero(held)]
+    assert a["n_bytes"].tolist() == [len(real["tok"].decode(d).encode()) for d in docs]

@@ -58,12 +58,14 @@ class CorpusReport:
     dtype: str
     tokenizer: str
     seconds: float
+    heldout: int = 0            # documents set apart (not in the prefix): PREFIX's folder/heldout.npz
 
     def line(self) -> str:
         rate = f"{self.documents / max(self.seconds, 1e-9):,.0f} docs/s, {self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s"
         return (f"{self.prefix}.bin/.idx: {self.documents:,} documents, {self.tokens:,} tokens ({self.dtype}, end of "
                 f"document {self.eod_token!r} = {self.eod}), {self.empty:,} empty documents skipped; {self.shards} "
-                f"shards ({self.shards_reused} reused); {self.seconds:.1f} s, {rate}")
+                f"shards ({self.shards_reused} reused); {self.heldout:,} documents held out; {self.seconds:.1f} s, "
+                f"{rate}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -315,8 +317,10 @@ def merge_prefixes(prefixes: Sequence[str], out_prefix: str, dtype: np.dtype, ch
 def build_corpus(inputs: Sequence[str], out_prefix: str | Path, tokenizer: Optional[str | Path] = None,
                  eod: Optional[str] = None, json_key: str = "text", workers: int = 1, executor: Any = None,
                  shard_bytes: int = SHARD_BYTES, vocab_size: int = 32000, progress: bool = True,
-                 keep_shards: bool = False) -> CorpusReport:
-    """Tokenize `inputs` into out_prefix.bin/.idx; a rerun after a kill redoes only the unfinished shards."""
+                 keep_shards: bool = False, heldout: float = 0.0, seed: int = 0) -> CorpusReport:
+    """Tokenize `inputs` into out_prefix.bin/.idx; a rerun after a kill redoes only the unfinished shards. With
+    `heldout` > 0 the documents kislurm.data.prepare.heldout_mask picks (by global document index, with `seed`) are
+    left out of the prefix and written to its folder's heldout.npz instead (see hold_out)."""
     t0 = time.perf_counter()
     prefix = Path(out_prefix).absolute()
     shards = plan_shards(expand_inputs(inputs), shard_bytes)
@@ -342,12 +346,53 @@ def build_corpus(inputs: Sequence[str], out_prefix: str | Path, tokenizer: Optio
     finally:
         bar.close()
     stats = [json.loads((d / "stats.json").read_text()) for d in dirs]
-    merge_prefixes([str(d / "tokens") for d in dirs], str(prefix), dtype)
+    parts, held = [str(d / "tokens") for d in dirs], 0
+    if heldout > 0:
+        parts, held = hold_out(parts, [s["documents"] for s in stats], heldout, seed, tok, dtype, work_dir / "split",
+                               prefix.parent / "heldout.npz")
+    merge_prefixes(parts, str(prefix), dtype)
     if not keep_shards:
         shutil.rmtree(work_dir, ignore_errors=True)
     return CorpusReport(str(prefix), sum(s["documents"] for s in stats), sum(s["empty"] for s in stats),
                         sum(s["tokens"] for s in stats), len(shards), reused, eod_id, eod_token, dtype.name,
-                        str(tok_path), time.perf_counter() - t0)
+                        str(tok_path), time.perf_counter() - t0, held)
+
+
+def hold_out(parts: Sequence[str], counts: Sequence[int], share: float, seed: int, tok: HFTokenizer,
+             dtype: np.dtype, split_dir: Path, out: Path) -> tuple[list[str], int]:
+    """Set the held-out documents apart: each shard prefix that holds one is rewritten without it (megatron-core's
+    index layout, one shard in memory at a time), and the held-out documents go to `out` in the layout of
+    the synthetic stream's heldout.npz (tokens without their EOD, UTF-8 bytes of their decoded text, global index),
+    published before the prefix so a published .idx always has its held-out file. Returns (kept prefixes, held)."""
+    from kislurm.data.prepare import heldout_mask
+
+    kept, docs, index, start = [], [], [], 0
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for i, (part, n) in enumerate(zip(parts, counts)):
+        held = np.flatnonzero(heldout_mask(n, share, seed, start=start))
+        if len(held) == 0:
+            kept.append(part)
+        else:
+            lengths = next(index_chunks(part, "sequence_lengths", 0, max(n, 1))).astype(np.int64)
+            tokens = np.fromfile(f"{part}.bin", dtype=dtype)
+            ends = np.cumsum(lengths)
+            docs += [tokens[e - n_j: e - 1].astype(np.int32) for e, n_j in zip(ends[held], lengths[held])]
+            keep = np.ones(n, dtype=bool)
+            keep[held] = False
+            tokens[np.repeat(keep, lengths)].tofile(split_dir / f"{i}.bin")
+            k = int(keep.sum())
+            write_index(split_dir / f"{i}.idx", dtype, k, k + 1, lambda: [lengths[keep]],
+                        lambda: [np.arange(k + 1, dtype=np.int64)])
+            kept.append(str(split_dir / str(i)))
+            index.append(held + start)
+        start += n
+    n_bytes = np.array([len(tok.decode(d.tolist()).encode("utf-8")) for d in docs], dtype=np.int64)
+    off = np.concatenate([[0], np.cumsum([len(d) for d in docs], dtype=np.int64)]).astype(np.int64)
+    flat = np.concatenate(docs) if docs else np.zeros(0, np.int32)
+    with publishing(out) as tmp, open(tmp, "wb") as f:
+        np.savez(f, flat=flat, off=off, n_bytes=n_bytes,
+                 index=np.concatenate(index) if index else np.zeros(0, np.int64))
+    return kept, len(docs)
 
 
 class _Progress:

@@ -232,7 +232,10 @@ def general_corpus_prefix(data: DataConfig, data_dir: Path) -> Path:
 
     corpus = data.general_corpus
     files = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_inputs(list(corpus.files))]
-    blob = json.dumps({"files": files, "json_key": corpus.json_key, "tokenizer": _sha256_file(data.tokenizer)})
+    key = {"files": files, "json_key": corpus.json_key, "tokenizer": _sha256_file(data.tokenizer)}
+    if data.heldout_general > 0:        # only when set, so a corpus built before keeps its folder
+        key["heldout"] = [data.heldout_general, data.seed]
+    blob = json.dumps(key)
     return corpora_dir(data_dir) / hashlib.sha256(blob.encode()).hexdigest()[:16] / "general"
 
 
@@ -248,8 +251,10 @@ def with_general_corpus(data: DataConfig, data_dir: Path, build: bool) -> DataCo
         from kislurm.data.corpus import build_corpus
 
         build_corpus(list(data.general_corpus.files), prefix, tokenizer=data.tokenizer,
-                     json_key=data.general_corpus.json_key, progress=False)
-    return dataclasses.replace(data, general_corpus=None, general_prefix=str(prefix))
+                     json_key=data.general_corpus.json_key, progress=False, heldout=data.heldout_general,
+                     seed=data.seed)
+    # heldout_general now lives in the prefix (its fingerprint, and heldout.npz beside it: heldout_documents)
+    return dataclasses.replace(data, general_corpus=None, general_prefix=str(prefix), heldout_general=0.0)
 
 
 def prepare(data: DataConfig, data_dir: Path, seq_length: int) -> PreparedData:
@@ -404,11 +409,13 @@ def _build_general_stream(root: Path, out: Path, seq_length: int) -> None:
     _write_stream(out, s, ids, bounds, seq_length, tok, {"kind": "general", "heldout_general": share})
 
 
-def heldout_mask(n: int, share: float, seed: int) -> np.ndarray:
-    """(n,) bool: document i is held out when a hash of (seed, i) (splitmix64) falls below `share`: spread over the
-    whole stream, not a contiguous tail, and the same set for every cell and every seq_length."""
+def heldout_mask(n: int, share: float, seed: int, start: int = 0) -> np.ndarray:
+    """(n,) bool: document start + i is held out when a hash of (seed, start + i) (splitmix64) falls below `share`:
+    spread over the whole stream, not a contiguous tail, and the same set for every cell and every seq_length (a
+    general_corpus build asks shard by shard, `start` being the shard's first global document index)."""
     with np.errstate(over="ignore"):
-        z = np.arange(n, dtype=np.uint64) + np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
+        z = np.arange(start, start + n, dtype=np.uint64)
+        z += np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z ^= z >> np.uint64(31)
@@ -424,9 +431,12 @@ def _write_heldout(path: Path, s: _Sentences, held: np.ndarray, tok: Tokenizer) 
 
 
 def heldout_documents(prepared: PreparedData) -> Optional[HeldoutDocs]:
-    """The general stream's held-out documents (data.heldout_general > 0), or None."""
+    """The general stream's held-out documents (data.heldout_general > 0), or None: beside the stream kislurm built
+    from facts, or beside the data.general_corpus prefix under OUTPUT_ROOT/corpora/ (a user's general_prefix folder
+    is never looked into)."""
     path = Path(prepared.general_prefix).parent / "heldout.npz"
-    if not prepared.general_is_facts or not path.is_file():      # a user's corpus folder is never looked into
+    built = prepared.general_is_facts or path.parent.parent == corpora_dir(prepared.root.parent)
+    if not built or not path.is_file():
         return None
     z = np.load(path)
     docs = [z["flat"][a:b] for a, b in zip(z["off"][:-1].tolist(), z["off"][1:].tolist())]

@@ -368,9 +368,9 @@ class DataConfig:
     """With general_census: the largest share of knowledge facts that may already co-occur in the general corpus
     (or share a pair with a general fact) before `kislurm prepare` refuses the knowledge base."""
     heldout_general: float = 0.0
-    """Share of the general stream's documents (fact sentences) that no cell trains on, chosen by a hash of the
-    document index; every evaluation scores them (mean loss and bits per byte). 0: none. Needs a general stream
-    that kislurm builds (not general_prefix)."""
+    """Share of the general stream's documents (fact sentences, or general_corpus documents) that no cell trains on,
+    chosen by a hash of the document index; every evaluation scores them (mean loss and bits per byte). 0: none.
+    Needs a general stream that kislurm builds (synthetic or general_corpus, not general_prefix)."""
     mix: Literal["infusion", "fixed_general", "dilution"] = "infusion"
     """Control of the mix (issue 17; kislurm.analysis.controls). infusion: the cell's budget, a share r of knowledge samples.
     fixed_general: the general samples of every cell are those of an infusion cell at reference_ratio with the same
@@ -404,8 +404,9 @@ class DataConfig:
         _check(0.0 <= self.heldout_general < 1.0, "heldout_general",
                f"expected a share in [0, 1), got {self.heldout_general}; fix: e.g. 0.02")
         _check(self.heldout_general == 0.0 or self.general_prefix is None, "heldout_general",
-               "held-out documents need a general stream that kislurm builds, not general_prefix; fix: hold "
-               "documents out when building the corpus, or set heldout_general: 0")
+               "held-out documents need a general stream that kislurm builds, not general_prefix; fix: name the raw "
+               "text as data.general_corpus (`kislurm prepare` builds it, as `kislurm corpus` does, with the "
+               "documents set apart), or set heldout_general: 0")
         _check(0.0 <= self.max_contamination <= 1.0, "max_contamination",
                f"expected a fraction between 0 and 1, got {self.max_contamination}")
         _check(self.vocab_size >= 64, "vocab_size", f"expected a vocabulary of >= 64 tokens, got {self.vocab_size}")
@@ -423,9 +424,6 @@ class DataConfig:
         _check(self.general_corpus is None or (self.general_probes is not None and self.tokenizer is not None),
                "general_corpus", "general_corpus needs general_probes (facts known to be in it) and tokenizer (the "
                "tokenizer.json to encode it with); fix: set both")
-        _check(self.general_corpus is None or self.heldout_general == 0.0, "heldout_general",
-               "heldout_general needs a general stream that kislurm builds from facts, not general_corpus; fix: set "
-               "heldout_general: 0")
         # Files are checked by the data stage when it needs them (before anything is submitted), not here:
         # a cluster config must still plan and dry-run on a laptop that lacks the cluster's data.
 
