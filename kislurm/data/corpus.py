@@ -61,11 +61,11 @@ class CorpusReport:
     heldout: int = 0            # documents set apart (not in the prefix): PREFIX's folder/heldout.npz
 
     def line(self) -> str:
+        held = f"{self.heldout:,} of them held out (heldout.npz beside it); " if self.heldout else ""
         rate = f"{self.documents / max(self.seconds, 1e-9):,.0f} docs/s, {self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s"
         return (f"{self.prefix}.bin/.idx: {self.documents:,} documents, {self.tokens:,} tokens ({self.dtype}, end of "
                 f"document {self.eod_token!r} = {self.eod}), {self.empty:,} empty documents skipped; {self.shards} "
-                f"shards ({self.shards_reused} reused); {self.heldout:,} documents held out; {self.seconds:.1f} s, "
-                f"{rate}")
+                f"shards ({self.shards_reused} reused); {held}{self.seconds:.1f} s, {rate}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
