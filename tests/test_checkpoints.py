@@ -108,3 +108,26 @@ def test_a_validation_cell_reruns_by_hand_from_its_cell_json(tmp_path):
     bad = subprocess.run([*ENTRY, str(run.root), cell.name], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "cell.json: cell.train.lr: expected a number, got 'fast'" in bad.stderr, bad.stderr
+
+
+def test_a_checkpoint_at_an_evaluation_step_without_its_evaluation_is_evaluated_on_resume(tmp_path):
+    """A stop signal landing on an evaluation step saves there before evaluating. The resumed cell must take the
+    store's word, not the checkpoint's, and evaluate that step: here the last evaluation is dropped from a finished
+    cell that kept its full checkpoint at that step, and a rerun records it again, equal to the first time."""
+    from kislurm.retention.store import RetentionWriter
+
+    _, run, cell, _ = run_cell(tmp_path, keep_final="full")
+    paths = run.cell(cell.name)
+    before = read_cell(paths.store)
+    writer = RetentionWriter.open(paths.store, before.meta, before.fact_ids, before.fact_group,
+                                  before.probe_fact_index, before.probe_heldout)
+    writer.truncate_after(cell.steps - 1)  # saved at the last step, its evaluation never stored
+    writer.close()
+    assert not read_cell(paths.store, matrix=False).complete
+    out = subprocess.run([*ENTRY, str(run.root), cell.name], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    after = read_cell(paths.store)
+    assert after.complete and list(after.step) == cell.eval_steps
+    np.testing.assert_array_equal(after.probe_correct, before.probe_correct)
+    for name, series in before.metrics.items():
+        np.testing.assert_allclose(after.metrics[name], series, rtol=0, atol=1e-6, err_msg=name)

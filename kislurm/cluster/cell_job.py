@@ -373,6 +373,10 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
         heartbeat = _Heartbeat(paths, trainer, cell, watchdog) if dist.is_main else None
         downstream = _in_loop_downstream(cell, paths, prepared, probes, dist.rank, writer)
         evals = sorted(cell.eval_steps)
+        # A stop signal that lands on an evaluation step saves there before evaluating: the store, not the
+        # checkpoint, says whether the evaluation at the resumed step is done (rank 0 reads it for every rank).
+        stored_here = distributed.rank0_decides(lambda: writer is not None and trainer.step in writer.steps(),
+                                                "whether the resumed step's evaluation is stored")
         history = [e for e in (writer.meta().get("throughput", []) if writer else []) if e["step"] <= trainer.step]
         segment = [0.0, 0.0]  # steps and seconds trained since the last evaluation (this process)
 
@@ -385,8 +389,8 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
                 f"{time.perf_counter() - started:.2f} s")
 
         for stop in _stops(cell):
-            if stop < trainer.step or stop == trainer.step > 0:
-                continue  # done before an interruption (an evaluation is always stored before its checkpoint)
+            if stop < trainer.step or stop == trainer.step > 0 and (stored_here or stop not in evals):
+                continue  # done before an interruption
             while trainer.step < stop:
                 watchdog.enter("training", trainer.step)
                 ran = trainer.train_steps(stop - trainer.step, stop=lambda: flags.poll(trainer.step))
