@@ -101,7 +101,7 @@ def test_a_failed_corpus_shard_fails_the_preparation_in_one_line(slurm_cluster, 
     train_bpe((json.loads(line)["text"] for line in good.open()), 300).save(tok)
     probes = tmp_path / "capitals.jsonl"
     probes.write_text(json.dumps({"subject": "Paris", "relation": "capital_of", "object": "France"}) + "\n")
-    cfg = slurm_config(tmp_path, "bad", {"data.general_corpus": {"files": [str(good), str(bad)]},
+    cfg = slurm_config(tmp_path, "bad", {"data.general_corpus": {"files": [str(bad)]},
                                          "data.tokenizer": str(tok), "data.general_probes": str(probes)})
     run = submit_run(cfg, expand(cfg))
     rows = wait_for_cells(run, lambda rows: all(r["state"] in ("done", "failed", "cancelled") for r in rows))
