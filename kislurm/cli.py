@@ -197,7 +197,7 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
     from tqdm import tqdm
 
     from kislurm.cluster.submit import (RESUBMIT, cancel_jobs, cells_to_run, check_cluster, release, submit_cells,
-                                        submit_preparation, write_plan)
+                                        submit_corpus_shards, submit_preparation, write_plan)
 
     check_cluster(cfg.executor)
     if cfg.executor.cluster != "slurm":  # cells run in this environment: refuse a monitor it lacks before any runs
@@ -221,15 +221,21 @@ def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wa
     job = load_cell_job(cfg)
     if cfg.executor.cluster == "slurm":
         # the login node does no heavy work: preparation is one CPU job the arrays wait on, unless it is done
-        prep = None if data.is_prepared(cfg, todo) else submit_preparation(cfg, run, todo)
+        # (and data.general_corpus, while unpublished, an array of shard tasks ahead of that job, which then merges)
+        corpus = prep = None
         try:
+            if not data.is_prepared(cfg, todo):
+                corpus = submit_corpus_shards(cfg, run)
+                prep = submit_preparation(cfg, run, todo, after=corpus)
             jobs = submit_cells(cfg, run, todo, job, after=prep)
         except BaseException:
-            if prep:  # never leave a held preparation job behind
-                cancel_jobs([prep])
+            cancel_jobs([j for j in (prep, corpus) if j])  # never leave a held job behind
             raise
         if prep:
             release(prep)
+            if corpus:
+                release(corpus)   # last: a failed shard finds the preparation job and the cells to cancel
+                click.echo(f"queued general_corpus shards as array job {corpus}; the preparation job waits on it")
             click.echo(f"queued preparation job {prep}; the cells wait on it (afterok)")
         click.echo(f"submitted {len(jobs)} cells: job ids {', '.join(sorted({j.job_id.split('_')[0] for j in jobs}))}")
         return run

@@ -46,7 +46,7 @@ from kislurm.paths import CellPaths, RunPaths
 from kislurm.publish import atomic_write_json
 from kislurm.plan.grid import Cell
 from kislurm.cluster import scheduler
-from kislurm.cluster.status import rank_reports_summary, recorded_cell, write_status
+from kislurm.cluster.status import preparation_state, rank_reports_summary, recorded_cell, write_status
 
 HEARTBEAT_S = 60.0
 
@@ -512,16 +512,43 @@ class PrepareJob:
 
         run = RunPaths(Path(run_root))
         job = os.environ.get("SLURM_JOB_ID", "")
-        atomic_write_json(run.preparation, {"job": job, "state": "running", "node": node_name(), "time": time.time()})
+        queued = {k: v for k, v in preparation_state(run).items() if k == "corpus_job"}  # the shards it waited on
+        atomic_write_json(run.preparation, {"job": job, "state": "running", "node": node_name(), "time": time.time(),
+                                            **queued})
         try:
             summary = data.prepare_run(cfg, cells)
         except Exception as e:
             atomic_write_json(run.preparation, {"job": job, "state": "failed", "error": _error_line(e),
-                                                "time": time.time()})
+                                                "time": time.time(), **queued})
             _cancel_waiting_cells(run, job)
             raise
-        atomic_write_json(run.preparation, {"job": job, "state": "done", "summary": summary, "time": time.time()})
+        atomic_write_json(run.preparation, {"job": job, "state": "done", "summary": summary, "time": time.time(),
+                                            **queued})
         return summary
+
+
+class CorpusShardJob:
+    """submitit entry of one array task of data.general_corpus (kislurm.data.sources.run_shard), queued ahead of the
+    preparation job, which waits on the array (afterok) and then only merges. A failed shard could never satisfy
+    that dependency: it records its one-line error as the preparation's failure (what `kislurm status` shows) and
+    cancels the preparation job and the cell arrays waiting on it, as a failed preparation does."""
+
+    def __call__(self, run_root: str, work: Any, shard: Any, final: str) -> str:
+        from kislurm.cluster.submit import cancel_jobs
+        from kislurm.data.sources import run_shard
+
+        try:
+            return str(run_shard(work, shard, Path(final)))
+        except Exception as e:
+            run = RunPaths(Path(run_root))
+            prep = preparation_state(run)
+            job = str(prep.get("job", ""))
+            where = f"{shard.path}" + (f" bytes {shard.start}-{shard.end}" if shard.end >= 0 else "")
+            atomic_write_json(run.preparation, {**prep, "state": "failed", "time": time.time(),
+                                                "error": f"corpus shard {where}: {_error_line(e)}"})
+            cancel_jobs([job] if job else [])
+            _cancel_waiting_cells(run, job)
+            raise
 
 
 def _cancel_waiting_cells(run: RunPaths, job: str) -> None:

@@ -258,23 +258,48 @@ def preparation_parameters(ex: ExecutorConfig, name: str) -> dict[str, Any]:
     return params
 
 
-def submit_preparation(cfg: ExperimentConfig, run: RunPaths, cells: list[Cell]) -> str:
-    """Queue the run's data preparation as one held CPU job (kislurm.cluster.cell_job.PrepareJob); returns its id."""
+def submit_preparation(cfg: ExperimentConfig, run: RunPaths, cells: list[Cell], after: Optional[str] = None) -> str:
+    """Queue the run's data preparation as one held CPU job (kislurm.cluster.cell_job.PrepareJob); returns its id.
+    `after`: the general corpus's shard array it waits on (afterok), recorded in prepare.json as corpus_job."""
     from kislurm.cluster.cell_job import PrepareJob
 
     executor = submitit.AutoExecutor(folder=run.submitit / "%j", cluster="slurm")
     params = preparation_parameters(cfg.executor, f"kislurm-{cfg.name}")
+    if after:
+        params["additional_parameters"]["dependency"] = f"afterok:{after}"
     executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
     job = executor.submit(PrepareJob(), str(run.root), cfg, cells)
-    atomic_write_json(run.preparation, {"job": job.job_id, "state": "queued", "time": time.time()})
+    atomic_write_json(run.preparation, {"job": job.job_id, "state": "queued", "time": time.time(),
+                                        **({"corpus_job": after} if after else {})})
     return job.job_id
+
+
+def submit_corpus_shards(cfg: ExperimentConfig, run: RunPaths) -> Optional[str]:
+    """Queue data.general_corpus's unfinished shards as one held array (one task per shard, the preparation job's
+    partition and CPUs; kislurm.cluster.cell_job.CorpusShardJob); returns the array's job id, or None when the
+    corpus is published (a second experiment on the same files and tokenizer) or has nothing left to tokenize."""
+    from kislurm.cluster.cell_job import CorpusShardJob
+    from kislurm.data.prepare import general_corpus_plan
+
+    plan = general_corpus_plan(cfg.data, run.data)
+    todo = plan.unfinished() if plan is not None else []
+    if not todo:
+        return None
+    executor = submitit.AutoExecutor(folder=run.submitit / "%j", cluster="slurm")
+    params = preparation_parameters(cfg.executor, f"kislurm-{cfg.name}")
+    params["job_name"] = f"kislurm-{cfg.name}-corpus"
+    executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
+    with executor.batch():
+        jobs = [executor.submit(CorpusShardJob(), str(run.root), plan.work, shard, str(final))
+                for shard, final in todo]
+    return jobs[0].job_id.split("_")[0]
 
 
 def release(job_id: str) -> None:
     """Let a held job start."""
     out = subprocess.run(["scontrol", "release", job_id], capture_output=True, text=True, timeout=60)
     if out.returncode:
-        raise SubmitError(f"could not release the held preparation job {job_id} ({out.stderr.strip() or out.returncode}"
+        raise SubmitError(f"could not release the held job {job_id} ({out.stderr.strip() or out.returncode}"
                           f"); fix: scontrol release {job_id}, or scancel it and run `kislurm submit` again")
 
 

@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from kislurm.data.sources import (CorpusInputError, Shard, expand_inputs, map_shards, plan_shards, read_documents)
+from kislurm.data.sources import (CorpusInputError, Shard, expand_inputs, map_shards, plan_shards, read_documents,
+                                   result_dir)
 from kislurm.data.tokenizer import train_bpe
 from kislurm.publish import atomic_write_json, publishing
 
@@ -314,14 +315,33 @@ def merge_prefixes(prefixes: Sequence[str], out_prefix: str, dtype: np.dtype, ch
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def build_corpus(inputs: Sequence[str], out_prefix: str | Path, tokenizer: Optional[str | Path] = None,
-                 eod: Optional[str] = None, json_key: str = "text", workers: int = 1, executor: Any = None,
-                 shard_bytes: int = SHARD_BYTES, vocab_size: int = 32000, progress: bool = True,
-                 keep_shards: bool = False, heldout: float = 0.0, seed: int = 0) -> CorpusReport:
-    """Tokenize `inputs` into out_prefix.bin/.idx; a rerun after a kill redoes only the unfinished shards. With
-    `heldout` > 0 the documents kislurm.data.prepare.heldout_mask picks (by global document index, with `seed`) are
-    left out of the prefix and written to its folder's heldout.npz instead (see hold_out)."""
-    t0 = time.perf_counter()
+@dataclass(frozen=True)
+class CorpusPlan:
+    """What a build will do before it does it: the shards, where each publishes, and the picklable work function.
+    `kislurm submit` on Slurm queues `unfinished()` as array tasks ahead of the preparation job, whose build_corpus
+    (same plan, same folders) then finds them published and only merges."""
+    prefix: Path
+    shards: tuple[Shard, ...]
+    work_dir: Path
+    salt: tuple[str, ...]
+    work: Any
+    tokenizer: str
+    eod: int
+    eod_token: str
+    dtype: np.dtype
+
+    def finals(self) -> list[Path]:
+        return [result_dir(s, self.work_dir, self.salt) for s in self.shards]
+
+    def unfinished(self) -> list[tuple[Shard, Path]]:
+        """(shard, folder) of every shard not yet published."""
+        return [(s, f) for s, f in zip(self.shards, self.finals()) if not f.is_dir()]
+
+
+def plan_corpus(inputs: Sequence[str], out_prefix: str | Path, tokenizer: Optional[str | Path] = None,
+                eod: Optional[str] = None, json_key: str = "text", shard_bytes: int = SHARD_BYTES,
+                vocab_size: int = 32000) -> CorpusPlan:
+    """Check the inputs and the tokenizer (training one if none is given) and lay out the shards; tokenizes nothing."""
     prefix = Path(out_prefix).absolute()
     shards = plan_shards(expand_inputs(inputs), shard_bytes)
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -338,24 +358,38 @@ def build_corpus(inputs: Sequence[str], out_prefix: str | Path, tokenizer: Optio
         with publishing(tok_copy) as tmp:
             tmp.write_text(tok_json)
     salt = (f"v{FORMAT_VERSION}", tok_hash, str(eod_id), json_key, dtype.name)
-    reused = sum(1 for s in shards if (work_dir / s.identity(*salt)[:16]).is_dir())
     work = functools.partial(tokenize_shard, tokenizer=str(tok_copy), eod=eod_id, json_key=json_key, dtype=dtype.name)
-    bar = _Progress(len(shards), progress)
+    return CorpusPlan(prefix, tuple(shards), work_dir, salt, work, str(tok_path), eod_id, eod_token, dtype)
+
+
+def build_corpus(inputs: Sequence[str], out_prefix: str | Path, tokenizer: Optional[str | Path] = None,
+                 eod: Optional[str] = None, json_key: str = "text", workers: int = 1, executor: Any = None,
+                 shard_bytes: int = SHARD_BYTES, vocab_size: int = 32000, progress: bool = True,
+                 keep_shards: bool = False, heldout: float = 0.0, seed: int = 0) -> CorpusReport:
+    """Tokenize `inputs` into out_prefix.bin/.idx; a rerun after a kill redoes only the unfinished shards. With
+    `heldout` > 0 the documents kislurm.data.prepare.heldout_mask picks (by global document index, with `seed`) are
+    left out of the prefix and written to its folder's heldout.npz instead (see hold_out)."""
+    t0 = time.perf_counter()
+    plan = plan_corpus(inputs, out_prefix, tokenizer, eod, json_key, shard_bytes, vocab_size)
+    reused = len(plan.shards) - len(plan.unfinished())
+    bar = _Progress(len(plan.shards), progress)
     try:
-        dirs = map_shards(shards, work, work_dir, salt=salt, workers=workers, executor=executor, progress=bar.update)
+        dirs = map_shards(plan.shards, plan.work, plan.work_dir, salt=plan.salt, workers=workers, executor=executor,
+                          progress=bar.update)
     finally:
         bar.close()
     stats = [json.loads((d / "stats.json").read_text()) for d in dirs]
     parts, held = [str(d / "tokens") for d in dirs], 0
     if heldout > 0:
-        parts, held = hold_out(parts, [s["documents"] for s in stats], heldout, seed, tok, dtype, work_dir / "split",
-                               prefix.parent / "heldout.npz")
-    merge_prefixes(parts, str(prefix), dtype)
+        parts, held = hold_out(parts, [s["documents"] for s in stats], heldout, seed,
+                               load_hf_tokenizer(plan.tokenizer), plan.dtype, plan.work_dir / "split",
+                               plan.prefix.parent / "heldout.npz")
+    merge_prefixes(parts, str(plan.prefix), plan.dtype)
     if not keep_shards:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    return CorpusReport(str(prefix), sum(s["documents"] for s in stats), sum(s["empty"] for s in stats),
-                        sum(s["tokens"] for s in stats), len(shards), reused, eod_id, eod_token, dtype.name,
-                        str(tok_path), time.perf_counter() - t0, held)
+        shutil.rmtree(plan.work_dir, ignore_errors=True)
+    return CorpusReport(str(plan.prefix), sum(s["documents"] for s in stats), sum(s["empty"] for s in stats),
+                        sum(s["tokens"] for s in stats), len(plan.shards), reused, plan.eod, plan.eod_token,
+                        plan.dtype.name, plan.tokenizer, time.perf_counter() - t0, held)
 
 
 def hold_out(parts: Sequence[str], counts: Sequence[int], share: float, seed: int, tok: HFTokenizer,

@@ -239,6 +239,20 @@ def general_corpus_prefix(data: DataConfig, data_dir: Path) -> Path:
     return corpora_dir(data_dir) / hashlib.sha256(blob.encode()).hexdigest()[:16] / "general"
 
 
+def general_corpus_plan(data: DataConfig, data_dir: Path):
+    """The shard plan (kislurm.data.corpus.CorpusPlan) of data.general_corpus while its prefix is not published, else
+    None: what `kislurm submit` queues on Slurm as array tasks ahead of the preparation job."""
+    if data.general_corpus is None:
+        return None
+    prefix = general_corpus_prefix(data, data_dir)
+    if Path(f"{prefix}.idx").is_file():
+        return None
+    from kislurm.data.corpus import plan_corpus
+
+    return plan_corpus(list(data.general_corpus.files), prefix, tokenizer=data.tokenizer,
+                       json_key=data.general_corpus.json_key)
+
+
 def with_general_corpus(data: DataConfig, data_dir: Path, build: bool) -> DataConfig:
     """The data config with data.general_corpus replaced by the general_prefix it is built into (built here when
     `build` and not yet published; otherwise a one-line error naming `kislurm prepare`)."""
