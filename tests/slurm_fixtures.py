@@ -176,26 +176,21 @@ def _connect_or_problem(base: Path) -> SlurmCluster | str:
         return f"Slurm test cluster at {base} is not up ({err}); {START_HINT}"
 
 
-CLUSTER_OF_FILE = {"test_slurm_nodes.py": "b", "test_slurm_layouts.py": "c", "test_slurm_signals.py": "c"}
-"""Slurm test files that use the second or third cluster ($KISLURM_SLURM_BASE_B, _C, which `tools/dev test` starts
-beside the first); every other Slurm test file uses the first. The three thirds of the Slurm tests wait in parallel,
-and tests/conftest.py gives each its own xdist group."""
-DEFAULT_BASES = {"b": Path("/tmp/kislurm-slurm-b"), "c": Path("/tmp/kislurm-slurm-c")}
+SECOND_CLUSTER_FILES = frozenset({"test_slurm_nodes.py"})
+"""Test files whose tests use the second cluster ($KISLURM_SLURM_BASE_B, which `tools/dev test` starts beside the
+first), so the two halves of the Slurm tests wait in parallel; tests/conftest.py gives each half its own xdist group."""
+DEFAULT_BASE_B = Path("/tmp/kislurm-slurm-b")
 
 
 def cluster_of(test_file: Path) -> str:
-    """Which cluster ("a", "b" or "c") the tests of a file use; also their xdist group's suffix. Setting
-    KISLURM_SLURM_BASE_B or _C to the empty string sends that cluster's files to the first."""
-    cluster = CLUSTER_OF_FILE.get(test_file.name, "a")
-    return "a" if cluster != "a" and os.environ.get(f"KISLURM_SLURM_BASE_{cluster.upper()}") == "" else cluster
+    """Which cluster ("a" or "b") the tests of a file use; also their xdist group's suffix."""
+    return "b" if test_file.name in SECOND_CLUSTER_FILES and os.environ.get("KISLURM_SLURM_BASE_B") != "" else "a"
 
 
 def base_of(cluster: str) -> Path:
-    """The base folder of cluster "a" ($KISLURM_SLURM_BASE), "b" or "c" ($KISLURM_SLURM_BASE_B / _C, default
-    /tmp/kislurm-slurm-b / -c)."""
-    if cluster == "a":
-        return slurm_base()
-    return Path(os.environ.get(f"KISLURM_SLURM_BASE_{cluster.upper()}") or DEFAULT_BASES[cluster])
+    """The base folder of cluster "a" ($KISLURM_SLURM_BASE) or "b" ($KISLURM_SLURM_BASE_B, default
+    /tmp/kislurm-slurm-b)."""
+    return slurm_base() if cluster == "a" else Path(os.environ.get("KISLURM_SLURM_BASE_B") or DEFAULT_BASE_B)
 
 
 _FOUND: dict[Path, SlurmCluster | str] = {}
