@@ -37,9 +37,9 @@ def pytest_configure(config):
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`--dist loadgroup`), the Slurm tests of one cluster run in one worker, in file order:
-    they share that cluster, and some restart it with other settings once its queue is empty. The two clusters'
-    halves (slurm_fixtures.cluster_of) and everything else spread over the other workers, so the Slurm tests'
-    waiting overlaps the CPU-bound tests.
+    they share that cluster, and some restart it with other settings once its queue is empty. The clusters' groups
+    (slurm_fixtures.cluster_of) and everything else spread over the workers, so the Slurm tests' waiting overlaps
+    the CPU-bound tests.
 
     A module that wants its other tests in one worker too (to build its module-scoped fixtures once) says so with
     `XDIST_GROUP = "name"`; its Slurm tests still go with their cluster."""
