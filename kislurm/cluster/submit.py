@@ -258,16 +258,26 @@ def preparation_parameters(ex: ExecutorConfig, name: str) -> dict[str, Any]:
     return params
 
 
+def _preparation_executor(cfg: ExperimentConfig, run: RunPaths, job_name: Optional[str] = None,
+                          dependency: Optional[str] = None) -> submitit.AutoExecutor:
+    """A Slurm executor with the preparation job's sbatch options (held), for the preparation job and the general
+    corpus's shard array ahead of it."""
+    executor = submitit.AutoExecutor(folder=run.submitit / "%j", cluster="slurm")
+    params = preparation_parameters(cfg.executor, f"kislurm-{cfg.name}")
+    if job_name:
+        params["job_name"] = job_name
+    if dependency:
+        params["additional_parameters"]["dependency"] = dependency
+    executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
+    return executor
+
+
 def submit_preparation(cfg: ExperimentConfig, run: RunPaths, cells: list[Cell], after: Optional[str] = None) -> str:
     """Queue the run's data preparation as one held CPU job (kislurm.cluster.cell_job.PrepareJob); returns its id.
     `after`: the general corpus's shard array it waits on (afterok), recorded in prepare.json as corpus_job."""
     from kislurm.cluster.cell_job import PrepareJob
 
-    executor = submitit.AutoExecutor(folder=run.submitit / "%j", cluster="slurm")
-    params = preparation_parameters(cfg.executor, f"kislurm-{cfg.name}")
-    if after:
-        params["additional_parameters"]["dependency"] = f"afterok:{after}"
-    executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
+    executor = _preparation_executor(cfg, run, dependency=f"afterok:{after}" if after else None)
     job = executor.submit(PrepareJob(), str(run.root), cfg, cells)
     atomic_write_json(run.preparation, {"job": job.job_id, "state": "queued", "time": time.time(),
                                         **({"corpus_job": after} if after else {})})
@@ -285,10 +295,7 @@ def submit_corpus_shards(cfg: ExperimentConfig, run: RunPaths) -> Optional[str]:
     todo = plan.unfinished() if plan is not None else []
     if not todo:
         return None
-    executor = submitit.AutoExecutor(folder=run.submitit / "%j", cluster="slurm")
-    params = preparation_parameters(cfg.executor, f"kislurm-{cfg.name}")
-    params["job_name"] = f"kislurm-{cfg.name}-corpus"
-    executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
+    executor = _preparation_executor(cfg, run, job_name=f"kislurm-{cfg.name}-corpus")
     with executor.batch():
         jobs = [executor.submit(CorpusShardJob(), str(run.root), plan.work, shard, str(final))
                 for shard, final in todo]
