@@ -10,17 +10,20 @@
     RUN/cells/NAME/checkpoints/   megatron dist_checkpointing checkpoints
     RUN/cells/NAME/log.txt        the cell's training log
     RUN/cells/NAME/ranks/K.json   rank K's last error in its latest session (written by that rank alone)
+    RUN/cells/NAME/downstream.json  downstream scores of the cell's final weights (kislurm downstream)
+    RUN/cells/NAME/downstream/tasks/WHEN/  the local lm-eval task files those scores were computed on
     RUN/cells/NAME/tensorboard/   TensorBoard event files (kislurm.train.monitor): steps/ against step, tokens/ against tokens
+    RUN/submissions.jsonl         every submission of a cell (append-only: cell, job id, why, what it waits on)
+    RUN/preflight/LAYOUT/         one layout's preflight job: its scratch cells and report.json
     RUN/submitit/                 submitit's job files and stdout/stderr (%A_%a per array task)
-    RUN/reports/                  aggregation outputs (tables, plots, summary)
+    RUN/reports/                  aggregation outputs (tables, plots, summary; law.json is the fitted law)
+    RUN/reports/nightly/          dated nightly aggregations and the `latest` link (jobs/nightly)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-from kislurm.publish import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,28 @@ class RunPaths:
     @property
     def reports(self) -> Path:
         return self.root / "reports"
+
+    @property
+    def nightly(self) -> Path:
+        """The nightly aggregation's dated report folders and its `latest` link."""
+        return self.reports / "nightly"
+
+    @property
+    def law(self) -> Path:
+        """The fitted scaling law that `kislurm aggregate` publishes and `kislurm validate` extrapolates."""
+        return self.reports / "law.json"
+
+    @property
+    def submissions(self) -> Path:
+        """Append-only log of every submission (kislurm.cluster.status.Submission, one JSON line each)."""
+        return self.root / "submissions.jsonl"
+
+    def preflight(self, layout: str) -> Path:
+        """One preflight layout's folder: its scratch training folders and report.json."""
+        return self.root / "preflight" / layout
+
+    def preflight_report(self, layout: str) -> Path:
+        return self.preflight(layout) / "report.json"
 
     @property
     def preparation(self) -> Path:
@@ -92,6 +117,15 @@ class CellPaths:
     def tensorboard(self) -> Path:
         """TensorBoard event files of the cell (`tensorboard --logdir RUN` finds every cell's)."""
         return self.root / "tensorboard"
+
+    @property
+    def downstream_results(self) -> Path:
+        """Downstream scores of the cell's final weights (kislurm.cluster.downstream_job)."""
+        return self.root / "downstream.json"
+
+    def downstream_tasks(self, when: str) -> Path:
+        """The lm-eval task files written for one evaluation (`final`, or a rank's in-loop folder)."""
+        return self.root / "downstream" / "tasks" / when
 
     def rank_report(self, rank: int) -> Path:
         return self.ranks / f"{rank}.json"

@@ -2,7 +2,8 @@
 
 Readers (other ranks, other nodes over NFS, the aggregator) see the old version or the new one, never a part; the
 parent folder is fsync'ed after the rename so that the new name survives a node crash. Every writer in kislurm goes
-through `publish` (the temporary name is the caller's: some callers parse theirs to clean up after a crash).
+through `publish` (the temporary name is the caller's: some callers parse theirs to clean up after a crash), or,
+for an append-only log, through `append_lines`.
 """
 
 from __future__ import annotations
@@ -73,3 +74,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def append_lines(path: Path, lines: list[str]) -> None:
+    """Append whole lines to a log in one write, then fsync: a crash mid-way loses at most the lines being written,
+    never earlier ones (a reader skips a torn last line). Logs grow by appends, so they are never renamed over."""
+    data = "".join(line.rstrip("\n") + "\n" for line in lines).encode()
+    if not data:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

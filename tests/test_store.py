@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from kislurm.retention import digest, store
-from kislurm.retention.store import (SCHEMA_VERSION, RetentionWriter, StoreError, fact_correct, git_commit, list_cells,
+from kislurm.retention.store import (SCHEMA_VERSION, RetentionWriter, StoreError, fact_correct, git_commit,
                                      read_cell)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -383,24 +383,6 @@ def test_unreadable_reads_are_retried_then_reported(tmp_path, monkeypatch):
     garbage.write_bytes(b"x" * 100)
     with pytest.raises(StoreError, match="not a readable HDF5 file"):
         read_cell(garbage)
-
-
-def test_list_cells(tmp_path):
-    cells = tmp_path / "cells"
-    with _open(cells / "a" / "retention.h5") as w:
-        w.append(**record_for(1))
-        w.mark_complete()
-    with _open(cells / "b" / "retention.h5", cell_id="b") as w:
-        w.append(**record_for(1))
-        w.append(**record_for(2))
-    (cells / "c").mkdir()
-    (cells / "d").mkdir()
-    (cells / "d" / "retention.h5").write_bytes(b"junk")
-    got = {c.name: c for c in list_cells(tmp_path)}
-    assert [got[n].status for n in "abcd"] == ["complete", "running", "missing", "damaged"]
-    assert (got["b"].cell_id, got["b"].n_steps, got["b"].last_step) == ("b", 2, 2)
-    assert "not a readable HDF5 file" in got["d"].problem
-    assert list_cells(tmp_path / "nowhere") == []
 
 
 # ------------------------------------------------------------------------------------------- crashes and readers

@@ -400,7 +400,7 @@ def aggregate_runs(runs: list[Path], out: Optional[Path] = None, config: Optiona
     changed, the analysis imports (~2 s) then load in a thread while they read the stores; the analysis processes
     are forked after both are done."""
     runs = [Path(r) for r in runs]
-    out = out or runs[0] / "reports"
+    out = out or RunPaths(runs[0]).reports
     cfg = _analysis_config(runs, config)
     with _one_blas_thread():
         with worker_pool() as readers:

@@ -321,10 +321,10 @@ def _panels(curves: dict, title: str, xlabel: str, x_of: Any, logit_x: bool) -> 
             if logit_x and c.flag == "ok" and math.isfinite(c.r_star):
                 ax.axvline(c.r_star, color=col, ls="--", lw=1, alpha=0.8)
         if logit_x:
-            from kislurm.analysis.report import _ratio_ticks
+            from kislurm.analysis.report import ratio_ticks
 
             ax.set_xscale("logit")
-            _ratio_ticks(ax, [float(r) for cs in curves.values() for cc in cs.values() for r in cc.collapse.ratios])
+            ratio_ticks(ax, [float(r) for cs in curves.values() for cc in cs.values() for r in cc.collapse.ratios])
         else:
             ax.set_xscale("log")
         ax.set_title(f"{key[1]}", fontsize=11)

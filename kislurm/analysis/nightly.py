@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from kislurm.paths import RunPaths
 from kislurm.publish import publish
 
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reports", type=Path, default=None)
     parser.add_argument("--keep", type=int, default=30)
     args = parser.parse_args(argv)
-    reports = args.reports or args.runs[0] / "reports" / "nightly"
+    reports = args.reports or RunPaths(args.runs[0]).nightly
     try:
         reports.mkdir(parents=True, exist_ok=True)
         lock = open(reports / ".nightly.lock", "w")

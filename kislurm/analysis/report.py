@@ -282,7 +282,7 @@ def _size_colors(params: Sequence[float]) -> dict[float, Any]:
     return {p: cm.viridis(norm(i)) for i, p in enumerate(uniq)}
 
 
-def _ratio_ticks(ax: Axes, ratios: Sequence[float], min_gap: float = 0.06) -> None:
+def ratio_ticks(ax: Axes, ratios: Sequence[float], min_gap: float = 0.06) -> None:
     """Label the grid ratios, dropping any closer than min_gap of the axis span (in log-odds, the axis' own scale)
     to a kept one, with two significant digits: a grid of dozens of ratios stays legible."""
     ticks = sorted(set(float(r) for r in ratios))
@@ -318,7 +318,7 @@ def plot_retention_vs_ratio(ax: Axes, collapses: Sequence[CollapseResult], metri
                 ax.axvspan(c.lo, c.hi, color=col, alpha=0.12, lw=0)
     ax.set_xscale("logit")  # the fitting axis: log-odds, like log r for small r, spread out near 1
     if all_r:
-        _ratio_ticks(ax, all_r)
+        ratio_ticks(ax, all_r)
     ax.set_xlabel("infusion ratio r (log-odds scale)")
     ax.set_ylabel(metric)
     ax.yaxis.set_major_locator(ticker.MaxNLocator(6, steps=[1, 2, 5, 10]))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable
 
 from kislurm.errors import EvalError
@@ -23,17 +22,9 @@ from kislurm.plan.grid import Cell
 from kislurm.publish import atomic_write_json
 from kislurm.cluster.status import recorded_cell
 
-RESULTS = "downstream.json"
-"""The cell folder's file of downstream scores of its final weights."""
-
-
-def results_path(paths: CellPaths) -> Path:
-    return paths.root / RESULTS
-
-
 def read_results(paths: CellPaths) -> dict[str, Any]:
     """CELL/downstream.json, or an empty record; a damaged one is one line naming it."""
-    path = results_path(paths)
+    path = paths.downstream_results
     if not path.is_file():
         return {"tasks": {}}
     try:
@@ -78,7 +69,7 @@ def score_cell(run: RunPaths, cell: Cell, tasks: list[str], limit: int | None, b
         raise EvalError(f"{cell.name}: no final weights at {weights}; fix: let the cell finish with "
                         "train.keep_final weights (the default) or full")
     prepared = data.load_prepared(cell.data, run.data, cell.model.seq_length)
-    folder = paths.root / "downstream" / "tasks" / "final"
+    folder = paths.downstream_tasks("final")
     write_local_tasks(todo, prepared, data.cell_probes(prepared, cell), folder)
     preset = replace(cell.model, tensor_parallel=1, pipeline_parallel=1, data_parallel=1)
     ctx = init_model_parallel(1, device=preset.device)
@@ -100,7 +91,7 @@ def score_cell(run: RunPaths, cell: Cell, tasks: list[str], limit: int | None, b
                                                                                               - started, 2)}
     record.update(cell=cell.name, cell_id=cell.cell_id, size=cell.size, ratio=cell.ratio, tokens=cell.tokens,
                   seed=cell.seed)
-    atomic_write_json(results_path(paths), record)
+    atomic_write_json(paths.downstream_results, record)
     log(f"{cell.name}: scored {', '.join(todo)}")
     return record
 

@@ -40,6 +40,8 @@ from typing import Any, Optional
 from kislurm.plan.config import DataConfig, EvalConfig, ExperimentConfig, ModelPreset, TrainConfig, effective_train
 from kislurm.plan.estimate import plan_vocab_size
 from kislurm.plan.grid import Cell
+from kislurm.paths import RunPaths
+from kislurm.publish import atomic_write_text
 from kislurm.cluster.submit import SubmitError, resources_for
 
 PREFLIGHT_TIMEOUT_MIN = 20
@@ -193,7 +195,7 @@ def preflight_job(layout: Layout, train: TrainConfig, steps: int, vocab: int, fo
                   "mfu": speed.get("mfu"), "baseline": baseline, "checks": checks,
                   "passed": all(c["ok"] for c in checks.values() if c["ok"] is not None)}
         if ctx.is_main:
-            (root / "report.json").write_text(json.dumps(report, indent=1))
+            atomic_write_text(root / "report.json", json.dumps(report, indent=1))
             return report
         return None
     finally:
@@ -332,7 +334,6 @@ def baseline_ratio_check(baseline: dict, minimum: float) -> dict:
 def run_preflight(cfg: ExperimentConfig, layouts: list[Layout], steps: int, folder: Path,
                   min_baseline_ratio: Optional[float] = None) -> list[dict]:
     """Submit one job per layout (local executor or Slurm, as the config says), wait, return the reports."""
-    from kislurm.paths import RunPaths
     from kislurm.cluster.submit import make_executor
 
     vocab = plan_vocab_size(cfg.data)
@@ -342,7 +343,7 @@ def run_preflight(cfg: ExperimentConfig, layouts: list[Layout], steps: int, fold
         res = dataclasses.replace(resources_for(layout.model, cfg.executor),
                                   timeout_min=PREFLIGHT_TIMEOUT_MIN)
         executor = make_executor(cfg, run, res)
-        out = folder / "preflight" / layout.name
+        out = run.preflight(layout.name)
         out.mkdir(parents=True, exist_ok=True)
         train = effective_train(cfg.train, layout.model)  # with the size's own overrides
         jobs.append((layout, executor.submit(preflight_job, layout, train, steps, vocab, str(out),
@@ -381,7 +382,7 @@ def summary_line(report: dict) -> str:
 def passed_report(folder: Path, layout: Layout) -> Optional[dict]:
     """The layout's preflight report in the run folder, if it exists and passed."""
     try:
-        report = json.loads((folder / "preflight" / layout.name / "report.json").read_text())
+        report = json.loads(RunPaths(folder).preflight_report(layout.name).read_text())
     except (OSError, ValueError):
         return None
     return report if report.get("passed") else None

@@ -16,11 +16,10 @@ import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from kislurm.paths import CellPaths, RunPaths
-from kislurm.publish import atomic_write_text
+from kislurm.publish import append_lines, atomic_write_text
 
 STALE_AFTER_S = 600.0
 
@@ -93,15 +92,11 @@ class Submission:
 
 def record_submissions(run: RunPaths, subs: Iterable[Submission]) -> None:
     """Append-only log: a crash mid-way loses at most the line being written, never earlier ones."""
-    lines = "".join(json.dumps(asdict(s), sort_keys=True) + "\n" for s in subs)
-    with open(run.root / "submissions.jsonl", "a") as f:
-        f.write(lines)
-        f.flush()
-        os.fsync(f.fileno())
+    append_lines(run.submissions, [json.dumps(asdict(s), sort_keys=True) for s in subs])
 
 
 def _submissions(run: RunPaths) -> Iterable[Submission]:
-    path = run.root / "submissions.jsonl"
+    path = run.submissions
     if path.exists():
         for line in path.read_text().splitlines():
             try:

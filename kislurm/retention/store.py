@@ -55,7 +55,6 @@ from h5py import h5a, h5d, h5f, h5p, h5s
 from kislurm import __version__
 from kislurm.retention import digest
 from kislurm.retention.digest import StoreDigest, narrow_index
-from kislurm.paths import CellPaths, RunPaths
 from kislurm.publish import publishing
 from kislurm.errors import StoreError  # noqa: F401 (re-exported)
 
@@ -93,19 +92,6 @@ class CellRecord:
     probe_fact_index: np.ndarray | None
     probe_heldout: np.ndarray | None
     fact_frequency: np.ndarray | None = None   # (F,) int64, where the cell recorded one (meta: fact_frequency_unit)
-
-
-@dataclass(frozen=True)
-class CellSummary:
-    """A cell folder's store at a glance (list_cells): status is complete, running, missing or damaged."""
-
-    name: str
-    path: Path
-    status: str
-    cell_id: str | None
-    n_steps: int
-    last_step: int | None
-    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -654,26 +640,6 @@ def _retrying(read: Any, path: Path, *args: Any) -> Any:
             if attempt + 1 == READ_RETRIES:
                 raise
     raise AssertionError("unreachable")
-
-
-def list_cells(run_dir: Path) -> list[CellSummary]:
-    """Every cell folder of a run with its store's status (a fast read of each store)."""
-    cells = RunPaths(Path(run_dir)).cells
-    out = []
-    for folder in sorted(p for p in cells.iterdir() if p.is_dir()) if cells.is_dir() else []:
-        path = CellPaths(folder).store
-        if not path.exists():
-            out.append(CellSummary(folder.name, path, "missing", None, 0, None))
-            continue
-        try:
-            rec = read_cell(path, matrix=False)
-        except StoreError as exc:
-            out.append(CellSummary(folder.name, path, "damaged", None, 0, None, str(exc)))
-            continue
-        last = int(rec.step[-1]) if len(rec.step) else None
-        out.append(CellSummary(folder.name, path, "complete" if rec.complete else "running",
-                               rec.meta.get("cell_id"), len(rec.step), last))
-    return out
 
 
 def fact_correct(record: CellRecord, row: int = -1, group: int | None = None) -> np.ndarray:
