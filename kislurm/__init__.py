@@ -14,7 +14,8 @@ import warnings  # noqa: E402
 warnings.filterwarnings("ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed",
                         category=UserWarning, module=r"megatron\.")
 
-from kislurm.plan.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
+from kislurm.plan.config import ConfigError, ExperimentConfig  # noqa: E402
 from kislurm.plan.grid import Cell, expand  # noqa: E402
+from kislurm.plan.loader import load_config  # noqa: E402
 
 __all__ = ["__version__", "ConfigError", "ExperimentConfig", "load_config", "Cell", "expand"]

@@ -19,7 +19,8 @@ import click
 
 from kislurm import __version__
 from kislurm.errors import KislurmError
-from kislurm.plan.config import ConfigError, ExperimentConfig, load_config
+from kislurm.plan.config import ConfigError, ExperimentConfig
+from kislurm.plan.loader import load_config
 from kislurm.paths import RunPaths
 from kislurm.plan.grid import Cell, expand, resolve_layouts, run_dir
 

@@ -44,9 +44,9 @@ def apply(mode: str) -> None:
 
 def _halve_repo_configs() -> None:
     import kislurm.cli
-    import kislurm.plan.config
+    import kislurm.plan.loader
 
-    original = kislurm.plan.config.load_config
+    original = kislurm.plan.loader.load_config
     if getattr(original, "cell_speed", False):
         return
 
@@ -61,5 +61,5 @@ def _halve_repo_configs() -> None:
         return original(path, overrides)
 
     load_config.cell_speed = True
-    kislurm.plan.config.load_config = load_config
+    kislurm.plan.loader.load_config = load_config
     kislurm.cli.load_config = load_config

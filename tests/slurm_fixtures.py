@@ -233,7 +233,7 @@ def two_nodes(slurm_cluster):
 
 def plan(root: Path, tp: int, dp: int, per_node: int, **overrides):
     """A one-cell tiny grid at layout TP x DP with `per_node` ranks on each node, on Slurm."""
-    from kislurm.plan.config import load_config
+    from kislurm.plan.loader import load_config
     from kislurm.plan.grid import expand
 
     cfg = load_config(TINY, {"output_root": str(root), "executor.cluster": "slurm", "executor.time": "10",

@@ -95,7 +95,9 @@ def test_synthetic_cells_record_general_exposures_per_fact(prepared_tiny):
     """What a synthetic cell writes into its fact table: the times it trains on each general fact (megatron's own
     indices), the same counts blend_stats summarises; the infused facts get -1 (no corpus frequency)."""
     from kislurm.data import prepare as D
-    from kislurm.plan.config import BUILTIN_PRESETS, EvalConfig, TrainConfig
+    from kislurm.plan.config import EvalConfig
+    from kislurm.plan.presets import BUILTIN_PRESETS
+    from kislurm.plan.training import TrainConfig
     from kislurm.plan.grid import Cell
 
     cell = Cell("cpu-xxs", 0.3, 102_400, 0, BUILTIN_PRESETS["cpu-xxs"], prepared_tiny.data, TrainConfig(),

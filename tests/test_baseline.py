@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kislurm.train.baseline import PlainGPT, PlainTrainer, parameter_count
-from kislurm.plan.config import ModelPreset, TrainConfig
+from kislurm.plan.presets import ModelPreset
+from kislurm.plan.training import TrainConfig
 from kislurm.cluster.preflight import RandomTokens
 
 OPTIONS = list(itertools.product(["learned", "rope"], ["gelu", "swiglu"], ["layernorm", "rmsnorm"], [None, 2],

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kislurm.train import checkpoint
-from kislurm.plan.config import load_config
+from kislurm.plan.loader import load_config
 from kislurm.data.prepare import cell_probes, load_prepared, prepare_run
 from kislurm.train.distributed import init_model_parallel, seed_all, teardown
 from kislurm.retention.evaluate import evaluate_retention

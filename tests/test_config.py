@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from kislurm.plan.config import (BUILTIN_PRESETS, ConfigError, ExperimentConfig, TrainConfig, config_from_dict,
-                                 load_config)
+from kislurm.plan.config import ConfigError, ExperimentConfig
+from kislurm.plan.loader import config_from_dict, load_config
+from kislurm.plan.presets import BUILTIN_PRESETS
+from kislurm.plan.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,7 +125,7 @@ def test_param_count_formula_orders_sizes():
 
 
 def test_config_from_dict_round_trip():
-    from kislurm.plan.config import config_to_dict
+    from kislurm.plan.loader import config_to_dict
 
     cfg = config_from_dict({"grid": {"ratios": [0.3]}})
     assert config_from_dict(config_to_dict(cfg)) == cfg

@@ -14,7 +14,10 @@ import torch
 from conftest import TINY_SEQ, tiny_data
 from kislurm.data import prepare as D
 from kislurm.analysis.collapse import Measurement, detect_collapse
-from kislurm.plan.config import BUILTIN_PRESETS, ConfigError, EvalConfig, TrainConfig, load_config
+from kislurm.plan.config import ConfigError, EvalConfig
+from kislurm.plan.loader import load_config
+from kislurm.plan.presets import BUILTIN_PRESETS
+from kislurm.plan.training import TrainConfig
 from kislurm.analysis.controls import rule_exposure, rule_interference, rule_staged, staged_drops, ControlCurve, verdict
 from kislurm.analysis.pilot import pilot_cells
 from kislurm.plan.grid import Cell, control_data, expand

@@ -17,7 +17,7 @@ from kislurm.data.sources import slurm_shard_executor
 from kislurm.data.corpus import build_corpus
 from kislurm.data.tokenizer import train_bpe
 from kislurm.data.wordnet import capital_documents, wordnet_installed, write_wordnet_jsonl
-from kislurm.plan.config import load_config
+from kislurm.plan.loader import load_config
 from kislurm.plan.grid import expand
 from slurm_fixtures import wait_for_cells
 

@@ -16,7 +16,9 @@ import torch.distributed as dist
 
 from conftest import TINY_SEQ, tiny_data
 from kislurm.data import prepare as D
-from kislurm.plan.config import BUILTIN_PRESETS, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig
+from kislurm.plan.config import DataConfig, EvalConfig, KnowledgeBaseSpec
+from kislurm.plan.presets import BUILTIN_PRESETS
+from kislurm.plan.training import TrainConfig
 from kislurm.data.knowledge import DataError
 from kislurm.plan.grid import Cell
 
@@ -218,7 +220,7 @@ def test_a_lost_publication_race_keeps_the_published_copy(tmp_path):
 
 
 def test_cells_only_read_prepared_data(tmp_path):
-    from kislurm.plan.config import load_config
+    from kislurm.plan.loader import load_config
     from kislurm.plan.grid import expand
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", {"output_root": str(tmp_path)})

@@ -14,7 +14,9 @@ import torch
 
 from kislurm.data import prepare as D
 from kislurm.data import streams
-from kislurm.plan.config import BUILTIN_PRESETS, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig
+from kislurm.plan.config import DataConfig, EvalConfig, KnowledgeBaseSpec
+from kislurm.plan.presets import BUILTIN_PRESETS
+from kislurm.plan.training import TrainConfig
 from kislurm.plan.grid import Cell
 
 torch.set_num_threads(1)

@@ -24,7 +24,7 @@ from conftest import run_two_tasks  # noqa: E402
 
 from kislurm.cluster.submit import write_plan  # noqa: E402
 from kislurm.data import prepare as data  # noqa: E402
-from kislurm.plan.config import load_config  # noqa: E402
+from kislurm.plan.loader import load_config  # noqa: E402
 from kislurm.plan.grid import expand  # noqa: E402
 from kislurm.retention.downstream import (PROBE_TASK, TEXT_TASK, KislurmLM, metric_name,  # noqa: E402
                                           probe_documents, run_tasks, write_probe_task)

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from kislurm.plan import estimate
-from kislurm.plan.config import BUILTIN_PRESETS, ConfigError, TrainConfig, config_from_dict, config_to_dict, load_config
+from kislurm.plan.config import ConfigError
+from kislurm.plan.loader import config_from_dict, config_to_dict, load_config
+from kislurm.plan.presets import BUILTIN_PRESETS
+from kislurm.plan.training import TrainConfig
 from kislurm.plan.estimate import memory_per_rank, padded_vocab_size
 from kislurm.plan.grid import expand, resolve_layouts
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import run_two_tasks
-from kislurm.plan.config import BUILTIN_PRESETS
+from kislurm.plan.presets import BUILTIN_PRESETS
 from kislurm.train.distributed import init_model_parallel, seed_all, teardown
 from kislurm.retention.evaluate import (
                                         EvalError,

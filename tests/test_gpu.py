@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from kislurm.train import distributed
-from kislurm.plan.config import DataConfig, EvalConfig, ModelPreset, TrainConfig, load_config
+from kislurm.plan.config import DataConfig, EvalConfig
+from kislurm.plan.loader import load_config
+from kislurm.plan.presets import ModelPreset
+from kislurm.plan.training import TrainConfig
 from kislurm.train.model import have_transformer_engine
 from kislurm.plan.grid import Cell, expand
 from kislurm.retention.store import read_cell
@@ -155,7 +158,8 @@ def test_llama_1_3b_preflight_at_tp1_on_one_gpu(tmp_path):
     """The preflight of the Llama-style 1.3B at TP=1 on one GPU (bench_gpu.py's batch: micro 8, global 32):
     resume exact under the math attention kernel, MFU and the same-job plain-PyTorch ratio recorded. Not yet run
     on a GPU (written without one)."""
-    from kislurm.plan.config import BUILTIN_PRESETS, config_from_dict, config_to_dict
+    from kislurm.plan.loader import config_from_dict, config_to_dict
+    from kislurm.plan.presets import BUILTIN_PRESETS
     from kislurm.cluster.preflight import distinct_layouts, run_preflight, summary_line
 
     preset = {**config_to_dict(BUILTIN_PRESETS["1.3B-llama"]), "tensor_parallel": 1, "data_parallel": 1}

@@ -117,7 +117,7 @@ def test_a_general_corpus_cell_scores_documents_its_build_held_out(tmp_path):
     from kislurm.data import prepare as D
     from kislurm.data.tokenizer import train_bpe
     from kislurm.data.wordnet import capital_documents, wordnet_installed, write_wordnet_jsonl
-    from kislurm.plan.config import load_config
+    from kislurm.plan.loader import load_config
     from kislurm.plan.grid import expand
     from kislurm.retention.store import read_cell
     from kislurm.train import checkpoint
@@ -175,7 +175,7 @@ def test_a_general_corpus_cell_scores_documents_its_build_held_out(tmp_path):
 
 def test_heldout_general_with_a_prefix_built_elsewhere_is_refused_naming_general_corpus():
     from kislurm.errors import KislurmError
-    from kislurm.plan.config import config_from_dict
+    from kislurm.plan.loader import config_from_dict
 
     with pytest.raises(KislurmError, match="data.heldout_general.*general_corpus") as e:
         config_from_dict({"data": {"general_prefix": "corpora/web", "general_probes": "p.jsonl", "tokenizer": "t.json",

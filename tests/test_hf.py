@@ -19,7 +19,9 @@ from click.testing import CliRunner
 from kislurm.cli import main, submit_run
 from kislurm.cluster.status import write_status
 from kislurm.data.prepare import cell_probes, load_prepared
-from kislurm.plan.config import BUILTIN_PRESETS, ConfigError, ModelPreset, load_config
+from kislurm.plan.config import ConfigError
+from kislurm.plan.loader import load_config
+from kislurm.plan.presets import BUILTIN_PRESETS, ModelPreset
 from kislurm.plan.grid import expand
 from kislurm.retention.evaluate import evaluate_retention
 from kislurm.retention.store import read_cell

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kislurm.train import cpu_shims, distributed
-from kislurm.plan.config import BUILTIN_PRESETS, ModelPreset
+from kislurm.plan.presets import BUILTIN_PRESETS, ModelPreset
 from kislurm.train.model import build_model, count_parameters, padded_vocab_size
 
 torch.set_num_threads(1)
@@ -209,7 +209,9 @@ def test_transformer_engine_is_opt_in():
     config already. (The TE layers themselves are built only by tests/test_gpu.py, on a GPU with TE.)"""
     import dataclasses
 
-    from kislurm.plan.config import BUILTIN_PRESETS, ConfigError, config_from_dict
+    from kislurm.plan.config import ConfigError
+    from kislurm.plan.loader import config_from_dict
+    from kislurm.plan.presets import BUILTIN_PRESETS
     from kislurm.train.model import SDPAttention, layer_spec
 
     for name in ("cpu-s", "137M", "1.3B-llama"):

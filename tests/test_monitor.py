@@ -10,7 +10,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kislurm.cli import submit_run
-from kislurm.plan.config import ConfigError, MonitorConfig, config_from_dict, load_config
+from kislurm.plan.config import ConfigError, MonitorConfig
+from kislurm.plan.loader import config_from_dict, load_config
 from kislurm.train.monitor import CellMonitor
 from kislurm.paths import RunPaths
 from kislurm.plan.grid import expand

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kislurm.plan.config import load_config
+from kislurm.plan.loader import load_config
 from kislurm.plan.grid import expand
 from kislurm.retention.store import read_cell
 from kislurm.train.trainer import MIN_STEP_ENV

@@ -8,7 +8,7 @@ import yaml
 from click.testing import CliRunner
 
 from kislurm.cli import main
-from kislurm.plan.config import config_from_dict
+from kislurm.plan.loader import config_from_dict
 from kislurm.paths import RunPaths
 from kislurm.analysis.pilot import PilotError, PilotResult, chance_of, judge, pilot_cells
 from kislurm.plan.grid import expand

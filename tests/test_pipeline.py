@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from kislurm.analysis.aggregate import aggregate_runs
 from kislurm.cli import main, submit_run
-from kislurm.plan.config import load_config
+from kislurm.plan.loader import load_config
 from kislurm.plan.grid import expand
 from kislurm.cluster.status import run_status
 from kislurm.retention.store import read_cell

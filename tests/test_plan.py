@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from kislurm.errors import ConfigError
-from kislurm.plan.config import config_from_dict
+from kislurm.plan.loader import config_from_dict
 from kislurm.plan.grid import Cell, expand
 
 
@@ -39,7 +39,7 @@ that enters the id changes, a deliberate break that orphans every finished cell 
 @pytest.mark.parametrize("hash_seed", ["0", "12345"])
 def test_golden_cell_id_in_a_fresh_process(hash_seed):
     """A fresh interpreter (another str hash seed, nothing cached) computes the pinned id."""
-    code = ("from kislurm.plan.config import config_from_dict; from kislurm.plan.grid import expand; "
+    code = ("from kislurm.plan.loader import config_from_dict; from kislurm.plan.grid import expand; "
             "print(expand(config_from_dict({'grid': {'sizes': ['cpu-s'], 'ratios': [0.1], "
             "'token_budgets': [1000]}}))[0].name)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
@@ -87,7 +87,7 @@ def test_architecture_fields_enter_the_id_only_when_not_default():
     non-default architecture option makes a new id."""
     from pathlib import Path
 
-    from kislurm.plan.config import load_config
+    from kislurm.plan.loader import load_config
 
     demo = expand(load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"))
     assert (demo[0].cell_id, demo[-1].cell_id) == ("cda9fad86c", "ad03372be9")
@@ -109,7 +109,8 @@ def test_per_size_train_overrides_apply_to_that_size_and_enter_its_id():
     their ids; no overrides (or overrides equal to the run's values) keep the ids; a bad key is one line."""
     import yaml
 
-    from kislurm.plan.config import ConfigError, config_to_dict
+    from kislurm.plan.config import ConfigError
+    from kislurm.plan.loader import config_to_dict
 
     shape = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4}
     base = {"grid": {"sizes": ["m", "cpu-s"], "ratios": [0.1], "token_budgets": [20_000]}, "models": {"m": shape}}
@@ -160,3 +161,29 @@ def test_transformer_impl_enters_the_id_only_when_opted_in():
 
     assert cell_id(transformer_impl="local") == cell_id()
     assert cell_id(transformer_impl="transformer_engine") != cell_id()
+
+
+def test_a_fields_own_metadata_decides_its_place_in_the_id():
+    """grid reads each field's rule from its metadata (kislurm.plan.fields): no rule enters always, NOT_IN_ID never,
+    IN_ID_UNLESS_DEFAULT only at a non-default value; the real sections carry their rules the same way."""
+    import dataclasses
+
+    from kislurm.plan.fields import IN_ID_UNLESS_DEFAULT, NOT_IN_ID
+    from kislurm.plan.grid import section_id_json
+
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        always: int = 1
+        never: int = dataclasses.field(default=1, metadata=NOT_IN_ID)
+        later: tuple = dataclasses.field(default_factory=tuple, metadata=IN_ID_UNLESS_DEFAULT)
+
+    assert json.loads(section_id_json(Section())) == {"always": 1}
+    assert section_id_json(Section(never=2)) == section_id_json(Section())
+    assert json.loads(section_id_json(Section(always=2, later=(3,)))) == {"always": 2, "later": [3]}
+    # a real NOT_IN_ID field of each hashed section (model layout and time limit, training cadence) keeps the id
+    plain = {"grid": {"sizes": ["m"], "ratios": [0.1]},
+             "models": {"m": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4}}}
+    moved = {**plain, "models": {"m": {**plain["models"]["m"], "data_parallel": 2, "timeout_min": 5}},
+             "train": {"keep_final": "full", "timeout_step_min": 3.0, "checkpoint_minutes": 1.0}}
+    a, b = expand(config_from_dict(plain))[0], expand(config_from_dict(moved))[0]
+    assert (a.model, a.train) != (b.model, b.train) and a.cell_id == b.cell_id

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from kislurm.cli import main
-from kislurm.plan.config import config_from_dict, load_config
+from kislurm.plan.loader import config_from_dict, load_config
 from kislurm.plan.grid import expand, resolve_layouts
 from kislurm.cluster.preflight import PreflightError, distinct_layouts, run_preflight, summary_line
 

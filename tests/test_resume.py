@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kislurm.plan.config import load_config
+from kislurm.plan.loader import load_config
 from kislurm.data.prepare import prepare_run
 from kislurm.plan.grid import expand
 from kislurm.retention.store import read_cell

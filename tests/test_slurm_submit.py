@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from kislurm.analysis.aggregate import aggregate_runs
 from kislurm.cli import main, submit_run
-from kislurm.plan.config import load_config
+from kislurm.plan.loader import load_config
 from kislurm.plan.grid import expand
 from kislurm.cluster.status import latest_submissions
 from slurm_fixtures import max_array_size, wait_for_cells as wait_for

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kislurm.plan.config import config_from_dict, load_config
+from kislurm.plan.loader import config_from_dict, load_config
 from kislurm.plan.grid import expand
 from kislurm.cluster.submit import SubmitError, check_cluster, dry_run, resources_for, write_plan
 

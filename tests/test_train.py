@@ -21,8 +21,10 @@ import torch
 
 from conftest import run_two_tasks
 from kislurm.train import checkpoint, distributed
-from kislurm.plan.config import BUILTIN_PRESETS, ConfigError, DataConfig, EvalConfig, ModelPreset, TrainConfig, \
-    config_from_dict
+from kislurm.plan.config import ConfigError, DataConfig, EvalConfig
+from kislurm.plan.loader import config_from_dict
+from kislurm.plan.presets import BUILTIN_PRESETS, ModelPreset
+from kislurm.plan.training import TrainConfig
 from kislurm.train.model import padded_vocab_size
 from kislurm.plan.grid import Cell
 from kislurm.train.trainer import Trainer, TrainError, lr_at, sample_ids

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from kislurm.cli import main
 from kislurm.analysis.collapse import Logistic, Measurement, detect_collapse, detect_collapses, ratio_axis
-from kislurm.plan.config import config_from_dict, config_to_dict
+from kislurm.plan.loader import config_from_dict, config_to_dict
 from kislurm.analysis.law import fit_law, predict_law
 from kislurm.paths import RunPaths
 from kislurm.analysis.validate import ValidationError, full_sweep, gpu_hours, plan_ratios, validation_cells
@@ -77,7 +77,7 @@ def test_validation_ratios_from_a_fitted_law_bracket_the_true_collapse():
 
 def _law_on_presets(sizes):
     rng = np.random.default_rng(0)
-    from kislurm.plan.config import BUILTIN_PRESETS
+    from kislurm.plan.presets import BUILTIN_PRESETS
 
     ms = []
     for s in sizes:
@@ -128,7 +128,7 @@ def test_cli_validate_dry_run_on_an_aggregated_run(tmp_path):
     one line."""
     from test_aggregate import write_cell
 
-    from kislurm.plan.config import BUILTIN_PRESETS
+    from kislurm.plan.presets import BUILTIN_PRESETS
 
     run = RunPaths(tmp_path / "grid")
     rng = np.random.default_rng(0)
@@ -215,7 +215,7 @@ def test_ladder_plan_places_each_rung_once_its_predecessors_are_done(tmp_path):
     from test_aggregate import write_cell
 
     from kislurm.analysis.aggregate import aggregate_runs
-    from kislurm.plan.config import BUILTIN_PRESETS
+    from kislurm.plan.presets import BUILTIN_PRESETS
     from kislurm.plan.grid import expand
     from kislurm.analysis.validate import ladder_plan
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from kislurm.analysis.aggregate import CACHE_NAME, aggregate_runs
-from kislurm.plan.config import config_from_dict, config_to_dict
+from kislurm.plan.loader import config_from_dict, config_to_dict
 from kislurm.paths import RunPaths
 from kislurm.publish import atomic_write_text
 from kislurm.retention.store import RetentionWriter

@@ -58,7 +58,8 @@ def _rank_task(folder: str, layers: int, hidden: int, repeats: int) -> dict:
     from megatron.core import dist_checkpointing
 
     from kislurm.train import checkpoint
-    from kislurm.plan.config import ModelPreset, TrainConfig
+    from kislurm.plan.presets import ModelPreset
+    from kislurm.plan.training import TrainConfig
     from kislurm.train.distributed import init_model_parallel, seed_all, teardown
     from kislurm.train.model import build_model
     from kislurm.train.trainer import CpuAdamW, _zero_adam_state

@@ -28,7 +28,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kislurm.data import prepare as D  # noqa: E402
-from kislurm.plan.config import BUILTIN_PRESETS, DataConfig, EvalConfig, KnowledgeBaseSpec, TrainConfig  # noqa: E402
+from kislurm.plan.config import DataConfig, EvalConfig, KnowledgeBaseSpec  # noqa: E402
+from kislurm.plan.presets import BUILTIN_PRESETS  # noqa: E402
+from kislurm.plan.training import TrainConfig  # noqa: E402
 from kislurm.data.knowledge import render, synthetic_bases  # noqa: E402
 from kislurm.plan.grid import Cell  # noqa: E402
 from kislurm.data.tokenizer import corpus_texts, encode_facts, train_bpe, training_sentences  # noqa: E402

@@ -28,7 +28,7 @@ def prepared_cell(root: Path, args: argparse.Namespace, tasks: list[str]):
     """A planned, prepared one-cell run under `root` (preparation is not timed)."""
     from kislurm.cluster.submit import write_plan
     from kislurm.data.prepare import prepare_run
-    from kislurm.plan.config import load_config
+    from kislurm.plan.loader import load_config
     from kislurm.plan.grid import expand
 
     cfg = load_config(args.config, {"output_root": str(root), "grid.sizes": [args.size], "grid.ratios": [0.5],

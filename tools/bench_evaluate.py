@@ -20,7 +20,7 @@ import torch
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
-from kislurm.plan.config import BUILTIN_PRESETS  # noqa: E402
+from kislurm.plan.presets import BUILTIN_PRESETS  # noqa: E402
 from kislurm.train.distributed import init_model_parallel, seed_all, teardown  # noqa: E402
 from kislurm.retention.evaluate import score_candidates, score_candidates_naive  # noqa: E402
 from kislurm.data.knowledge import ProbeSet  # noqa: E402

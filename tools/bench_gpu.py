@@ -27,7 +27,9 @@ import torch
 from bench_train import RandomTokens
 from kislurm.train import distributed
 from kislurm.train.baseline import plain_tokens_per_s
-from kislurm.plan.config import BUILTIN_PRESETS, DataConfig, EvalConfig, TrainConfig
+from kislurm.plan.config import DataConfig, EvalConfig
+from kislurm.plan.presets import BUILTIN_PRESETS
+from kislurm.plan.training import TrainConfig
 from kislurm.train.model import have_transformer_engine, padded_vocab_size
 from kislurm.plan.grid import Cell
 from kislurm.train.trainer import Trainer

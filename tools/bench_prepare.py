@@ -42,7 +42,9 @@ def _data(policy: str = "fixed_facts", exposures: int = 100):
 
 
 def _cell(data, ratio: float, tokens: int):
-    from kislurm.plan.config import BUILTIN_PRESETS, EvalConfig, TrainConfig
+    from kislurm.plan.config import EvalConfig
+    from kislurm.plan.presets import BUILTIN_PRESETS
+    from kislurm.plan.training import TrainConfig
     from kislurm.plan.grid import Cell
     preset = dataclasses.replace(BUILTIN_PRESETS["cpu-xxs"], seq_length=SEQ)
     return Cell("bench", ratio, tokens, 0, preset, data, TrainConfig(), EvalConfig())

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kislurm.plan.config import config_from_dict
+from kislurm.plan.loader import config_from_dict
 from kislurm.plan.grid import expand
 from kislurm.cluster.status import Submission, record_submissions, run_status
 from kislurm.cluster.submit import describe, dry_run, write_plan

@@ -28,7 +28,9 @@ import torch
 
 from kislurm.train import distributed
 from kislurm.train.baseline import PlainTrainer
-from kislurm.plan.config import DataConfig, EvalConfig, ModelPreset, TrainConfig
+from kislurm.plan.config import DataConfig, EvalConfig
+from kislurm.plan.presets import ModelPreset
+from kislurm.plan.training import TrainConfig
 from kislurm.train.model import padded_vocab_size
 from kislurm.plan.grid import Cell
 from kislurm.train.trainer import Trainer

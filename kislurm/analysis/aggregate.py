@@ -24,7 +24,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from kislurm import __version__
-from kislurm.plan.config import AnalysisConfig, ConfigError, load_config
+from kislurm.plan.config import AnalysisConfig, ConfigError
+from kislurm.plan.loader import load_config
 from kislurm.paths import RunPaths
 from kislurm.publish import publishing
 from kislurm.retention.store import StoreDigest, StoreError, read_digest

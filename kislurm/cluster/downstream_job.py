@@ -51,7 +51,7 @@ def score_cell(run: RunPaths, cell: Cell, tasks: list[str], limit: int | None, b
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score one cell's final weights on the tasks it lacks; returns its (merged) record."""
     from kislurm.data import prepare as data
-    from kislurm.plan.config import resolve_precision
+    from kislurm.plan.presets import resolve_precision
     from kislurm.retention.downstream import require_lm_eval, run_tasks, write_local_tasks
     from kislurm.train import checkpoint
     from kislurm.train.distributed import init_model_parallel, seed_all, teardown
@@ -110,7 +110,7 @@ def score_run(run: RunPaths, tasks: list[str], limit: int | None, log: Callable[
     """Every cell with final weights; returns (scored or skipped cells, cells not finished). A run whose executor
     is Slurm scores as one array task per cell that lacks a task (waited for), unless `in_process`; other runs
     one cell after another in this process. Failed Slurm tasks: one line each, then EvalError."""
-    from kislurm.plan.config import load_config
+    from kislurm.plan.loader import load_config
     from kislurm.retention.downstream import require_lm_eval  # without the extra: one line, before any cell
 
     version = require_lm_eval()

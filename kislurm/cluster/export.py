@@ -229,7 +229,7 @@ def export_run(run_root: Path, out: Path, cells: str | None = None, log: Callabl
     """Export every selected cell (checked first, all of them); returns the folders written. A run whose executor
     is Slurm exports as one CPU array task per cell (waited for), unless `in_process`; other runs in this process."""
     from kislurm.plan import hf
-    from kislurm.plan.config import load_config
+    from kislurm.plan.loader import load_config
 
     hf.require_hf()
     jobs = plan_export(run_root, out, cells)

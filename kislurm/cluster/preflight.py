@@ -37,7 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from kislurm.plan.config import DataConfig, EvalConfig, ExperimentConfig, ModelPreset, TrainConfig, effective_train
+from kislurm.plan.config import DataConfig, EvalConfig, ExperimentConfig
+from kislurm.plan.presets import ModelPreset, effective_train
+from kislurm.plan.training import TrainConfig
 from kislurm.plan.estimate import plan_vocab_size
 from kislurm.plan.grid import Cell
 from kislurm.paths import RunPaths

@@ -180,7 +180,7 @@ def recorded_cell(run: RunPaths, name: str) -> Any:
     record written before cell.json held the whole cell is found among the cells of the run's own config.yaml; a
     missing or unrecognised record is refused in one line."""
     from kislurm.errors import ConfigError
-    from kislurm.plan.config import load_config
+    from kislurm.plan.loader import load_config
     from kislurm.plan.grid import Cell, expand
 
     spec = run.cell(name).spec

@@ -24,7 +24,9 @@ import submitit
 import yaml
 from submitit.slurm.slurm import _make_sbatch_string
 
-from kislurm.plan.config import ExecutorConfig, ExperimentConfig, ModelPreset, config_to_dict
+from kislurm.plan.config import ExecutorConfig, ExperimentConfig
+from kislurm.plan.loader import config_to_dict
+from kislurm.plan.presets import ModelPreset
 from kislurm.paths import RunPaths
 from kislurm.publish import atomic_write_json, atomic_write_text
 from kislurm.plan.grid import Cell, expand, run_dir
@@ -448,7 +450,7 @@ def resubmit_cell(run: RunPaths, cell: Cell, after: str, note: str) -> str:
 
     Bounded by executor.max_requeues, counted over the cell's earlier resubmissions in submissions.jsonl."""
     from kislurm.cluster.cell_job import CellJob
-    from kislurm.plan.config import load_config
+    from kislurm.plan.loader import load_config
     from kislurm.cluster.status import submissions_of
 
     cfg = load_config(run.config)

@@ -59,7 +59,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from kislurm.plan.config import DataConfig, config_to_dict
+from kislurm.plan.config import DataConfig
+from kislurm.plan.loader import config_to_dict
 from kislurm.data.census import census_digest, check_knowledge, corpus_counts
 from kislurm.data.knowledge import (DataError, HeldoutDocs, KnowledgeBase, ProbeSet, RelationTemplates, Templates, build_probes,
                                     check_distractors, check_templates, load_base, load_probes, read_templates,

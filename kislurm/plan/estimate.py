@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from kislurm.plan.config import ConfigError, DataConfig, ExecutorConfig, ModelPreset, TrainConfig, resolve_precision
+from kislurm.plan.config import ConfigError, DataConfig, ExecutorConfig
+from kislurm.plan.presets import ModelPreset, resolve_precision
+from kislurm.plan.training import TrainConfig
 
 GIB = 2**30
 VOCAB_MULTIPLE = 128

@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from kislurm.errors import ConfigError
-from kislurm.plan.config import (CONTROL_DATA, DataConfig, EvalConfig, ExperimentConfig, ModelPreset, TrainConfig,
-                                 build_section, config_to_dict)
+from kislurm.plan.config import CONTROL_DATA, DataConfig, EvalConfig, ExperimentConfig
 from kislurm.plan.estimate import plan_vocab_size, resolve_layout
+from kislurm.plan.fields import field_default, id_rule
+from kislurm.plan.loader import build_section, config_to_dict
+from kislurm.plan.presets import ModelPreset
+from kislurm.plan.training import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -39,15 +42,15 @@ class Cell:
     def effective(self) -> dict[str, Any]:
         """Every setting that changes what the cell computes (not where or how it is scheduled)."""
         return {"size": self.size, "ratio": self.ratio, "tokens": self.tokens, "seed": self.seed,
-                "model": json.loads(_model_json(self.model)), "data": json.loads(_section_json(self.data)),
-                "train": json.loads(_section_json(self.train))}
+                "model": json.loads(section_id_json(self.model)), "data": json.loads(section_id_json(self.data)),
+                "train": json.loads(section_id_json(self.train))}
 
     @functools.cached_property
     def cell_id(self) -> str:
         """Hash of effective(); built from cached section JSON so 10,000 cells plan in well under a second."""
         head = json.dumps({"size": self.size, "ratio": self.ratio, "tokens": self.tokens, "seed": self.seed},
                           sort_keys=True, separators=(",", ":"))
-        blob = "|".join((head, _model_json(self.model), _section_json(self.data), _section_json(self.train)))
+        blob = "|".join((head, section_id_json(self.model), section_id_json(self.data), section_id_json(self.train)))
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     @property
@@ -161,34 +164,21 @@ _SECTIONS = {"model": ModelPreset, "data": DataConfig, "train": TrainConfig, "ev
 """A cell's config sections, as Cell names its fields."""
 
 
-TRAIN_NOT_IN_ID = ("checkpoint_minutes", "keep_final", "async_save", "overlap_dp_comm", "timeout_startup_min",
-                   "timeout_step_min", "timeout_eval_min", "timeout_save_min")
-"""Training settings that change how a cell is run, never what it computes (resume is exact): not in its id."""
-
-
 def share_samples(n_samples: int, ratio: float) -> int:
     """round(r x n) kept within [1, n - 1] (kislurm.data.prepare.knowledge_samples checks its arguments)."""
     return min(max(int(round(ratio * n_samples)), 1), max(n_samples - 1, 1))
 
 
-_DATA_OMIT_IF_DEFAULT = {"mix": "infusion", "schedule": "mixed", "reference_ratio": None, "stage_tokens": None,
-                         "general_census": None, "max_contamination": 0.05, "heldout_general": 0.0,
-                         "general_corpus": None}
-"""Data fields of issue 17's controls, issue 25's census and issue 24's general_corpus: they enter the id only at a
-non-default value, so every infusion cell keeps the id it had before they existed (the demo's table stays
-reproducible)."""
-
-
-@functools.lru_cache(maxsize=1024)
-def _section_json(section: Any) -> str:
+@functools.lru_cache(maxsize=2048)
+def section_id_json(section: Any) -> str:
+    """A section (model, data or train) as a cell's id hashes it: every field by its own rule, recorded in the
+    field's metadata (kislurm.plan.fields.id_rule): always in, never in (NOT_IN_ID), or in unless it holds its
+    default (IN_ID_UNLESS_DEFAULT). The eval section is not in the id at all (it scores, it changes no result)."""
     d = config_to_dict(section)
-    if isinstance(section, TrainConfig):
-        for key in TRAIN_NOT_IN_ID:
-            d.pop(key)
-    if isinstance(section, DataConfig):
-        for key, default in _DATA_OMIT_IF_DEFAULT.items():
-            if d.get(key, default) == default:
-                d.pop(key, None)
+    for f in dataclasses.fields(section):
+        rule = id_rule(f)
+        if rule == "never" or (rule == "unless_default" and getattr(section, f.name) == field_default(f)):
+            del d[f.name]
     return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
@@ -203,25 +193,6 @@ def control_data(data: DataConfig, control: str, tokens: int, lowest_ratio: floa
         if mix == "fixed_general" else None
     stage = (data.stage_tokens if data.stage_tokens is not None else tokens) if schedule == "staged" else None
     return dataclasses.replace(data, mix=mix, schedule=schedule, reference_ratio=ref, stage_tokens=stage)
-
-
-_OMIT_IF_DEFAULT = ("position_embedding", "activation", "normalization", "num_query_groups", "tie_embeddings",
-                    "transformer_impl", "linear_bias", "norm_eps", "rotary_base", "init_from")
-"""Architecture fields added after ids were first published: they enter the id only at a non-default value, so
-every GPT-2-shaped cell keeps the id it had before they existed."""
-
-
-@functools.lru_cache(maxsize=1024)
-def _model_json(model: ModelPreset) -> str:
-    d = config_to_dict(model)
-    for key in ("timeout_min", "tensor_parallel", "pipeline_parallel", "data_parallel"):
-        d.pop(key)  # layout and scheduling change neither the maths nor the identity
-    d.pop("train")  # per-size overrides enter the id through the cell's effective TrainConfig
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelPreset)}
-    for key in _OMIT_IF_DEFAULT:
-        if d[key] == defaults[key]:
-            d.pop(key)
-    return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
 def _short_count(n: int) -> str:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from kislurm.errors import KislurmError
-from kislurm.plan.config import ModelPreset
+from kislurm.plan.presets import ModelPreset
 
 HF_EXTRA = "pip install 'kislurm[hf]'"
 

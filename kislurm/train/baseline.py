@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kislurm.plan.config import ModelPreset, TrainConfig
+from kislurm.plan.presets import ModelPreset
+from kislurm.plan.training import TrainConfig
 
 ROPE_BASE = 10_000.0
 """megatron's default rotary_base."""

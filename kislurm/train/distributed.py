@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from kislurm.plan.config import ModelPreset
+from kislurm.plan.presets import ModelPreset
 from kislurm.train.cpu_shims import apply_cpu_shims
 from kislurm.errors import TrainError  # noqa: F401 (re-exported)
 

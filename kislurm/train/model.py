@@ -25,7 +25,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from kislurm.plan.config import ConfigError, ModelPreset, resolve_precision
+from kislurm.plan.config import ConfigError
+from kislurm.plan.presets import ModelPreset, resolve_precision
 from kislurm.plan.estimate import VOCAB_MULTIPLE, padded_vocab_size  # noqa: F401 - re-exported for callers
 
 

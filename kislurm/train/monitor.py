@@ -26,7 +26,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
-from kislurm.plan.config import ConfigError, MonitorConfig, WandbConfig, load_config
+from kislurm.plan.config import ConfigError, MonitorConfig, WandbConfig
+from kislurm.plan.loader import load_config
 from kislurm.paths import RunPaths
 from kislurm.plan.grid import Cell
 

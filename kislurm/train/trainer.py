@@ -33,7 +33,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.models.gpt import GPTModel
 
 from kislurm.train import checkpoint
-from kislurm.plan.config import TrainConfig
+from kislurm.plan.training import TrainConfig
 from kislurm.train.distributed import DistContext, TrainError, rank0_decides, seed_all
 from kislurm.plan.estimate import flops_per_token
 from kislurm.train.model import build_model, count_parameters, padded_vocab_size, resolve_precision
