@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from kislurm.cli import main, submit_run
-from kislurm.cluster.submit import submit_corpus_shards, write_plan
+from kislurm.cluster.status import preparation_state
+from kislurm.cluster.submit import release, submit_corpus_shards, submit_preparation, write_plan
 from kislurm.data.sources import slurm_shard_executor
 from kislurm.data.corpus import build_corpus
 from kislurm.data.tokenizer import train_bpe
@@ -110,3 +113,33 @@ def test_a_failed_corpus_shard_fails_the_preparation_in_one_line(slurm_cluster, 
     assert "\n" not in record["error"] and f"{bad}:2: malformed JSON" in record["error"], record
     assert [r["state"] for r in rows] == ["cancelled"], rows
     assert rows[0]["error"] == f"preparation job {record['job']} failed: {record['error']}", rows
+
+
+def test_a_shard_task_that_ends_without_a_word_fails_the_preparation_naming_it(slurm_cluster, tmp_path):
+    """A shard task killed outright (out of memory, a lost node) records nothing itself. The preparation job waits
+    on the array with afterany, so it still runs, finds the shard unpublished and fails in one line naming it,
+    instead of pending for ever on an afterok never satisfied. The task here is cancelled while the chain is still
+    held, so that it never runs whatever the machine's speed."""
+    files = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    for i, f in enumerate(files):
+        f.write_text("".join(json.dumps({"text": f"Rome is the capital of Italy {i} {j}"}) + "\n" for j in range(20)))
+    tok = tmp_path / "tok.json"
+    train_bpe((json.loads(line)["text"] for f in files for line in f.open()), 300).save(tok)
+    probes = tmp_path / "capitals.jsonl"
+    probes.write_text(json.dumps({"subject": "Rome", "relation": "capital_of", "object": "Italy"}) + "\n")
+    cfg = slurm_config(tmp_path, "killed", {"data.general_corpus": {"files": [str(f) for f in files]},
+                                            "data.tokenizer": str(tok), "data.general_probes": str(probes)})
+    run = write_plan(cfg, expand(cfg))
+    array = submit_corpus_shards(cfg, run)                   # held, as `kislurm submit` queues it
+    subprocess.run(["scancel", f"{array}_1"], check=True, timeout=60)  # the task of b.jsonl ends without a word
+    prep = submit_preparation(cfg, run, [], after=array)
+    release(prep)
+    release(array)
+    deadline = time.monotonic() + 600
+    while preparation_state(run).get("state") not in ("failed", "done"):
+        assert time.monotonic() < deadline, f"the preparation job {prep} never ended: {preparation_state(run)}"
+        time.sleep(1)
+    error = preparation_state(run).get("error", "")
+    shard = f"{files[1]} bytes 0-{files[1].stat().st_size}"
+    assert error.startswith(f"corpus shard {shard} was not published (1 of 2 shards missing; array job {array}:"), error
+    assert "fix: " in error and "\n" not in error

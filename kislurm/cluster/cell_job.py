@@ -42,11 +42,13 @@ from typing import Any, Callable, Optional
 
 import submitit
 
+from kislurm.errors import DataError, KislurmError
 from kislurm.paths import CellPaths, RunPaths
 from kislurm.publish import atomic_write_json
 from kislurm.plan.grid import Cell
 from kislurm.cluster import scheduler
-from kislurm.cluster.status import preparation_state, rank_reports_summary, recorded_cell, write_status
+from kislurm.cluster.status import (missing_corpus_shards, preparation_state, rank_reports_summary, recorded_cell,
+                                    write_status)
 
 HEARTBEAT_S = 60.0
 
@@ -224,6 +226,10 @@ def _write_rank_report(paths: CellPaths, rank: int, **info: Any) -> None:
 
 
 def _error_line(e: BaseException) -> str:
+    """The one line a person reads: kislurm's own errors are already that line (problem and fix); anything else
+    keeps its type, which is often the whole clue."""
+    if isinstance(e, KislurmError) and str(e).strip():
+        return str(e).strip().splitlines()[0]
     text = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
     return text[-1] if text else type(e).__name__
 
@@ -516,6 +522,9 @@ class PrepareJob:
         atomic_write_json(run.preparation, {"job": job, "state": "running", "node": node_name(), "time": time.time(),
                                             **queued})
         try:
+            missing = missing_corpus_shards(cfg, run, queued["corpus_job"]) if queued else None
+            if missing:
+                raise DataError(missing)
             summary = data.prepare_run(cfg, cells)
         except Exception as e:
             atomic_write_json(run.preparation, {"job": job, "state": "failed", "error": _error_line(e),
@@ -529,9 +538,10 @@ class PrepareJob:
 
 class CorpusShardJob:
     """submitit entry of one array task of data.general_corpus (kislurm.data.sources.run_shard), queued ahead of the
-    preparation job, which waits on the array (afterok) and then only merges. A failed shard could never satisfy
-    that dependency: it records its one-line error as the preparation's failure (what `kislurm status` shows) and
-    cancels the preparation job and the cell arrays waiting on it, as a failed preparation does."""
+    preparation job, which waits on the array (afterany) and then only merges. A shard that fails in Python records
+    its one-line error as the preparation's failure (what `kislurm status` shows) and cancels the preparation job and
+    the cell arrays waiting on it, as a failed preparation does; one killed outright is named by the preparation job
+    (kislurm.cluster.status.missing_corpus_shards)."""
 
     def __call__(self, run_root: str, work: Any, shard: Any, final: str) -> str:
         from kislurm.cluster.submit import cancel_jobs

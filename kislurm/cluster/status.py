@@ -198,6 +198,27 @@ def recorded_cell(run: RunPaths, name: str) -> Any:
     return found[0]
 
 
+def missing_corpus_shards(cfg: Any, run: RunPaths, array_job: str) -> Optional[str]:
+    """One line naming the general corpus's shards that its array job left unpublished, with how its tasks ended in
+    sacct (OUT_OF_MEMORY, NODE_FAIL, CANCELLED...) and the fix; None when every shard is published. The preparation
+    job asks before merging: a task killed outright records nothing itself."""
+    from kislurm.data.prepare import general_corpus_plan
+
+    plan = general_corpus_plan(cfg.data, run.data)
+    missing = plan.unfinished() if plan is not None else []
+    if not missing:
+        return None
+    shard = missing[0][0]
+    where = f"{shard.path}" + (f" bytes {shard.start}-{shard.end}" if shard.end >= 0 else "")
+    ended = sorted((job, word) for job, word in slurm_states([array_job]).items() if word != "COMPLETED")
+    how = (", ".join(f"task {job.split('_')[-1]} {word}" for job, word in ended)
+           or "sacct records no failed task: one cancelled while pending leaves no record")
+    return (f"corpus shard {where} was not published ({len(missing)} of {len(plan.shards)} shards missing; array job "
+            f"{array_job}: {how}); fix: give the preparation jobs more memory (executor.sbatch_extra: {{mem: ...}}) "
+            "or time (executor.prepare_time), or split the corpus into smaller files, then `kislurm submit` again "
+            "(published shards are kept)")
+
+
 def preparation_state(run: RunPaths) -> dict:
     """The preparation job's last recorded state (RUN/prepare.json), or {} when the run never queued one."""
     try:

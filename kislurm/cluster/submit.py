@@ -276,10 +276,13 @@ def _preparation_executor(cfg: ExperimentConfig, run: RunPaths, job_name: Option
 
 def submit_preparation(cfg: ExperimentConfig, run: RunPaths, cells: list[Cell], after: Optional[str] = None) -> str:
     """Queue the run's data preparation as one held CPU job (kislurm.cluster.cell_job.PrepareJob); returns its id.
-    `after`: the general corpus's shard array it waits on (afterok), recorded in prepare.json as corpus_job."""
+    `after`: the general corpus's shard array it waits on, recorded in prepare.json as corpus_job. It waits with
+    afterany, not afterok: a shard task killed outright (out of memory, a lost node) records nothing, and under
+    afterok the preparation job would stay pending for ever; it runs instead, finds the shard unpublished and fails
+    in one line naming it (a shard that fails in Python has already recorded why and cancelled it)."""
     from kislurm.cluster.cell_job import PrepareJob
 
-    executor = _preparation_executor(cfg, run, dependency=f"afterok:{after}" if after else None)
+    executor = _preparation_executor(cfg, run, dependency=f"afterany:{after}" if after else None)
     job = executor.submit(PrepareJob(), str(run.root), cfg, cells)
     atomic_write_json(run.preparation, {"job": job.job_id, "state": "queued", "time": time.time(),
                                         **({"corpus_job": after} if after else {})})
