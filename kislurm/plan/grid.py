@@ -167,7 +167,8 @@ TRAIN_NOT_IN_ID = ("checkpoint_minutes", "keep_final", "async_save", "overlap_dp
 
 
 def share_samples(n_samples: int, ratio: float) -> int:
-    """round(r x n) kept within [1, n - 1] (kislurm.data.prepare.knowledge_samples checks its arguments)."""
+    """The knowledge share, the one rule for it: round(r x n) kept within [1, n - 1] (preparation checks r and n
+    first: kislurm.data.streams.cell_knowledge_samples)."""
     return min(max(int(round(ratio * n_samples)), 1), max(n_samples - 1, 1))
 
 
