@@ -5,7 +5,7 @@ a private temporary folder (named by host and pid) and publishes it with one ato
 published folder is complete and never rewritten. Correctness does not rest on flock (node-local on Lustre with
 localflock): the lock (`locked`) only spares builders on one machine a duplicate build, and a temporary folder is
 removed only by its writer, or when its writer ran on this machine and is gone. Cells read and never build shared
-data: a stream they find missing (`published_stream`) is a one-line error naming `kislurm prepare`.
+data: a stream they find missing (`publishing_stream`) is a one-line error naming `kislurm prepare`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator, Optional
 
 from kislurm.data.encoding import Sentences
 from kislurm.data.knowledge import KnowledgeBase, ProbeSet, Templates, load_templates
@@ -129,15 +129,25 @@ def publish_folder(final: Path, data_dir: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def published_stream(prepared: PreparedData, out: Path, cell, what: str, build: Callable[[Path], None]) -> dict:
-    """The info.json of the stream folder `out`, built into a private folder and published by preparation the
-    first time; a cell (prepared.readonly) finding it missing fails in one line naming `kislurm prepare`."""
+@contextlib.contextmanager
+def publishing_stream(prepared: PreparedData, out: Path, cell, what: str) -> Iterator[Optional[Path]]:
+    """A private folder to build the stream folder `out` in, published on exit, when preparation finds it missing;
+    None when it is published (the caller then builds nothing). A cell (prepared.readonly) finding it missing fails
+    in one line naming `kislurm prepare`."""
     if not out.is_dir() and prepared.readonly:
         raise DataError(f"{out}: cell {cell.name}'s {what} stream is not prepared; fix: run `kislurm prepare "
                         "CONFIG` (the same config and --set options) before the cells")
-    if not out.is_dir():
-        with locked(prepared.root.parent):
-            if not out.is_dir():
-                with publish_folder(out, prepared.root.parent) as tmp:
-                    build(tmp)
+    if out.is_dir():
+        yield None
+        return
+    with locked(prepared.root.parent):
+        if out.is_dir():
+            yield None
+            return
+        with publish_folder(out, prepared.root.parent) as tmp:
+            yield tmp
+
+
+def stream_info(out: Path) -> dict:
+    """The info.json of a published stream folder."""
     return json.loads((out / "info.json").read_text())

@@ -23,7 +23,7 @@ import numpy as np
 
 from kislurm.data.counts import doc_usage, fact_exposures, gpt_doc_counts, min_mean_max
 from kislurm.data.encoding import Sentences, encode_facts, training_sentences
-from kislurm.data.folder import PreparedData, published_stream
+from kislurm.data.folder import PreparedData, publishing_stream, stream_info
 from kislurm.data.knowledge import neutral_base
 from kislurm.data.streams import cell_knowledge_samples, pack, write_stream
 from kislurm.errors import DataError
@@ -42,7 +42,10 @@ def neutral_stream(prepared: PreparedData, cell) -> dict:
     k = cell_knowledge_samples(cell)
     docs = neutral_docs(k)
     out = prepared.root / f"neutral-L{prepared.seq_length}" / f"D{docs}"
-    info = published_stream(prepared, out, cell, "neutral", lambda tmp: _build_neutral(prepared, tmp, docs))
+    with publishing_stream(prepared, out, cell, "neutral") as tmp:
+        if tmp is not None:
+            _build_neutral(prepared, tmp, docs)
+    info = stream_info(out)
     return {**info, "facts": 0, "units": 1, "epochs": 1, "k_docs": k, "prefix": str(out / "stream"),
             "neighbour_sharing": {"max": 0.0, "mean_all_pairs": 0.0}}
 

@@ -56,7 +56,7 @@ import numpy as np
 from kislurm.data.census import census_digest, check_knowledge, corpus_counts
 from kislurm.data.counts import blend_stats, doc_usage, fact_exposures
 from kislurm.data.encoding import Sentences, corpus_texts, encode_facts, training_sentences
-from kislurm.data.folder import HOST, PreparedData, locked, publish_folder, published_stream
+from kislurm.data.folder import HOST, PreparedData, locked, publish_folder, publishing_stream, stream_info
 from kislurm.data.knowledge import (DataError, HeldoutDocs, KnowledgeBase, ProbeSet, Templates, check_distractors,
                                     check_templates, load_base, read_templates, read_triplets, save_base,
                                     save_templates, synthetic_bases)
@@ -78,7 +78,7 @@ _NOT_BASE = ("policy", "exposures_per_fact", "mix", "schedule", "reference_ratio
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Locking and atomic folders
+# The fingerprint that names a prepared folder
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -278,7 +278,7 @@ def _load(root: Path, data: DataConfig, seq_length: int) -> PreparedData:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Streams: packing whole sentences into documents of exactly seq_length tokens
+# Streams: the general stream, its held-out documents, each cell's knowledge stream
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -343,16 +343,21 @@ def knowledge_stream(prepared: PreparedData, cell) -> dict:
     plan = knowledge_plan(prepared, cell)
     out = prepared.root / f"knowledge-L{prepared.seq_length}" / plan.name
 
-    def build(tmp: Path) -> None:
-        s = prepared.knowledge_sentences()
-        ids, bounds = stream_layout(s, plan, prepared.seq_length, prepared.data.seed)
-        sharing = neighbour_sharing(s.fact[ids], bounds, plan.units, seed=prepared.data.seed)
-        write_stream(tmp, s, ids, bounds, prepared.seq_length, prepared.tokenizer,
-                      {"kind": "knowledge", "facts": plan.facts, "units": plan.units,
-                       "partial_pass": plan.partial, "neighbour_sharing": sharing})
-
-    info = published_stream(prepared, out, cell, "knowledge", build)
+    with publishing_stream(prepared, out, cell, "knowledge") as tmp:
+        if tmp is not None:
+            s = prepared.knowledge_sentences()
+            ids, bounds = stream_layout(s, plan, prepared.seq_length, prepared.data.seed)
+            sharing = neighbour_sharing(s.fact[ids], bounds, plan.units, seed=prepared.data.seed)
+            write_stream(tmp, s, ids, bounds, prepared.seq_length, prepared.tokenizer,
+                         {"kind": "knowledge", "facts": plan.facts, "units": plan.units,
+                          "partial_pass": plan.partial, "neighbour_sharing": sharing})
+    info = stream_info(out)
     return {**info, "epochs": plan.epochs, "k_docs": plan.k_docs, "prefix": str(out / "stream")}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Preparing a run (`kislurm prepare`)
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def prepare_run(cfg, cells: Optional[list] = None, progress: Optional[Callable[[int], None]] = None) -> dict:
