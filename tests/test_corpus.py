@@ -226,7 +226,7 @@ def test_config_route_builds_once_per_content_and_is_the_general_stream(real, tm
 def test_held_out_documents_follow_the_global_index_whatever_the_shards(real, tmp_path):
     """build_corpus(heldout=...): the prefix is the whole build less the documents heldout_mask picks by global
     index, and heldout.npz holds them without their EOD; 1 shard and 5 shards give the same bytes."""
-    from kislurm.data.prepare import heldout_mask
+    from kislurm.data.streams import heldout_mask
 
     src, tok_path = real["jsonl"], real["dir"] / "tokenizer.json"
     one = build_corpus([str(src)], tmp_path / "a" / "wn", tokenizer=tok_path, progress=False, heldout=0.1, seed=3)

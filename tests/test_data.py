@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import TINY_SEQ, tiny_data
+from kislurm.data import folder
 from kislurm.data import prepare as D
 from kislurm.plan.config import DataConfig, EvalConfig, KnowledgeBaseSpec
 from kislurm.plan.presets import BUILTIN_PRESETS
@@ -197,7 +198,7 @@ def test_error_midway_leaves_nothing_and_a_retry_works(tmp_path, monkeypatch):
     dead = multiprocessing.get_context("fork").Process(target=int)
     dead.start()
     dead.join()
-    (root / f".tmp-general-L32-{D._HOST}-{dead.pid}-deadbeef").mkdir()   # as a SIGKILLed builder here leaves it
+    (root / f".tmp-general-L32-{folder.HOST}-{dead.pid}-deadbeef").mkdir()   # as a SIGKILLed builder here leaves it
     elsewhere = root / ".tmp-general-L32-othernode-1-cafecafe"            # another node's: may still be writing
     elsewhere.mkdir()
     p = D.prepare(TINY, tmp_path, SEQ)
@@ -214,7 +215,7 @@ def test_a_lost_publication_race_keeps_the_published_copy(tmp_path):
     p = D.prepare(TINY, tmp_path, SEQ)
     target = p.root / "general-L32"
     before = (target / "stream.bin").read_bytes()
-    with D._publish(target, tmp_path) as tmp:                # another writer published first (no lock shared)
+    with folder.publish_folder(target, tmp_path) as tmp:                # another writer published first (no lock shared)
         (tmp / "stream.bin").write_bytes(b"other")
     assert (target / "stream.bin").read_bytes() == before and not list(tmp_path.glob("**/.tmp-*"))
 

@@ -14,6 +14,7 @@ import torch
 
 from kislurm.data import prepare as D
 from kislurm.data import streams
+from kislurm.data.encoding import Sentences
 from kislurm.plan.config import DataConfig, EvalConfig, KnowledgeBaseSpec
 from kislurm.plan.presets import BUILTIN_PRESETS
 from kislurm.plan.training import TrainConfig
@@ -37,14 +38,14 @@ def prepared(tmp_path_factory):
 
 def _exposures_for(prepared, ratio: float) -> int:
     """fixed_exposures at an E at which about 80% of the base fits this ratio (a multiple of the pass units)."""
-    s = streams.Sentences.load(prepared.root / "knowledge_sentences.npz")
-    k = D.knowledge_samples(_cell(BASE, ratio).n_samples, ratio)
+    s = Sentences.load(prepared.root / "knowledge_sentences.npz")
+    k = _cell(BASE, ratio).knowledge_samples
     e = int(1.25 * k * SEQ / (s.n_facts * s.lengths.mean()))
     return max(streams.PASS_UNITS, e - e % streams.PASS_UNITS)
 
 
 def _one_pass_bytes(prepared) -> int:
-    s = streams.Sentences.load(prepared.root / "knowledge_sentences.npz")
+    s = Sentences.load(prepared.root / "knowledge_sentences.npz")
     _, bounds = streams.pack_units(s, s.n_facts, 1, SEQ, BASE.seed)
     return (len(bounds) - 1) * SEQ * np.dtype(prepared.tokenizer.dtype).itemsize
 

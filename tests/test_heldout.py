@@ -13,6 +13,7 @@ import torch
 
 from conftest import run_two_tasks
 from kislurm.data.knowledge import HeldoutDocs
+from kislurm.data.streams import heldout_mask
 from kislurm.retention.evaluate import heldout_loss
 from kislurm.train.distributed import init_model_parallel, seed_all, teardown
 from kislurm.train.model import build_model
@@ -89,7 +90,7 @@ def test_prepare_holds_documents_out_of_the_general_stream(tmp_path):
     z = np.load(gdir / "heldout.npz")
     s = np.load(prepared.root / "general_sentences.npz")
     n = len(s["fact"])                                                   # 60 x 2 facts x 3 templates
-    held = np.flatnonzero(D.heldout_mask(n, 0.1, data.seed))
+    held = np.flatnonzero(heldout_mask(n, 0.1, data.seed))
     assert z["index"].tolist() == held.tolist() and 0 < len(held) < 0.2 * n and held.max() > n // 2
     assert json.loads((gdir / "info.json").read_text())["sentences"] == n - len(held)
     docs = D.heldout_documents(prepared)
@@ -147,7 +148,7 @@ def test_a_general_corpus_cell_scores_documents_its_build_held_out(tmp_path):
     tok = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))        # the reference: raw text, its own encode
     encoded = [(t, tok.encode(t, add_special_tokens=False).ids) for t in texts]
     encoded = [(t, ids) for t, ids in encoded if ids]
-    held = D.heldout_mask(len(encoded), 0.05, cfg.data.seed)
+    held = heldout_mask(len(encoded), 0.05, cfg.data.seed)
     assert 0 < held.sum() < 0.15 * len(encoded) and np.flatnonzero(held).max() > len(encoded) // 2
     prepared = D.load_prepared(cell.data, run.data, cell.model.seq_length)
     train = IndexedDataset(prepared.general_prefix)

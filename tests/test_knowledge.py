@@ -10,11 +10,11 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, trainers
 
 from kislurm.plan.config import DataConfig, KnowledgeBaseSpec
-from kislurm.data.knowledge import (DataError, Fact, KnowledgeBase, build_probes, check_templates, load_probes,
-                                    read_templates, read_triplets, render, save_probes, split_template, subset_probes,
-                                    synthetic_bases)
-from kislurm.data.tokenizer import (Tokenizer, corpus_texts, encode_facts, load_tokenizer, train_bpe,
-                                    training_sentences)
+from kislurm.data.encoding import corpus_texts, encode_facts, training_sentences
+from kislurm.data.knowledge import (DataError, Fact, KnowledgeBase, check_templates, read_templates, read_triplets,
+                                    render, split_template, synthetic_bases)
+from kislurm.data.probes import build_probes, load_probes, save_probes, subset_probes
+from kislurm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 SMALL = DataConfig(general=KnowledgeBaseSpec(20, 2, 8), knowledge=KnowledgeBaseSpec(30, 2, 8), vocab_size=300)
 

@@ -33,7 +33,9 @@ from kislurm.plan.presets import BUILTIN_PRESETS  # noqa: E402
 from kislurm.plan.training import TrainConfig  # noqa: E402
 from kislurm.data.knowledge import render, synthetic_bases  # noqa: E402
 from kislurm.plan.grid import Cell  # noqa: E402
-from kislurm.data.tokenizer import corpus_texts, encode_facts, train_bpe, training_sentences  # noqa: E402
+from kislurm.data.encoding import Sentences, corpus_texts, encode_facts, training_sentences  # noqa: E402
+from kislurm.data.streams import pack, write_stream  # noqa: E402
+from kislurm.data.tokenizer import train_bpe  # noqa: E402
 
 
 def _timed(fn, *args):
@@ -54,11 +56,11 @@ def kislurm_build(tok, kb, templates, seq_length: int, out: Path) -> int:
     """kislurm: encode every slot, assemble training sentences, pack one pass and write the indexed dataset."""
     enc = encode_facts(tok, kb, templates)
     flat, off, fact, first = training_sentences(kb, enc, tok)
-    s = D._Sentences(flat, off, fact, first)
+    s = Sentences(flat, off, fact, first)
     ids = np.arange(len(off) - 1)
-    bounds = D._pack(s.lengths, seq_length)
+    bounds = pack(s.lengths, seq_length)
     out.mkdir(parents=True, exist_ok=True)
-    D._write_stream(out, s, ids, bounds, seq_length, tok, {"kind": "bench"})
+    write_stream(out, s, ids, bounds, seq_length, tok, {"kind": "bench"})
     return int(len(flat))
 
 

@@ -148,10 +148,11 @@ def _exposures_at(work: str, ratio: float, tokens: int) -> int:
     import numpy as np
 
     from kislurm.data import prepare as D
-    from kislurm.data.streams import PASS_UNITS, Sentences
+    from kislurm.data.encoding import Sentences
+    from kislurm.data.streams import PASS_UNITS
     p = D.prepare(_data(), Path(work) / "data", SEQ)
     s = Sentences.load(p.root / "knowledge_sentences.npz")
-    k = D.knowledge_samples(_cell(p.data, ratio, tokens).n_samples, ratio)
+    k = _cell(p.data, ratio, tokens).knowledge_samples
     e = int(k * SEQ * 0.97 / (0.9 * s.n_facts * float(np.mean(s.lengths))))
     return max(PASS_UNITS, e - e % PASS_UNITS)
 

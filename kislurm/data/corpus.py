@@ -367,7 +367,7 @@ def build_corpus(inputs: Sequence[str], out_prefix: str | Path, tokenizer: Optio
                  shard_bytes: int = SHARD_BYTES, vocab_size: int = 32000, progress: bool = True,
                  keep_shards: bool = False, heldout: float = 0.0, seed: int = 0) -> CorpusReport:
     """Tokenize `inputs` into out_prefix.bin/.idx; a rerun after a kill redoes only the unfinished shards. With
-    `heldout` > 0 the documents kislurm.data.prepare.heldout_mask picks (by global document index, with `seed`) are
+    `heldout` > 0 the documents kislurm.data.streams.heldout_mask picks (by global document index, with `seed`) are
     left out of the prefix and written to its folder's heldout.npz instead (see hold_out)."""
     t0 = time.perf_counter()
     plan = plan_corpus(inputs, out_prefix, tokenizer, eod, json_key, shard_bytes, vocab_size)
@@ -398,7 +398,7 @@ def hold_out(parts: Sequence[str], counts: Sequence[int], share: float, seed: in
     index layout, one shard in memory at a time), and the held-out documents go to `out` in the layout of
     the synthetic stream's heldout.npz (tokens without their EOD, UTF-8 bytes of their decoded text, global index),
     published before the prefix so a published .idx always has its held-out file. Returns (kept prefixes, held)."""
-    from kislurm.data.prepare import heldout_mask
+    from kislurm.data.streams import heldout_mask
 
     kept, docs, index, start = [], [], [], 0
     split_dir.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from kislurm.data.knowledge import DataError, neutral_base
-from kislurm.data.streams import Sentences, pack
-from kislurm.data.tokenizer import encode_facts, training_sentences
+from kislurm.data.counts import doc_usage, fact_exposures, gpt_doc_counts, min_mean_max
+from kislurm.data.encoding import Sentences, encode_facts, training_sentences
+from kislurm.data.folder import PreparedData, publishing_stream, stream_info
+from kislurm.data.knowledge import neutral_base
+from kislurm.data.streams import cell_knowledge_samples, pack, write_stream
+from kislurm.errors import DataError
 
 NEUTRAL_MIN_DOCS = 1024
 
@@ -33,26 +36,25 @@ def neutral_docs(k: int) -> int:
     return max(NEUTRAL_MIN_DOCS, 1 << max(k - 1, 0).bit_length())
 
 
-def neutral_stream(prepared, cell) -> dict:
+def neutral_stream(prepared: PreparedData, cell) -> dict:
     """The dilution cell's stream info (as kislurm.data.prepare.knowledge_stream returns it): built once per document count
     under DATA/prep-*/neutral-L<seq>/D<docs> by preparation, read by cells."""
-    from kislurm.data.prepare import cell_knowledge_samples, published_stream
-
     k = cell_knowledge_samples(cell)
     docs = neutral_docs(k)
     out = prepared.root / f"neutral-L{prepared.seq_length}" / f"D{docs}"
-    info = published_stream(prepared, out, cell, "neutral", lambda tmp: _build_neutral(prepared, tmp, docs))
+    with publishing_stream(prepared, out, cell, "neutral") as tmp:
+        if tmp is not None:
+            _build_neutral(prepared, tmp, docs)
+    info = stream_info(out)
     return {**info, "facts": 0, "units": 1, "epochs": 1, "k_docs": k, "prefix": str(out / "stream"),
             "neighbour_sharing": {"max": 0.0, "mean_all_pairs": 0.0}}
 
 
-def _build_neutral(prepared, out: Path, docs: int) -> None:
-    from kislurm.data.prepare import _sentences, _write_stream, load_templates
-
+def _build_neutral(prepared: PreparedData, out: Path, docs: int) -> None:
     tok, L = prepared.tokenizer, prepared.seq_length
-    templates = load_templates(prepared)
+    templates = prepared.templates()
     exclude = {x for kb in (prepared.general, prepared.knowledge) for f in kb.facts for x in (f.subject, f.object)}
-    mean_len = float(_sentences(prepared).lengths.mean())
+    mean_len = float(prepared.knowledge_sentences().lengths.mean())
     need = int(docs * L / mean_len * 1.2) + 64
     for attempt in range(6):
         base = neutral_base(prepared.knowledge, need, [prepared.data.seed, docs, attempt], exclude)
@@ -63,7 +65,7 @@ def _build_neutral(prepared, out: Path, docs: int) -> None:
         ids = rng.permutation(one)
         bounds = pack(s.lengths[ids], L, max_docs=docs)
         if len(bounds) - 1 == docs:
-            _write_stream(out, s, ids[: bounds[-1]], bounds, L, tok,
+            write_stream(out, s, ids[: bounds[-1]], bounds, L, tok,
                           {"kind": "neutral", "neutral_facts": len(base.facts)})
             return
         need *= 2
@@ -88,28 +90,18 @@ class StagedDataset:
         return {"phase": 2, **self.blend[i - self.n1]}
 
 
-def gpt_doc_counts(gpt: Any, m: int, n_docs: int) -> np.ndarray:
-    """Times each document of a GPTDataset is drawn by its first m samples (one document per sample, as kislurm
-    packs), from its own shuffle, sample and document indices."""
-    idx = np.asarray(gpt.shuffle_index)[:m].astype(np.int64)
-    end = np.asarray(gpt.sample_index[idx + 1])
-    return np.bincount(np.asarray(gpt.document_index)[end[:, 0]], minlength=n_docs)[:n_docs]
-
-
-def control_stats(prepared, cell, stats: dict, blend: Any, general: Optional[Any], kinfo: dict) -> dict:
-    """kislurm.data.prepare.blend_stats of the blend, plus what the control guarantees, counted from megatron's indices.
+def control_stats(prepared: PreparedData, cell, stats: dict, blend: Any, general: Optional[Any], kinfo: dict) -> dict:
+    """kislurm.data.counts.blend_stats of the blend, plus what the control guarantees, counted from megatron's indices.
     Staged: n_samples and the general counts cover both phases; knowledge_share_positions is the mix's."""
-    from kislurm.data.prepare import _exposures, _summary, _usage
-
     out = {**stats, "control": cell.control}
     gdir = Path(prepared.general_prefix).parent
     g_docs = json.loads((gdir / "info.json").read_text())["docs"] if prepared.general_is_facts else 0
-    (g_counts, k_counts), _, _ = _usage(blend, cell.mix_samples, prepared.seq_length, [g_docs, kinfo["docs"]])
+    (g_counts, k_counts), _, _ = doc_usage(blend, cell.mix_samples, prepared.seq_length, [g_docs, kinfo["docs"]])
     if cell.control == "fixed_general":
         out.update(reference_ratio=cell.data.reference_ratio, general_samples_target=cell.general_samples_fixed,
                    realised_ratio=stats["knowledge_samples"] / stats["n_samples"])
     if cell.control == "dilution":
-        exp, _ = _exposures(Path(kinfo["prefix"]).parent, k_counts, int(kinfo["neutral_facts"]))
+        exp, _ = fact_exposures(Path(kinfo["prefix"]).parent, k_counts, int(kinfo["neutral_facts"]))
         out.update(neutral_sentences_trained=int(exp.sum()), neutral_facts_max_exposures=int(exp.max(initial=0)),
                    neutral_docs=int(kinfo["docs"]), neutral_docs_max_draws=int(k_counts.max(initial=0)))
     if cell.control == "staged":
@@ -119,9 +111,9 @@ def control_stats(prepared, cell, stats: dict, blend: Any, general: Optional[Any
         if prepared.general_is_facts:
             n_g = len(prepared.general.facts)
             one = gpt_doc_counts(general, cell.phase1_samples, g_docs)
-            exp1, tokens1 = _exposures(gdir, one, n_g)
-            both, tokens = _exposures(gdir, one + g_counts, n_g)
-            out.update(_summary(exp1, "phase1_general_exposures_per_fact"), phase1_general_tokens=tokens1,
-                       **_summary(both, "general_exposures_per_fact"), general_tokens=tokens,
+            exp1, tokens1 = fact_exposures(gdir, one, n_g)
+            both, tokens = fact_exposures(gdir, one + g_counts, n_g)
+            out.update(min_mean_max(exp1, "phase1_general_exposures_per_fact"), phase1_general_tokens=tokens1,
+                       **min_mean_max(both, "general_exposures_per_fact"), general_tokens=tokens,
                        general_facts_exposed=int((both > 0).sum()))
     return out

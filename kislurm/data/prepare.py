@@ -27,151 +27,60 @@ Probes: `prepared.probes` covers every general fact then every knowledge fact, i
 probes (`cell_probes`) are all general facts plus its infused facts; under fixed_exposures that is a prefix of the
 knowledge facts, so the general block is identical in every cell and infused ids agree wherever they overlap.
 
-Concurrency: shared data has one writer, preparation (`prepare_run`, i.e. `kislurm prepare`), which writes into a
-private temporary folder (named by host and pid) and publishes it with one atomic rename; a published folder is
-complete and never rewritten. Correctness does not rest on flock (node-local on Lustre with localflock): the lock
-only spares builders on one machine a duplicate build, and a temporary folder is removed only by its writer, or when
-its writer ran on this machine and is gone. Cells read (`load_prepared`) and never build shared data. Each cell's
-megatron index cache is a folder of its own (DATA/prep-*/cache/cell-ID, one writer: the cell's rank 0), listed in a
-manifest once complete, so a crash never leaves a half-written cache that looks valid.
+Concurrency: shared data has one writer, preparation (`prepare_run`), publishing whole folders atomically
+(kislurm.data.folder); cells read (`load_prepared`) and never build shared data. Each cell's megatron index cache is
+a folder of its own (DATA/prep-*/cache/cell-ID, one writer: the cell's rank 0), listed in a manifest once complete,
+so a crash never leaves a half-written cache that looks valid.
 
-Why one long module: locking, publication and per-cell blending share the data folder's layout and its
-one-writer rule, which are easier to check in one file (streams, knowledge, tokenizer and mixes are apart).
+The data flows one way: knowledge (facts, templates) -> tokenizer -> encoding (token ids, ragged arrays) -> probes
+and streams (packing, writing) -> folder (the published folder) -> counts (statistics from megatron's indices) ->
+mixes (the controls) -> prepare (building the run's data, and each cell's blend).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
 import os
-import shutil
-import socket
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from kislurm.data.census import census_digest, check_knowledge, corpus_counts
+from kislurm.data.counts import blend_stats, doc_usage, fact_exposures
+from kislurm.data.encoding import Sentences, corpus_texts, encode_facts, training_sentences
+from kislurm.data.folder import HOST, PreparedData, locked, publish_folder, publishing_stream, stream_info
+from kislurm.data.knowledge import (DataError, HeldoutDocs, KnowledgeBase, ProbeSet, Templates, check_distractors,
+                                    check_templates, load_base, read_templates, read_triplets, save_base,
+                                    save_templates, synthetic_bases)
+from kislurm.data.mixes import StagedDataset, control_stats, neutral_stream
+from kislurm.data.probes import build_probes, load_probes, save_probes, subset_probes
+from kislurm.data.streams import (StreamPlan, cell_knowledge_samples, every_template_ids, heldout_mask,
+                                  neighbour_sharing, pack, plan_fixed_exposures, plan_fixed_facts, stream_layout,
+                                  write_heldout, write_stream)
+from kislurm.data.tokenizer import check_base_tokenizer, load_tokenizer, train_bpe
 from kislurm.plan.config import DataConfig
 from kislurm.plan.loader import config_to_dict
-from kislurm.data.census import census_digest, check_knowledge, corpus_counts
-from kislurm.data.knowledge import (DataError, HeldoutDocs, KnowledgeBase, ProbeSet, RelationTemplates, Templates, build_probes,
-                                    check_distractors, check_templates, load_base, load_probes, read_templates,
-                                    ragged, read_triplets, save_base, save_probes, subset_probes,
-                                    synthetic_bases)
-from kislurm.data.streams import (PASS_UNITS, Sentences, StreamPlan, _passes, neighbour_sharing, pack,
-                                  plan_fixed_exposures, plan_fixed_facts, stream_layout)
-from kislurm.data.tokenizer import (Tokenizer, check_base_tokenizer, corpus_texts, encode_facts, load_tokenizer,
-                                    ragged_rows, train_bpe, training_sentences)
-from kislurm.publish import publish, publishing
-
-_Sentences, _pack = Sentences, pack   # the names tools/bench_data.py uses
+from kislurm.publish import publishing
 
 FORMAT_VERSION = 1
 TOKENIZER_SENTENCES = 100_000   # the BPE is trained on at most this many corpus sentences (a seeded sample)
-_CHUNK_DOCS = 1 << 17
-_CHUNK_SAMPLES = 1 << 22   # megatron indices are counted in chunks of this many samples (bounded memory)
 _CENSUS_DEFAULTS = {"general_census": None, "max_contamination": 0.05, "heldout_general": 0.0}
 """Issue 25's fields enter the fingerprint only when set, so data prepared before them keeps its folder."""
 _NOT_BASE = ("policy", "exposures_per_fact", "mix", "schedule", "reference_ratio", "stage_tokens")
 """Data fields that change the streams a cell draws (or, for the controls, how it draws them), not the base."""
 
 
-@dataclass(frozen=True)
-class PreparedData:
-    """Everything shared by a run's cells (built once; loading it is cheap)."""
-
-    root: Path
-    tokenizer: Tokenizer
-    probes: ProbeSet
-    general: KnowledgeBase
-    knowledge: KnowledgeBase
-    data: DataConfig
-    seq_length: int
-    general_prefix: str        # megatron prefix of the general stream (ours, or the user's corpus)
-    general_is_facts: bool     # the general stream is built from the general base (exposures countable)
-    manifest: dict
-    readonly: bool = False     # loaded by a cell (load_prepared): a missing stream is an error, never built
-
-    def cell_cache(self, cell) -> Path:
-        """Megatron's index cache of one cell: a folder of its own, so each cache has one writer (the cell's rank
-        0) and no lock is needed across nodes."""
-        return self.cache / f"cell-{cell.cell_id}"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Locking and atomic folders
+# The fingerprint that names a prepared folder
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _locked(data_dir: Path) -> Iterator[None]:
-    """Exclusive lock on data_dir/.lock: spares concurrent builders on one machine a duplicate build. Correctness
-    never depends on it (flock may be node-local on Lustre, and varies on NFS): publishing is an atomic rename of a
-    private temporary folder, and only this machine's temporary folders of dead processes are removed."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / ".lock", "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            for stale in data_dir.glob("**/.tmp-*"):
-                if _abandoned(stale.name):
-                    shutil.rmtree(stale, ignore_errors=True)
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-_HOST = socket.gethostname().replace("-", "_")
-
-
-def _abandoned(tmp_name: str) -> bool:
-    """A temporary folder (.tmp-NAME-HOST-PID-RANDOM) whose writer ran on this machine and is gone. Folders of
-    other machines, or not named so, are never touched: their writer may still be running."""
-    parts = tmp_name.rsplit("-", 3)
-    if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit():
-        return False
-    try:
-        os.kill(int(parts[2]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-@contextlib.contextmanager
-def _publish(final: Path, data_dir: Path) -> Iterator[Path]:
-    """A private temporary folder renamed to `final` on success (one atomic rename; if another writer published
-    `final` first, that copy is kept and ours discarded) and removed on error: only our own is ever removed.
-
-    Each publication appends a line to data_dir/builds.log: the record that shows a build was reused, not redone.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        try:
-            publish(tmp, final, replace=False)
-        except OSError:
-            if not final.is_dir():
-                raise
-            return            # published by another writer meanwhile: identical content (same inputs, seeded)
-        with open(data_dir / "builds.log", "a") as log:
-            log.write(f"{final.relative_to(data_dir)} pid={os.getpid()}\n")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _sha256_file(path: str | Path) -> str:
@@ -289,12 +198,12 @@ def prepare(data: DataConfig, data_dir: Path, seq_length: int) -> PreparedData:
     gen_dir = root / f"general-L{seq_length}"
     need_general = data.general_prefix is None
     if not (root / "manifest.json").is_file() or (need_general and not gen_dir.is_dir()):
-        with _locked(data_dir):
+        with locked(data_dir):
             if not (root / "manifest.json").is_file():
-                with _publish(root, data_dir) as tmp:
+                with publish_folder(root, data_dir) as tmp:
                     _build_base(data, tmp)
             if need_general and not gen_dir.is_dir():
-                with _publish(gen_dir, data_dir) as tmp:
+                with publish_folder(gen_dir, data_dir) as tmp:
                     _build_general_stream(root, tmp, seq_length)
     return _load(root, data, seq_length)
 
@@ -346,7 +255,7 @@ def _build_base(data: DataConfig, out: Path) -> None:
     tok.save(out / "tokenizer.json")
     save_base(gen, out / "general.json")
     save_base(kb, out / "knowledge.json")
-    (out / "templates.json").write_text(json.dumps({r: dataclasses.asdict(t) for r, t in templates.items()}))
+    save_templates(templates, out / "templates.json")
     save_probes(probes, out / "probes.npz")
     for name, base, enc in (("general", gen, enc_g), ("knowledge", kb, enc_k)):
         flat, off, fact, first = training_sentences(base, enc, tok)
@@ -369,80 +278,25 @@ def _load(root: Path, data: DataConfig, seq_length: int) -> PreparedData:
                         load_base(root / "knowledge.json"), data, seq_length, general_prefix, is_facts, manifest)
 
 
-def load_templates(prepared: PreparedData) -> Templates:
-    raw = json.loads((prepared.root / "templates.json").read_text())
-    return {r: RelationTemplates(t["train"], t["heldout"]) for r, t in raw.items()}
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Streams: packing whole sentences into documents of exactly seq_length tokens
+# Streams: the general stream, its held-out documents, each cell's knowledge stream
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _write_stream(out: Path, s: _Sentences, ids: np.ndarray, bounds: np.ndarray, seq_length: int,
-                  tok: Tokenizer, info: dict) -> None:
-    """stream.bin/.idx (megatron IndexedDatasetBuilder; one sequence per packed document, added in chunks: GPTDataset
-    samples sequences, not the .idx's document groups), stream.npz (the fact of each packed sentence, document
-    boundaries, non-pad tokens per document) and info.json."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    prefix = str(out / "stream")
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=tok.dtype)
-    doc_tokens = np.zeros(len(bounds) - 1, dtype=np.int32)
-    for c0 in range(0, len(bounds) - 1, _CHUNK_DOCS):
-        cb = bounds[c0: c0 + _CHUNK_DOCS + 1]
-        flat, off = ragged_rows([(s.flat, s.off, ids[cb[0]: cb[-1]])])
-        starts = off[cb - cb[0]]
-        per_doc = np.diff(starts)
-        doc_tokens[c0: c0 + len(per_doc)] = per_doc
-        rows = np.repeat(np.arange(len(per_doc)), per_doc)
-        block = np.full((len(per_doc), seq_length), tok.pad, dtype=tok.dtype)
-        block[rows, np.arange(len(flat)) - starts[:-1][rows]] = flat
-        builder.add_document(block.ravel(), [seq_length] * len(per_doc))
-    builder.finalize(prefix + ".idx")
-    np.savez(out / "stream.npz", fact=s.fact[ids[: bounds[-1]]], bounds=bounds, doc_tokens=doc_tokens)
-    (out / "info.json").write_text(json.dumps({**info, "docs": len(bounds) - 1, "sentences": int(bounds[-1]),
-                                               "tokens": int(doc_tokens.sum()), "seq_length": seq_length}))
 
 
 def _build_general_stream(root: Path, out: Path, seq_length: int) -> None:
     """One pass unit: every (general fact, training template) once; megatron repeats it for as many epochs as a
     cell needs (the last epoch partially, so general exposures spread by one pass; they are counted per cell)."""
-    s = _Sentences.load(root / "general_sentences.npz")
+    s = Sentences.load(root / "general_sentences.npz")
     data_seed = json.loads((root / "manifest.json").read_text())["data"]["seed"]
-    n_facts, t_max = len(s.first) - 1, int(s.n_train.max())
-    ids = _passes(s, n_facts, t_max, data_seed, 1).reshape(t_max, n_facts)
-    fact = np.searchsorted(s.first, ids, side="right") - 1
-    ids = ids[np.arange(t_max)[:, None] < s.n_train[fact]]   # pass p holds facts with more than p templates
+    ids = every_template_ids(s, data_seed)
     tok = load_tokenizer(root / "tokenizer.json")
     share = float(json.loads((root / "manifest.json").read_text())["data"].get("heldout_general", 0.0))
     if share > 0:       # documents no cell trains on: out of the stream, into heldout.npz
         held = heldout_mask(len(s.fact), share, data_seed)
         ids = ids[~held[ids]]
-        _write_heldout(out / "heldout.npz", s, np.flatnonzero(held), tok)
-    bounds = _pack(s.lengths[ids], seq_length)
-    _write_stream(out, s, ids, bounds, seq_length, tok, {"kind": "general", "heldout_general": share})
-
-
-def heldout_mask(n: int, share: float, seed: int, start: int = 0) -> np.ndarray:
-    """(n,) bool: document start + i is held out when a hash of (seed, start + i) (splitmix64) falls below `share`:
-    spread over the whole stream, not a contiguous tail, and the same set for every cell and every seq_length (a
-    general_corpus build asks shard by shard, `start` being the shard's first global document index)."""
-    with np.errstate(over="ignore"):
-        z = np.arange(start, start + n, dtype=np.uint64)
-        z += np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < share
-
-
-def _write_heldout(path: Path, s: _Sentences, held: np.ndarray, tok: Tokenizer) -> None:
-    """The held-out documents' tokens (their EOD dropped: it is not scored) and UTF-8 bytes (for bits per byte)."""
-    docs = [s.flat[s.off[i]: s.off[i + 1] - 1] for i in held.tolist()]
-    n_bytes = np.array([len(tok.decode(d.tolist()).encode("utf-8")) for d in docs], dtype=np.int64)
-    flat, off = ragged(docs) if docs else (np.zeros(0, np.int32), np.zeros(1, np.int64))
-    np.savez(path, flat=flat, off=off, n_bytes=n_bytes, index=held.astype(np.int64))
+        write_heldout(out / "heldout.npz", s, np.flatnonzero(held), tok)
+    bounds = pack(s.lengths[ids], seq_length)
+    write_stream(out, s, ids, bounds, seq_length, tok, {"kind": "general", "heldout_general": share})
 
 
 def heldout_documents(prepared: PreparedData) -> Optional[HeldoutDocs]:
@@ -458,22 +312,6 @@ def heldout_documents(prepared: PreparedData) -> Optional[HeldoutDocs]:
     return HeldoutDocs(docs, z["n_bytes"], prepared.tokenizer.eod)
 
 
-def knowledge_samples(n_samples: int, ratio: float) -> int:
-    """K: the cell's knowledge samples, round(r * n) kept within [1, n-1]."""
-    if not 0.0 < ratio < 1.0:
-        raise DataError(f"ratio {ratio}: expected a value strictly between 0 and 1; fix: e.g. 0.1 for 10%")
-    if n_samples < 2:
-        raise DataError(f"n_samples {n_samples}: a mix needs >= 2 samples; fix: raise the token budget")
-    return min(max(int(round(ratio * n_samples)), 1), n_samples - 1)
-
-
-def cell_knowledge_samples(cell) -> int:
-    """K of a cell (kislurm.plan.grid.Cell.knowledge_samples: round(r x n) of its mixed samples, or, fixed_general,
-    every sample beyond the fixed general ones), after checking the ratio and sample count."""
-    knowledge_samples(cell.mix_samples, cell.ratio)
-    return cell.knowledge_samples
-
-
 def knowledge_plan(prepared: PreparedData, cell) -> StreamPlan:
     """The cell's knowledge stream plan (facts, units, documents, epochs), decided once by preparation and kept in
     knowledge-L<seq>/plans/ (a few bytes per distinct K), so a cell reads it instead of repacking the base."""
@@ -486,25 +324,15 @@ def knowledge_plan(prepared: PreparedData, cell) -> StreamPlan:
     if prepared.readonly:
         raise DataError(f"{path}: cell {cell.name}'s knowledge plan is not prepared; fix: run `kislurm prepare "
                         "CONFIG` (the same config and --set options) before the cells")
-    s = _sentences(prepared)
+    s = prepared.knowledge_sentences()
     if data.policy == "fixed_facts":
         plan = plan_fixed_facts(s, k_docs, L, data.seed)
     else:
         plan = plan_fixed_exposures(s, k_docs, L, data.seed, data.exposures_per_fact, cell.ratio)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with publishing(path, path.parent / f".{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}") as tmp:
+    with publishing(path, path.parent / f".{path.name}.{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}") as tmp:
         tmp.write_text(json.dumps(dataclasses.asdict(plan)))  # every writer writes the same plan (same base, arithmetic)
     return plan
-
-
-def _sentences(prepared: PreparedData) -> Sentences:
-    key = str(prepared.root)
-    if _SENTENCES.get("key") != key:   # one base per process at a time: planning many cells loads it once
-        _SENTENCES.update(key=key, value=Sentences.load(prepared.root / "knowledge_sentences.npz"))
-    return _SENTENCES["value"]
-
-
-_SENTENCES: dict = {}
 
 
 def knowledge_stream(prepared: PreparedData, cell) -> dict:
@@ -512,36 +340,25 @@ def knowledge_stream(prepared: PreparedData, cell) -> dict:
     draws M whole times (K' = M x D samples). Returns the stream's info plus the cell's 'epochs', 'k_docs' and
     'prefix'. Streams are shared by every cell that needs the same facts, units and documents."""
     if cell.control == "dilution":
-        from kislurm.data.mixes import neutral_stream
-
         return neutral_stream(prepared, cell)
     plan = knowledge_plan(prepared, cell)
     out = prepared.root / f"knowledge-L{prepared.seq_length}" / plan.name
 
-    def build(tmp: Path) -> None:
-        s = _sentences(prepared)
-        ids, bounds = stream_layout(s, plan, prepared.seq_length, prepared.data.seed)
-        sharing = neighbour_sharing(s.fact[ids], bounds, plan.units, seed=prepared.data.seed)
-        _write_stream(tmp, s, ids, bounds, prepared.seq_length, prepared.tokenizer,
-                      {"kind": "knowledge", "facts": plan.facts, "units": plan.units,
-                       "partial_pass": plan.partial, "neighbour_sharing": sharing})
-
-    info = published_stream(prepared, out, cell, "knowledge", build)
+    with publishing_stream(prepared, out, cell, "knowledge") as tmp:
+        if tmp is not None:
+            s = prepared.knowledge_sentences()
+            ids, bounds = stream_layout(s, plan, prepared.seq_length, prepared.data.seed)
+            sharing = neighbour_sharing(s.fact[ids], bounds, plan.units, seed=prepared.data.seed)
+            write_stream(tmp, s, ids, bounds, prepared.seq_length, prepared.tokenizer,
+                         {"kind": "knowledge", "facts": plan.facts, "units": plan.units,
+                          "partial_pass": plan.partial, "neighbour_sharing": sharing})
+    info = stream_info(out)
     return {**info, "epochs": plan.epochs, "k_docs": plan.k_docs, "prefix": str(out / "stream")}
 
 
-def published_stream(prepared: PreparedData, out: Path, cell, what: str, build: Callable[[Path], None]) -> dict:
-    """The info.json of the stream folder `out`, built into a private folder and published by preparation the
-    first time; a cell (prepared.readonly) finding it missing fails in one line naming `kislurm prepare`."""
-    if not out.is_dir() and prepared.readonly:
-        raise DataError(f"{out}: cell {cell.name}'s {what} stream is not prepared; fix: run `kislurm prepare "
-                        "CONFIG` (the same config and --set options) before the cells")
-    if not out.is_dir():
-        with _locked(prepared.root.parent):
-            if not out.is_dir():
-                with _publish(out, prepared.root.parent) as tmp:
-                    build(tmp)
-    return json.loads((out / "info.json").read_text())
+# ----------------------------------------------------------------------------------------------------------------------
+# Preparing a run (`kislurm prepare`)
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def prepare_run(cfg, cells: Optional[list] = None, progress: Optional[Callable[[int], None]] = None) -> dict:
@@ -718,38 +535,8 @@ def cell_dataset(prepared: PreparedData, cell) -> tuple[Any, dict]:
     stats = blend_stats(prepared, dataset, n, cell.ratio, kinfo, weights)
     if cell.control == "infusion":
         return dataset, stats
-    from kislurm.data.mixes import StagedDataset, control_stats
-
     stats = control_stats(prepared, cell, stats, dataset, general, kinfo)
     return (dataset if general is None else StagedDataset(general, dataset, cell.phase1_samples)), stats
-
-
-def _usage(dataset, n: int, seq_length: int, n_docs: list[int]) -> tuple[list[np.ndarray], list[bool], list[int]]:
-    """Per stream of the blend: times each of its documents is drawn by the first n samples, whether every drawn
-    sample is exactly one document, and how many samples it serves; read from megatron's own indices in chunks of
-    _CHUNK_SAMPLES samples, so memory stays bounded at any token budget."""
-    counts = [np.zeros(d, dtype=np.int64) for d in n_docs]
-    whole, used = [True] * len(n_docs), [0] * len(n_docs)
-    for c0 in range(0, n, _CHUNK_SAMPLES):
-        which = np.asarray(dataset.dataset_index[c0: min(n, c0 + _CHUNK_SAMPLES)])
-        within = np.asarray(dataset.dataset_sample_index[c0: c0 + len(which)])
-        for d, gpt in enumerate(dataset.datasets):
-            idx = np.asarray(gpt.shuffle_index)[within[which == d]].astype(np.int64)
-            sample_index = gpt.sample_index
-            end, start = np.asarray(sample_index[idx + 1]), np.asarray(sample_index[idx])
-            whole[d] &= bool(np.all(end[:, 1] == seq_length) and np.all((end[:, 0] - start[:, 0] == 1) | (idx == 0)))
-            docs = np.asarray(gpt.document_index)[end[:, 0]]
-            counts[d] += np.bincount(docs, minlength=n_docs[d])[: n_docs[d]]
-            used[d] += len(idx)
-    return counts, whole, used
-
-
-def _exposures(stream_dir: Path, doc_counts: np.ndarray, n_facts: int) -> tuple[np.ndarray, int]:
-    """Exposures of every fact and non-pad tokens, given how often each packed document is trained on."""
-    z = np.load(stream_dir / "stream.npz")
-    per_sentence = np.repeat(doc_counts[: len(z["bounds"]) - 1], np.diff(z["bounds"]))
-    exposures = np.bincount(z["fact"], weights=per_sentence, minlength=n_facts).astype(np.int64)
-    return exposures, int(np.dot(doc_counts[: len(z["doc_tokens"])], z["doc_tokens"]))
 
 
 def fact_frequency(prepared: PreparedData, cell, dataset, probes: ProbeSet) -> tuple[Optional[np.ndarray], str]:
@@ -764,51 +551,8 @@ def fact_frequency(prepared: PreparedData, cell, dataset, probes: ProbeSet) -> t
     gdir = Path(prepared.general_prefix).parent
     g_docs = json.loads((gdir / "info.json").read_text())["docs"]
     kinfo = knowledge_stream(prepared, cell)
-    (g_counts, _), _, _ = _usage(dataset, cell.mix_samples, prepared.seq_length, [g_docs, kinfo["docs"]])
-    exposures, _ = _exposures(gdir, g_counts, len(prepared.general.facts))
+    (g_counts, _), _, _ = doc_usage(dataset, cell.mix_samples, prepared.seq_length, [g_docs, kinfo["docs"]])
+    exposures, _ = fact_exposures(gdir, g_counts, len(prepared.general.facts))
     out = np.full(len(probes.fact_ids), -1, dtype=np.int64)
     out[probes.fact_group == 0] = exposures      # the general facts come first, in base order, in every cell
     return out, "general_exposures"
-
-
-def _summary(x: np.ndarray, prefix: str) -> dict:
-    if len(x) == 0:
-        return {f"{prefix}_min": 0, f"{prefix}_mean": 0.0, f"{prefix}_max": 0}
-    return {f"{prefix}_min": int(x.min()), f"{prefix}_mean": float(x.mean()), f"{prefix}_max": int(x.max())}
-
-
-def blend_stats(prepared: PreparedData, dataset, n: int, ratio: float, kinfo: dict, weights: list[float]) -> dict:
-    """Realised data statistics of the first n samples (the trained ones), JSON-able."""
-    L = prepared.seq_length
-    gdir = Path(prepared.general_prefix).parent
-    g_docs = json.loads((gdir / "info.json").read_text())["docs"] if prepared.general_is_facts else 0
-    (g_counts, k_counts), (g_whole, k_whole), (g_used, k_used) = _usage(dataset, n, L, [g_docs, kinfo["docs"]])
-    exposures, k_tokens = _exposures(Path(kinfo["prefix"]).parent, k_counts, len(prepared.knowledge.facts))
-    infused = exposures[: kinfo["facts"]]
-    stats: dict[str, Any] = {
-        "policy": prepared.data.policy, "ratio": ratio, "n_samples": n, "blend_size": len(dataset),
-        "seq_length": L, "knowledge_samples": int(k_used), "general_samples": int(n - k_used),
-        "knowledge_share_positions": k_used / n, "blend_weights": weights,
-        "infused_facts": int(kinfo["facts"]), "infused_facts_exposed": int((infused > 0).sum()),
-        **_summary(infused, "exposures_per_fact"),
-        "exposures_per_fact_target": (prepared.data.exposures_per_fact
-                                      if prepared.data.policy == "fixed_exposures" else None),
-        "knowledge_stream": str(Path(kinfo["prefix"]).relative_to(prepared.root)),
-        "knowledge_docs": int(kinfo["docs"]), "knowledge_tokens": k_tokens,
-        "knowledge_pass_units": int(kinfo["units"]), "knowledge_epochs": int(kinfo["epochs"]),
-        "neighbour_sharing_max": kinfo["neighbour_sharing"]["max"],
-        "neighbour_sharing_mean": kinfo["neighbour_sharing"]["mean_all_pairs"],
-    }
-    if prepared.general_is_facts:
-        g_exp, g_tokens = _exposures(gdir, g_counts, len(prepared.general.facts))
-        stats.update(_summary(g_exp, "general_exposures_per_fact"),
-                     general_facts_exposed=int((g_exp > 0).sum()), general_tokens_assumed_unpadded=False)
-    else:
-        g_whole, g_tokens = True, int(g_used * L)   # a user's corpus: packed without padding
-        stats.update(general_exposures_per_fact_min=None, general_exposures_per_fact_mean=None,
-                     general_exposures_per_fact_max=None, general_facts_exposed=None,
-                     general_tokens_assumed_unpadded=True)
-    total = k_tokens + g_tokens
-    stats.update(general_tokens=g_tokens, knowledge_share_tokens=k_tokens / total if total else 0.0,
-                 pad_fraction=1.0 - total / (n * L), samples_are_whole_documents=bool(k_whole and g_whole))
-    return stats

@@ -1,13 +1,14 @@
-"""Knowledge streams that follow the knowledge base, not the token budget: pass units and their plan per cell.
+"""Streams of whole fact sentences: pass units, their plan per cell, and the megatron indexed datasets they become.
 
-A pass unit is one pass over facts [0, F): every fact once, in a seeded order of its own, fact f using its training
-template (j + f) mod T_f in unit j, packed greedily (whole sentences, EOD after each) into documents of exactly
-seq_length tokens. A stream is u such units written one after another (so one megatron epoch of the stream is u
-exposures of every fact); megatron-core's GPTDataset repeats it for as many epochs as the cell needs. A cell draws
-exactly M whole epochs (K' = M x D documents), so every fact of the stream gets exactly M x u exposures: the
-exposures never depend on megatron's partial last epoch, and facts meet different neighbours in each of the u units.
+Knowledge streams follow the knowledge base, not the token budget. A pass unit is one pass over facts [0, F): every
+fact once, in a seeded order of its own, fact f using its training template (j + f) mod T_f in unit j, packed
+greedily (whole sentences, EOD after each) into documents of exactly seq_length tokens. A stream is u such units
+written one after another (so one megatron epoch of the stream is u exposures of every fact); megatron-core's
+GPTDataset repeats it for as many epochs as the cell needs. A cell draws exactly M whole epochs (K' = M x D
+documents), so every fact of the stream gets exactly M x u exposures: the exposures never depend on megatron's
+partial last epoch, and facts meet different neighbours in each of the u units.
 
-The cell's choice (pure arithmetic on the packing, no megatron here):
+The cell's choice (pure arithmetic on the packing, no megatron):
 - fixed_exposures: u = the largest divisor of E not above PASS_UNITS, M = E / u; F = the longest prefix of the base
   whose u units fit K // M documents; the units' documents are split (the ones holding most sentences first) until
   there are exactly D = K // M of them.
@@ -19,12 +20,17 @@ In both, K' = M x D <= K with K - K' < M (the remainder goes to the general stre
 realised share is below r by less than 1 / D_1, one over the documents of one pass). Streams are named by what they
 hold (facts, units, documents), so cells that need the same one share it; each holds at most PASS_UNITS passes of its
 facts, whatever the token budget.
+
+Writing (`write_stream`): whole sentences, EOD after each, padded to exactly seq_length tokens per document. The
+general stream built from facts is one pass over every (fact, training template) (`every_template_ids`), less the
+documents `heldout_mask` holds out (the same mask a general_corpus build uses, kislurm.data.corpus).
 """
 
 from __future__ import annotations
 
 import bisect
 import heapq
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,37 +38,13 @@ from typing import Optional
 
 import numpy as np
 
-from kislurm.data.knowledge import DataError
+from kislurm.data.encoding import Sentences, ragged, ragged_rows
+from kislurm.data.tokenizer import Tokenizer
+from kislurm.errors import DataError
 
 PASS_UNITS = 64   # at most this many distinct pass units per knowledge stream (see neighbour_sharing)
+CHUNK_DOCS = 1 << 17   # write_stream pads and writes this many documents at a time (bounded memory)
 SHARING_WEIGHT = 0.1   # fixed_facts: one unit instead of many is worth about 10% of the samples in split documents
-
-
-@dataclass(frozen=True)
-class Sentences:
-    """Every training sentence of a base, tokenized (EOD included), fact-major."""
-
-    flat: np.ndarray     # int32 tokens of every training sentence (EOD included)
-    off: np.ndarray      # (S+1,)
-    fact: np.ndarray     # (S,) fact of each sentence
-    first: np.ndarray    # (F+1,) first sentence of each fact; its training templates follow
-
-    @classmethod
-    def load(cls, path: Path) -> "Sentences":
-        z = np.load(path)
-        return cls(z["flat"], z["off"], z["fact"], z["first"])
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.off)
-
-    @property
-    def n_train(self) -> np.ndarray:
-        return np.diff(self.first)
-
-    @property
-    def n_facts(self) -> int:
-        return len(self.first) - 1
 
 
 @dataclass(frozen=True)
@@ -100,6 +82,15 @@ def _passes(s: Sentences, facts: int, passes: int, seed: int, tag: int) -> np.nd
     n_train = s.n_train[order]
     ids = s.first[order] + (np.arange(passes)[:, None] + order) % n_train
     return ids.ravel()
+
+
+def every_template_ids(s: Sentences, seed: int) -> np.ndarray:
+    """Sentence ids of the general stream's one pass unit: every (fact, training template) once; pass p holds, in a
+    fresh seeded order, the facts with more than p training templates (each with its template (p + f) mod T_f)."""
+    n_facts, t_max = s.n_facts, int(s.n_train.max())
+    ids = _passes(s, n_facts, t_max, seed, 1).reshape(t_max, n_facts)
+    fact = np.searchsorted(s.first, ids, side="right") - 1
+    return ids[np.arange(t_max)[:, None] < s.n_train[fact]]
 
 
 def unit_ids(s: Sentences, facts: int, unit: int, seed: int) -> np.ndarray:
@@ -173,6 +164,16 @@ def units_for(exposures: int, limit: int = PASS_UNITS) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # Per-cell plans
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def cell_knowledge_samples(cell) -> int:
+    """K of a cell (kislurm.plan.grid.Cell.knowledge_samples, the plan's one share rule: round(r x n) of its mixed
+    samples, or, fixed_general, every sample beyond the fixed general ones), once its ratio and samples are checked."""
+    if not 0.0 < cell.ratio < 1.0:
+        raise DataError(f"ratio {cell.ratio}: expected a value strictly between 0 and 1; fix: e.g. 0.1 for 10%")
+    if cell.mix_samples < 2:
+        raise DataError(f"n_samples {cell.mix_samples}: a mix needs >= 2 samples; fix: raise the token budget")
+    return cell.knowledge_samples
 
 
 def plan_fixed_exposures(s: Sentences, k_docs: int, seq_length: int, seed: int, exposures: int,
@@ -290,3 +291,55 @@ def neighbour_sharing(fact: np.ndarray, bounds: np.ndarray, passes: int, anchors
     return {"max": float(counts.max(initial=0)) / passes, "mean_sharing_pairs": float(counts.mean()) / passes
             if len(counts) else 0.0, "mean_all_pairs": float(counts.sum()) / passes / total_pairs,
             "anchors": int(len(pick)), "passes": int(passes)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing streams: whole sentences packed into documents of exactly seq_length tokens
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def write_stream(out: Path, s: Sentences, ids: np.ndarray, bounds: np.ndarray, seq_length: int,
+                 tok: Tokenizer, info: dict) -> None:
+    """stream.bin/.idx (megatron IndexedDatasetBuilder; one sequence per packed document, added in chunks: GPTDataset
+    samples sequences, not the .idx's document groups), stream.npz (the fact of each packed sentence, document
+    boundaries, non-pad tokens per document) and info.json."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(out / "stream")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=tok.dtype)
+    doc_tokens = np.zeros(len(bounds) - 1, dtype=np.int32)
+    for c0 in range(0, len(bounds) - 1, CHUNK_DOCS):
+        cb = bounds[c0: c0 + CHUNK_DOCS + 1]
+        flat, off = ragged_rows([(s.flat, s.off, ids[cb[0]: cb[-1]])])
+        starts = off[cb - cb[0]]
+        per_doc = np.diff(starts)
+        doc_tokens[c0: c0 + len(per_doc)] = per_doc
+        rows = np.repeat(np.arange(len(per_doc)), per_doc)
+        block = np.full((len(per_doc), seq_length), tok.pad, dtype=tok.dtype)
+        block[rows, np.arange(len(flat)) - starts[:-1][rows]] = flat
+        builder.add_document(block.ravel(), [seq_length] * len(per_doc))
+    builder.finalize(prefix + ".idx")
+    np.savez(out / "stream.npz", fact=s.fact[ids[: bounds[-1]]], bounds=bounds, doc_tokens=doc_tokens)
+    (out / "info.json").write_text(json.dumps({**info, "docs": len(bounds) - 1, "sentences": int(bounds[-1]),
+                                               "tokens": int(doc_tokens.sum()), "seq_length": seq_length}))
+
+
+def heldout_mask(n: int, share: float, seed: int, start: int = 0) -> np.ndarray:
+    """(n,) bool: document start + i is held out when a hash of (seed, start + i) (splitmix64) falls below `share`:
+    spread over the whole stream, not a contiguous tail, and the same set for every cell and every seq_length (a
+    general_corpus build asks shard by shard, `start` being the shard's first global document index)."""
+    with np.errstate(over="ignore"):
+        z = np.arange(start, start + n, dtype=np.uint64)
+        z += np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < share
+
+
+def write_heldout(path: Path, s: Sentences, held: np.ndarray, tok: Tokenizer) -> None:
+    """The held-out documents' tokens (their EOD dropped: it is not scored) and UTF-8 bytes (for bits per byte)."""
+    docs = [s.flat[s.off[i]: s.off[i + 1] - 1] for i in held.tolist()]
+    n_bytes = np.array([len(tok.decode(d.tolist()).encode("utf-8")) for d in docs], dtype=np.int64)
+    flat, off = ragged(docs) if docs else (np.zeros(0, np.int32), np.zeros(1, np.int64))
+    np.savez(path, flat=flat, off=off, n_bytes=n_bytes, index=held.astype(np.int64))

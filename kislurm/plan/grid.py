@@ -165,7 +165,8 @@ _SECTIONS = {"model": ModelPreset, "data": DataConfig, "train": TrainConfig, "ev
 
 
 def share_samples(n_samples: int, ratio: float) -> int:
-    """round(r x n) kept within [1, n - 1] (kislurm.data.prepare.knowledge_samples checks its arguments)."""
+    """The knowledge share, the one rule for it: round(r x n) kept within [1, n - 1] (preparation checks r and n
+    first: kislurm.data.streams.cell_knowledge_samples)."""
     return min(max(int(round(ratio * n_samples)), 1), max(n_samples - 1, 1))
 
 

@@ -171,9 +171,8 @@ def write_probe_task(probes: ProbeSet, tokenizer: Tokenizer, folder: Path, name:
 def general_texts(prepared: Any) -> list[str]:
     """Every general fact under each held-out template of its relation (sentences no cell trains on)."""
     from kislurm.data.knowledge import render
-    from kislurm.data.prepare import load_templates
 
-    templates = load_templates(prepared)
+    templates = prepared.templates()
     return [render(t, f) for f in prepared.general.facts for t in templates[f.relation].heldout]
 
 
