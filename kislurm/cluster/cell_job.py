@@ -39,7 +39,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import submitit
 
@@ -49,6 +49,10 @@ from kislurm.plan.grid import Cell
 from kislurm.cluster import scheduler
 from kislurm.cluster.cell_session import CellSession, StepFlags, error_line, node_name, write_rank_report
 from kislurm.cluster.status import preparation_state, recorded_cell
+
+if TYPE_CHECKING:
+    from kislurm.train.checkpoint import SaveCadence
+    from kislurm.train.trainer import Trainer
 
 # megatron-core warns at import that Apex / Transformer Engine are absent: expected on CPU, noise in every cell log.
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")
@@ -72,7 +76,7 @@ def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> 
     return session.summary()
 
 
-def _open_loop(session: CellSession, cadence: Any, flags: StepFlags) -> "CellLoop":
+def _open_loop(session: CellSession, cadence: SaveCadence, flags: StepFlags) -> "CellLoop":
     """What the loop works on, built in the order the resume contract needs: the cell's dataset, its trainer
     (resumed from the latest checkpoint), its monitor and probes, and on rank 0 its store, cut back to the resumed
     step (the evaluations after it are done again)."""
@@ -117,7 +121,8 @@ class CellLoop:
     the job over. Apart from the session (set-up and tear-down) so that the order the resume contract depends on,
     the store's record first and then the checkpoint, reads in one place."""
 
-    def __init__(self, session: CellSession, trainer: Any, recorder: "_Recorder", cadence: Any, flags: StepFlags):
+    def __init__(self, session: CellSession, trainer: Trainer, recorder: "_Recorder", cadence: SaveCadence,
+                 flags: StepFlags):
         from kislurm.train import distributed
 
         self.session, self.trainer, self.recorder, self.cadence, self.flags = session, trainer, recorder, cadence, flags
@@ -178,7 +183,7 @@ class _Recorder:
     appends the record to the store with the training speed since the previous evaluation, the monitor and the
     log."""
 
-    def __init__(self, session: CellSession, trainer: Any, writer: Any, monitor: Any, probes: Any, heldout: Any,
+    def __init__(self, session: CellSession, trainer: Trainer, writer: Any, monitor: Any, probes: Any, heldout: Any,
                  downstream: Any):
         self.session, self.trainer, self.writer, self.monitor = session, trainer, writer, monitor
         self.probes, self.heldout, self.downstream = probes, heldout, downstream

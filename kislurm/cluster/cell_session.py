@@ -17,13 +17,16 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from kislurm.cluster import scheduler
 from kislurm.cluster.status import rank_reports_summary, write_status
 from kislurm.paths import CellPaths, RunPaths
 from kislurm.plan.grid import Cell
 from kislurm.publish import atomic_write_json
+
+if TYPE_CHECKING:
+    from kislurm.train.checkpoint import SaveCadence
 
 HEARTBEAT_S = 60.0
 
@@ -181,6 +184,7 @@ def write_rank_report(paths: CellPaths, rank: int, **info: Any) -> None:
 
 
 def error_line(e: BaseException) -> str:
+    """The one line a failure is reported by (rank reports, STATUS, the log): the exception's last line."""
     text = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
     return text[-1] if text else type(e).__name__
 
@@ -219,7 +223,7 @@ class StepFlags:
     cadence's clock says a save is due (kislurm.train.checkpoint.SaveCadence.clock_due; rank 0's clock alone
     decides: clocks of different nodes need not agree)."""
 
-    def __init__(self, dist_ctx: Any, sig: StopSignal, cadence: Any, watchdog: Watchdog):
+    def __init__(self, dist_ctx: Any, sig: StopSignal, cadence: SaveCadence, watchdog: Watchdog):
         self._dist, self._sig, self._cadence, self._watchdog = dist_ctx, sig, cadence, watchdog
         self.signalled = self.save_due = False
 
@@ -312,7 +316,7 @@ class CellSession:
             checkpoint.keep_after_done(self.paths.checkpoints, self.cell.train.keep_final)
         return complete
 
-    def start(self, allow_tp_across_nodes: bool, cadence: Any) -> StepFlags:
+    def start(self, allow_tp_across_nodes: bool, cadence: SaveCadence) -> StepFlags:
         """Start training's guards: the watchdog, this rank's report, the placement check, the stop signals and
         STATUS RUNNING; returns the per-step flags the loop polls (with the checkpoint cadence's clock)."""
         self.watchdog = Watchdog(self.paths, self.dist.rank, self.cell.train, self.dist.world_size, self.log)
