@@ -122,7 +122,7 @@ def test_hung_rank_fails_the_cell_within_its_step_budget(tmp_path):
 
 
 def test_tp_placement_check():
-    from kislurm.cluster.cell_job import check_tp_placement
+    from kislurm.cluster.cell_session import check_tp_placement
     from kislurm.train.distributed import TrainError
 
     check_tp_placement(["a", "a", "b", "b"], tp=2)  # TP inside each node, DP across

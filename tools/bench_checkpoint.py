@@ -62,7 +62,8 @@ def _rank_task(folder: str, layers: int, hidden: int, repeats: int) -> dict:
     from kislurm.plan.training import TrainConfig
     from kislurm.train.distributed import init_model_parallel, seed_all, teardown
     from kislurm.train.model import build_model
-    from kislurm.train.trainer import CpuAdamW, _zero_adam_state
+    from kislurm.train.trainer import CpuAdamW, zero_adam_state
+    from kislurm.train.workarounds import use_in_process_results_queue
 
     torch.set_num_threads(1)
     ctx = init_model_parallel(1, expected_world=2)
@@ -71,7 +72,7 @@ def _rank_task(folder: str, layers: int, hidden: int, repeats: int) -> dict:
         preset = ModelPreset(num_layers=layers, hidden_size=hidden, num_attention_heads=8, seq_length=128)
         model = build_model(preset, 8192, 0.02, "fp32")
         optimizer = CpuAdamW(list(model.named_parameters()), TrainConfig())
-        _zero_adam_state(optimizer.optimizer)
+        zero_adam_state(optimizer.optimizer)
         out = {"rank": ctx.rank, "params": sum(p.numel() for p in model.parameters())}
         for r in range(repeats):
             for way in ("old", "new"):
@@ -82,10 +83,10 @@ def _rank_task(folder: str, layers: int, hidden: int, repeats: int) -> dict:
                 with _PeakRss() as mem:
                     t0 = time.perf_counter()
                     if way == "old":
-                        checkpoint._use_in_process_results_queue()
+                        use_in_process_results_queue()
                         model_sd = model.sharded_state_dict()
                         dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(
-                            model_sd), "rng_state": checkpoint._rng_object(False)}, str(target / "ck"))
+                            model_sd), "rng_state": checkpoint.rng_state_object(False)}, str(target / "ck"))
                     else:
                         checkpoint.save(target, 1, model, optimizer, "bench", {})
                     seconds = time.perf_counter() - t0

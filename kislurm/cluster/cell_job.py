@@ -24,6 +24,10 @@ Failures: a rank that raises writes its error to ranks/K.json; rank 0 writes STA
 reported an error and every rank that ended without one (killed, or crashed outside Python). On Slurm, srun's
 --kill-on-bad-exit ends the other ranks, so a dead rank never leaves the rest waiting in a collective.
 
+Structure: run_cell is a cell session (kislurm.cluster.cell_session.CellSession: set-up, guards, STATUS, tear-down)
+around a loop (CellLoop: training to each stop, the retention record, the saves); whether a save is due is the
+checkpoint cadence's decision (kislurm.train.checkpoint.SaveCadence).
+
 Run one cell by hand: python -m kislurm.cluster.cell_job RUN_DIR CELL_NAME   (or jobs/run_cell.py, the same)
 """
 
@@ -31,26 +35,25 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
 import time
-import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import submitit
 
-from kislurm.errors import DataError, KislurmError
+from kislurm.errors import DataError
 from kislurm.paths import CellPaths, RunPaths
 from kislurm.publish import atomic_write_json
 from kislurm.plan.grid import Cell
 from kislurm.cluster import scheduler
-from kislurm.cluster.status import (missing_corpus_shards, preparation_state, rank_reports_summary, recorded_cell,
-                                    write_status)
+from kislurm.cluster.cell_session import CellSession, StepFlags, error_line, node_name, write_rank_report
+from kislurm.cluster.status import missing_corpus_shards, preparation_state, recorded_cell
 
-HEARTBEAT_S = 60.0
+if TYPE_CHECKING:
+    from kislurm.train.checkpoint import SaveCadence
+    from kislurm.train.trainer import Trainer
 
 # megatron-core warns at import that Apex / Transformer Engine are absent: expected on CPU, noise in every cell log.
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")
@@ -60,47 +63,169 @@ class RequeueRefused(SystemExit):
     """Raised on rank 0 after the cell was resubmitted as a new job because the cluster refuses requeue."""
 
 
-def node_name() -> str:
-    """The scheduler's name for this node (several Slurm nodes may share one host), else the host name."""
-    import socket
+def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> dict[str, Any]:
+    """Train and evaluate one cell to completion (or resume it); returns its final metrics (rank 0)."""
+    from kislurm.train.checkpoint import SaveCadence
 
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-
-
-def _log_to(path: Path, rank: int):
-    """A log callable appending to the cell's log file (rank 0) and stdout (all ranks)."""
-
-    def log(message: str) -> None:
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} [rank {rank}] {message}"
-        print(line, flush=True)
-        if rank == 0:
-            with open(path, "a") as f:
-                f.write(line + "\n")
-
-    return log
+    with CellSession(run, cell) as session:
+        if not session.already_complete():
+            cadence = SaveCadence(cell.train.checkpoint_interval, cell.train.checkpoint_minutes)
+            flags = session.start(allow_tp_across_nodes, cadence)
+            loop = _open_loop(session, cadence, flags)
+            loop.run()
+            session.finish(loop.trainer, loop.recorder.writer)
+    return session.summary()
 
 
-def _summary(store_path: Path) -> dict[str, Any]:
-    from kislurm.retention.store import read_cell
+def _open_loop(session: CellSession, cadence: SaveCadence, flags: StepFlags) -> "CellLoop":
+    """What the loop works on, built in the order the resume contract needs: the cell's dataset, its trainer
+    (resumed from the latest checkpoint), its monitor and probes, and on rank 0 its store, cut back to the resumed
+    step (the evaluations after it are done again)."""
+    from kislurm.data import prepare as data
+    from kislurm.retention.store import RetentionWriter
+    from kislurm.train.monitor import CellMonitor
+    from kislurm.train.trainer import Trainer
 
-    rec = read_cell(store_path, matrix=False)
-    last = {k: float(v[-1]) for k, v in rec.metrics.items() if len(v)}
-    return {"cell": rec.meta.get("name"), "complete": rec.complete, "steps": int(rec.step[-1]) if len(rec.step)
-            else 0, **last}
+    cell, dist, paths = session.cell, session.dist, session.paths
+    prepared = data.load_prepared(cell.data, session.run.data, cell.model.seq_length)  # built by kislurm prepare
+    dataset, data_stats = data.cell_dataset(prepared, cell)
+    trainer = Trainer(cell, dataset, paths.checkpoints, prepared.tokenizer.vocab_size, dist, log=session.log)
+    monitor = CellMonitor.open(session.run, cell, dist.rank, trainer.step, trainer.tokens_per_step)  # rank 0 writes
+    session.close_at_end(monitor.close)
+    trainer.on_log = monitor.train
+    probes = data.cell_probes(prepared, cell)  # under fixed_exposures: the facts this cell infuses
+    heldout = data.heldout_documents(prepared)  # general documents no cell trains on (data.heldout_general)
+    writer = None
+    if dist.is_main:
+        counts = trainer.params  # counted on the real model (padded vocabulary), from any TP rank
+        meta = {"cell_id": cell.cell_id, "name": cell.name, "size": cell.size, "ratio": cell.ratio,
+                "tokens": cell.tokens, "seed": cell.seed, "config": cell.to_json(),
+                "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
+                "n_choices": probes.n_choices, "data_stats": data_stats}
+        frequency, unit = data.fact_frequency(prepared, cell, dataset, probes)  # issue 25: bands in aggregate
+        if frequency is not None:
+            meta["fact_frequency_unit"] = unit
+        writer = RetentionWriter.open(paths.store, meta, probes.fact_ids, probes.fact_group, probes.fact_index,
+                                      probes.heldout, fact_frequency=frequency)
+        session.close_at_end(writer.close)
+        writer.truncate_after(trainer.step if trainer.step else -1)  # a fresh start redoes a step-0 evaluation
+    session.beat(trainer)
+    downstream = _in_loop_downstream(cell, paths, prepared, probes, dist.rank, writer)
+    recorder = _Recorder(session, trainer, writer, monitor, probes, heldout, downstream)
+    return CellLoop(session, trainer, recorder, cadence, flags)
 
 
-def _hide_gpus_from_cpu_cell(cell: Cell) -> None:
-    """A CPU cell on a GPU node trains exactly as on a laptop (CPU shims, gloo): hide the GPUs before anything in
-    this process initialises CUDA. submitit's local executor already does this for jobs given no GPU."""
-    if cell.model.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+class CellLoop:
+    """The cell's training loop: train to each stop (every evaluation, every step the checkpoint cadence
+    schedules), evaluate and record retention there, and checkpoint where the cadence says (SaveCadence decides,
+    the StepFlags make every rank agree); a stop signal saves after the step where every rank stopped and hands
+    the job over. Apart from the session (set-up and tear-down) so that the order the resume contract depends on,
+    the store's record first and then the checkpoint, reads in one place."""
+
+    def __init__(self, session: CellSession, trainer: Trainer, recorder: "_Recorder", cadence: SaveCadence,
+                 flags: StepFlags):
+        from kislurm.train import distributed
+
+        self.session, self.trainer, self.recorder, self.cadence, self.flags = session, trainer, recorder, cadence, flags
+        self.cell, self.evals = session.cell, sorted(session.cell.eval_steps)
+        # A stop signal that lands on an evaluation step saves there before evaluating: the store, not the
+        # checkpoint, says whether the evaluation at the resumed step is done (rank 0 reads it for every rank).
+        writer = recorder.writer
+        self.stored_here = distributed.rank0_decides(lambda: writer is not None and trainer.step in writer.steps(),
+                                                     "whether the resumed step's evaluation is stored")
+
+    def run(self) -> None:
+        """Every stop from the resumed step to the last step."""
+        for stop in sorted(set(self.evals) | set(self.cadence.scheduled(self.cell.steps))):
+            if self._done_before(stop):
+                continue
+            self._train_to(stop)
+            evaluated = stop in self.evals
+            if evaluated:
+                self.recorder.record(stop, self.evals)
+            self._save_if(evaluated=evaluated, timed=self.flags.save_due)  # after the record: the resume contract
+
+    def _done_before(self, stop: int) -> bool:
+        """Whether `stop` was passed before an interruption (its evaluation, if any, is stored)."""
+        step = self.trainer.step
+        return stop < step or stop == step > 0 and (self.stored_here or stop not in self.evals)
+
+    def _train_to(self, stop: int) -> None:
+        """Train up to `stop`, pausing after any step where the flags say every rank must: a stop signal (save and
+        hand over) or a timed checkpoint (saved here; one due at `stop` itself waits for its evaluation)."""
+        trainer = self.trainer
+        while trainer.step < stop:
+            self.session.watchdog.enter("training", trainer.step)
+            ran = trainer.train_steps(stop - trainer.step, stop=lambda: self.flags.poll(trainer.step))
+            self.recorder.trained(ran)
+            trainer.poll_saves()  # publish an asynchronous save whose writes have finished
+            if self.flags.signalled:  # every rank stopped after the same step: save there, then hand over
+                self._save_if(stopping=True)
+                trainer.close()
+                self.session.hand_over(trainer.step)
+            if trainer.step < stop:
+                self._save_if(timed=self.flags.save_due)
+
+    def _save_if(self, **why: bool) -> None:
+        """Checkpoint the current step if the cadence says so (a collective: every rank asks with the same why)."""
+        step = self.trainer.step
+        if not self.cadence.should_save(step, last=step == self.cell.steps, **why):
+            return
+        self.session.watchdog.enter("checkpoint save", step)
+        started = time.perf_counter()
+        self.trainer.save_checkpoint()
+        self.flags.saved()
+        self.session.log(f"checkpoint step {step} {'scheduled' if self.trainer.saver else 'saved'} in "
+                         f"{time.perf_counter() - started:.2f} s")
 
 
-def _stops(cell: Cell) -> list[int]:
-    """Steps where training pauses: every evaluation, and every checkpoint_interval."""
-    every = cell.train.checkpoint_interval
-    extra = set(range(every, cell.steps, every)) if every else set()
-    return sorted(set(cell.eval_steps) | extra)
+class _Recorder:
+    """The retention record at each evaluation step: every rank evaluates its share (and reports it), rank 0
+    appends the record to the store with the training speed since the previous evaluation, the monitor and the
+    log."""
+
+    def __init__(self, session: CellSession, trainer: Trainer, writer: Any, monitor: Any, probes: Any, heldout: Any,
+                 downstream: Any):
+        self.session, self.trainer, self.writer, self.monitor = session, trainer, writer, monitor
+        self.probes, self.heldout, self.downstream = probes, heldout, downstream
+        self.history = [e for e in (writer.meta().get("throughput", []) if writer else [])
+                        if e["step"] <= trainer.step]
+        self.segment = [0.0, 0.0]  # steps and seconds trained since the last evaluation (this process)
+
+    def trained(self, ran: dict[str, float]) -> None:
+        """Count a run of steps (train_steps' result) into the speed of the current segment."""
+        self.segment = [self.segment[0] + ran["steps"], self.segment[1] + ran["seconds"]]
+
+    def record(self, stop: int, evals: list[int]) -> None:
+        """Evaluate the model at `stop` (a collective) and record it."""
+        from kislurm.retention.evaluate import evaluate_retention, heldout_loss
+
+        trainer, cell, session = self.trainer, self.session.cell, self.session
+        self.history.append(_throughput(trainer, stop, *self.segment))
+        self.segment = [0.0, 0.0]
+        session.watchdog.enter("evaluation", trainer.step)
+        with trainer.params_in_sync():
+            result = evaluate_retention(trainer.model, self.probes, cell.eval.batch_size, cell.eval.exact_match)
+            if self.heldout is not None:  # recorded beside the probe metrics
+                result.metrics.update(heldout_loss(trainer.model, self.heldout, cell.eval.batch_size))
+            scores = self.downstream.scores(trainer.model, stop) if self.downstream else {}
+        write_rank_report(session.paths, session.dist.rank, state="running", step=trainer.step,
+                          eval_candidates=result.scored_here)
+        if self.writer is None:
+            return
+        previous = max([e for e in evals if e < stop], default=0)
+        # restored on resume too; step 0 (a base model before training) has no training loss
+        mean_loss = sum(trainer.losses[previous:stop]) / (stop - previous) if stop else float("nan")
+        tokens = trainer.step * cell.train.global_batch_size * cell.model.seq_length
+        self.writer.append(trainer.step, tokens, mean_loss, {**result.metrics, **scores}, result.probe_correct,
+                           result.probe_exact, meta={"throughput": self.history, **(
+                               {"downstream": self.downstream.record} if self.downstream else {})})
+        self.monitor.retention(trainer.step, tokens, {**result.metrics, **{k: v for k, v in scores.items()
+                                                                           if v == v}})  # NaN: not scored
+        total = len(self.probes.prompt) * self.probes.n_choices
+        session.log(f"step {trainer.step}/{cell.steps} eval " + " ".join(
+            f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("_acc"))
+            + f" (rank 0 scored {result.scored_here} of {total} candidates, DP={session.dist.dp})")
 
 
 def _throughput(trainer: Any, step: int, steps: float, seconds: float) -> dict[str, float]:
@@ -108,365 +233,6 @@ def _throughput(trainer: Any, step: int, steps: float, seconds: float) -> dict[s
     tps = steps * trainer.tokens_per_step / seconds if seconds > 0 else float("nan")
     mfu = trainer.mfu(tps) if steps else None
     return {"step": step, "tokens_per_s": round(tps, 1), **({"mfu": float(f"{mfu:.4g}")} if mfu is not None else {})}
-
-
-class _Heartbeat:
-    """Rewrites STATUS every HEARTBEAT_S while the cell runs, so `kislurm status` can tell a live cell from a dead
-    one even when evaluations are hours apart. It reports progress, not merely a live thread: the phase, the step
-    and when the last step finished (`progress`), so a rank stuck in a collective shows as making none."""
-
-    def __init__(self, paths: CellPaths, trainer: Any, cell: Cell, watchdog: "_Watchdog"):
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(paths, trainer, cell, watchdog), daemon=True)
-        self._thread.start()
-
-    def _beat(self, paths: CellPaths, trainer: Any, cell: Cell, watchdog: "_Watchdog") -> None:
-        while not self._done.is_set():
-            write_status(paths, "RUNNING", step=trainer.step, of=cell.steps, phase=watchdog.phase,
-                         progress=round(max(trainer.last_progress, watchdog.phase_started), 1))
-            self._done.wait(HEARTBEAT_S)
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join()
-
-
-class _Watchdog:
-    """A bound on every phase of a rank's work, so a dead or hung peer fails the cell in bounded time.
-
-    The process group's own timeout (30 minutes) would let a training-step collective wait half an hour, and on
-    NCCL a hang may never raise at all. Each phase has its budget (train.timeout_*_min: start-up, index loading
-    and checkpoint loads may take minutes, a step should not); a step restarts the step budget. When a budget
-    runs out the rank records why (its ranks/K.json; STATUS FAILED on rank 0) and exits at once: its peers then
-    see it gone (srun's --kill-on-bad-exit ends them on Slurm), and the error names the phase, not a timeout.
-    """
-
-    POLL_S = 2.0
-
-    def __init__(self, paths: CellPaths, rank: int, train: Any, world_size: int, log: Callable[[str], None]):
-        self._paths, self._rank, self._world, self._log = paths, rank, world_size, log
-        self._budget = {"start-up": train.timeout_startup_min, "training": train.timeout_step_min,
-                        "evaluation": train.timeout_eval_min, "checkpoint save": train.timeout_save_min}
-        self.phase, self.phase_started, self.step = "start-up", time.time(), 0
-        self._deadline = time.monotonic() + 60 * self._budget["start-up"]
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-
-    def enter(self, phase: str, step: int) -> None:
-        """Start `phase` (at `step`) with its full budget; entering "training" again restarts the step budget."""
-        if phase != self.phase:
-            self.phase_started = time.time()
-        self.phase, self.step = phase, step
-        self._deadline = time.monotonic() + 60 * self._budget[phase]
-
-    def _watch(self) -> None:
-        while not self._done.wait(self.POLL_S):
-            if time.monotonic() > self._deadline:
-                self._expire()
-
-    def _expire(self) -> None:
-        minutes = self._budget[self.phase]
-        error = (f"TrainError: rank {self._rank} made no progress in {self.phase} for {minutes:g} min (step "
-                 f"{self.step}): a peer rank probably died or hung; fix: see the other ranks' errors, or raise "
-                 f"train.timeout_{_PHASE_KEY[self.phase]}_min if this phase is legitimately that slow")
-        try:
-            _write_rank_report(self._paths, self._rank, state="failed", error=error)
-            self._log("FAILED: " + error)
-            if self._rank == 0:
-                write_status(self._paths, "FAILED",
-                             error=rank_reports_summary(self._paths, self._world) or error)
-        finally:
-            print(error, file=sys.stderr, flush=True)
-            os._exit(1)  # the main thread is blocked in a collective: nothing else can end it
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join()
-
-
-_PHASE_KEY = {"start-up": "startup", "training": "step", "evaluation": "eval", "checkpoint save": "save"}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Placement and rank reports
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _gather_nodes(dist_ctx: Any) -> list[str]:
-    """Every rank's node name, in rank order (one all-gather at start-up)."""
-    import torch.distributed as tdist
-
-    nodes: list[Any] = [None] * dist_ctx.world_size
-    if dist_ctx.world_size > 1:
-        tdist.all_gather_object(nodes, node_name())
-    else:
-        nodes = [node_name()]
-    return [str(n) for n in nodes]
-
-
-def check_tp_placement(nodes: list[str], tp: int, allow_split: bool = False) -> None:
-    """Refuse a layout whose tensor-parallel group spans nodes (TP all-reduces every layer: over the network it
-    is several times slower), unless the config explicitly allows it. megatron's rank order puts TP fastest, so
-    TP group g is ranks g*tp .. g*tp+tp-1."""
-    from kislurm.train.distributed import TrainError
-
-    for first in range(0, len(nodes), tp):
-        group = nodes[first:first + tp]
-        if len(set(group)) > 1 and not allow_split:
-            raise TrainError(f"tensor-parallel group of ranks {first}-{first + tp - 1} spans nodes "
-                             f"{', '.join(sorted(set(group)))}; fix: set executor.tasks_per_node to a multiple of "
-                             f"tensor_parallel ({tp}), or executor.allow_tp_across_nodes: true to run it anyway")
-
-
-def _write_rank_report(paths: CellPaths, rank: int, **info: Any) -> None:
-    """This rank's own report file (no other process writes it: no lock needed on any filesystem)."""
-    atomic_write_json(paths.rank_report(rank), {"rank": rank, "node": node_name(), "pid": os.getpid(),
-                                                "time": time.time(), **info})
-
-
-def _error_line(e: BaseException) -> str:
-    """The one line a person reads: kislurm's own errors are already that line (problem and fix); anything else
-    keeps its type, which is often the whole clue."""
-    if isinstance(e, KislurmError) and str(e).strip():
-        return str(e).strip().splitlines()[0]
-    text = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
-    return text[-1] if text else type(e).__name__
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The time-limit / preemption signal
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class _StopSignal:
-    """USR2 (Slurm's time-limit or preemption warning, `--signal`) and SIGTERM (preemption without a warning,
-    `scancel`, `scontrol requeue`) as a flag, set by the handler and read at step boundaries by _StepFlags.
-    submitit installs its USR2 handler (checkpoint and requeue) and ignores SIGTERM; both are restored on the way
-    out."""
-
-    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.received: Optional[int] = None
-        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS}  # installed by submitit before the job ran
-        for s in self.SIGNALS:
-            signal.signal(s, self._receive)
-
-    def _receive(self, signum: int, frame: Any) -> None:
-        if self.received is None:  # the first signal decides (a TERM after USR2 is the same stop)
-            self.received = signum
-
-    def restore(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-class _StepFlags:
-    """What every rank must agree on after each step, in one all-reduce (MAX) of two numbers: whether any rank
-    received the time-limit signal (Megatron-LM's exit-signal handler does the same), and whether a timed
-    checkpoint is due (rank 0's clock alone decides: clocks of different nodes need not agree)."""
-
-    def __init__(self, dist_ctx: Any, sig: _StopSignal, checkpoint_minutes: float, watchdog: _Watchdog):
-        self._dist, self._sig, self._watchdog = dist_ctx, sig, watchdog
-        self._every_s = 60.0 * checkpoint_minutes
-        self._last_save = time.monotonic()
-        self.signalled = self.save_due = False
-
-    def saved(self) -> None:
-        self._last_save = time.monotonic()
-        self.save_due = False
-
-    def poll(self, step: int = 0) -> bool:
-        """After a step (a collective: every rank calls it): True when training must pause here."""
-        self._watchdog.enter("training", step)  # the step finished: a new step budget
-        due = bool(self._every_s) and self._dist.is_main and time.monotonic() - self._last_save >= self._every_s
-        flags = [1.0 if self._sig.received is not None else 0.0, 1.0 if due else 0.0]
-        if self._dist.world_size > 1:
-            import torch
-            import torch.distributed as tdist
-
-            agreed = torch.tensor(flags, device=self._dist.device)
-            tdist.all_reduce(agreed, op=tdist.ReduceOp.MAX)
-            flags = agreed.tolist()
-        self.signalled, self.save_due = flags[0] > 0, flags[1] > 0
-        return self.signalled or self.save_due
-
-
-def _hand_over(sig: _StopSignal, step: int, log: Callable[[str], None], paths: CellPaths) -> None:
-    """Rank 0, after every rank saved at `step`: leave the job the way the scheduler says it is ending.
-
-    USR2 (the time limit or a preemption warning) and a SIGTERM that nobody will follow with a requeue go to
-    submitit's handler, which calls CellJob.checkpoint and requeues the job. A SIGTERM of a job that Slurm requeues
-    itself, or that a user cancelled, just exits: asking the scheduler decides which (kislurm.cluster.scheduler)."""
-    name = signal.Signals(sig.received).name if sig.received else "signal"
-    why = "requeue" if sig.received == signal.SIGUSR2 else scheduler.termination()
-    if why == "cancelled":
-        log(f"{name} at step {step}: checkpoint saved; the job is cancelled, not requeueing")
-        write_status(paths, "CANCELLED", step=step, error=f"cancelled ({name}) at step {step}, checkpoint saved")
-        raise SystemExit(f"cancelled by {name} at step {step} (checkpoint saved); submit the run again to resume")
-    if why == "requeued":
-        log(f"{name} at step {step}: checkpoint saved; Slurm requeues the job")
-        raise SystemExit(0)
-    log(f"{name} at step {step}: checkpoint saved; requeueing")
-    handler = sig.previous[signal.SIGUSR2]
-    if callable(handler):
-        handler(signal.SIGUSR2, None)  # submitit: CellJob.checkpoint() -> scontrol requeue -> exit
-    raise SystemExit(f"stopped by {name} at step {step} (checkpoint saved); run the cell again to resume")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The cell
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _saves_after_evaluations(cell: Cell) -> bool:
-    """With no cadence configured, a checkpoint follows every evaluation (the default)."""
-    return not cell.train.checkpoint_interval and not cell.train.checkpoint_minutes
-
-
-def run_cell(run: RunPaths, cell: Cell, allow_tp_across_nodes: bool = False) -> dict[str, Any]:
-    """Train and evaluate one cell to completion (or resume it); returns its final metrics (rank 0)."""
-    from kislurm.train import checkpoint, distributed
-    from kislurm.data import prepare as data
-    from kislurm.train.cpu_shims import apply_cpu_shims
-    from kislurm.retention.evaluate import evaluate_retention, heldout_loss
-    from kislurm.train.monitor import CellMonitor
-    from kislurm.retention.store import RetentionWriter, read_cell
-    from kislurm.train.trainer import Trainer
-
-    paths: CellPaths = run.cell(cell.name)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    _hide_gpus_from_cpu_cell(cell)
-    apply_cpu_shims()
-    dist = distributed.setup(cell.model)
-    log = _log_to(paths.log, dist.rank)
-    writer, heartbeat, watchdog, monitor = None, None, None, None
-    try:
-        # One decision per cell: rank 0 reads the store; every rank follows (NFS or Lustre may show them
-        # different things). A finished cell is never trained again.
-        if distributed.rank0_decides(lambda: paths.store.exists() and read_cell(paths.store, matrix=False).complete,
-                                     "whether the cell is complete"):
-            if dist.is_main:
-                checkpoint.keep_after_done(paths.checkpoints, cell.train.keep_final)  # a cut-short clean-up
-            return _summary(paths.store) if dist.is_main else {}
-        watchdog = _Watchdog(paths, dist.rank, cell.train, dist.world_size, log)
-        _write_rank_report(paths, dist.rank, state="running")  # replaces this rank's report of an earlier session
-        check_tp_placement(_gather_nodes(dist), dist.tp, allow_tp_across_nodes)
-        sig = _StopSignal()
-        flags = _StepFlags(dist, sig, cell.train.checkpoint_minutes, watchdog)
-        if dist.is_main:
-            write_status(paths, "RUNNING", step=0, phase="start-up")
-        prepared = data.load_prepared(cell.data, run.data, cell.model.seq_length)  # built by kislurm prepare
-        dataset, data_stats = data.cell_dataset(prepared, cell)
-        trainer = Trainer(cell, dataset, paths.checkpoints, prepared.tokenizer.vocab_size, dist, log=log)
-        monitor = CellMonitor.open(run, cell, dist.rank, trainer.step, trainer.tokens_per_step)  # rank 0 writes
-        trainer.on_log = monitor.train
-        probes = data.cell_probes(prepared, cell)  # under fixed_exposures: the facts this cell infuses
-        heldout = data.heldout_documents(prepared)  # general documents no cell trains on (data.heldout_general)
-        if dist.is_main:
-            counts = trainer.params  # counted on the real model (padded vocabulary), from any TP rank
-            meta = {"cell_id": cell.cell_id, "name": cell.name, "size": cell.size, "ratio": cell.ratio,
-                    "tokens": cell.tokens, "seed": cell.seed, "config": cell.to_json(),
-                    "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
-                    "n_choices": probes.n_choices, "data_stats": data_stats}
-            frequency, unit = data.fact_frequency(prepared, cell, dataset, probes)  # issue 25: bands in aggregate
-            if frequency is not None:
-                meta["fact_frequency_unit"] = unit
-            writer = RetentionWriter.open(paths.store, meta, probes.fact_ids, probes.fact_group, probes.fact_index,
-                                          probes.heldout, fact_frequency=frequency)
-            writer.truncate_after(trainer.step if trainer.step else -1)  # a fresh start redoes a step-0 evaluation
-        heartbeat = _Heartbeat(paths, trainer, cell, watchdog) if dist.is_main else None
-        downstream = _in_loop_downstream(cell, paths, prepared, probes, dist.rank, writer)
-        evals = sorted(cell.eval_steps)
-        # A stop signal that lands on an evaluation step saves there before evaluating: the store, not the
-        # checkpoint, says whether the evaluation at the resumed step is done (rank 0 reads it for every rank).
-        stored_here = distributed.rank0_decides(lambda: writer is not None and trainer.step in writer.steps(),
-                                                "whether the resumed step's evaluation is stored")
-        history = [e for e in (writer.meta().get("throughput", []) if writer else []) if e["step"] <= trainer.step]
-        segment = [0.0, 0.0]  # steps and seconds trained since the last evaluation (this process)
-
-        def save() -> None:
-            watchdog.enter("checkpoint save", trainer.step)
-            started = time.perf_counter()
-            trainer.save_checkpoint()
-            flags.saved()
-            log(f"checkpoint step {trainer.step} {'scheduled' if trainer.saver else 'saved'} in "
-                f"{time.perf_counter() - started:.2f} s")
-
-        for stop in _stops(cell):
-            if stop < trainer.step or stop == trainer.step > 0 and (stored_here or stop not in evals):
-                continue  # done before an interruption
-            while trainer.step < stop:
-                watchdog.enter("training", trainer.step)
-                ran = trainer.train_steps(stop - trainer.step, stop=lambda: flags.poll(trainer.step))
-                segment = [segment[0] + ran["steps"], segment[1] + ran["seconds"]]
-                trainer.poll_saves()  # publish an asynchronous save whose writes have finished
-                if flags.signalled:  # every rank stopped after the same step: save there, then hand over
-                    save()
-                    trainer.close()
-                    heartbeat = heartbeat.stop() if heartbeat else None
-                    sig.restore()
-                    if dist.is_main:
-                        _hand_over(sig, trainer.step, log, paths)
-                    raise SystemExit(0)  # the other ranks: rank 0 requeues the job, or leaves it cancelled
-                if flags.save_due:  # checkpoint_minutes since the last save (rank 0's clock, agreed)
-                    save()
-            if stop in evals:
-                history.append(_throughput(trainer, stop, *segment))
-                segment = [0.0, 0.0]
-                watchdog.enter("evaluation", trainer.step)
-                with trainer.params_in_sync():
-                    result = evaluate_retention(trainer.model, probes, cell.eval.batch_size, cell.eval.exact_match)
-                    if heldout is not None:   # recorded beside the probe metrics
-                        result.metrics.update(heldout_loss(trainer.model, heldout, cell.eval.batch_size))
-                    scores = downstream.scores(trainer.model, stop) if downstream else {}
-                _write_rank_report(paths, dist.rank, state="running", step=trainer.step,
-                                   eval_candidates=result.scored_here)
-                previous = max([e for e in evals if e < stop], default=0)
-                # restored on resume too; step 0 (a base model before training) has no training loss
-                mean_loss = sum(trainer.losses[previous:stop]) / (stop - previous) if stop else float("nan")
-                if writer is not None:
-                    tokens = trainer.step * cell.train.global_batch_size * cell.model.seq_length
-                    writer.append(trainer.step, tokens, mean_loss, {**result.metrics, **scores}, result.probe_correct,
-                                  result.probe_exact, meta={"throughput": history,
-                                                            **({"downstream": downstream.record} if downstream else {})})
-                    monitor.retention(trainer.step, tokens, {**result.metrics, **{k: v for k, v in scores.items()
-                                                                                  if v == v}})  # NaN: not scored
-                    total = len(probes.prompt) * probes.n_choices
-                    log(f"step {trainer.step}/{cell.steps} eval " + " ".join(
-                        f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("_acc"))
-                        + f" (rank 0 scored {result.scored_here} of {total} candidates, DP={dist.dp})")
-            if stop == cell.steps:
-                break  # the last step's checkpoint is what keep_final keeps (trainer.finish), nothing routine
-            if stop and (stop in evals and _saves_after_evaluations(cell) or
-                         cell.train.checkpoint_interval and stop % cell.train.checkpoint_interval == 0):
-                save()  # (never at step 0: nothing trained yet)
-        watchdog.enter("checkpoint save", trainer.step)
-        trainer.finish()  # what keep_final keeps, written before the store says complete
-        heartbeat = heartbeat.stop() if heartbeat else None
-        if writer is not None:
-            writer.mark_complete()
-            write_status(paths, "DONE", step=trainer.step, of=cell.steps)
-            checkpoint.keep_after_done(paths.checkpoints, cell.train.keep_final)
-    except BaseException as e:
-        if heartbeat:
-            heartbeat.stop()  # before FAILED is written, so no beat overwrites it
-        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
-            _write_rank_report(paths, dist.rank, state="failed", error=_error_line(e))
-            log("FAILED: " + _error_line(e))
-            if dist.is_main:
-                write_status(paths, "FAILED", error=rank_reports_summary(paths, dist.world_size) or _error_line(e))
-        raise
-    finally:
-        if watchdog is not None:
-            watchdog.stop()
-        if writer is not None:
-            writer.close()
-        if monitor is not None:
-            monitor.close()
-        distributed.teardown()
-    return _summary(paths.store) if dist.is_main else {}
 
 
 def _in_loop_downstream(cell: Cell, paths: CellPaths, prepared: Any, probes: Any, rank: int,
@@ -480,7 +246,7 @@ def _in_loop_downstream(cell: Cell, paths: CellPaths, prepared: Any, probes: Any
 
     stored = writer.meta().get("downstream") if writer is not None else None
     return InLoop(cell.eval.downstream, cell.eval_steps, prepared, probes,
-                  paths.root / "downstream" / "tasks" / f"rank{rank}", cell.eval.batch_size, stored)
+                  paths.downstream_tasks(f"rank{rank}"), cell.eval.batch_size, stored)
 
 
 class CellJob(submitit.helpers.Checkpointable):
@@ -527,7 +293,7 @@ class PrepareJob:
                 raise DataError(missing)
             summary = data.prepare_run(cfg, cells)
         except Exception as e:
-            atomic_write_json(run.preparation, {"job": job, "state": "failed", "error": _error_line(e),
+            atomic_write_json(run.preparation, {"job": job, "state": "failed", "error": error_line(e),
                                                 "time": time.time(), **queued})
             _cancel_waiting_cells(run, job)
             raise
@@ -555,7 +321,7 @@ class CorpusShardJob:
             job = str(prep.get("job", ""))
             where = f"{shard.path}" + (f" bytes {shard.start}-{shard.end}" if shard.end >= 0 else "")
             atomic_write_json(run.preparation, {**prep, "state": "failed", "time": time.time(),
-                                                "error": f"corpus shard {where}: {_error_line(e)}"})
+                                                "error": f"corpus shard {where}: {error_line(e)}"})
             cancel_jobs([job] if job else [])
             _cancel_waiting_cells(run, job)
             raise
@@ -572,7 +338,7 @@ def _cancel_waiting_cells(run: RunPaths, job: str) -> None:
 def main(argv: list[str]) -> int:
     """Run one cell by hand from its own cell.json: any cell of the run folder, a validation or ladder cell too."""
     from kislurm.errors import KislurmError
-    from kislurm.plan.loader import load_config
+    from kislurm.plan.config import load_config
 
     if len(argv) != 3:
         print(__doc__.strip().splitlines()[-1], file=sys.stderr)

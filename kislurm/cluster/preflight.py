@@ -162,7 +162,7 @@ def _hosts_of_tp_groups() -> list[list[str]]:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from kislurm.cluster.cell_job import node_name
+    from kislurm.cluster.cell_session import node_name
 
     mine = (parallel_state.get_tensor_model_parallel_rank(), node_name())
     everyone: list = [None] * dist.get_world_size()

@@ -33,7 +33,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import queue
 import re
 import shutil
 import signal
@@ -41,20 +40,19 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
 from kislurm.train.distributed import TrainError
 from kislurm.publish import atomic_write_json, atomic_write_text, publish as publish_path
-from kislurm.train.workarounds import require_megatron
+from kislurm.train.workarounds import require_megatron, use_in_process_results_queue
 
 META_FILE = "kislurm.json"
 LATEST_FILE = "latest"
@@ -82,6 +80,54 @@ class CheckpointInfo:
     path: Path
     step: int
     meta: dict
+
+
+class SaveCadence:
+    """When a routine checkpoint is due: the decision torchtitan's CheckpointManager makes in `_should_save` (its
+    step interval, the last step, a forced save), made here for kislurm's cadences (train.checkpoint_interval steps,
+    train.checkpoint_minutes, or by default after every evaluation) and the stop signal, in one place beside the
+    code that saves. It only decides (Trainer.save_checkpoint saves); the clock is a parameter so that the rule is
+    tested without waiting."""
+
+    def __init__(self, every_steps: int = 0, every_minutes: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.every_steps, self.every_minutes, self._clock = every_steps, every_minutes, clock
+        self._last_save = clock()
+
+    @property
+    def after_evaluations(self) -> bool:
+        """With no cadence configured, a checkpoint follows every evaluation (the default)."""
+        return not self.every_steps and not self.every_minutes
+
+    def scheduled(self, total: int) -> list[int]:
+        """The steps before the last where the step cadence saves: training must pause there."""
+        return list(range(self.every_steps, total, self.every_steps)) if self.every_steps else []
+
+    def clock_due(self) -> bool:
+        """Whether checkpoint_minutes have passed since the last save. One rank's clock alone may decide (the clocks
+        of different nodes need not agree): the cell asks it on rank 0 after every step and all-reduces the answer,
+        which comes back as should_save's `timed`."""
+        return bool(self.every_minutes) and self._clock() - self._last_save >= 60.0 * self.every_minutes
+
+    def should_save(self, step: int, *, evaluated: bool = False, stopping: bool = False, last: bool = False,
+                    timed: bool = False) -> bool:
+        """Whether to checkpoint where training paused at `step`, after any evaluation there (every rank passes the
+        same arguments, so every rank takes the same decision, as a save is collective):
+          - stopping (the stop signal, agreed by all ranks): always, so that the requeued job resumes here;
+          - timed (clock_due, as rank 0 answered it): always, the last step included;
+          - otherwise never at step 0 (nothing trained) nor at the last step (Trainer.finish writes what
+            train.keep_final keeps there);
+          - after an evaluation, when no cadence is configured;
+          - at every multiple of every_steps."""
+        if stopping or timed:
+            return True
+        if step == 0 or last:
+            return False
+        return evaluated and self.after_evaluations or bool(self.every_steps) and step % self.every_steps == 0
+
+    def saved(self) -> None:
+        """A checkpoint was just written: the minutes cadence counts from now."""
+        self._last_save = self._clock()
 
 
 def step_dir_name(step: int) -> str:
@@ -131,8 +177,9 @@ def check_cell(ckpt_dir: Path, cell_id: str) -> CheckpointInfo | None:
     return info
 
 
-def _rng_object(is_loading: bool) -> ShardedObject:
-    """This rank's RNG states, one shard per (TP rank, DP rank)."""
+def rng_state_object(is_loading: bool) -> ShardedObject:
+    """This rank's RNG states as one shard per (TP rank, DP rank) of a checkpoint (public for tools/bench_checkpoint.py,
+    which saves the same contents the old way)."""
     tp, dp = _layout()["tp"], _layout()["dp"]
     state = None if is_loading else {
         "cpu": torch.get_rng_state(),
@@ -181,20 +228,8 @@ def _writers_die_with_trainer() -> None:
         _WRITER_HOOK_INSTALLED = True
 
 
-def _use_in_process_results_queue() -> None:
-    """Keep synchronous saves inside this process.
-
-    megatron's writer hands its results back through a queue that, by default, lives in a `spawn`-context Manager
-    process: starting it re-imports the caller's __main__ (scripts then need a __main__ guard), costs seconds, and
-    the Manager outlives a training process killed with SIGKILL. A synchronous save puts into and reads from the
-    queue in the calling process, so a plain in-process queue is enough. (An asynchronous save needs megatron's
-    own cross-process queue: it is not patched then, and a process that ran an async save keeps it.)
-    """
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
-require_megatron("in-process-results-queue", "kislurm.train.checkpoint._use_in_process_results_queue",
+# Registered by its user, at import (kislurm.train.workarounds stays importable without megatron-core).
+require_megatron("in-process-results-queue", "kislurm.train.workarounds.use_in_process_results_queue",
                  "dist_checkpointing's writer returns results through a spawn-context Manager process",
                  tested_upto="0.16.1")
 
@@ -260,14 +295,14 @@ def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: ShardedOp
         tmp.mkdir()
     _barrier()
     if saver is None:
-        _use_in_process_results_queue()
+        use_in_process_results_queue()
     _writers_die_with_trainer()
     model_sd = model.sharded_state_dict()
     sharded: dict[str, Any] = {"model": model_sd, "kislurm": {"step": step, "cell_id": cell_id}}
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False,
                                                             metadata=_optimizer_metadata(fmt))
-        sharded["rng_state"] = _rng_object(is_loading=False)
+        sharded["rng_state"] = rng_state_object(is_loading=False)
     meta = {"cell_id": cell_id, "step": step, "layout": _layout(), "state": state,
             "kind": "full" if optimizer is not None else "weights",
             "optimizer_format": recorded_format(optimizer, fmt)}
@@ -320,7 +355,7 @@ def load(info: CheckpointInfo, model: torch.nn.Module, optimizer: ShardedOptimiz
     sharded: dict[str, Any] = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(
         model_sd, is_loading=True, metadata=_optimizer_metadata(fmt))}
     if same_layout:
-        sharded["rng_state"] = _rng_object(is_loading=True)
+        sharded["rng_state"] = rng_state_object(is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(info.path))
     model.load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])

@@ -38,9 +38,10 @@ from kislurm.train.distributed import DistContext, TrainError, rank0_decides, se
 from kislurm.plan.estimate import flops_per_token
 from kislurm.train.model import build_model, count_parameters, padded_vocab_size, resolve_precision
 from kislurm.plan.grid import Cell
-from kislurm.train.workarounds import require_megatron
+from kislurm.train.workarounds import foreach_norms, foreach_scale_, require_megatron
 
-__all__ = ["Trainer", "TrainError", "lr_at", "sample_ids", "CpuAdamW", "TorchAdamCheckpointFix", "PEAK_BF16_FLOPS"]
+__all__ = ["Trainer", "TrainError", "lr_at", "sample_ids", "CpuAdamW", "TorchAdamCheckpointFix", "PEAK_BF16_FLOPS",
+           "zero_adam_state"]
 
 ADAM_BETAS = (0.9, 0.95)
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -105,14 +106,14 @@ class CpuAdamW:
         norm = _grad_norm(params)
         if self.clip_grad > 0 and norm > self.clip_grad:
             scale = self.clip_grad / (norm + 1e-6)
-            torch._foreach_mul_([p.grad for p in params], scale)
+            foreach_scale_([p.grad for p in params], scale)
         self.optimizer.step()
         return True, norm, None
 
     def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False,
                            metadata: dict | None = None) -> dict:
         if is_loading:
-            _zero_adam_state(self.optimizer)
+            zero_adam_state(self.optimizer)
         state = self.optimizer.state_dict()
         id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.parameters())
         steps = {float(s["step"]) for s in state["state"].values() if "step" in s}
@@ -129,7 +130,7 @@ class CpuAdamW:
         self.optimizer.load_state_dict(state)
 
 
-def _zero_adam_state(optimizer: torch.optim.Optimizer) -> None:
+def zero_adam_state(optimizer: torch.optim.Optimizer) -> None:
     """Give every parameter of a torch Adam(W) without state a zero state at step 0, so that a checkpoint has
     tensors to load into (the loaded values replace all of them)."""
     for p in (p for g in optimizer.param_groups for p in g["params"] if not optimizer.state[p]):
@@ -141,7 +142,7 @@ def _grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
     """Global L2 norm of the gradients: TP shards summed over the TP group, replicated tensors counted once."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     local = [p.grad for p in params if getattr(p, "tensor_model_parallel", False) or tp_rank == 0]
-    sq = torch.stack(torch._foreach_norm(local)).pow(2).sum() if local else torch.zeros(())
+    sq = torch.stack(foreach_norms(local)).pow(2).sum() if local else torch.zeros(())
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
     return float(sq.sqrt())
@@ -186,7 +187,7 @@ class TorchAdamCheckpointFix:
                            metadata: dict | None = None) -> dict:
         if is_loading:
             for opt in self._distributed():
-                _zero_adam_state(opt.optimizer)
+                zero_adam_state(opt.optimizer)
         return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
 
     def load_state_dict(self, state: dict) -> None:

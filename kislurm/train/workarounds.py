@@ -8,6 +8,9 @@ named workaround against the new release (tests/test_model.py checks every CPU s
 tests/test_train.py, test_resume.py and test_gpu.py cover the optimizer and checkpoint ones), then raise its
 `tested_upto`. `KISLURM_ALLOW_UNTESTED_MEGATRON=1` lets an untested release import (with a warning), for the
 person doing exactly that check.
+
+Third-party internals (underscore names of megatron-core or torch) are reached from here and cpu_shims.py only,
+each behind a public function, so the rest of kislurm names no private attribute of another module.
 """
 
 from __future__ import annotations
@@ -75,3 +78,34 @@ def require_megatron(name: str, where: str, works_around: str, tested_upto: str,
     REGISTRY[name] = workaround
     check(workaround, installed if installed is not None else installed_megatron())
     return workaround
+
+
+def use_in_process_results_queue() -> None:
+    """Keep synchronous checkpoint saves inside this process.
+
+    megatron's writer hands its results back through a queue that, by default, lives in a `spawn`-context Manager
+    process: starting it re-imports the caller's __main__ (scripts then need a __main__ guard), costs seconds, and
+    the Manager outlives a training process killed with SIGKILL. A synchronous save puts into and reads from the
+    queue in the calling process, so a plain in-process queue is enough. (An asynchronous save needs megatron's
+    own cross-process queue: it is not patched then, and a process that ran an async save keeps it.)
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def foreach_norms(tensors: list) -> list:
+    """Each tensor's L2 norm in one fused pass (torch's foreach kernel, which has no public name)."""
+    import torch
+
+    return list(torch._foreach_norm(tensors))
+
+
+def foreach_scale_(tensors: list, scale: float) -> None:
+    """Multiply every tensor by `scale` in place, in one fused pass (torch's foreach kernel, no public name)."""
+    import torch
+
+    torch._foreach_mul_(tensors, scale)
