@@ -338,7 +338,7 @@ def _cancel_waiting_cells(run: RunPaths, job: str) -> None:
 def main(argv: list[str]) -> int:
     """Run one cell by hand from its own cell.json: any cell of the run folder, a validation or ladder cell too."""
     from kislurm.errors import KislurmError
-    from kislurm.plan.config import load_config
+    from kislurm.plan.loader import load_config
 
     if len(argv) != 3:
         print(__doc__.strip().splitlines()[-1], file=sys.stderr)
