@@ -243,3 +243,16 @@ def test_the_cycle_check_fails_on_a_cycle_made_on_purpose_and_ignores_type_check
 def test_the_private_name_check_sees_imports_and_module_attributes(source, internals_ok, expected):
     uses = _violating(private_uses(source, "kislurm.data.mixes"), internals_ok)
     assert [name for _, name in uses] == expected
+
+
+MAX_LINES = 600
+"""A module longer than this says in its docstring why it is one module ("Why one long module: ...")."""
+
+
+def test_a_module_over_600_lines_says_why_in_its_docstring():
+    long = {name: len(path.read_text().splitlines()) for name, path in all_modules().items()
+            if len(path.read_text().splitlines()) > MAX_LINES}
+    silent = [f"{name} ({lines} lines)" for name, lines in long.items()
+              if "why one long module" not in (ast.get_docstring(ast.parse(all_modules()[name].read_text())) or "").lower()]
+    assert not silent, (f"modules over {MAX_LINES} lines without a 'Why one long module: ...' paragraph in their "
+                        "docstring (split them, or say why not):\n" + "\n".join(silent))
