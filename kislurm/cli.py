@@ -1,7 +1,9 @@
 """The `kislurm` command line: plan, prepare, submit, status, aggregate, fit, demo.
 
-Every command turns a known failure (bad config, missing file, no Slurm, corrupt store) into one line on stderr
-and a non-zero exit; a traceback means a bug in kislurm.
+It parses options, calls the stage that does the work (what to submit when is kislurm.orchestrate's) and formats
+the answer. Every command turns a known failure (bad config, missing file, no Slurm, corrupt store) into one line
+on stderr and a non-zero exit (cells that failed here: one line each, then the count; exit 1); a traceback means a
+bug in kislurm.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import warnings
 import click
 
 from kislurm import __version__
-from kislurm.errors import KislurmError
+from kislurm.errors import CellsFailed, KislurmError
 from kislurm.plan.config import ConfigError, ExperimentConfig
 from kislurm.plan.loader import load_config
 from kislurm.paths import RunPaths
@@ -42,6 +44,11 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except CellsFailed as e:  # cells that ran here: each failed one, then the count and the fix
+            for line in e.failures:
+                click.echo(f"kislurm: cell failed: {line}", err=True)
+            click.echo(f"kislurm: error: {e}", err=True)
+            sys.exit(1)
         except _USER_ERRORS as e:
             click.echo(f"kislurm: error: {e}", err=True)
             sys.exit(2)
@@ -104,7 +111,7 @@ def plan(config: str, overrides: tuple[str, ...]) -> None:
     click.echo("".join(_override_lines(cfg)), nl=False)
     g = cfg.grid
     if g.adaptive:
-        click.echo(_ladder_estimate(cfg, cells))
+        click.echo(_ladder_line(cfg, cells))
         return
     click.echo(f"\n{len(cells)} cells = {len(g.sizes)} sizes x {len(g.ratios)} ratios x {len(g.token_budgets)} "
                f"token budgets x {len(g.seeds)} seeds; executor: {cfg.executor.cluster}; run folder: {run_dir(cfg)}")
@@ -139,126 +146,40 @@ def _cost_columns(cfg: ExperimentConfig, cells: list[Cell]) -> list[dict[str, st
 
 def _cost_summary(cfg: ExperimentConfig, cells: list[Cell]) -> str:
     """One line: total GPU-hours and the assumptions behind the memory and cost columns."""
-    from kislurm.plan.estimate import FIT_FRACTION, cell_costs, plan_vocab_size
+    from kislurm.plan.estimate import FIT_FRACTION, plan_vocab_size, total_gpu_hours
 
     vocab = plan_vocab_size(cfg.data)
     ex = cfg.executor
-    hours = [cell_costs(c.model, c.train, ex, c.n_samples * c.model.seq_length, vocab)["gpu_hours"] for c in cells]
-    gpu = [h for h in hours if h is not None]
-    if not gpu:
+    hours = total_gpu_hours(cells, ex, vocab)
+    if hours is None:
         return "no GPU cells: memory and GPU-hour estimates apply to device: gpu presets"
     limit = f"fits {FIT_FRACTION:.0%} of executor.gpu_memory_gb {ex.gpu_memory_gb:g} GiB" if ex.gpu_memory_gb \
         else "not checked (executor.gpu_memory_gb unset)"
-    return (f"estimated {sum(gpu):,.0f} GPU-hours in all at MFU {ex.mfu:.0%} of {ex.gpu_peak_tflops:g} TFLOP/s "
-            f"(executor.mfu, gpu_peak_tflops); memory per GPU (vocabulary {vocab}): {limit}")
+    return f"estimated {hours:,.0f} GPU-hours in all at {_pricing(cfg)}; memory per GPU (vocabulary {vocab}): {limit}"
 
 
-def _ladder_estimate(cfg: ExperimentConfig, first: list[Cell]) -> str:
-    """Expected cells and GPU-hours of an adaptive ladder (no added ratios) against the fixed grid of its start
-    ratios on every size."""
-    from kislurm.plan.grid import ladder_order, size_cells
-    from kislurm.analysis.validate import full_sweep, gpu_hours
-
-    g, vocab = cfg.grid, cfg.data.vocab_size
-    one_ratio = [c for s in ladder_order(cfg)[2:] for c in size_cells(cfg, s, [0.5])]  # cost does not depend on r
-    n_rest = g.rung_points * len(one_ratio)
-    fixed = [c for s in g.sizes for c in full_sweep(cfg, s)]
-    hours = [sum(gpu_hours(c, vocab) for c in first) + g.rung_points * sum(gpu_hours(c, vocab) for c in one_ratio),
-             sum(gpu_hours(c, vocab) for c in fixed)]
-    return (f"\nadaptive ladder: {len(first)} cells now (the two smallest sizes on {len(g.start_ratios)} start "
-            f"ratios), {n_rest} more expected ({g.rung_points} ratios per further size, placed from the law as each "
-            f"rung finishes): {len(first) + n_rest} cells, ~{hours[0]:.3g} GPU-h, against {len(fixed)} cells, "
-            f"~{hours[1]:.3g} GPU-h for the start ratios on every size; executor: {cfg.executor.cluster}; run "
-            f"folder: {run_dir(cfg)}")
+def _pricing(cfg: ExperimentConfig) -> str:
+    """The GPU-hour model's assumptions (kislurm.plan.estimate.cell_gpu_hours), as every estimate states them."""
+    ex = cfg.executor
+    return f"MFU {ex.mfu:.0%} of {ex.gpu_peak_tflops:g} TFLOP/s (executor.mfu, gpu_peak_tflops)"
 
 
-def load_cell_job(cfg: ExperimentConfig):
-    """The compute-node entry (kislurm.cluster.cell_job.CellJob): nodes import it from the installed package."""
-    from kislurm.cluster.cell_job import CellJob
-
-    return CellJob(allow_tp_across_nodes=cfg.executor.allow_tp_across_nodes)
-
-
-def _job_failure(job: Any) -> Optional[str]:
-    """None when every task (rank) of a finished local job succeeded, else one line naming the failed ranks."""
-    problems = []
-    for rank in range(job.num_tasks):
-        try:
-            job.task(rank).result() if job.num_tasks > 1 else job.result()
-        except Exception as e:  # noqa: BLE001 - report every failed rank, then the cell
-            text = str(e).strip()
-            problems.append(f"rank {rank}: {text.splitlines()[-1] if text else type(e).__name__}")
-    return "; ".join(problems) or None
+def _hours(hours: Optional[float]) -> str:
+    if hours is None:
+        return "no GPU cells"
+    return f"~{hours:,.0f} GPU-h" if hours >= 100 else f"~{hours:.3g} GPU-h"
 
 
-def submit_run(cfg: ExperimentConfig, cells: list[Cell], force: bool = False, wait: bool = True,
-               planned: list[Cell] | None = None) -> RunPaths:
-    """Write the plan (`planned`, default `cells`), prepare shared data, submit what of `cells` is not done, and
-    (locally) wait with a progress bar."""
-    from tqdm import tqdm
+def _ladder_line(cfg: ExperimentConfig, first: list[Cell]) -> str:
+    """Expected cells and GPU-hours of an adaptive ladder against the fixed grid of its start ratios on every size."""
+    from kislurm.orchestrate.ladder import ladder_estimate
 
-    from kislurm.cluster.submit import (RESUBMIT, cancel_jobs, cells_to_run, check_cluster, release, submit_cells,
-                                        submit_corpus_shards, submit_preparation, write_plan)
-
-    check_cluster(cfg.executor)
-    if cfg.executor.cluster != "slurm":  # cells run in this environment: refuse a monitor it lacks before any runs
-        from kislurm.train.monitor import check_monitor
-
-        check_monitor(cfg.monitor)
-        if cfg.eval.downstream.tasks:  # eval.downstream without kislurm[eval]: one line naming it
-            from kislurm.retention.downstream import require_lm_eval
-
-            require_lm_eval()
-    run = write_plan(cfg, planned if planned is not None else cells, force=force)
-    states = cells_to_run(run, cells)
-    todo = [c for c, s in states if s in RESUBMIT]
-    skipped = {s: sum(1 for _, t in states if t == s) for s in {t for _, t in states} if s not in RESUBMIT}
-    click.echo(f"{run.root}: {len(todo)} of {len(cells)} cells to submit"
-               + (f" (skipping {', '.join(f'{n} {s}' for s, n in sorted(skipped.items()))})" if skipped else ""))
-    if not todo:
-        return run
-    from kislurm.data import prepare as data
-
-    job = load_cell_job(cfg)
-    if cfg.executor.cluster == "slurm":
-        # the login node does no heavy work: preparation is one CPU job the arrays wait on, unless it is done
-        # (and data.general_corpus, while unpublished, an array of shard tasks ahead of that job, which then merges)
-        corpus = prep = None
-        try:
-            if not data.is_prepared(cfg, todo):
-                corpus = submit_corpus_shards(cfg, run)
-                prep = submit_preparation(cfg, run, todo, after=corpus)
-            jobs = submit_cells(cfg, run, todo, job, after=prep)
-        except BaseException:
-            cancel_jobs([j for j in (prep, corpus) if j])  # never leave a held job behind
-            raise
-        if prep:
-            release(prep)
-            if corpus:
-                release(corpus)   # last: a failed shard finds the preparation job and the cells to cancel
-                click.echo(f"queued general_corpus shards as array job {corpus}; the preparation job waits on it")
-            click.echo(f"queued preparation job {prep}; the cells wait on it (afterok)")
-        click.echo(f"submitted {len(jobs)} cells: job ids {', '.join(sorted({j.job_id.split('_')[0] for j in jobs}))}")
-        return run
-    data.prepare_run(cfg, todo)   # the shared data's one writer, before any job: cells then only read it
-    if cfg.executor.cluster == "local":
-        bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not wait)
-        jobs = submit_cells(cfg, run, todo, job, progress=bar.update)
-        bar.close()
-    else:
-        jobs = submit_cells(cfg, run, todo, job)
-    # local and debug cells have finished here: report every failed one
-    from kislurm.cluster.status import rank_reports_summary
-
-    failed = [f"{cell.name}: {rank_reports_summary(run.cell(cell.name), cell.model.world_size) or problem}"
-              for cell, j in zip(todo, jobs) if (problem := _job_failure(j))]
-    if failed:
-        for line in failed:
-            click.echo(f"kislurm: cell failed: {line}", err=True)
-        click.echo(f"kislurm: error: {len(failed)} of {len(todo)} cells failed; see their log.txt under "
-                   f"{run.cells}; rerun `kislurm submit` to retry only those", err=True)
-        sys.exit(1)
-    return run
+    e, g = ladder_estimate(cfg, first), cfg.grid
+    return (f"\nadaptive ladder: {e.now} cells now (the two smallest sizes on {len(g.start_ratios)} start ratios), "
+            f"{e.more} more expected ({g.rung_points} ratios per further size, placed from the law as each rung "
+            f"finishes): {e.now + e.more} cells, {_hours(e.hours)}, against {e.fixed_cells} cells, "
+            f"{_hours(e.fixed_hours)} for the start ratios on every size, at {_pricing(cfg)}; executor: "
+            f"{cfg.executor.cluster}; run folder: {run_dir(cfg)}")
 
 
 @main.command()
@@ -285,34 +206,13 @@ def submit(config: str, dry_run: bool, force: bool, after_preflight: bool, overr
             click.echo(summary_line(report))
         click.echo("preflight: every layout passed")
     if cfg.grid.adaptive:
-        submit_ladder(cfg, force=force)
+        from kislurm.orchestrate.ladder import submit_ladder
+
+        submit_ladder(cfg, force=force, echo=click.echo)
         return
-    submit_run(cfg, cells, force=force)
+    from kislurm.orchestrate.run import submit_run
 
-
-def submit_ladder(cfg: ExperimentConfig, force: bool = False) -> None:
-    """An adaptive grid (grid.ratios: adaptive): submit what can be planned now; locally, wait for it, place the next
-    rung from the law so far (kislurm.analysis.validate.ladder_plan) and go on; on Slurm stop until the next `kislurm submit`
-    (or a cron job running it) finds the rung before done."""
-    from kislurm.analysis.aggregate import aggregate_runs
-    from kislurm.analysis.validate import ladder_plan
-
-    def analyse(run: RunPaths) -> Any:
-        result = aggregate_runs([run.root], echo=lambda *_: None)
-        return result.collapses, result.law
-
-    paths = RunPaths(run_dir(cfg))
-    planned, why = ladder_plan(cfg, paths, analyse)
-    while True:
-        submit_run(cfg, planned, force=force)
-        if cfg.executor.cluster == "slurm":
-            break
-        more, why = ladder_plan(cfg, paths, analyse)
-        if len(more) == len(planned):
-            break
-        click.echo(why)
-        planned = more
-    click.echo(why)
+    submit_run(cfg, cells, force=force, echo=click.echo)
 
 
 @main.command()
@@ -583,32 +483,21 @@ def fit(csv: str, out: str, unit: str, targets: tuple[str, ...]) -> None:
 def validate(run: str, size: str, points: int, dry_run: bool) -> None:
     """Train a held-out SIZE of RUN at ratios placed around the law's predicted r* (spaced in log-odds, widened so
     the collapse is bracketed), submitted as `kislurm submit` does; aggregate afterwards for the comparison."""
-    from kislurm.analysis.aggregate import aggregate_runs
-    from kislurm.analysis.validate import ValidationError, full_sweep, gpu_hours, validation_cells
+    from kislurm.orchestrate.validation import plan_validation, submit_validation, validation_cost
 
-    paths = RunPaths(Path(run))
-    if not paths.config.exists():
-        raise FileNotFoundError(f"{paths.config}: not a run folder; fix: pass a folder made by `kislurm submit`")
-    if not (paths.reports / "law.json").exists():
-        raise ValidationError(f"{run} has no law yet (no reports/law.json); fix: run `kislurm aggregate {run}` "
-                              "once the fitted sizes are done")
-    cfg = load_config(paths.config)
-    law = aggregate_runs([paths.root], echo=lambda *_: None).law
-    vp = validation_cells(cfg, law, size, points)
+    cfg, vp = plan_validation(RunPaths(Path(run)), size, points)
     p = vp.prediction
     click.echo(f"{size} (N={vp.params:.3g}): predicted r* {p.r_star:.3g} [{p.r_lo:.3g}, {p.r_hi:.3g}], width "
                f"{p.width if p.width is not None else float('nan'):.3g}; "
                f"ratios {', '.join(f'{r:g}' for r in vp.ratios)}")
-    vocab = cfg.data.vocab_size
     if dry_run:
-        for c in vp.cells:
-            click.echo(f"  {c.name}  steps {c.steps}  ~{gpu_hours(c, vocab):.3g} GPU-h")
-        sweep = full_sweep(cfg, size)
-        click.echo(f"{len(vp.cells)} cells, ~{sum(gpu_hours(c, vocab) for c in vp.cells):.3g} GPU-h; a full sweep "
-                   f"of {size} on the grid: {len(sweep)} cells, ~{sum(gpu_hours(c, vocab) for c in sweep):.3g} GPU-h "
-                   "(estimate: trainer FLOPs per token x tokens at 40% MFU of an H100's bf16 peak)")
+        cost = validation_cost(cfg, vp)
+        for c, hours in cost.cells:
+            click.echo(f"  {c.name}  steps {c.steps}  {_hours(hours)}")
+        click.echo(f"{len(vp.cells)} cells, {_hours(cost.hours)}; a full sweep of {size} on the grid: "
+                   f"{cost.sweep_cells} cells, {_hours(cost.sweep_hours)} (at {_pricing(cfg)})")
         return
-    submit_run(cfg, vp.cells, planned=expand(cfg) + vp.cells)
+    submit_validation(cfg, vp, echo=click.echo)
 
 
 @main.command()
@@ -617,20 +506,16 @@ def validate(run: str, size: str, points: int, dry_run: bool) -> None:
 def pilot(config: str, overrides: tuple[str, ...]) -> None:
     """Before the grid: train the smallest size of CONFIG at the lowest and the highest ratio, and refuse the grid
     (one line, exit 2) unless retention at the low ratio sits well above chance and the high ratio loses it."""
-    from kislurm.analysis.aggregate import CellDigest, summarise
-    from kislurm.analysis.pilot import PilotResult, chance_of, judge, pilot_cells
+    from kislurm.analysis.pilot import judge
+    from kislurm.orchestrate.validation import run_pilot
 
     cfg, _ = _load(config, overrides)
-    cells = pilot_cells(cfg)
-    run = submit_run(cfg, cells)
-    got = [summarise(str(run.cell(c.name).store), cfg.analysis.metric) for c in cells]
-    if not all(isinstance(d, CellDigest) and d.complete and d.value is not None for d in got):
+    cells, result = run_pilot(cfg, echo=click.echo)
+    if result is None:
         click.echo(f"pilot: {', '.join(c.name for c in cells)} not finished yet; run `kislurm pilot {config}` again "
                    "when they are done")
         return
-    low, high = got
-    click.echo(judge(PilotResult(cells[0].ratio, cells[1].ratio, float(low.value), float(high.value),
-                                 chance_of(cfg.analysis.metric, low.n_choices))))
+    click.echo(judge(result))
 
 
 @main.command()
@@ -645,26 +530,15 @@ def pilot(config: str, overrides: tuple[str, ...]) -> None:
 def demo(config: str, overrides: tuple[str, ...], validate_size: Optional[str], controls: bool = False) -> None:
     """Run the embedded default end to end on this machine (CPU, gloo, tiny models, submitit's local executor):
     train every cell, then aggregate. Interrupt with Ctrl-C and run again: finished cells are not re-run."""
-    from kislurm.analysis.aggregate import aggregate_runs
+    from kislurm.orchestrate.validation import run_demo
 
     if controls:
         config = str(shipped_config("demo-controls.yaml"))
-
     if validate_size:  # held out of the fit from the start; the analysis settings change no cell id
         overrides = (*overrides, f"analysis.validate_sizes=[{validate_size}]")
     cfg, cells = _load(config, overrides)
     t0 = time.time()
-    run = submit_run(cfg, cells)
-    click.echo(f"trained {len(cells)} cells in {time.time() - t0:.0f} s")
-    result = aggregate_runs([run.root], echo=click.echo)
-    if validate_size:
-        from kislurm.analysis.validate import validation_cells
-
-        vp = validation_cells(cfg, result.law, validate_size, points=5)
-        click.echo(f"validation: {validate_size} predicted r* {vp.prediction.r_star:.3g} [{vp.prediction.r_lo:.3g}, "
-                   f"{vp.prediction.r_hi:.3g}]; training it at {', '.join(f'{r:g}' for r in vp.ratios)}")
-        submit_run(cfg, vp.cells, planned=cells + vp.cells)
-        result = aggregate_runs([run.root], echo=click.echo)
+    result = run_demo(cfg, cells, validate_size, echo=click.echo)
     click.echo(result.table_markdown)
     click.echo(result.law_text)
     click.echo(f"reports written to {result.out}  (total {time.time() - t0:.0f} s)")

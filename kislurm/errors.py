@@ -56,3 +56,12 @@ class ValidationError(KislurmError, ValueError):
 
 class PilotError(KislurmError, RuntimeError):
     """The pilot refuses the grid; one line with the numbers and the fix."""
+
+
+class CellsFailed(SubmitError):
+    """Cells that ran here (local or debug executor) and failed; `failures` holds one line per cell (its failed
+    ranks), the message the count and the fix. The CLI prints each failure, then the message (exit 1)."""
+
+    def __init__(self, message: str, failures: list[str]):
+        super().__init__(message)
+        self.failures = failures

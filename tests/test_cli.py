@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from kislurm.cli import main
+from kislurm.plan.loader import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,6 +99,13 @@ def test_plan_shows_memory_gpu_hours_and_chosen_tp_for_the_paper_grid():
     hours = float(total.split()[1].replace(",", ""))
     assert hours == pytest.approx(sum(float(r[-1].replace(",", "")) for r in rows), rel=0.01)
     assert "fits 90% of executor.gpu_memory_gb 80 GiB" in total
+    # the same grid as an adaptive ladder's start ratios: its fixed-grid price is the table's (one GPU-hour model)
+    paper_ratios = load_config(REPO / "configs" / "paper.yaml").grid.ratios
+    ratios = f"grid.start_ratios=[{', '.join(f'{r:g}' for r in paper_ratios)}]"
+    ladder = CliRunner().invoke(main, ["plan", str(REPO / "configs" / "paper.yaml"), "--set", "grid.ratios=adaptive",
+                                       "--set", ratios])
+    line = next(line for line in ladder.output.splitlines() if line.startswith("adaptive ladder:"))
+    assert f"against 80 cells, ~{hours:,.0f} GPU-h for the start ratios" in line and "MFU 52%" in line, line
     code, err = run(["plan", str(REPO / "configs" / "paper.yaml"), "--set", "executor.gpu_memory_gb=4"])
     assert code == 2 and len(err) == 1 and "does not fit executor.gpu_memory_gb 4" in err[0]
 

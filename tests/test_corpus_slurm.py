@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kislurm.cli import main, submit_run
+from kislurm.cli import main
+from kislurm.orchestrate.run import submit_run
 from kislurm.cluster.status import preparation_state
-from kislurm.cluster.submit import release, submit_corpus_shards, submit_preparation, write_plan
+from kislurm.cluster.scheduler import release
+from kislurm.cluster.submit import submit_corpus_shards, submit_preparation, write_plan
 from kislurm.data.sources import slurm_shard_executor
 from kislurm.data.corpus import build_corpus
 from kislurm.data.tokenizer import train_bpe

@@ -321,7 +321,7 @@ def test_on_slurm_each_cell_scores_as_an_array_task(trained, final_scores, slurm
 def test_on_slurm_gpu_cells_score_on_their_partition_with_one_gpu_cpu_cells_as_preparation(tmp_path):
     """The sbatch scripts (rendered by submitit) of a GPU cell's and a CPU cell's scoring task: one process, the
     cells' time limit; a GPU and the cells' partition for GPU cells, the preparation job's CPUs for CPU ones."""
-    from submitit.slurm.slurm import _make_sbatch_string
+    from kislurm.train.workarounds import render_sbatch
 
     from kislurm.cluster.downstream_job import slurm_parameters
 
@@ -332,7 +332,7 @@ def test_on_slurm_gpu_cells_score_on_their_partition_with_one_gpu_cpu_cells_as_p
         cfg = load_config(REPO / "configs" / config, {**executor, "grid.sizes": sizes})
         cells = expand(cfg)[:2]
         params = slurm_parameters(cfg, cells, cells[0].model.device == "gpu")
-        return _make_sbatch_string(command="true", folder=tmp_path / "%j", map_count=2, **params)
+        return render_sbatch(command="true", folder=tmp_path / "%j", map_count=2, **params)
     gpu, cpu = script("paper.yaml", ["137M-llama"]), script("tiny.yaml", ["cpu-xs"])
     assert all(line in gpu for line in ["#SBATCH --partition=gpus", "#SBATCH --gpus-per-node=1",
                                          "#SBATCH --cpus-per-task=6", "#SBATCH --ntasks-per-node=1",

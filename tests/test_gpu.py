@@ -110,7 +110,8 @@ def test_layers_are_local_unless_transformer_engine_is_asked_for(ctx):
 
 def test_whole_gpu_cell_through_submitit(tmp_path):
     """plan -> data -> train -> evaluate -> store on the GPU, through submitit's local executor, MFU recorded."""
-    from kislurm.cli import submit_run
+    from kislurm.errors import CellsFailed
+    from kislurm.orchestrate.run import submit_run
 
     tiny = {k: getattr(GPU_TINY, k) for k in ("num_layers", "hidden_size", "num_attention_heads", "device")}
     cfg = load_config(REPO / "configs" / "tiny.yaml", {
@@ -119,7 +120,7 @@ def test_whole_gpu_cell_through_submitit(tmp_path):
     cells = expand(cfg)
     try:
         run = submit_run(cfg, cells)
-    except SystemExit:
+    except CellsFailed:
         logs = sorted(tmp_path.glob("**/*_log.*")) + sorted(tmp_path.glob("**/log.txt"))
         pytest.fail("the GPU cell failed:\n" + "\n".join(p.read_text()[-3000:] for p in logs))
     rec = read_cell(run.cell(cells[0].name).store)

@@ -16,7 +16,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from kislurm.cli import main, submit_run
+from kislurm.cli import main
+from kislurm.orchestrate.run import submit_run
 from kislurm.cluster.status import write_status
 from kislurm.data.prepare import cell_probes, load_prepared
 from kislurm.plan.config import ConfigError

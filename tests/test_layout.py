@@ -25,7 +25,7 @@ INTERNALS_ALLOWED = {"kislurm.train.cpu_shims", "kislurm.train.workarounds"}
 """The two modules that may touch third-party internals (each behind a public function of its own)."""
 PUBLIC_DESPITE_UNDERSCORE = {"os._exit"}
 """Documented public APIs whose names start with an underscore."""
-STAGES = ("common", "plan", "data", "train", "retention", "cluster", "analysis", "cli")
+STAGES = ("common", "plan", "data", "train", "retention", "cluster", "analysis", "orchestrate", "cli")
 COMMON = {"kislurm.paths", "kislurm.errors", "kislurm.publish"}
 
 

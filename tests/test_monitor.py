@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from kislurm.cli import submit_run
+from kislurm.orchestrate.run import submit_run
 from kislurm.plan.config import ConfigError, MonitorConfig
 from kislurm.plan.loader import config_from_dict, load_config
 from kislurm.train.monitor import CellMonitor

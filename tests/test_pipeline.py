@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from kislurm.analysis.aggregate import aggregate_runs
-from kislurm.cli import main, submit_run
+from kislurm.cli import main
+from kislurm.orchestrate.run import submit_run
 from kislurm.plan.loader import load_config
 from kislurm.plan.grid import expand
 from kislurm.cluster.status import run_status

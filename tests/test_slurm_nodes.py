@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kislurm.cli import main, submit_run
+from kislurm.cli import main
+from kislurm.orchestrate.run import submit_run
 from kislurm.cluster.status import run_status, submissions_of
 from kislurm.retention.store import read_cell
 from kislurm.train.trainer import MIN_STEP_ENV

@@ -16,7 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import make_store
-from kislurm.cli import main, submit_run
+from kislurm.cli import main
+from kislurm.orchestrate.run import submit_run
 from kislurm.cluster.status import Submission, record_submissions, run_status
 from kislurm.paths import RunPaths
 from kislurm.retention.store import read_cell

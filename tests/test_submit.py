@@ -9,7 +9,8 @@ import pytest
 
 from kislurm.plan.loader import config_from_dict, load_config
 from kislurm.plan.grid import expand
-from kislurm.cluster.submit import SubmitError, check_cluster, dry_run, resources_for, write_plan
+from kislurm.cluster.executors import resources_for
+from kislurm.cluster.submit import SubmitError, check_cluster, dry_run, write_plan
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).parent / "data" / "paper_dryrun.sbatch"
@@ -104,7 +105,7 @@ def test_changed_config_for_existing_cell_is_refused(tmp_path):
 def test_signal_lead_follows_the_measured_save_time(tmp_path):
     from kislurm.train import checkpoint
     from kislurm.publish import atomic_write_json
-    from kislurm.cluster.submit import measured_save_s, sbatch_parameters, signal_delay_s
+    from kislurm.cluster.executors import measured_save_s, sbatch_parameters, signal_delay_s
 
     assert (signal_delay_s(60), signal_delay_s(2)) == (90, 15)  # nothing measured yet
     assert signal_delay_s(60, save_s=10.0) == 90  # a fast save keeps the floor

@@ -5,12 +5,13 @@ collapse curve is fitted on), widened so that the collapse is bracketed wherever
 two lowest ratios lie at least `margin` x ln 3 x width below the interval (where the curve keeps >= 75% of its
 drop: kislurm.analysis.collapse's bracketing rule, with a 50% safety margin at the default 1.5), the two highest as far
 above it, the rest evenly between; `width` is the predicted 1/steepness (kislurm.analysis.law's width line).
-`validation_cells` builds the cells (ids as usual) for `kislurm validate`, and `gpu_hours` estimates their cost.
+`validation_cells` builds the cells (ids as usual) for `kislurm validate`. The adaptive ladder's rules
+(`next_rung_ratios`, `more_ratios`, and `adaptive_ladder` as a pure driver) live here too; reading a run folder and
+submitting is kislurm.orchestrate's, and pricing cells kislurm.plan.estimate's.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,14 +19,11 @@ from dataclasses import dataclass
 from kislurm.plan.config import ExperimentConfig
 from kislurm.analysis.collapse import CollapseResult
 from kislurm.analysis.law import LawFit, Prediction, predict_law
-from kislurm.paths import RunPaths
-from kislurm.plan.grid import Cell, expand, ladder_order, size_cells
+from kislurm.plan.grid import Cell, size_cells
 from kislurm.errors import ValidationError  # noqa: F401 (re-exported)
 
 MIN_POINTS = 4           # the collapse fit's minimum: two ratios on each side of r*
 DEFAULT_WIDTH = 1 / 3.0  # 1/steepness when the law has no width line (a typical curve in log-odds)
-PEAK_FLOPS = 989e12      # dense bf16 peak of an H100/H200 (kislurm.train.trainer.PEAK_BF16_FLOPS), for GPU-hours
-MFU = 0.4
 
 
 def _logit(r: float) -> float:
@@ -87,15 +85,6 @@ def validation_cells(cfg: ExperimentConfig, law: LawFit, size: str, points: int 
                               "(analysis.unit: odds) to plan validation ratios")
     ratios = plan_ratios(pred.r_lo, pred.r_hi, pred.width, points)
     return ValidationPlan(size, params, pred, ratios, size_cells(cfg, size, ratios))
-
-
-def gpu_hours(cell: Cell, vocab_size: int, mfu: float = MFU, peak: float = PEAK_FLOPS) -> float:
-    """Estimated GPU-hours of one cell: the trainer's FLOPs per token (6 x (non-embedding + output-layer) params
-    + attention, kislurm.train.trainer) x tokens, at `mfu` of `peak`. An estimate for planning, not a measurement."""
-    m = cell.model
-    per_token = 6 * (m.param_counts(vocab_size)["non_embedding"] + vocab_size * m.hidden_size) \
-        + 12 * m.num_layers * m.hidden_size * m.seq_length
-    return per_token * cell.steps * cell.train.global_batch_size * m.seq_length / (mfu * peak) / 3600.0
 
 
 def full_sweep(cfg: ExperimentConfig, size: str) -> list[Cell]:
@@ -183,54 +172,3 @@ def adaptive_ladder(sizes: dict[str, float], start: list[float], measure: Callab
             collapses, law = fit(ms)
         rungs.append(Rung(size, n, ratios))
     return rungs, law
-
-
-def existing_ratios(run: RunPaths, size: str) -> list[float]:
-    """Ratios of the cells of `size` already planned in the run folder (their cell.json files)."""
-    found = set()
-    if run.cells.is_dir():
-        for spec in run.cells.glob("*/cell.json"):
-            try:
-                d = json.loads(spec.read_text())
-            except (OSError, ValueError):
-                continue
-            if d.get("size") == size:
-                found.add(float(d["ratio"]))
-    return sorted(found)
-
-
-def ladder_plan(cfg: ExperimentConfig, run: RunPaths,
-                analyse: Callable[[RunPaths], tuple[list[CollapseResult], LawFit]],
-                max_rounds: int = 3) -> tuple[list[Cell], str]:
-    """The cells an adaptive run can have now, and why it stops there: the two smallest sizes (expand), every
-    further rung already planned (its ratios read back from the run folder, so a resubmission never re-plans it),
-    and the next rung when every cell before it is done (its ratios from the law of the sizes so far:
-    `analyse(run)` gives the collapses and the law). A finished rung whose collapse was missed, or whose r* interval
-    is wider than analysis.target_width, first gets more ratios (more_ratios; at most max_rounds x rung_points in
-    all). One step per call: what it adds has to be trained before the next step can be placed."""
-    from kislurm.cluster.submit import cells_to_run
-
-    cells = expand(cfg)
-    points = cfg.grid.rung_points
-    for size in ladder_order(cfg)[2:]:
-        ratios = existing_ratios(run, size)
-        if ratios:
-            cells += size_cells(cfg, size, ratios)
-            if len(ratios) < (1 + max_rounds) * points and not [c for c, s in cells_to_run(run, cells)
-                                                                 if s != "done"]:
-                rung = [c for c in analyse(run)[0] if c.size == size]
-                extra = more_ratios(rung[-1], ratios, points, cfg.analysis.target_width) if rung else []
-                if extra:
-                    return cells + size_cells(cfg, size, extra), (
-                        f"adaptive ladder: {size} gets ratios {', '.join(f'{r:g}' for r in extra)} ({rung[-1].flag}, "
-                        f"r* interval [{rung[-1].lo:.3g}, {rung[-1].hi:.3g}])")
-            continue
-        waiting = [c for c, s in cells_to_run(run, cells) if s != "done"] if run.cells.is_dir() else cells
-        if waiting:
-            return cells, (f"adaptive ladder: {size} is placed once the {len(waiting)} unfinished cells of the smaller "
-                           "sizes are done; run `kislurm submit` again then")
-        n = float(cfg.presets[size].param_counts(cfg.data.vocab_size)["non_embedding"])
-        ratios = next_rung_ratios(analyse(run)[1], n, points)
-        return cells + size_cells(cfg, size, ratios), (f"adaptive ladder: {size} placed at ratios "
-                                                       f"{', '.join(f'{r:g}' for r in ratios)} from the law so far")
-    return cells, "adaptive ladder: every size is planned"

@@ -27,7 +27,7 @@ class TaskFailure:
 def cpu_task_parameters(cfg: Any, what: str) -> dict[str, Any]:
     """sbatch options of one CPU task per cell: the preparation job's (partition, CPUs, time, setup lines), not
     held, named kislurm-NAME-WHAT."""
-    from kislurm.cluster.submit import preparation_parameters
+    from kislurm.cluster.executors import preparation_parameters
 
     params = preparation_parameters(cfg.executor, f"kislurm-{cfg.name}")
     params["job_name"] = f"kislurm-{cfg.name}-{what}"

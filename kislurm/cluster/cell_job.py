@@ -263,10 +263,8 @@ class CellJob(submitit.helpers.Checkpointable):
         """Called by submitit on rank 0 before it requeues the job. Where the cluster refuses requeue, submit the
         cell as a new job that starts after this one ends, record why, and exit instead."""
         if scheduler.requeue_refused():
-            from kislurm.cluster.submit import resubmit_cell
-
             old = os.environ["SLURM_JOB_ID"]
-            new = resubmit_cell(RunPaths(Path(run_root)), cell, after=old,
+            new = scheduler.resubmit_cell(RunPaths(Path(run_root)), cell, self, after=old,
                                 note=f"job {old} reached its time limit and the cluster refuses requeue: "
                                      "resubmitted as a new job")
             print(f"requeue refused: cell {cell.name} resubmitted as job {new} (starts after job {old})", flush=True)
@@ -310,7 +308,6 @@ class CorpusShardJob:
     (kislurm.cluster.status.missing_corpus_shards)."""
 
     def __call__(self, run_root: str, work: Any, shard: Any, final: str) -> str:
-        from kislurm.cluster.submit import cancel_jobs
         from kislurm.data.sources import run_shard
 
         try:
@@ -322,7 +319,7 @@ class CorpusShardJob:
             where = f"{shard.path}" + (f" bytes {shard.start}-{shard.end}" if shard.end >= 0 else "")
             atomic_write_json(run.preparation, {**prep, "state": "failed", "time": time.time(),
                                                 "error": f"corpus shard {where}: {error_line(e)}"})
-            cancel_jobs([job] if job else [])
+            scheduler.cancel_jobs([job] if job else [])
             _cancel_waiting_cells(run, job)
             raise
 
@@ -330,9 +327,8 @@ class CorpusShardJob:
 def _cancel_waiting_cells(run: RunPaths, job: str) -> None:
     from kislurm.cluster.status import latest_submissions
 
-    from kislurm.cluster.submit import cancel_jobs
-
-    cancel_jobs(sorted({s.job_id.split("_")[0] for s in latest_submissions(run).values() if job and s.after == job}))
+    scheduler.cancel_jobs(sorted({s.job_id.split("_")[0] for s in latest_submissions(run).values()
+                                  if job and s.after == job}))
 
 
 def main(argv: list[str]) -> int:

@@ -20,7 +20,7 @@ from kislurm.errors import EvalError
 from kislurm.paths import CellPaths, RunPaths
 from kislurm.plan.grid import Cell
 from kislurm.publish import atomic_write_json
-from kislurm.cluster.status import recorded_cell
+from kislurm.cluster.status import cell_names, recorded_cell
 
 def read_results(paths: CellPaths) -> dict[str, Any]:
     """CELL/downstream.json, or an empty record; a damaged one is one line naming it."""
@@ -98,11 +98,7 @@ def score_cell(run: RunPaths, cell: Cell, tasks: list[str], limit: int | None, b
 
 def run_cells(run: RunPaths) -> list[Cell]:
     """Every cell of the run folder, from its own cell.json (validation and ladder cells too, as export reads them)."""
-    cells = []
-    for folder in sorted(p for p in run.cells.iterdir() if p.is_dir()) if run.cells.is_dir() else []:
-        if CellPaths(folder).spec.is_file():
-            cells.append(recorded_cell(run, folder.name))
-    return cells
+    return [recorded_cell(run, name) for name in cell_names(run)]
 
 
 def score_run(run: RunPaths, tasks: list[str], limit: int | None, log: Callable[[str], None] = print,
@@ -153,7 +149,7 @@ def slurm_parameters(cfg: Any, cells: list[Cell], gpu: bool) -> dict[str, Any]:
     """sbatch options of one cell's scoring task: one process at TP=1, for the cells' time limit; on GPU cells the
     cells' partition and one GPU, otherwise the preparation job's CPU resources (as `kislurm export`)."""
     from kislurm.cluster.arrays import cpu_task_parameters
-    from kislurm.cluster.submit import resources_for
+    from kislurm.cluster.executors import resources_for
 
     ex = cfg.executor
     params = cpu_task_parameters(cfg, "downstream")

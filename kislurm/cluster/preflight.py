@@ -44,7 +44,8 @@ from kislurm.plan.estimate import plan_vocab_size
 from kislurm.plan.grid import Cell
 from kislurm.paths import RunPaths
 from kislurm.publish import atomic_write_text
-from kislurm.cluster.submit import SubmitError, resources_for
+from kislurm.cluster.executors import resources_for
+from kislurm.errors import SubmitError
 
 PREFLIGHT_TIMEOUT_MIN = 20
 """Time limit of one preflight job."""
@@ -336,7 +337,7 @@ def baseline_ratio_check(baseline: dict, minimum: float) -> dict:
 def run_preflight(cfg: ExperimentConfig, layouts: list[Layout], steps: int, folder: Path,
                   min_baseline_ratio: Optional[float] = None) -> list[dict]:
     """Submit one job per layout (local executor or Slurm, as the config says), wait, return the reports."""
-    from kislurm.cluster.submit import make_executor
+    from kislurm.cluster.executors import make_executor
 
     vocab = plan_vocab_size(cfg.data)
     run = RunPaths(folder)

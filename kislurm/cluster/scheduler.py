@@ -1,6 +1,9 @@
-"""What the scheduler says about the job a cell runs in: asked, never guessed.
+"""Every call kislurm makes to the scheduler (Slurm): what it says about jobs, asked, never guessed, and what kislurm
+asks of it after submission (release, cancel, resubmit). Submitting arrays is kislurm.cluster.submit's job; this
+module imports no job entry, so a cell (kislurm.cluster.cell_job) can call it without an import cycle.
 
-A cell that receives SIGTERM cannot tell from the signal alone why it came. On Slurm (measured on 22.05):
+Why a job ends. A cell that receives SIGTERM cannot tell from the signal alone why it came. On Slurm (measured on
+22.05):
 - a plain `scancel` sends SIGTERM, and sacct already reads CANCELLED while the job drains (KillWait);
 - Slurm requeueing the job itself (`scontrol requeue`, or preemption with PreemptMode=REQUEUE) sends SIGTERM with
   `scontrol show job`'s Restarts already one above the job's SLURM_RESTART_COUNT;
@@ -12,8 +15,16 @@ A cell that receives SIGTERM cannot tell from the signal alone why it came. On S
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
-from typing import Literal, Optional
+import time
+from typing import Any, Literal, Optional
+
+from kislurm.cluster.executors import make_executor, resources_for, wait_on
+from kislurm.cluster.submissions import Submission, record_submissions, submissions_of
+from kislurm.errors import SubmitError
+from kislurm.paths import RunPaths
+from kislurm.plan.grid import Cell
 
 Termination = Literal["cancelled", "requeued", "requeue"]
 """cancelled: a user cancelled the job, do not come back; requeued: Slurm requeues it already, just exit;
@@ -69,3 +80,75 @@ def termination(job: Optional[str] = None, restarts_at_start: Optional[int] = No
     if (accounting_state(job) or fields.get("JobState", "")).startswith("CANCELLED"):
         return "cancelled"
     return "requeue"
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """Scheduler states of many jobs with ONE sacct call (arrays queried by their parent id)."""
+    if not job_ids or shutil.which("sacct") is None:
+        return {}
+    parents = sorted({j.split("_")[0] for j in job_ids})
+    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(parents)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return {}
+    states: dict[str, str] = {}
+    for line in out.splitlines():
+        job, _, state = line.partition("|")
+        word = state.split()[0] if state.split() else ""
+        if "[" in job:  # a pending array range such as 12_[3-9%2]: every listed task is pending
+            base, _, rng = job.partition("_[")
+            for part in rng.rstrip("]").split("%")[0].split(","):
+                lo, _, hi = part.partition("-")
+                for i in range(int(lo), int(hi or lo) + 1):
+                    states[f"{base}_{i}"] = word
+        else:
+            states[job] = word
+    return states
+
+
+def cluster_config() -> dict[str, str]:
+    """`scontrol show config` as a dict (MaxArraySize, JobRequeue, ...); {} when scontrol cannot answer."""
+    out = _run(["scontrol", "show", "config"]) or ""
+    return {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in out.splitlines()) if v}
+
+
+def partitions() -> list[str]:
+    """The cluster's partition names (sinfo), the default's trailing * removed."""
+    out = _run(["sinfo", "-h", "-o", "%P"]) or ""
+    return sorted({p.strip().rstrip("*") for p in out.split()})
+
+
+def release(job_id: str) -> None:
+    """Let a held job start."""
+    out = subprocess.run(["scontrol", "release", job_id], capture_output=True, text=True, timeout=_TIMEOUT_S)
+    if out.returncode:
+        raise SubmitError(f"could not release the held job {job_id} ({out.stderr.strip() or out.returncode}"
+                          f"); fix: scontrol release {job_id}, or scancel it and run `kislurm submit` again")
+
+
+def cancel_jobs(job_ids: list[str]) -> None:
+    """scancel these jobs (array ids cancel the whole array); a job already gone is no error."""
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], capture_output=True, timeout=_TIMEOUT_S)
+
+
+def resubmit_cell(run: RunPaths, cell: Cell, job_fn: Any, after: str, note: str) -> str:
+    """Submit `cell` again, as `job_fn` (the cell's own submitit entry), as a new Slurm job that starts once job
+    `after` has ended (called by the cell itself when the cluster refuses to requeue it); records the submission
+    with `note`; returns the new job id.
+
+    Bounded by executor.max_requeues, counted over the cell's earlier resubmissions in submissions.jsonl."""
+    from kislurm.plan.loader import load_config
+
+    cfg = load_config(run.config)
+    earlier = sum(1 for s in submissions_of(run, cell.name) if s.note)
+    if earlier >= cfg.executor.max_requeues:
+        raise SubmitError(f"cell {cell.name} reached its time limit {earlier + 1} times and was resubmitted "
+                          f"{earlier} times (executor.max_requeues); fix: raise executor.time or max_requeues, "
+                          "then run `kislurm submit` again")
+    executor = make_executor(cfg, run, resources_for(cell.model, cfg.executor), [cell])
+    wait_on(executor, cfg.executor, f"afterany:{after}")
+    job = executor.submit(job_fn, str(run.root), cell)
+    record_submissions(run, [Submission(cell.name, job.job_id, "slurm", time.time(), note=note)])
+    return job.job_id

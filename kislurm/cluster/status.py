@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import subprocess
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
+from kislurm.cluster.scheduler import slurm_states
+from kislurm.cluster.submissions import (Submission, latest_submissions, record_submissions,  # noqa: F401
+                                         submissions_of)  # (re-exported: the log is read with the states)
 from kislurm.paths import CellPaths, RunPaths
-from kislurm.publish import append_lines, atomic_write_text
+from kislurm.publish import atomic_write_text
 
 STALE_AFTER_S = 600.0
 
@@ -76,69 +76,6 @@ def rank_reports_summary(cell: CellPaths, world_size: int | None = None) -> Opti
     return "; ".join(parts)
 
 
-@dataclass(frozen=True)
-class Submission:
-    """One cell's latest submission, appended to RUN/submissions.jsonl by `kislurm submit` (or by the cell itself
-    when the cluster refuses to requeue it; `note` then says why)."""
-
-    cell: str
-    job_id: str
-    cluster: str
-    time: float
-    note: str = ""
-    after: str = ""
-    """The job this one waits on (afterok): the run's preparation job, when one was queued."""
-
-
-def record_submissions(run: RunPaths, subs: Iterable[Submission]) -> None:
-    """Append-only log: a crash mid-way loses at most the line being written, never earlier ones."""
-    append_lines(run.submissions, [json.dumps(asdict(s), sort_keys=True) for s in subs])
-
-
-def _submissions(run: RunPaths) -> Iterable[Submission]:
-    path = run.submissions
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                yield Submission(**json.loads(line))
-            except (ValueError, TypeError):
-                continue  # a torn last line from a crash
-
-
-def latest_submissions(run: RunPaths) -> dict[str, Submission]:
-    return {s.cell: s for s in _submissions(run)}
-
-
-def submissions_of(run: RunPaths, cell: str) -> list[Submission]:
-    """Every submission of one cell, oldest first."""
-    return [s for s in _submissions(run) if s.cell == cell]
-
-
-def slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """Scheduler states of many jobs with ONE sacct call (arrays queried by their parent id)."""
-    if not job_ids or shutil.which("sacct") is None:
-        return {}
-    parents = sorted({j.split("_")[0] for j in job_ids})
-    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(parents)]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
-    except (subprocess.SubprocessError, OSError):
-        return {}
-    states: dict[str, str] = {}
-    for line in out.splitlines():
-        job, _, state = line.partition("|")
-        word = state.split()[0] if state.split() else ""
-        if "[" in job:  # a pending array range such as 12_[3-9%2]: every listed task is pending
-            base, _, rng = job.partition("_[")
-            for part in rng.rstrip("]").split("%")[0].split(","):
-                lo, _, hi = part.partition("-")
-                for i in range(int(lo), int(hi or lo) + 1):
-                    states[f"{base}_{i}"] = word
-        else:
-            states[job] = word
-    return states
-
-
 def _local_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -173,6 +110,24 @@ def cell_state(cell: CellPaths, complete: bool, scheduler_word: Optional[str], n
             return "failed"  # the process that owned the cell is gone: a dead job
         return ("running" if word == "RUNNING" else "pending") if fresh else "failed"
     return "failed"  # DONE without a complete store means the store was lost or damaged: rerun
+
+
+def cell_names(run: RunPaths) -> list[str]:
+    """The cells planned in a run folder, sorted: every folder under RUN/cells that holds a cell.json. The one
+    scanner of the run folder's cells (status, submit, export, downstream and the ladder all ask it)."""
+    return sorted(p.parent.name for p in run.cells.glob("*/cell.json")) if run.cells.is_dir() else []
+
+
+def cell_records(run: RunPaths) -> dict[str, dict]:
+    """Every planned cell's cell.json as written (cell name -> record), unreadable ones left out: the coordinates
+    and ids without rebuilding cells (recorded_cell rebuilds one)."""
+    records = {}
+    for name in cell_names(run):
+        try:
+            records[name] = json.loads(run.cell(name).spec.read_text())
+        except (OSError, ValueError):
+            continue  # a record being replaced, or damaged: the cell itself reports it when it runs
+    return records
 
 
 def recorded_cell(run: RunPaths, name: str) -> Any:
@@ -238,7 +193,7 @@ def run_status(run: RunPaths, names: Optional[list[str]] = None) -> list[dict]:
         raise FileNotFoundError(f"{run.root}: no such run folder; fix: pass the folder `kislurm submit` created "
                                 "(output_root/name of the config)")
     if names is None:
-        names = sorted(p.parent.name for p in run.cells.glob("*/cell.json"))
+        names = cell_names(run)
     subs = latest_submissions(run)
     prep = preparation_state(run)
     sched = slurm_states([s.job_id for s in subs.values() if s.cluster == "slurm"])

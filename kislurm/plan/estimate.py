@@ -3,6 +3,8 @@
 The plan uses it to show what a grid costs before anything is submitted, to refuse a layout that will not fit the
 GPU (executor.gpu_memory_gb), and to resolve `tensor_parallel: auto` to the smallest TP degree that fits. The
 trainer uses `flops_per_token` for its MFU, so the plan's GPU-hours and the measured MFU count the same FLOPs.
+`cell_gpu_hours` is kislurm's one GPU-hour model (executor.mfu, the padded vocabulary): the plan's table, the
+adaptive ladder's estimate and `kislurm validate --dry-run` all price cells with it.
 
 Memory of one rank, in bytes, for P = the parameters that rank holds ((total - replicated) / TP + replicated,
 from ModelPreset.param_counts):
@@ -34,11 +36,14 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from kislurm.plan.config import ConfigError, DataConfig, ExecutorConfig
 from kislurm.plan.presets import ModelPreset, resolve_precision
 from kislurm.plan.training import TrainConfig
+
+if TYPE_CHECKING:
+    from kislurm.plan.grid import Cell
 
 GIB = 2**30
 VOCAB_MULTIPLE = 128
@@ -187,11 +192,26 @@ def plan_vocab_size(data: DataConfig) -> int:
         return padded_vocab_size(GPT2_VOCAB)  # an unusual tokenizer format: the data stage will read it properly
 
 
+def cell_gpu_hours(preset: ModelPreset, tokens: int, executor: ExecutorConfig, vocab: int) -> Optional[float]:
+    """GPU-hours of one cell training `tokens` tokens: the plan's one GPU-hour model, used by the plan table, the
+    adaptive ladder's estimate and `kislurm validate --dry-run` alike. The trainer's FLOPs per token at
+    executor.mfu of executor.gpu_peak_tflops, `vocab` padded embedding rows (plan_vocab_size); None for a CPU cell."""
+    if preset.device == "cpu":
+        return None
+    return gpu_hours(preset, tokens, vocab, executor.mfu, executor.gpu_peak_tflops * 1e12)
+
+
+def total_gpu_hours(cells: Iterable["Cell"], executor: ExecutorConfig, vocab: int) -> Optional[float]:
+    """GPU-hours of many cells (cell_gpu_hours of each; a cell listed twice counts twice); None when none is a GPU
+    cell."""
+    hours = [h for c in cells if (h := cell_gpu_hours(c.model, c.n_samples * c.model.seq_length, executor, vocab))
+             is not None]
+    return sum(hours) if hours else None
+
+
 def cell_costs(preset: ModelPreset, train: TrainConfig, executor: ExecutorConfig, tokens: int,
                vocab: int) -> dict[str, Optional[float]]:
-    """The plan's columns for one cell: per-rank memory (GiB) and GPU-hours (None for CPU cells)."""
+    """The plan's columns for one cell: per-rank memory (GiB) and GPU-hours (cell_gpu_hours; None for CPU cells)."""
     mem = memory_per_rank(preset, train, vocab)
-    hours = None if preset.device == "cpu" else \
-        gpu_hours(preset, tokens, vocab, executor.mfu, executor.gpu_peak_tflops * 1e12)
-    return {"mem_gib": mem.total_gib, "gpu_hours": hours}
+    return {"mem_gib": mem.total_gib, "gpu_hours": cell_gpu_hours(preset, tokens, executor, vocab)}
 

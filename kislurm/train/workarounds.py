@@ -9,7 +9,7 @@ tests/test_train.py, test_resume.py and test_gpu.py cover the optimizer and chec
 `tested_upto`. `KISLURM_ALLOW_UNTESTED_MEGATRON=1` lets an untested release import (with a warning), for the
 person doing exactly that check.
 
-Third-party internals (underscore names of megatron-core or torch) are reached from here and cpu_shims.py only,
+Third-party internals (underscore names of megatron-core, torch or submitit) are reached from here and cpu_shims.py only,
 each behind a public function, so the rest of kislurm names no private attribute of another module.
 """
 
@@ -19,6 +19,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Any, Optional
 
 from kislurm.errors import UntestedMegatronError  # noqa: F401 (re-exported)
 
@@ -109,3 +110,13 @@ def foreach_scale_(tensors: list, scale: float) -> None:
     import torch
 
     torch._foreach_mul_(tensors, scale)
+
+
+def render_sbatch(command: str, folder: Any, map_count: Optional[int] = None, **params: Any) -> str:
+    """The sbatch script submitit would send for these options (`kislurm submit --dry-run`), rendered by submitit
+    itself. submitit has no public renderer (its executor renders only while submitting, and refuses to be built
+    where srun is missing), so this is kislurm's one use of its private `_make_sbatch_string`; a submitit release
+    that changes it fails tests/test_submit.py's saved reference script."""
+    from submitit.slurm import slurm
+
+    return slurm._make_sbatch_string(command=command, folder=folder, map_count=map_count, **params)
