@@ -10,8 +10,8 @@ Resume contract (so a killed, timed-out or requeued cell continues exactly):
     evaluations are re-done deterministically from c: no duplicated or missing evaluation steps;
   - a cell whose store is complete is never trained again.
 
-Time limit and preemption (Slurm's USR2, `--signal` from kislurm.cluster.submit): the signal only sets a flag; every step
-the ranks all-reduce it (Megatron-LM's exit-signal handler does the same), so all of them stop after the same step,
+Time limit and preemption (Slurm's USR2, `--signal` from kislurm.cluster.executors): the signal only sets a flag;
+every step the ranks all-reduce it (Megatron-LM's exit-signal handler does the same), so all of them stop after the same step,
 save a checkpoint there, and rank 0 hands over to submitit, which requeues the job. Where the cluster refuses
 requeue (JobRequeue=0, or a job submitted with --no-requeue), rank 0 submits the cell again as a new job that
 starts after this one ends (`afterany`), records it in submissions.jsonl with the reason, and exits.

@@ -299,7 +299,7 @@ class ExecutorConfig:
     """Times a cell may be requeued after its time limit or a preemption (it resumes from its last checkpoint)."""
     signal_lead_s: int = 0
     """Seconds before the time limit that Slurm sends the save-and-requeue signal; 0 = derived from the slowest
-    checkpoint save measured so far among the cells being submitted (kislurm.cluster.submit.signal_delay_s)."""
+    checkpoint save measured so far among the cells being submitted (kislurm.cluster.executors.signal_delay_s)."""
     prepare_partition: Optional[str] = None
     """Slurm partition of the preparation job (the one CPU job that builds the data every cell reads; the cell
     arrays wait on it). Unset: the cells' partition, with no GPU requested."""
