@@ -39,9 +39,9 @@ _SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
              ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
 _COUNT_CHUNK = 16 << 20
 CHUNK_BYTES = 1 << 20          # JSONL bytes per chunk read_texts parses at once (pyarrow) and yields as one list
-# Numbers pyarrow's JSON parser (RapidJSON) accepts and Python's json refuses: Inf, -Inf and -NaN (both take NaN,
-# Infinity and -Infinity). A chunk that may hold one is parsed line by line, so that it is refused as before.
-_NOT_PYTHON_JSON = re.compile(rb"-NaN|Inf[\s,\]}]")
+# A number pyarrow's JSON parser (RapidJSON) accepts and Python's json refuses: Inf or -Inf (both take NaN, Infinity
+# and -Infinity; -NaN is looked for apart). A chunk that may hold one is parsed line by line, to be refused as before.
+_INF = re.compile(rb"Inf[\s,\]}]")
 
 
 class CorpusInputError(DataError):
@@ -252,9 +252,9 @@ def arrow_texts(chunk: bytes, json_key: str) -> Optional[list[str]]:
     if not chunk:
         return []
     n = chunk.count(b"\n") + (not chunk.endswith(b"\n"))
-    ends = chunk.count(b"}\n") + chunk.count(b"}\r\n") + chunk.endswith(b"}")
-    starts = chunk.startswith(b"{") + chunk.count(b"\n{")
-    if not n == ends == starts or _NOT_PYTHON_JSON.search(chunk):
+    joints = chunk.count(b"}\n{") + (chunk.count(b"}\r\n{") if b"\r" in chunk else 0)   # '}' ends, '{' starts a line
+    if (joints != n - 1 or not chunk.startswith(b"{") or not chunk.endswith((b"}\n", b"}\r\n", b"}"))
+            or b"-NaN" in chunk or (b"Inf" in chunk and _INF.search(chunk))):
         return None
     try:
         chunk.decode("utf-8")
