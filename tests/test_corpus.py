@@ -23,7 +23,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
 from kislurm.cli import main
-from kislurm.data.corpus import build_corpus, merge_prefixes
+from kislurm.data.corpus import build_corpus, merge_prefixes, text_batches
 from kislurm.data.tokenizer import train_bpe
 from kislurm.data.wordnet import capital_documents, wordnet_installed, write_wordnet_jsonl
 
@@ -243,3 +243,10 @@ def test_held_out_documents_follow_the_global_index_whatever_the_shards(real, tm
     docs = [a["flat"][x:y].tolist() for x, y in zip(a["off"][:-1], a["off"][1:])]
     assert docs == [whole[i][:-1].tolist() for i in np.flatnonzero(held)]
     assert a["n_bytes"].tolist() == [len(real["tok"].decode(d).encode()) for d in docs]
+
+
+def test_text_batches_regroup_lists_at_chars_or_documents():
+    lists = [["ab", "c"], [], ["defg", "h", "ij", "k"], ["lmnopq"]]
+    assert list(text_batches(lists, chars=4, max_docs=3)) == [["ab", "c", "defg"], ["h", "ij", "k"], ["lmnopq"]]
+    assert list(text_batches(lists, chars=100, max_docs=2)) == [["ab", "c"], ["defg", "h"], ["ij", "k"], ["lmnopq"]]
+    assert list(text_batches([[], []])) == []

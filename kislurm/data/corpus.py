@@ -12,16 +12,15 @@ per-document Python lists. Memory is bounded by a shard's index and a chunk, nev
 
 from __future__ import annotations
 
-import concurrent.futures
+import bisect
 import functools
 import hashlib
 import itertools
 import json
+import operator
 import os
-import queue
 import shutil
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
 from kislurm.data.sources import (CorpusInputError, Shard, expand_inputs, map_shards, plan_shards, read_documents,
-                                   result_dir)
+                                   read_texts, result_dir, runs_in_process)
 from kislurm.data.tokenizer import train_bpe
 from kislurm.publish import atomic_write_json, publishing
 
@@ -43,6 +42,7 @@ BATCH_DOCS = 1 << 14            # documents per encode_batch call, at most (an E
 MERGE_CHUNK = 1 << 20           # index entries per chunk in the merge (bounded memory: ~8 MB an array)
 SAMPLE_CHARS = 8 << 20          # characters a tokenizer is trained on when none is given
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
+_IDS = operator.attrgetter("ids")
 
 
 @dataclass(frozen=True)
@@ -141,94 +141,63 @@ def _cached_tokenizer(path: str) -> HFTokenizer:
     return HFTokenizer.from_file(path)
 
 
-def text_batches(docs: Iterable[Any], chars: int = BATCH_CHARS, max_docs: int = BATCH_DOCS) -> Iterator[list[str]]:
-    """Texts grouped into batches of about `chars` characters or `max_docs` documents (one encode_batch call each)."""
-    batch, size = [], 0
-    for doc in docs:
-        batch.append(doc.text)
-        size += len(doc.text)
-        if size >= chars or len(batch) >= max_docs:
-            yield batch
-            batch, size = [], 0
+def text_batches(lists: Iterable[list[str]], chars: int = BATCH_CHARS, max_docs: int = BATCH_DOCS) -> Iterator[list[str]]:
+    """The texts of `lists`, in order, regrouped into batches (one encode_batch call each) that end at the first text
+    that brings them to `chars` characters or `max_docs` documents. Cut by slices, not text by text."""
+    batch: list[str] = []
+    size = 0
+    for texts in lists:
+        cum = list(itertools.accumulate(map(len, texts)))
+        start = 0
+        while start < len(texts):
+            base = cum[start - 1] if start else 0
+            full = bisect.bisect_left(cum, chars - size + base, lo=start)       # the text that fills the batch
+            end = min(full + 1, start + max_docs - len(batch), len(texts))
+            batch += texts[start:end]
+            size += cum[end - 1] - base
+            start = end
+            if size >= chars or len(batch) >= max_docs:
+                yield batch
+                batch, size = [], 0
     if batch:
         yield batch
 
 
 def with_eod(encodings: list, eod: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, lengths) of the non-empty documents of a batch, each followed by `eod`; lengths include the eod."""
-    ids = [e.ids for e in encodings]
-    n = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(n.sum()))
+    """(tokens, lengths) of the non-empty documents of a batch, each followed by `eod`; lengths include the eod. Each
+    encoding's ids list is consumed as it is made (a list per document is the only way out of an Encoding)."""
+    n = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
+    flat = np.fromiter(itertools.chain.from_iterable(map(_IDS, encodings)), dtype=dtype, count=int(n.sum()))
     n = n[n > 0]
     return np.insert(flat, np.cumsum(n), eod).astype(dtype, copy=False), (n + 1).astype(np.int32)
 
 
-def in_background(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
-    """The items of `items`, produced by a thread up to `depth` ahead (an exception is re-raised here), so that
-    reading and JSON parsing overlap encode_batch, which runs in Rust without the GIL."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
+def tokenize_shard(shard: Shard, out: Path, tokenizer: str, eod: int, json_key: str, dtype: str,
+                   on_batch: Optional[Callable[[int, int], None]] = None) -> None:
+    """A map_shards work function: out/tokens.bin, out/tokens.idx (a megatron prefix) and out/stats.json;
+    `on_batch(documents, tokens)` after each batch (a progress bar in this process).
 
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put((end, None))
-        except BaseException as e:  # handed to the consumer
-            q.put((end, e))
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = q.get()
-            if error is not None:
-                raise error
-            if item is end:
-                return
-            yield item
-    finally:
-        stop.set()
-
-
-def tokenize_shard(shard: Shard, out: Path, tokenizer: str, eod: int, json_key: str, dtype: str) -> None:
-    """A map_shards work function: out/tokens.bin, out/tokens.idx (a megatron prefix) and out/stats.json.
-
-    Three stages overlap: a thread reads and parses the next batch, this thread encodes one (Rust threads), and a
-    writer thread turns the previous batch's encodings into arrays and writes them, in order."""
+    One batch at a time, read, encoded and written in turn: encode_batch keeps every core busy (Rust threads), and
+    Python threads beside it (a reader, a writer) made the whole slower on two cores, not faster (docs/corpora.md)."""
     tok = _cached_tokenizer(tokenizer)
     dt = np.dtype(dtype)
     lengths: list[np.ndarray] = []
-    counts = {"documents": 0, "empty": 0}
-
-    def write(f: Any, encodings: list) -> None:
-        tokens, n = with_eod(encodings, eod, dt)
-        f.write(tokens.tobytes())
-        lengths.append(n)
-        counts["documents"] += len(n)
-        counts["empty"] += len(encodings) - len(n)
-
-    with open(out / "tokens.bin", "wb") as f, concurrent.futures.ThreadPoolExecutor(1) as writer:
-        pending = None
-        for texts in in_background(text_batches(read_documents(shard, json_key))):
+    empty = 0
+    with open(out / "tokens.bin", "wb") as f:
+        for texts in text_batches(read_texts(shard, json_key)):
             encodings = tok.encode_batch(texts, add_special_tokens=False)
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(write, f, encodings)
-        if pending is not None:
-            pending.result()
+            tokens, n = with_eod(encodings, eod, dt)
+            del encodings
+            f.write(tokens.tobytes())
+            lengths.append(n)
+            empty += len(texts) - len(n)
+            if on_batch is not None:
+                on_batch(len(n), len(tokens))
     seq = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
     write_index(out / "tokens.idx", dt, len(seq), len(seq) + 1, lambda: [seq],
                 lambda: [np.arange(len(seq) + 1, dtype=np.int64)])
-    atomic_write_json(out / "stats.json", {**counts, "tokens": int(seq.sum(dtype=np.int64))})
+    atomic_write_json(out / "stats.json", {"documents": len(seq), "empty": empty,
+                                           "tokens": int(seq.sum(dtype=np.int64))})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -373,8 +342,11 @@ def build_corpus(inputs: Sequence[str], out_prefix: str | Path, tokenizer: Optio
     plan = plan_corpus(inputs, out_prefix, tokenizer, eod, json_key, shard_bytes, vocab_size)
     reused = len(plan.shards) - len(plan.unfinished())
     bar = _Progress(len(plan.shards), progress)
+    work = plan.work
+    if progress and runs_in_process(len(plan.shards) - reused, workers, executor):
+        work = functools.partial(work, on_batch=bar.batch)        # the bar moves within a shard too
     try:
-        dirs = map_shards(plan.shards, plan.work, plan.work_dir, salt=plan.salt, workers=workers, executor=executor,
+        dirs = map_shards(plan.shards, work, plan.work_dir, salt=plan.salt, workers=workers, executor=executor,
                           progress=bar.update)
     finally:
         bar.close()
@@ -430,21 +402,32 @@ def hold_out(parts: Sequence[str], counts: Sequence[int], share: float, seed: in
 
 
 class _Progress:
-    """A tqdm bar over documents, with tokens/s beside it, moved as each shard is done."""
+    """A tqdm bar over documents, with tokens/s beside it, moved as each shard is done and, for shards tokenized in
+    this process, after each batch."""
 
     def __init__(self, n_shards: int, enabled: bool):
         from tqdm import tqdm
         self.bar = tqdm(unit=" docs", unit_scale=True, disable=not enabled, desc="corpus", dynamic_ncols=True)
         self.n_shards, self.done, self.tokens, self.t0 = n_shards, 0, 0, time.perf_counter()
+        self.in_shard = [0, 0]          # documents and tokens of the shard in progress already shown (batch by batch)
+
+    def batch(self, documents: int, tokens: int) -> None:
+        self.in_shard[0] += documents
+        self.in_shard[1] += tokens
+        self._move(documents, tokens)
 
     def update(self, shard: Shard, folder: Path) -> None:
         stats = json.loads((folder / "stats.json").read_text())
         self.done += 1
-        self.tokens += stats["tokens"]
+        docs, tokens = stats["documents"] - self.in_shard[0], stats["tokens"] - self.in_shard[1]
+        self.in_shard = [0, 0]
+        self._move(docs, tokens)
+
+    def _move(self, documents: int, tokens: int) -> None:
+        self.tokens += tokens
         rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
         self.bar.set_postfix_str(f"shards {self.done}/{self.n_shards}, {rate:,.0f} tokens/s", refresh=False)
-        self.bar.update(stats["documents"])
+        self.bar.update(documents)
 
     def close(self) -> None:
         self.bar.close()
-

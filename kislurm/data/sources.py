@@ -11,6 +11,8 @@ shards already published, so a kill or a Slurm time limit loses only the shards 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import functools
 import glob
 import gzip
 import hashlib
@@ -18,6 +20,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -35,6 +38,10 @@ _SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
              ".jsonl.zst": "jsonl.zst", ".json.zst": "jsonl.zst", ".ndjson.zst": "jsonl.zst",
              ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
 _COUNT_CHUNK = 16 << 20
+CHUNK_BYTES = 1 << 20          # JSONL bytes per chunk read_texts parses at once (pyarrow) and yields as one list
+# A number pyarrow's JSON parser (RapidJSON) accepts and Python's json refuses: Inf or -Inf (both take NaN, Infinity
+# and -Infinity; -NaN is looked for apart). A chunk that may hold one is parsed line by line, to be refused as before.
+_INF = re.compile(rb"Inf[\s,\]}]")
 
 
 class CorpusInputError(DataError):
@@ -162,21 +169,116 @@ def read_documents(shard: Shard, json_key: str = "text") -> Iterator[Document]:
         with _open_compressed(shard) as f:
             yield from _jsonl_lines(f, shard.path, json_key, first_line=1)
     elif shard.kind == "parquet":
-        yield from _parquet_rows(shard, json_key)
+        for first, texts in _parquet_texts(shard, json_key):
+            yield from (Document(t, shard.path, first + k) for k, t in enumerate(texts))
     elif shard.kind == "text":
         yield _text_file(shard.path)
     else:
         raise CorpusInputError(f"{shard.path}: unknown shard kind {shard.kind!r}; fix: use one of {', '.join(KINDS)}")
 
 
+def read_texts(shard: Shard, json_key: str = "text", chunk_bytes: int = CHUNK_BYTES) -> Iterator[list[str]]:
+    """The texts read_documents yields, in lists (about `chunk_bytes` of JSONL, or a parquet row group) and without a
+    Python object per document: the bulk path of `kislurm corpus`, where per-document Python costs throughput.
+
+    JSON lines are parsed by pyarrow's C++ reader a chunk at a time wherever it is sure to give what json.loads gives
+    line by line (arrow_texts); any other chunk is parsed line by line, so a bad line gets the same one-line error,
+    naming it, as with read_documents."""
+    if shard.kind == "jsonl":
+        with open(shard.path, "rb") as f:
+            pos = _first_line_start(f, shard.start)
+            if pos < shard.end:
+                yield from _chunk_texts(_line_chunks(f, shard.end - pos, chunk_bytes), shard.path, json_key,
+                                        functools.partial(line_at, shard.path, pos))
+    elif shard.kind in ("jsonl.gz", "jsonl.zst"):
+        with _open_compressed(shard) as f, _stream_errors(shard.path):
+            yield from _chunk_texts(_line_chunks(f, None, chunk_bytes), shard.path, json_key, lambda: 1)
+    elif shard.kind == "parquet":
+        yield from (texts for _, texts in _parquet_texts(shard, json_key))
+    else:
+        yield [d.text for d in read_documents(shard, json_key)]
+
+
+def _first_line_start(f: io.BufferedReader, start: int) -> int:
+    """Offset of the first line that starts at or after `start` (the line that holds start-1 belongs to the shard
+    before), with `f` positioned there."""
+    if start > 0:
+        f.seek(start - 1)
+        f.readline()
+    return f.tell()
+
+
+def _line_chunks(f: Any, left: Optional[int], size: int) -> Iterator[bytes]:
+    """Whole lines of `f` from its position in chunks of about `size` bytes (a longer line is one chunk); with `left`,
+    only the lines that start within the next `left` bytes, the last one read to its end."""
+    carry = b""
+    while left is None or left > 0:
+        block = f.read(size if left is None else min(size, left))
+        if not block:
+            break
+        if left is not None:
+            left -= len(block)
+            if left == 0 and not block.endswith(b"\n"):
+                block += f.readline()
+        data = carry + block if carry else block
+        cut = len(data) if left == 0 else data.rfind(b"\n") + 1
+        if cut:
+            yield data[:cut]
+        carry = data[cut:]
+    if carry:
+        yield carry
+
+
+def _chunk_texts(chunks: Iterator[bytes], path: str, json_key: str,
+                 first_line: Callable[[], int]) -> Iterator[list[str]]:
+    """Texts of each chunk of JSON lines: pyarrow's where arrow_texts vouches for them, else json.loads line by line
+    (first_line() is the chunk stream's first line number, asked only then: a byte-range shard counts it)."""
+    before = 0
+    for chunk in chunks:
+        texts = arrow_texts(chunk, json_key)
+        if texts is None:
+            lines = io.BytesIO(chunk)
+            texts = [d.text for d in _jsonl_lines(lines, path, json_key, first_line=first_line() + before)]
+        yield texts
+        before += chunk.count(b"\n")
+
+
+def arrow_texts(chunk: bytes, json_key: str) -> Optional[list[str]]:
+    """The `json_key` strings of a chunk of JSON lines, read by pyarrow's C++ JSON reader; None unless they are
+    surely what json.loads gives line by line. pyarrow parses a chunk as a stream of values (two objects on one
+    line, or one over two lines, pass), so every line must start with '{' and end with '}' and the rows must be as
+    many as the lines: a value cannot then span lines ('}' then '{' is never inside one) and each line holds one. It
+    also accepts Inf, -NaN and bytes that are not UTF-8 outside the text, and reads a missing key or null as null."""
+    if not chunk:
+        return []
+    n = chunk.count(b"\n") + (not chunk.endswith(b"\n"))
+    joints = chunk.count(b"}\n{") + (chunk.count(b"}\r\n{") if b"\r" in chunk else 0)   # '}' ends, '{' starts a line
+    if (joints != n - 1 or not chunk.startswith(b"{") or not chunk.endswith((b"}\n", b"}\r\n", b"}"))
+            or b"-NaN" in chunk or (b"Inf" in chunk and _INF.search(chunk))):
+        return None
+    try:
+        chunk.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    import pyarrow as pa
+    import pyarrow.json as pj
+    parse = pj.ParseOptions(explicit_schema=pa.schema([(json_key, pa.string())]), unexpected_field_behavior="ignore")
+    try:
+        table = pj.read_json(pa.BufferReader(chunk), parse_options=parse,
+                             read_options=pj.ReadOptions(use_threads=False, block_size=len(chunk) + 1))
+    except (pa.ArrowException, ValueError):   # ArrowInvalid: malformed, a non-object line, a key of another type
+        return None
+    column = table.column(json_key)
+    if table.num_rows != n or column.null_count:
+        return None
+    return column.to_pylist()
+
+
 def _jsonl_range(shard: Shard, json_key: str) -> Iterator[Document]:
     """The lines that start in [start, end): for start > 0, skip to the byte after the first newline at or after
     start-1 (the line that holds start-1 belongs to the shard before)."""
     with open(shard.path, "rb") as f:
-        if shard.start > 0:
-            f.seek(shard.start - 1)
-            f.readline()
-        pos = f.tell()
+        pos = _first_line_start(f, shard.start)
         if pos >= shard.end:
             return
         lines = _lines_until(f, pos, shard.end)
@@ -206,7 +308,7 @@ def _jsonl_lines(lines: Any, path: str, json_key: str, first_line: Optional[int]
     """Documents of JSON lines. first_line None: a byte-range shard does not know how many lines come before it, so
     they are counted in the file (once per shard: a fast scan of the bytes before it)."""
     base = first_line if first_line is not None else line_at(path, first_offset)
-    try:
+    with _stream_errors(path):
         for k, raw in enumerate(lines):
             if raw.isspace():
                 continue
@@ -222,7 +324,15 @@ def _jsonl_lines(lines: Any, path: str, json_key: str, first_line: Optional[int]
             if not isinstance(text, str):
                 raise CorpusInputError(f"{path}:{base + k}: {_missing(rec, json_key)}")
             yield Document(text, path, base + k)
-    except (OSError, EOFError) as e:  # gzip/zstd damage (BadGzipFile is an OSError; zstd raises ZstdError)
+
+
+@contextlib.contextmanager
+def _stream_errors(path: str) -> Iterator[None]:
+    """A damaged gzip/zstd stream as one line (BadGzipFile is an OSError, EOFError a truncated one; zstd raises
+    ZstdError)."""
+    try:
+        yield
+    except (OSError, EOFError) as e:
         raise CorpusInputError(f"{path}: unreadable ({_first_line(e)}); fix: recompress the file or name it "
                                f"uncompressed") from None
     except CorpusInputError:
@@ -259,7 +369,9 @@ def line_at(path: str, offset: int) -> int:
     return n + 1
 
 
-def _parquet_rows(shard: Shard, json_key: str) -> Iterator[Document]:
+def _parquet_texts(shard: Shard, json_key: str) -> Iterator[tuple[int, list[str]]]:
+    """(first row number, texts) of each row group of the shard; a value that is not a string is refused naming its
+    row."""
     pf = _parquet_file(Path(shard.path))
     if json_key not in pf.schema_arrow.names:
         raise CorpusInputError(f"{shard.path}:1: no column \"{json_key}\" (columns: "
@@ -271,13 +383,20 @@ def _parquet_rows(shard: Shard, json_key: str) -> Iterator[Document]:
         except Exception as e:
             raise CorpusInputError(f"{shard.path}:{row + 1}: row group {g} is unreadable ({_first_line(e)}); fix: "
                                    f"rewrite the file with pyarrow/pandas") from None
-        for k, text in enumerate(col.to_pylist()):
-            if not isinstance(text, str):
-                raise CorpusInputError(f"{shard.path}:{row + k + 1}: column \"{json_key}\" holds "
-                                       f"{type(text).__name__}, not a string; fix: store the text as strings, or "
-                                       f"pass --json-key with the text column")
-            yield Document(text, shard.path, row + k + 1)
+        texts = col.to_pylist()
+        if col.null_count or not _is_string(col.type):
+            for k, text in enumerate(texts):
+                if not isinstance(text, str):
+                    raise CorpusInputError(f"{shard.path}:{row + k + 1}: column \"{json_key}\" holds "
+                                           f"{type(text).__name__}, not a string; fix: store the text as strings, or "
+                                           f"pass --json-key with the text column")
+        yield row + 1, texts
         row += len(col)
+
+
+def _is_string(t: Any) -> bool:
+    import pyarrow as pa
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def _text_file(path: str) -> Document:
@@ -354,13 +473,19 @@ def map_shards(shards: Sequence[Shard], work: Callable[[Shard, Path], None], out
     done = lambda i: progress(shards[i], finals[i]) if progress else None  # noqa: E731
     if executor is not None:
         _run_submitit(executor, work, shards, finals, todo, done)
-    elif workers <= 1 or len(todo) <= 1:
+    elif runs_in_process(len(todo), workers, executor):
         for i in todo:
             run_shard(work, shards[i], finals[i])
             done(i)
     else:
         _run_pool(workers, work, shards, finals, todo, done)
     return finals
+
+
+def runs_in_process(todo: int, workers: int = 1, executor: Any = None) -> bool:
+    """Whether map_shards runs `todo` unfinished shards in the calling process (so a callback there can follow them
+    batch by batch), rather than in a process pool or as Slurm array tasks."""
+    return executor is None and (workers <= 1 or todo <= 1)
 
 
 def _run_pool(workers: int, work: Callable, shards: Sequence[Shard], finals: list[Path], todo: list[int],
