@@ -25,6 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+CELLS = "cells"
+CELL_SPEC = "cell.json"
+STORE = "retention.h5"
+"""The names aggregation joins as strings for speed (10,000 pathlib joins cost ~0.1 s); every other reader uses
+RunPaths / CellPaths."""
+
 
 @dataclass(frozen=True)
 class RunPaths:
@@ -44,7 +50,12 @@ class RunPaths:
 
     @property
     def cells(self) -> Path:
-        return self.root / "cells"
+        return self.root / CELLS
+
+    def cell_names(self) -> list[str]:
+        """The cells planned in the run folder, sorted: every folder under RUN/cells that holds a cell.json. The
+        one scanner of a run's cells (status, submit, export, downstream and the ladder all ask it)."""
+        return sorted(p.parent.name for p in self.cells.glob(f"*/{CELL_SPEC}")) if self.cells.is_dir() else []
 
     @property
     def submitit(self) -> Path:
@@ -66,7 +77,7 @@ class RunPaths:
 
     @property
     def submissions(self) -> Path:
-        """Append-only log of every submission (kislurm.cluster.status.Submission, one JSON line each)."""
+        """Append-only log of every submission (kislurm.cluster.submissions.Submission, one JSON line each)."""
         return self.root / "submissions.jsonl"
 
     def preflight(self, layout: str) -> Path:
@@ -91,7 +102,7 @@ class CellPaths:
 
     @property
     def spec(self) -> Path:
-        return self.root / "cell.json"
+        return self.root / CELL_SPEC
 
     @property
     def status(self) -> Path:
@@ -99,7 +110,7 @@ class CellPaths:
 
     @property
     def store(self) -> Path:
-        return self.root / "retention.h5"
+        return self.root / STORE
 
     @property
     def checkpoints(self) -> Path:

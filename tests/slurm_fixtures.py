@@ -253,6 +253,6 @@ def sacct(job_id: str, fields: str) -> list[str]:
 
 
 def job_of(run, cell) -> str:
-    from kislurm.cluster.status import latest_submissions
+    from kislurm.cluster.submissions import latest_submissions
 
     return latest_submissions(run)[cell.name].job_id

@@ -25,7 +25,8 @@ from click.testing import CliRunner
 
 from kislurm.cli import main
 from kislurm.orchestrate.run import submit_run
-from kislurm.cluster.status import run_status, submissions_of
+from kislurm.cluster.status import run_status
+from kislurm.cluster.submissions import submissions_of
 from kislurm.retention.store import read_cell
 from kislurm.train.trainer import MIN_STEP_ENV
 from slurm_fixtures import SHAPE, TINY, all_done, job_of, job_requeue, plan, sacct

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from conftest import make_store
 from kislurm.cli import main
 from kislurm.orchestrate.run import submit_run
-from kislurm.cluster.status import Submission, record_submissions, run_status
+from kislurm.cluster.status import run_status
+from kislurm.cluster.submissions import Submission, record_submissions
 from kislurm.paths import RunPaths
 from kislurm.retention.store import read_cell
 from kislurm.train.trainer import MIN_STEP_ENV

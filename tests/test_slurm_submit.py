@@ -15,7 +15,7 @@ from kislurm.cli import main
 from kislurm.orchestrate.run import submit_run
 from kislurm.plan.loader import load_config
 from kislurm.plan.grid import expand
-from kislurm.cluster.status import latest_submissions
+from kislurm.cluster.submissions import latest_submissions
 from slurm_fixtures import max_array_size, wait_for_cells as wait_for
 
 pytestmark = pytest.mark.slurm

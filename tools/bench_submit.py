@@ -20,7 +20,8 @@ from pathlib import Path
 
 from kislurm.plan.loader import config_from_dict
 from kislurm.plan.grid import expand
-from kislurm.cluster.status import Submission, record_submissions, run_status
+from kislurm.cluster.status import run_status
+from kislurm.cluster.submissions import Submission, record_submissions
 from kislurm.cluster.submit import describe, dry_run, write_plan
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from kislurm import __version__
 from kislurm.plan.config import AnalysisConfig, ConfigError
 from kislurm.plan.loader import load_config
-from kislurm.paths import RunPaths
+from kislurm.paths import CELLS, STORE, RunPaths
 from kislurm.publish import publishing
 from kislurm.retention.store import StoreDigest, StoreError, read_digest
 from kislurm.errors import AggregateError  # noqa: F401 (re-exported)
@@ -145,9 +145,9 @@ def find_stores(runs: list[Path]) -> list[str]:
         if not run.is_dir():
             raise AggregateError(f"{run}: no such run folder; fix: pass folders created by `kislurm submit` "
                                  "(output_root/name)")
-        cells = run / "cells"
-        stores += ([os.path.join(cells, name, "retention.h5") for name in sorted(os.listdir(cells))]
-                   if cells.is_dir() else sorted(map(str, run.glob("**/retention.h5"))))
+        cells = run / CELLS
+        stores += ([os.path.join(cells, name, STORE) for name in sorted(os.listdir(cells))]
+                   if cells.is_dir() else sorted(map(str, run.glob(f"**/{STORE}"))))
     return stores
 
 

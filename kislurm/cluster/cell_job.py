@@ -325,7 +325,7 @@ class CorpusShardJob:
 
 
 def _cancel_waiting_cells(run: RunPaths, job: str) -> None:
-    from kislurm.cluster.status import latest_submissions
+    from kislurm.cluster.submissions import latest_submissions
 
     scheduler.cancel_jobs(sorted({s.job_id.split("_")[0] for s in latest_submissions(run).values()
                                   if job and s.after == job}))

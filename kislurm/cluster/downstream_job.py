@@ -20,7 +20,7 @@ from kislurm.errors import EvalError
 from kislurm.paths import CellPaths, RunPaths
 from kislurm.plan.grid import Cell
 from kislurm.publish import atomic_write_json
-from kislurm.cluster.status import cell_names, recorded_cell
+from kislurm.cluster.status import recorded_cell
 
 def read_results(paths: CellPaths) -> dict[str, Any]:
     """CELL/downstream.json, or an empty record; a damaged one is one line naming it."""
@@ -98,7 +98,7 @@ def score_cell(run: RunPaths, cell: Cell, tasks: list[str], limit: int | None, b
 
 def run_cells(run: RunPaths) -> list[Cell]:
     """Every cell of the run folder, from its own cell.json (validation and ladder cells too, as export reads them)."""
-    return [recorded_cell(run, name) for name in cell_names(run)]
+    return [recorded_cell(run, name) for name in run.cell_names()]
 
 
 def score_run(run: RunPaths, tasks: list[str], limit: int | None, log: Callable[[str], None] = print,

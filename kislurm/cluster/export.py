@@ -31,7 +31,7 @@ from typing import Any, Callable
 from kislurm.errors import KislurmError
 from kislurm.paths import CellPaths, RunPaths
 from kislurm.publish import atomic_write_json, publish, temp_name
-from kislurm.cluster.status import cell_names, recorded_cell
+from kislurm.cluster.status import recorded_cell
 
 META = "kislurm.json"
 
@@ -99,7 +99,7 @@ def plan_export(run_root: Path, out: Path, cells: str | None = None) -> list[Exp
     if not run.config.is_file():
         raise ExportError(f"{run.root}: not a run folder (no config.yaml); fix: pass the folder `kislurm submit` "
                           "created (output_root/name)")
-    names = cell_names(run)
+    names = run.cell_names()
     if cells is not None:
         names = [n for n in names if fnmatch.fnmatch(n, cells) or fnmatch.fnmatch(n.rsplit("_", 1)[-1], cells)]
         if not names:

@@ -16,8 +16,7 @@ import time
 from typing import Any, Optional
 
 from kislurm.cluster.scheduler import slurm_states
-from kislurm.cluster.submissions import (Submission, latest_submissions, record_submissions,  # noqa: F401
-                                         submissions_of)  # (re-exported: the log is read with the states)
+from kislurm.cluster.submissions import latest_submissions
 from kislurm.paths import CellPaths, RunPaths
 from kislurm.publish import atomic_write_text
 
@@ -112,17 +111,11 @@ def cell_state(cell: CellPaths, complete: bool, scheduler_word: Optional[str], n
     return "failed"  # DONE without a complete store means the store was lost or damaged: rerun
 
 
-def cell_names(run: RunPaths) -> list[str]:
-    """The cells planned in a run folder, sorted: every folder under RUN/cells that holds a cell.json. The one
-    scanner of the run folder's cells (status, submit, export, downstream and the ladder all ask it)."""
-    return sorted(p.parent.name for p in run.cells.glob("*/cell.json")) if run.cells.is_dir() else []
-
-
 def cell_records(run: RunPaths) -> dict[str, dict]:
     """Every planned cell's cell.json as written (cell name -> record), unreadable ones left out: the coordinates
     and ids without rebuilding cells (recorded_cell rebuilds one)."""
     records = {}
-    for name in cell_names(run):
+    for name in run.cell_names():
         try:
             records[name] = json.loads(run.cell(name).spec.read_text())
         except (OSError, ValueError):
@@ -193,7 +186,7 @@ def run_status(run: RunPaths, names: Optional[list[str]] = None) -> list[dict]:
         raise FileNotFoundError(f"{run.root}: no such run folder; fix: pass the folder `kislurm submit` created "
                                 "(output_root/name of the config)")
     if names is None:
-        names = cell_names(run)
+        names = run.cell_names()
     subs = latest_submissions(run)
     prep = preparation_state(run)
     sched = slurm_states([s.job_id for s in subs.values() if s.cluster == "slurm"])

@@ -23,7 +23,8 @@ import yaml
 from kislurm.cluster import scheduler
 from kislurm.cluster.executors import (Resources, make_executor, preparation_parameters, resources_for,
                                        sbatch_parameters, wait_on)
-from kislurm.cluster.status import Submission, cell_records, record_submissions, run_status
+from kislurm.cluster.status import cell_records, run_status
+from kislurm.cluster.submissions import Submission, record_submissions
 from kislurm.errors import SubmitError  # noqa: F401 (re-exported)
 from kislurm.paths import RunPaths
 from kislurm.plan.config import ExecutorConfig, ExperimentConfig
