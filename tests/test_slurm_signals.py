@@ -30,7 +30,10 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
 
 def log_lines(run: RunPaths, cell, pattern: str) -> list[int]:
-    return [int(x) for x in re.findall(pattern, run.cell(cell.name).log.read_text())]
+    """The integers `pattern` captures in the cell's log; none while the log does not exist yet (the store gets the
+    first evaluation a moment before the log gets its line, and `status` reads the store)."""
+    log = run.cell(cell.name).log
+    return [int(x) for x in re.findall(pattern, log.read_text())] if log.exists() else []
 
 
 def wait_until(what: str, ready, timeout: float = 600):
