@@ -134,7 +134,7 @@ def test_templates_file_and_relation_without_templates(tmp_path):
     path.write_text("born_in: [unclosed\n")
     with pytest.raises(DataError) as e:
         read_templates(path)
-    _one_line_error(e)
+    assert "malformed YAML at line 2" in _one_line_error(e)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
-import yaml
 
 from kislurm.errors import DataError  # noqa: F401 (re-exported)
+from kislurm.plan.loader import read_yaml
 
 
 @dataclass(frozen=True)
@@ -184,12 +184,7 @@ def check_templates(kb: KnowledgeBase, templates: Templates, where: str) -> None
 def read_templates(path: str | Path) -> Templates:
     """Read a YAML file of relation -> {train: [...], heldout: [...]} templates."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: templates file not found; fix: correct data.templates_file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise DataError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix: correct the syntax") from None
+    raw = read_yaml(path, DataError, "templates file", "correct data.templates_file")
     if not isinstance(raw, dict) or not raw:
         raise DataError(f"{path}: expected a mapping relation -> {{train: [...], heldout: [...]}}; fix: see docs")
     out: Templates = {}

@@ -218,18 +218,25 @@ def _base_tokenizer(cfg: ExperimentConfig) -> ExperimentConfig:
                                                                                      "tokenizer.json")))
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment file (safe loader), apply dotted-key overrides, validate."""
+def read_yaml(path: str | Path, error: type[KislurmError], what: str, fix_missing: str) -> Any:
+    """A YAML file's content (safe loader), or `error` in one line: the file missing (with `fix_missing`), or
+    malformed, at which line and column. Every YAML input (experiment files, templates) is read here."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; fix: check the path (try configs/demo.yaml)")
+        raise error(f"{path}: {what} not found; fix: {fix_missing}")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}: malformed YAML{where}: {problem}; fix: check indentation and quoting") from None
+        raise error(f"{path}: malformed YAML{where}: {problem}; fix: check indentation and quoting") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file (safe loader), apply dotted-key overrides, validate."""
+    path = Path(path)
+    data = read_yaml(path, ConfigError, "config file", "check the path (try configs/demo.yaml)")
     for dotted, value in (overrides or {}).items():
         data = data or {}
         node = data
