@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 from kislurm.data.census import CensusFact, bounded, count_documents, name_table, occurs, read_facts
 from kislurm.data.sources import expand_inputs, plan_shards, read_documents
