@@ -129,3 +129,54 @@ def test_tp_placement_check():
     with pytest.raises(TrainError, match="ranks 2-3 spans nodes b, c; fix: set executor.tasks_per_node"):
         check_tp_placement(["a", "a", "b", "c"], tp=2)
     check_tp_placement(["a", "b"], tp=2, allow_split=True)  # explicitly allowed
+
+
+def test_master_port_is_outside_the_kernels_ephemeral_range():
+    """A port an outgoing connection holds cannot be listened on (even with SO_REUSEADDR): submitit's draw from
+    20000-60000 landed there in CI and rank 0 failed to bind. kislurm's draw stays below the ephemeral range."""
+    import socket
+
+    from kislurm.train.distributed import MASTER_PORTS, master_port
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {master_port(f"{job}_{task}") for job in range(500000, 500200) for task in range(5)}
+    assert max(ports) < low and min(ports) >= MASTER_PORTS[0] and len(ports) > 900, (min(ports), max(ports), low)
+    assert master_port("123_4") == master_port("123_4"), "every rank of a job draws the same port"
+    # what went wrong: a listener cannot take a port that a client connection holds
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    held = client.getsockname()[1]
+    probe = socket.socket()
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    with pytest.raises(OSError, match="in use"):
+        probe.bind(("0.0.0.0", held))
+    assert held >= low
+    for s in (probe, client, server):
+        s.close()
+
+
+def test_a_cell_that_fails_to_start_reports_why(tmp_path):
+    """A failure before the process group exists (the rendezvous, a GPU preset on a CPU node) is in the rank's
+    report and STATUS, so `kislurm status` names it instead of an error-less 'failed'."""
+    import dataclasses
+
+    import torch
+
+    from kislurm.cluster.cell_job import run_cell
+    from kislurm.cluster.status import run_status
+    from kislurm.cluster.submit import write_plan
+    from kislurm.errors import TrainError
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU preset starts here")
+    cfg = load_config(TINY, {"output_root": str(tmp_path), "grid.sizes": ["cpu-xs"], "grid.ratios": [0.5]})
+    cell = expand(cfg)[0]
+    cell = dataclasses.replace(cell, model=dataclasses.replace(cell.model, device="gpu"))
+    run = write_plan(cfg, [cell])
+    with pytest.raises(TrainError, match="no CUDA GPU is visible"):
+        run_cell(run, cell)
+    report = json.loads(run.cell(cell.name).rank_report(0).read_text())
+    assert report["state"] == "failed" and report["error"].startswith("model preset has device: gpu"), report
+    row = run_status(run)[0]
+    assert row["state"] == "failed" and row["error"].startswith("rank 0 on "), row
+    assert "no CUDA GPU is visible here; fix:" in row["error"], row

@@ -47,6 +47,12 @@ def test_run_status_rows(tmp_path):
     row = {r["cell"]: r for r in run_status(run)}["half_cell"]
     assert row["state"] == "running" and row["phase"] == "training" and row["progress_age_s"] >= 600
     assert row["note"] == "no progress for 10 min (training)"
+    # Its process is gone and no rank wrote a word of why (killed before Python, or a crash outside it): the row
+    # still says where the cause is.
+    write_status(run.cell("half_cell"), "RUNNING", step=10, pid=2**22 + 12345)
+    row = {r["cell"]: r for r in run_status(run)}["half_cell"]
+    assert row["state"] == "failed" and "ended before any rank reported an error" in row["error"], row
+    assert f"task logs, under {run.submitit}" in row["error"], row
     with pytest.raises(FileNotFoundError, match="no such run folder"):
         run_status(RunPaths(tmp_path / "absent"))
 

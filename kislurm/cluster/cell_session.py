@@ -303,7 +303,15 @@ class CellSession:
         self.paths.root.mkdir(parents=True, exist_ok=True)
         _hide_gpus_from_cpu_cell(self.cell)
         apply_cpu_shims()
-        self.dist = distributed.setup(self.cell.model)
+        try:
+            self.dist = distributed.setup(self.cell.model)
+        except Exception as e:  # the rendezvous: no rank of the cell has a report yet, so `kislurm status` needs one
+            rank = distributed.job_rank()
+            why = error_line(e) if isinstance(e, KislurmError) else f"process group start-up failed: {error_line(e)}"
+            write_rank_report(self.paths, rank, state="failed", error=why)
+            if rank == 0:
+                write_status(self.paths, "FAILED", error=rank_reports_summary(self.paths))
+            raise
         self.log = log_to(self.paths.log, self.dist.rank)
         return self
 

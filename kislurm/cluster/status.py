@@ -75,6 +75,13 @@ def rank_reports_summary(cell: CellPaths, world_size: int | None = None) -> Opti
     return "; ".join(parts)
 
 
+def silent_failure(run: RunPaths, sub: Any) -> str:
+    """What to say of a failed cell that no rank reported on (killed before Python started, or a crash outside it)."""
+    logs = f"{run.submitit}/{sub.job_id}_*_log.err" if sub else f"under {run.submitit}"
+    return f"the cell ended before any rank reported an error (killed, or a crash outside Python); fix: read its " \
+           f"task logs, {logs}"
+
+
 def _local_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -221,7 +228,7 @@ def run_status(run: RunPaths, names: Optional[list[str]] = None) -> list[dict]:
         if row["step"] is None and info.get("step"):
             row["step"] = info.get("step")
         if row["state"] == "failed":
-            row["error"] = rank_reports_summary(cp) or info.get("error") or row["error"]
+            row["error"] = rank_reports_summary(cp) or info.get("error") or row["error"] or silent_failure(run, sub)
         row["note"] = sub.note if sub and sub.note else None
         if row["state"] == "running" and info.get("progress"):  # the heartbeat reports progress, not just life
             row["phase"] = info.get("phase")

@@ -11,6 +11,7 @@ The CPU shims (kislurm.train.cpu_shims) are applied here, before megatron is see
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, TypeVar
@@ -49,6 +50,17 @@ def in_submitit_job() -> bool:
     return bool(os.environ.get("SUBMITIT_EXECUTOR"))
 
 
+MASTER_PORTS = (20000, 32767)
+"""Where a cell's rendezvous port is drawn from when MASTER_PORT is not set: below Linux's default ephemeral range
+(32768-60999). submitit draws from 20000-60000, and a port that an outgoing connection holds (gloo's, NCCL's, any
+client's) cannot be listened on even with SO_REUSEADDR: rank 0 then fails to bind and the cell fails at start-up."""
+
+
+def master_port(job_id: str) -> int:
+    """The cell's rendezvous port, the same on every rank of the job (and after a requeue, which keeps the id)."""
+    return random.Random(job_id).randint(*MASTER_PORTS)
+
+
 def _submitit_rendezvous() -> tuple[int, int, int, int] | None:
     """(rank, world, local_rank, local_world) exported for env:// init, or None for a one-task job."""
     import submitit
@@ -56,8 +68,18 @@ def _submitit_rendezvous() -> tuple[int, int, int, int] | None:
     env = submitit.JobEnvironment()
     if env.num_tasks <= 1:
         return None
+    os.environ.setdefault("MASTER_PORT", str(master_port(env.job_id)))  # an operator's MASTER_PORT wins
     tde = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     return tde.rank, tde.world_size, tde.local_rank, tde.local_world_size
+
+
+def job_rank() -> int:
+    """This process's rank in its job, known before (and without) a process group: submitit's task number."""
+    if not in_submitit_job():
+        return 0
+    import submitit
+
+    return submitit.JobEnvironment().global_rank
 
 
 def check_device(device: str) -> None:
