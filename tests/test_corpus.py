@@ -250,3 +250,82 @@ def test_text_batches_regroup_lists_at_chars_or_documents():
     assert list(text_batches(lists, chars=4, max_docs=3)) == [["ab", "c", "defg"], ["h", "ij", "k"], ["lmnopq"]]
     assert list(text_batches(lists, chars=100, max_docs=2)) == [["ab", "c"], ["defg", "h"], ["ij", "k"], ["lmnopq"]]
     assert list(text_batches([[], []])) == []
+
+
+def test_join_cuts_share_a_string_within_a_window_and_a_count():
+    from kislurm.data.corpus import join_cuts
+
+    texts = ["x" * 5, "y" * 3, "z" * 9, "w", "v", "u", "t", "s"]    # starting at 0, 5, 8, 17, 18, 19, 20, 21
+    assert join_cuts(texts, join_chars=10, join_docs=16) == [0, 3, 6, 8]
+    assert join_cuts(texts, join_chars=10, join_docs=2) == [0, 2, 3, 5, 6, 8]
+    assert join_cuts(texts, join_chars=1, join_docs=16) == list(range(9))
+    assert join_cuts([], join_chars=10) == [0]
+
+
+def one_by_one(tok: HFTokenizer, texts: list[str], eod: int) -> list[list[int]]:
+    """Each document encoded alone, followed by `eod`; documents that encode to nothing left out."""
+    return [ids + [eod] for ids in (e.ids for e in tok.encode_batch(texts, add_special_tokens=False)) if ids]
+
+
+def test_documents_joined_into_strings_encode_as_one_by_one(real, tmp_path):
+    """Short documents are encoded several to a string, joined by the end-of-document token, where the tokenizer
+    makes that exact; a batch with the token's text inside a document, a tokenizer that would change, and one
+    whose first documents disagree fall back to one by one. Each case is checked against a direct encode."""
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from kislurm.data import corpus
+
+    texts = real["texts"][:300]
+    eod = real["tok"].token_to_id("<|endoftext|>")
+    assert corpus.joins_documents(real["tok"], eod)
+    # a document holding the token's text is one document (the text encodes to the id inside it), not two; it
+    # comes after the documents encoded both ways, so the count of end-of-document ids alone must catch it
+    src = tmp_path / "literal.jsonl"
+    docs = [*texts[:corpus.VERIFY_DOCS + 20], "a cat<|endoftext|>a dog", *texts[corpus.VERIFY_DOCS + 20:]]
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
+    rep = build_corpus([str(src)], tmp_path / "literal", tokenizer=real["dir"] / "tokenizer.json", progress=False)
+    ds = IndexedDataset(rep.prefix)
+    assert [ds[i].tolist() for i in range(len(ds))] == one_by_one(real["tok"], docs, eod)
+    # Llama's pre-tokenizer marks only a text's first word: joined strings would differ, so they are not used
+    llama = HFTokenizer(models.BPE())
+    llama.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    llama.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["</s>"], show_progress=False))
+    llama.save(str(tmp_path / "llama.json"))
+    end = llama.token_to_id("</s>")
+    assert not corpus.joins_documents(llama, end)
+    joined, _ = corpus.encode_joined(llama, texts, end, np.dtype(np.uint16))
+    want = one_by_one(llama, texts, end)
+    assert joined.tolist() != sum(want, []), "the rule would pass a tokenizer whose joined strings change the ids"
+    src = tmp_path / "wn.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    rep = build_corpus([str(src)], tmp_path / "llama", tokenizer=tmp_path / "llama.json", progress=False)
+    ds = IndexedDataset(rep.prefix)
+    assert [ds[i].tolist() for i in range(len(ds))] == want
+    # ... and were the rule wrong, each shard's first documents, encoded both ways, would catch it
+    corpus_joins = corpus.joins_documents
+    try:
+        corpus.joins_documents = lambda tok, eod: True
+        again = build_corpus([str(src)], tmp_path / "guard", tokenizer=tmp_path / "llama.json", progress=False,
+                             keep_shards=True)
+    finally:
+        corpus.joins_documents = corpus_joins
+    assert files(again.prefix) == files(rep.prefix)
+    assert [json.loads(p.read_text())["joined"] for p in Path(f"{again.prefix}.shards").glob("*/stats.json")] == [False]
+    # an end-of-document token that strips the space after it would eat the next document's first space
+    spec = json.loads(real["tok"].to_str())
+    next(t for t in spec["added_tokens"] if t["id"] == eod)["rstrip"] = True
+    stripping = HFTokenizer.from_str(json.dumps(spec))
+    assert not corpus.joins_documents(stripping, eod)
+    assert corpus.encode_joined(stripping, ["a cat", " a dog"], eod, np.dtype(np.uint16))[0].tolist() != \
+        sum(one_by_one(stripping, ["a cat", " a dog"], eod), [])
+
+
+def test_a_tokenizer_saved_with_truncation_or_padding_encodes_whole_documents(real, tmp_path):
+    """tokenizer.json can carry truncation and padding; transformers and preprocess_data.py ignore them, and so
+    does kislurm: no document is cut or padded."""
+    tok = HFTokenizer.from_file(str(real["dir"] / "tokenizer.json"))
+    tok.enable_truncation(4)
+    tok.enable_padding(length=64, pad_id=tok.token_to_id("<|pad|>"), pad_token="<|pad|>")
+    tok.save(str(tmp_path / "cut.json"))
+    rep = build_corpus([str(real["jsonl"])], tmp_path / "cut", tokenizer=tmp_path / "cut.json", progress=False)
+    assert files(rep.prefix) == files(real["one"].prefix)
