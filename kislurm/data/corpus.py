@@ -41,7 +41,8 @@ BATCH_CHARS = 1 << 20           # characters per encode_batch call, at most
 BATCH_DOCS = 1 << 14            # documents per encode_batch call, at most (an Encoding costs memory per document)
 JOIN_CHARS = 2048               # documents are encoded several to a string, up to this many characters
 JOIN_DOCS = 16                  # and this many documents (a string's cost grows faster than its pieces beyond ~100)
-VERIFY_DOCS = 256               # documents of each shard encoded both ways before joined strings are trusted
+VERIFY_DOCS = 256               # documents of each shard encoded both ways before joined strings are trusted,
+VERIFY_CHARS = 1 << 16          # fewer where they are long (the check costs a second encode of them)
 MERGE_CHUNK = 1 << 20           # index entries per chunk in the merge (bounded memory: ~8 MB an array)
 SAMPLE_CHARS = 8 << 20          # characters a tokenizer is trained on when none is given
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
@@ -233,6 +234,13 @@ def encode_joined(tok: HFTokenizer, texts: list[str], eod: int, dtype: np.dtype,
     return tokens, lengths.astype(np.int32)
 
 
+def first_documents(texts: list[str]) -> list[str]:
+    """The documents a shard checks joined strings on: the first VERIFY_DOCS, or those starting within its first
+    VERIFY_CHARS characters, whichever are fewer (one at least)."""
+    starts = itertools.accumulate(map(len, texts[:VERIFY_DOCS]), initial=0)
+    return texts[:max(1, sum(1 for _, start in zip(texts[:VERIFY_DOCS], starts) if start < VERIFY_CHARS))]
+
+
 def tokenize_shard(shard: Shard, out: Path, tokenizer: str, eod: int, json_key: str, dtype: str,
                    on_batch: Optional[Callable[[int, int], None]] = None) -> None:
     """A map_shards work function: out/tokens.bin, out/tokens.idx (a megatron prefix) and out/stats.json;
@@ -240,8 +248,8 @@ def tokenize_shard(shard: Shard, out: Path, tokenizer: str, eod: int, json_key: 
 
     One batch at a time, read, encoded and written in turn: encode_batch keeps every core busy (Rust threads), and
     Python threads beside it (a reader, a writer) made the whole slower on two cores, not faster (docs/corpora.md).
-    Joined strings are used where the tokenizer allows them and the shard's first VERIFY_DOCS documents encode to
-    the same ids both ways; otherwise, and for any batch whose count of end-of-document ids is off, one by one."""
+    Joined strings are used where the tokenizer allows them and the shard's first_documents encode to the same ids
+    both ways; otherwise, and for any batch whose count of end-of-document ids is off, one by one."""
     tok = _cached_tokenizer(tokenizer)
     dt = np.dtype(dtype)
     lengths: list[np.ndarray] = []
@@ -250,7 +258,7 @@ def tokenize_shard(shard: Shard, out: Path, tokenizer: str, eod: int, json_key: 
     with open(out / "tokens.bin", "wb") as f:
         for texts in text_batches(read_texts(shard, json_key)):
             if joined and not verified:
-                head = texts[:VERIFY_DOCS]
+                head = first_documents(texts)
                 both = encode_joined(tok, head, eod, dt), encode_one_by_one(tok, head, eod, dt)
                 joined = both[0] is not None and all(np.array_equal(a, b) for a, b in zip(*both))
                 verified = True
@@ -406,7 +414,9 @@ def build_corpus(inputs: Sequence[str], out_prefix: str | Path, tokenizer: Optio
     """Tokenize `inputs` into out_prefix.bin/.idx; a rerun after a kill redoes only the unfinished shards. With
     `heldout` > 0 the documents kislurm.data.streams.heldout_mask picks (by global document index, with `seed`) are
     left out of the prefix and written to its folder's heldout.npz instead (see hold_out)."""
-    t0 = time.perf_counter()
+    from megatron.core.datasets import indexed_dataset  # noqa: F401 (its dtypes and index reader; imports torch)
+
+    t0 = time.perf_counter()        # after that import: ~5 s once per process, which the report's rate would blur
     plan = plan_corpus(inputs, out_prefix, tokenizer, eod, json_key, shard_bytes, vocab_size)
     reused = len(plan.shards) - len(plan.unfinished())
     bar = _Progress(len(plan.shards), progress)
