@@ -6,7 +6,9 @@
 1. Speed: tokens/s of build_corpus (read, encode, write, merge; in this process, imports done) against the same
    tokenizer's own `encode_batch` on the same documents already in memory, no I/O (the limit). Goal: >= 0.8.
    Five interleaved pairs; the median of the per-pair ratios (wall and CPU time). Also timed apart, not in the
-   limit: freeing encode_batch's Encoding objects, which kislurm pays inside its time (ratio_with_free).
+   limit: freeing encode_batch's Encoding objects, which kislurm pays inside its time (ratio_with_free). Then the
+   same on documents of ~4,000 characters (consecutive synsets joined, as web text runs), where kislurm cannot
+   join short documents into strings (speed_long).
 2. Memory: peak RSS summed over the process tree (psutil, sampled every 10 ms) of the `kislurm corpus` command at 1x,
    4x and 16x the corpus and on N one-word documents; then of the merge alone (kislurm's streaming merge, and
    megatron-core's IndexedDatasetBuilder.add_index loop on the same shards) with its time.
@@ -129,6 +131,19 @@ def merges(prefix: Path) -> dict:
     return res
 
 
+def long_docs(src: Path, path: Path, chars: int = 4000) -> None:
+    """Consecutive documents of `src` joined by spaces into documents of `chars` characters or more."""
+    with path.open("w", encoding="utf-8") as f:
+        doc: list[str] = []
+        for line in src.open(encoding="utf-8"):
+            doc.append(json.loads(line)["text"])
+            if sum(map(len, doc)) >= chars:
+                f.write(json.dumps({"text": " ".join(doc)}) + "\n")
+                doc = []
+        if doc:
+            f.write(json.dumps({"text": " ".join(doc)}) + "\n")
+
+
 def one_word_docs(path: Path, n: int) -> None:
     words = sorted({w for t in wordnet_documents() for w in t.split(":")[0].split(", ") if " " not in w})
     with path.open("w", encoding="utf-8") as f:
@@ -156,6 +171,10 @@ def main() -> None:
     results: dict = {"corpus": {"documents": sum(1 for _ in base.open()), "mb": base.stat().st_size / 2**20}}
     results["speed"] = speed(base, tok, work)
     print(json.dumps({"speed": results["speed"]}), flush=True)
+    long = work / "long.jsonl"
+    long_docs(base, long)
+    results["speed_long"] = speed(long, tok, work)
+    print(json.dumps({"speed_long": results["speed_long"]}), flush=True)
     if args.speed_only:
         return
     for k in map(int, args.scales.split(",")):
