@@ -91,3 +91,28 @@ def test_nightly_dated_reports_lock_and_exit_codes(tmp_path):
     assert busy.returncode == 0 and "another aggregation holds" in busy.stdout
     missing = nightly(str(tmp_path / "nope"), "--reports", str(reports))
     assert missing.returncode == 1 and "no such run folder" in missing.stderr
+
+
+def test_a_preparation_that_fails_between_two_reads_is_named_on_its_cancelled_cells(tmp_path, monkeypatch):
+    """A failing preparation job records why, then cancels the cells waiting on it. `kislurm status` reads the
+    scheduler first and prepare.json after: read the other way round, a poll that straddled the failure saw the
+    cells cancelled and the preparation running, and showed no error (CI, test_slurm_submit). Here the failure is
+    made to happen inside the scheduler query."""
+    import json
+
+    from kislurm.cluster import status
+    from kislurm.cluster.submissions import Submission, record_submissions
+
+    run = RunPaths(tmp_path)
+    run.cell("c").root.mkdir(parents=True)
+    run.cell("c").spec.write_text("{}")
+    record_submissions(run, [Submission(cell="c", job_id="116_0", cluster="slurm", time=0.0, after="115")])
+    run.preparation.write_text(json.dumps({"job": "115", "state": "running"}))
+
+    def sacct_while_it_fails(jobs):
+        run.preparation.write_text(json.dumps({"job": "115", "state": "failed", "error": "k.tsv:21: bad line"}))
+        return {"116_0": "CANCELLED"}
+
+    monkeypatch.setattr(status, "slurm_states", sacct_while_it_fails)
+    row = run_status(run)[0]
+    assert row["state"] == "cancelled" and row["error"] == "preparation job 115 failed: k.tsv:21: bad line", row

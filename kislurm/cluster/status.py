@@ -195,8 +195,10 @@ def run_status(run: RunPaths, names: Optional[list[str]] = None) -> list[dict]:
     if names is None:
         names = run.cell_names()
     subs = latest_submissions(run)
-    prep = preparation_state(run)
     sched = slurm_states([s.job_id for s in subs.values() if s.cluster == "slurm"])
+    # After sacct, never before: a failing preparation job records why, then cancels the cells. Read the other way
+    # round, a poll could see the cells cancelled and the preparation still running, and show no error (CI did).
+    prep = preparation_state(run)
     known_arrays = {job.split("_")[0] for job in sched}
     now = time.time()
     rows = []
