@@ -163,7 +163,7 @@ def test_a_cell_that_fails_to_start_reports_why(tmp_path):
     import torch
 
     from kislurm.cluster.cell_job import run_cell
-    from kislurm.cluster.status import run_status
+    from kislurm.cluster.status import read_status, run_status
     from kislurm.cluster.submit import write_plan
     from kislurm.errors import TrainError
 
@@ -177,6 +177,8 @@ def test_a_cell_that_fails_to_start_reports_why(tmp_path):
         run_cell(run, cell)
     report = json.loads(run.cell(cell.name).rank_report(0).read_text())
     assert report["state"] == "failed" and report["error"].startswith("model preset has device: gpu"), report
+    word, info = read_status(run.cell(cell.name))
+    assert word == "FAILED" and info["error"] == f"rank 0 on {report['node']}: {report['error']}", info
     row = run_status(run)[0]
     assert row["state"] == "failed" and row["error"].startswith("rank 0 on "), row
     assert "no CUDA GPU is visible here; fix:" in row["error"], row

@@ -309,8 +309,8 @@ class CellSession:
             rank = distributed.job_rank()
             why = error_line(e) if isinstance(e, KislurmError) else f"process group start-up failed: {error_line(e)}"
             write_rank_report(self.paths, rank, state="failed", error=why)
-            if rank == 0:
-                write_status(self.paths, "FAILED", error=rank_reports_summary(self.paths))
+            if rank == 0:   # its own line: the other ranks' reports, if any, are an earlier session's
+                write_status(self.paths, "FAILED", error=f"rank 0 on {node_name()}: {why}")
             raise
         self.log = log_to(self.paths.log, self.dist.rank)
         return self
